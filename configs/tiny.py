@@ -1,0 +1,22 @@
+"""The default: a 3.3M-parameter LLaMA-style model on the standard-library corpus, bytes.
+
+    jaxlm train                                   # same as --config configs/tiny.py
+    jaxlm train --config configs/tiny.py --config.train.steps=100 --workdir runs/tiny
+
+Expect on a 2-core laptop CPU: the first run builds the corpus (about a minute, once),
+compiles in a few seconds, then trains 300 steps of 4,096 tokens in about 3 minutes;
+the loss falls from 5.9 (uniform over 384 ids) to about 2.0 nats per byte.
+"""
+
+from jaxlm.config import defaults
+
+
+def get_config():
+    cfg = defaults()
+    cfg.model.update(family="llama", d_model=256, n_layers=4, n_heads=4, n_kv_heads=4,
+                     d_ff=704, vocab_size=384, max_seq_len=1024, dtype="float32", remat="none")
+    cfg.data.update(seq_len=256, global_batch_size=16)
+    cfg.optim.update(learning_rate=3e-3, warmup_steps=30, schedule="cosine")
+    cfg.train.update(steps=300, log_every=10)
+    cfg.checkpoint.update(every=100, keep=2)
+    return cfg

@@ -1,0 +1,134 @@
+"""`jaxlm train`: the training loop, top to bottom.
+
+Sections: config and mesh; workdir; input; model, optimizer and sharded state; compile;
+restore or initialise; loop (data -> step -> metrics -> checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxlm import checkpoint as checkpoint_lib
+from jaxlm import config as config_lib
+from jaxlm import metrics as metrics_lib
+from jaxlm import sharding
+from jaxlm.data import pipeline, sources
+from jaxlm.model.transformer import param_count
+from jaxlm.train import optimizer as optimizer_lib
+from jaxlm.train import state as state_lib
+from jaxlm.train import step as step_lib
+
+
+def check_workdir(workdir: pathlib.Path) -> None:
+    """Fails now, not at the first checkpoint, if the workdir cannot be written."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write_probe_{jax.process_index()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"workdir {workdir} is not writable: {e}") from e
+
+
+def to_global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """Each process contributes its own rows; the result is one array sharded over the mesh."""
+    s = sharding.batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(s, v) for k, v in local.items()}
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Trains to `cfg.train.steps`, resuming from the workdir's latest checkpoint.
+    Returns the logged metrics."""
+    # ---- config and mesh ------------------------------------------------------------
+    config_lib.validate(cfg, jax.device_count())
+    mesh = sharding.make_mesh(cfg.mesh)
+    is_writer = jax.process_index() == 0
+    say = print if is_writer else (lambda *a, **k: None)
+
+    # ---- workdir --------------------------------------------------------------------
+    workdir = pathlib.Path(workdir)
+    check_workdir(workdir)
+
+    # ---- input ----------------------------------------------------------------------
+    # One process builds the corpus (once per data_dir); the others wait for it.
+    if jax.process_index() == 0:
+        sources.prepare(cfg.data.dataset, cfg.data.data_dir)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxlm: dataset prepared")
+    data_iter = pipeline.make_iterator(cfg.data, split="train", process_index=jax.process_index(),
+                                       process_count=jax.process_count())
+
+    # ---- model, optimizer, sharded state ---------------------------------------------
+    total_steps = cfg.train.steps
+    tx = optimizer_lib.make_optimizer(cfg.optim, total_steps)
+    schedule = optimizer_lib.learning_rate_schedule(cfg.optim, total_steps)
+    with jax.set_mesh(mesh), sharding.axis_rules():
+        spec = state_lib.state_spec(cfg.model, tx, mesh, seed=cfg.train.seed)
+        step_fn = step_lib.jit_train_step(
+            step_lib.make_train_step(cfg.optim, tx, schedule, spec.graphdef), spec, mesh)
+
+        # ---- compile (ahead of time, so step timings never include it) ---------------
+        start = time.perf_counter()
+        batch_shape = step_lib.abstract_batch(cfg.data.global_batch_size, cfg.data.seq_len, mesh)
+        compiled_step = step_fn.lower(spec.abstract, batch_shape).compile()
+        compile_s = time.perf_counter() - start
+
+        # ---- restore or initialise --------------------------------------------------
+        checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.checkpoint)
+        latest = checkpointer.latest_step()
+        if latest is not None:
+            state, data_state, _ = checkpointer.restore(latest, spec.abstract)
+            data_iter.set_state(data_state)
+            say(f"resumed from {checkpointer.directory / str(latest)}")
+        else:
+            state = state_lib.init_state(cfg.model, tx, spec, seed=cfg.train.seed)
+    metadata = checkpoint_lib.run_metadata(cfg, spec.param_axes)
+
+    tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
+    flops_per_step = metrics_lib.flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
+    peak, peak_source = metrics_lib.peak_flops(cfg.metrics.peak_flops)
+    say(f"model: {cfg.model.family}, {param_count(cfg.model):,} parameters; mesh "
+        f"{dict(mesh.shape)}; {tokens_per_step:,} tokens/step; compiled in {compile_s:.1f}s; "
+        f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+
+    # ---- loop -----------------------------------------------------------------------
+    writer = metrics_lib.MetricsWriter(workdir, cfg.metrics.tensorboard, active=is_writer)
+    logged: list[dict[str, Any]] = []
+    first_step = int(jax.device_get(state["step"])) + 1
+    last_log_time, last_log_step = time.perf_counter(), first_step - 1
+    run_start = last_log_time
+    try:
+        for step in range(first_step, total_steps + 1):
+            batch = to_global_batch(next(data_iter), mesh)
+            state, step_metrics = compiled_step(state, batch)
+
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                now = time.perf_counter()
+                step_time = (now - last_log_time) / (step - last_log_step)
+                scalars["step_time_s"] = step_time
+                scalars["tokens_per_sec"] = tokens_per_step / step_time
+                scalars["mfu"] = flops_per_step / step_time / peak
+                writer.write(step, scalars)
+                logged.append({"step": step, **scalars})
+                eta = (now - run_start) / (step - first_step + 1) * (total_steps - step)
+                metrics_lib.print_progress(metrics_lib.progress_line(step, total_steps, scalars, eta),
+                                           is_writer)
+                last_log_time, last_log_step = time.perf_counter(), step
+
+            if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == total_steps):
+                checkpointer.save(step, state, data_iter.get_state(), metadata)
+    finally:
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
+    say(f"\ndone: {total_steps} steps; checkpoints in {checkpointer.directory}")
+    return logged

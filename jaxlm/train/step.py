@@ -1,0 +1,91 @@
+"""The train step: a pure function (state, batch) -> (state, metrics), jitted once.
+
+Loss is cross-entropy averaged over real target tokens (weights 1), never padding.
+With gradient accumulation the batch is split into microbatches whose *summed* losses and
+gradients are added up and divided by the total weight once at the end, so accumulating
+gives the same update as one large batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxlm import sharding
+from jaxlm.train.state import StateSpec, TrainState
+
+Batch = dict[str, jax.Array]
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
+
+
+def loss_sums(graphdef: Any, params: Any, batch: Batch, z_loss: float) -> tuple[jax.Array, dict]:
+    """Summed (not averaged) objective over the batch's weighted tokens, and its parts."""
+    model = nnx.merge(graphdef, params)
+    logits_BxLxV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
+    weights_BxL = batch["weights"].astype(jnp.float32)
+    ce_sum = jnp.sum((log_z_BxL - target_logit_BxL) * weights_BxL)
+    z_sum = jnp.sum(jnp.square(log_z_BxL) * weights_BxL)
+    objective = ce_sum + z_loss * z_sum
+    return objective, {"ce_sum": ce_sum, "z_sum": z_sum, "weight_sum": jnp.sum(weights_BxL)}
+
+
+def make_train_step(optim_cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, graphdef: Any) -> Callable:
+    accum = optim_cfg.grad_accum_steps
+    z_loss = optim_cfg.z_loss
+    grad_fn = jax.grad(lambda p, b: loss_sums(graphdef, p, b, z_loss), has_aux=True)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        params = state["params"]
+        if accum == 1:
+            grads, sums = grad_fn(params, batch)
+        else:
+            # Microbatch j takes rows j, j + accum, ...: every device holds a share of each.
+            micro = jax.tree.map(
+                lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+
+            def add_microbatch(carry, mb):
+                grads, sums = grad_fn(params, mb)
+                return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, (params, {"ce_sum": 0.0, "z_sum": 0.0, "weight_sum": 0.0}))
+            (grads, sums), _ = jax.lax.scan(add_microbatch, zeros, micro)
+        denom = jnp.maximum(sums["weight_sum"], 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                     "opt_state": opt_state}
+        metrics = {
+            "loss": sums["ce_sum"] / denom,
+            "log_z_squared": sums["z_sum"] / denom,
+            "grad_norm": grad_norm,
+            "learning_rate": schedule(state["step"]),
+            "target_tokens": sums["weight_sum"],
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def jit_train_step(train_step: Callable, spec: StateSpec, mesh: Mesh) -> Callable:
+    """Jit with explicit shardings; the old state's buffers are donated to the new one."""
+    batch_shardings = {k: sharding.batch_sharding(mesh) for k in BATCH_KEYS}
+    return jax.jit(train_step, in_shardings=(spec.shardings, batch_shardings),
+                   out_shardings=(spec.shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def abstract_batch(global_batch: int, seq_len: int, mesh: Mesh) -> Batch:
+    """Shapes of one global batch, for ahead-of-time compilation."""
+    s = sharding.batch_sharding(mesh)
+    out = {k: jax.ShapeDtypeStruct((global_batch, seq_len), jnp.int32, sharding=s) for k in BATCH_KEYS}
+    out["weights"] = jax.ShapeDtypeStruct((global_batch, seq_len), jnp.float32, sharding=s)
+    return out
