@@ -60,7 +60,7 @@ def make_train_step(optim_cfg: ml_collections.ConfigDict, tx: optax.GradientTran
             (grads, sums), _ = jax.lax.scan(add_microbatch, zeros, micro)
         denom = jnp.maximum(sums["weight_sum"], 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                      "opt_state": opt_state}

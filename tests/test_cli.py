@@ -1,0 +1,59 @@
+"""`jaxlm train` as a user runs it: a subprocess that writes metrics, TensorBoard events and
+checkpoints, and resumes when run again."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).parents[1]
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "jaxlm.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def small_args(data_dir, workdir, steps):
+    return ["train", "--config", str(REPO / "configs" / "tiny.py"), "--workdir", str(workdir),
+            f"--config.data.data_dir={data_dir}", f"--config.train.steps={steps}",
+            "--config.model.d_model=64", "--config.model.n_layers=2", "--config.model.d_ff=192",
+            "--config.data.seq_len=64", "--config.data.global_batch_size=8",
+            "--config.train.log_every=1", "--config.checkpoint.every=2",
+            "--config.metrics.peak_flops=1e11"]
+
+
+def test_train_writes_metrics_events_checkpoints_and_resumes(stdlib_data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    first = run_cli(*small_args(stdlib_data_dir, workdir, steps=3), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "resumed" not in first.stdout
+
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for key in ("step", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "step_time_s", "mfu"):
+        assert all(key in r for r in records), key
+    assert all(r["tokens_per_sec"] > 0 and 0 < r["mfu"] < 1 for r in records)
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "3"]
+
+    second = run_cli(*small_args(stdlib_data_dir, workdir, steps=5), cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resumed from {workdir / 'checkpoints' / '3'}" in second.stdout
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert "5" in {p.name for p in (workdir / "checkpoints").iterdir()}
+
+
+def test_bad_config_value_fails_fast_with_the_key(tmp_path):
+    result = run_cli("train", "--config", str(REPO / "configs" / "tiny.py"), "--workdir",
+                     str(tmp_path / "w"), "--config.data.seq_len=4096", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "config.data.seq_len" in result.stderr and "max_seq_len" in result.stderr
+    assert not (tmp_path / "w").exists()  # nothing was started
+
+
+def test_unknown_override_key(tmp_path):
+    result = run_cli("train", "--config.optim.lr=1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unknown config key: config.optim.lr" in result.stderr
