@@ -17,6 +17,6 @@ def get_config():
                      d_ff=704, vocab_size=384, max_seq_len=1024, dtype="float32", remat="none")
     cfg.data.update(seq_len=256, global_batch_size=16)
     cfg.optim.update(learning_rate=3e-3, warmup_steps=30, schedule="cosine")
-    cfg.train.update(steps=300, log_every=10)
+    cfg.train.update(steps=200, log_every=10)
     cfg.checkpoint.update(every=100, keep=2)
     return cfg

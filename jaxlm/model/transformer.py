@@ -78,9 +78,13 @@ class Transformer(nnx.Module):
         dtype = jnp.dtype(cfg.dtype)
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
-        x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0)
+        # Gather the table's fsdp shards first (as FSDP does for any weight): a lookup into a
+        # table sharded along embed would come out sharded along embed, not batch.
+        embed_VxD = constrain(self.embed[...], ("vocab", None))
+        x_BxLxD = jnp.take(embed_VxD, tokens_BxL, axis=0)
         if cfg.family == "gpt2":
-            x_BxLxD = x_BxLxD + jnp.take(self.pos_embed[...], positions_BxL, axis=0)
+            pos_PxD = constrain(self.pos_embed[...], (None, None))
+            x_BxLxD = x_BxLxD + jnp.take(pos_PxD, positions_BxL, axis=0)
         x_BxLxD = constrain(x_BxLxD.astype(dtype), ACT_AXES)
 
         x_BxLxD = self._run_blocks(x_BxLxD, positions_BxL, segment_ids_BxL)
