@@ -14,6 +14,7 @@ from jaxlm.model.layers import apply_rope, constant, dense, param
 from jaxlm.sharding import constrain
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: rows never become NaN
+QUERY_CHUNKS = 4  # causal blocks: chunk i attends keys of chunks 0..i only (10/16 of the work)
 
 
 def attention_mask(segment_ids_BxL: jax.Array | None, length: int) -> jax.Array:
@@ -26,35 +27,61 @@ def attention_mask(segment_ids_BxL: jax.Array | None, length: int) -> jax.Array:
     return (mask_LxL[None] & same_doc_BxLxL)[:, None]
 
 
-def xla_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL):
-    # Heads go in front of the sequence so both matmuls are batched over leading (B, G)
-    # dimensions; the R = H/G query heads sharing one kv head ride along the query length.
-    # On XLA:CPU this layout runs the forward about 3x faster than a 5-D einsum.
+def xla_prepare(segment_ids_BxL: jax.Array | None, length: int, heads_per_kv: int) -> jax.Array:
+    """Additive float32 mask bias, B x 1 x (L*R) x L, built once per step for every layer.
+
+    Row l*R + j belongs to position l, query head j of its kv group (see xla_attention)."""
+    bias = jnp.where(attention_mask(segment_ids_BxL, length), 0.0, _MASKED).astype(jnp.float32)
+    return jnp.repeat(bias, heads_per_kv, axis=2) if heads_per_kv > 1 else bias
+
+
+def xla_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, bias_Bx1xLRxL):
+    # Plain 4-D batched matmuls over leading (B, G): the R = H/G query heads that share a kv
+    # head are folded into the query axis (position-major), so a causal block of positions
+    # is one contiguous slice. Query chunk i only computes scores against keys 0..end_i.
+    # On XLA:CPU this runs attention's forward+backward ~2x faster than a 5-D einsum.
     b, length, h, kd = q_BxLxHxK.shape
     g = k_BxLxGxK.shape[2]
     r = h // g
-    q_BxGxRLxK = (q_BxLxHxK * jnp.asarray(kd ** -0.5, q_BxLxHxK.dtype)).reshape(
-        b, length, g, r, kd).transpose(0, 2, 3, 1, 4).reshape(b, g, r * length, kd)
+    q_BxGxLRxK = (q_BxLxHxK * jnp.asarray(kd ** -0.5, q_BxLxHxK.dtype)).reshape(
+        b, length, g, r, kd).transpose(0, 2, 1, 3, 4).reshape(b, g, length * r, kd)
     k_BxGxLxK = k_BxLxGxK.transpose(0, 2, 1, 3)
     v_BxGxLxK = v_BxLxGxK.transpose(0, 2, 1, 3)
-    scores = jnp.einsum("bgqk,bgmk->bgqm", q_BxGxRLxK, k_BxGxLxK,
-                        preferred_element_type=jnp.float32)
-    mask_Bx1xRLxL = jnp.tile(attention_mask(segment_ids_BxL, length), (1, 1, r, 1))
-    scores = jnp.where(mask_Bx1xRLxL, scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxLxGxK.dtype)
-    out_BxGxRLxK = jnp.einsum("bgqm,bgmk->bgqk", probs, v_BxGxLxK)
-    return out_BxGxRLxK.reshape(b, g, r, length, kd).transpose(0, 3, 1, 2, 4).reshape(b, length, h, kd)
+    chunks = QUERY_CHUNKS if length % QUERY_CHUNKS == 0 else 1
+    size = length // chunks
+    outs = []
+    for i in range(chunks):
+        end = (i + 1) * size
+        rows = slice(i * size * r, end * r)
+        scores = jnp.einsum("bgqk,bgmk->bgqm", q_BxGxLRxK[:, :, rows], k_BxGxLxK[:, :, :end],
+                            preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(scores + bias_Bx1xLRxL[:, :, rows, :end], axis=-1)
+        outs.append(jnp.einsum("bgqm,bgmk->bgqk", probs.astype(v_BxGxLxK.dtype),
+                               v_BxGxLxK[:, :, :end]))
+    out_BxGxLRxK = jnp.concatenate(outs, axis=2) if chunks > 1 else outs[0]
+    return out_BxGxLRxK.reshape(b, g, length, r, kd).transpose(0, 2, 1, 3, 4).reshape(
+        b, length, h, kd)
 
 
-def cudnn_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL):
+def cudnn_prepare(segment_ids_BxL: jax.Array | None, length: int, heads_per_kv: int):
     # Without segment ids cuDNN builds the causal mask itself; with them the document mask
     # is passed explicitly (cuDNN turns it into a bias).
-    mask = None if segment_ids_BxL is None else attention_mask(segment_ids_BxL, q_BxLxHxK.shape[1])
-    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=mask,
+    return None if segment_ids_BxL is None else attention_mask(segment_ids_BxL, length)
+
+
+def cudnn_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL):
+    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=mask_Bx1xLxL,
                                         is_causal=True, implementation="cudnn")
 
 
-BACKENDS = {"xla": xla_attention, "cudnn": cudnn_attention}
+# backend -> (prepare the mask input once per step, attend)
+BACKENDS = {"xla": (xla_prepare, xla_attention), "cudnn": (cudnn_prepare, cudnn_attention)}
+
+
+def prepare_mask(backend: str, segment_ids_BxL: jax.Array | None, length: int,
+                 heads_per_kv: int):
+    """The mask input every layer's attention takes, computed once outside the layer scan."""
+    return BACKENDS[backend][0](segment_ids_BxL, length, heads_per_kv)
 
 
 class Attention(nnx.Module):
@@ -75,7 +102,8 @@ class Attention(nnx.Module):
         self.dtype = dtype
         self.backend = backend
 
-    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL):
+    def __call__(self, x_BxLxD, positions_BxL, mask):
+        """`mask` comes from `prepare_mask` for this module's backend."""
         dt = self.dtype
         q = dense(x_BxLxD, self.wq[...], dt)
         k = dense(x_BxLxD, self.wk[...], dt)
@@ -89,7 +117,7 @@ class Attention(nnx.Module):
         q = constrain(q, ("batch", "sequence", "act_heads", None))
         k = constrain(k, ("batch", "sequence", "act_kv_heads", None))
         v = constrain(v, ("batch", "sequence", "act_kv_heads", None))
-        out_BxLxHxK = BACKENDS[self.backend](q, k, v, segment_ids_BxL)
+        out_BxLxHxK = BACKENDS[self.backend][1](q, k, v, mask)
         b, length = out_BxLxHxK.shape[:2]
         wo_HKxD = self.wo[...].reshape(-1, self.wo.shape[-1])
         out = dense(out_BxLxHxK.reshape(b, length, -1), wo_HKxD, dt)

@@ -14,6 +14,7 @@ import ml_collections
 from flax import nnx
 
 from jaxlm import config as config_lib
+from jaxlm.model import attention
 from jaxlm.model.attention import Attention
 from jaxlm.model.layers import GeluMLP, SwiGLU, make_norm, param
 from jaxlm.sharding import constrain
@@ -44,8 +45,8 @@ class Block(nnx.Module):
         mlp_cls = SwiGLU if llama else GeluMLP
         self.mlp = mlp_cls(cfg.d_model, cfg.d_ff, std, out_std, dtype, rngs)
 
-    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL):
-        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL)
+    def __call__(self, x_BxLxD, positions_BxL, mask):
+        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL, mask)
         x_BxLxD = constrain(x_BxLxD, ACT_AXES)
         x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
         return constrain(x_BxLxD, ACT_AXES)
@@ -87,7 +88,9 @@ class Transformer(nnx.Module):
             x_BxLxD = x_BxLxD + jnp.take(pos_PxD, positions_BxL, axis=0)
         x_BxLxD = constrain(x_BxLxD.astype(dtype), ACT_AXES)
 
-        x_BxLxD = self._run_blocks(x_BxLxD, positions_BxL, segment_ids_BxL)
+        mask = attention.prepare_mask(cfg.attention, segment_ids_BxL, tokens_BxL.shape[1],
+                                      cfg.n_heads // cfg.n_kv_heads)
+        x_BxLxD = self._run_blocks(x_BxLxD, positions_BxL, mask)
 
         x_BxLxD = self.final_norm(x_BxLxD)
         head_DxV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
@@ -95,12 +98,12 @@ class Transformer(nnx.Module):
                             preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "sequence", "act_vocab"))
 
-    def _run_blocks(self, x_BxLxD, positions_BxL, segment_ids_BxL):
+    def _run_blocks(self, x_BxLxD, positions_BxL, mask):
         graphdef, stacked = nnx.split(self.blocks)
 
         def layer(x, layer_state):
             block = nnx.merge(graphdef, layer_state)
-            return block(x, positions_BxL, segment_ids_BxL), None
+            return block(x, positions_BxL, mask), None
 
         if self.cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat],
