@@ -17,7 +17,6 @@ from jaxlm import config as config_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm import sharding
 from jaxlm.model.transformer import param_count
-from jaxlm.train import optimizer as optimizer_lib
 from jaxlm.train import state as state_lib
 from jaxlm.train import step as step_lib
 
@@ -38,19 +37,16 @@ def synthetic_batch(global_batch: int, seq_len: int, vocab: int, mesh, seed: int
 def bench_step(cfg: ml_collections.ConfigDict, steps: int = 5) -> dict[str, float]:
     config_lib.validate(cfg, jax.device_count())
     mesh = sharding.make_mesh(cfg.mesh)
-    tx = optimizer_lib.make_optimizer(cfg.optim, cfg.train.steps)
-    schedule = optimizer_lib.learning_rate_schedule(cfg.optim, cfg.train.steps)
     batch_size, seq_len = cfg.data.global_batch_size, cfg.data.seq_len
     with jax.set_mesh(mesh), sharding.axis_rules():
-        spec = state_lib.state_spec(cfg.model, tx, mesh, seed=cfg.train.seed)
-        state = state_lib.init_state(cfg.model, tx, spec, seed=cfg.train.seed)
-        step_fn = step_lib.jit_train_step(
-            step_lib.make_train_step(cfg.optim, tx, schedule, spec.graphdef), spec, mesh)
+        trainer = step_lib.build_trainer(cfg.model, cfg.optim, cfg.train.steps, mesh, cfg.train.seed)
+        spec = trainer.spec
+        state = state_lib.init_state(cfg.model, trainer.tx, spec, seed=cfg.train.seed)
         batch = synthetic_batch(batch_size, seq_len, cfg.model.vocab_size, mesh)
         jax.block_until_ready((state, batch))
 
         start = time.perf_counter()
-        compiled = step_fn.lower(spec.abstract, step_lib.abstract_batch(batch_size, seq_len, mesh)).compile()
+        compiled = trainer.step.lower(spec.abstract, step_lib.abstract_batch(batch_size, seq_len, mesh)).compile()
         compile_s = time.perf_counter() - start
         state, out = compiled(state, batch)
         jax.block_until_ready(out)

@@ -9,7 +9,6 @@ from jax.sharding import PartitionSpec as P
 from jaxlm import config as config_lib
 from jaxlm import sharding
 from jaxlm.bench import synthetic_batch
-from jaxlm.train import optimizer as optimizer_lib
 from jaxlm.train import state as state_lib
 from jaxlm.train import step as step_lib
 
@@ -28,13 +27,10 @@ def one_step(cfg, mesh_sizes):
     cfg.mesh.update(**mesh_sizes)
     n = int(np.prod(list(mesh_sizes.values())))
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:n])
-    tx = optimizer_lib.make_optimizer(cfg.optim, 10)
-    schedule = optimizer_lib.learning_rate_schedule(cfg.optim, 10)
     with jax.set_mesh(mesh), sharding.axis_rules():
-        spec = state_lib.state_spec(cfg.model, tx, mesh)
-        state = state_lib.init_state(cfg.model, tx, spec)
-        step = step_lib.jit_train_step(
-            step_lib.make_train_step(cfg.optim, tx, schedule, spec.graphdef), spec, mesh)
+        trainer = step_lib.build_trainer(cfg.model, cfg.optim, 10, mesh)
+        spec, step = trainer.spec, trainer.step
+        state = state_lib.init_state(cfg.model, trainer.tx, spec)
         config_lib.validate(cfg, n)
         batch = synthetic_batch(16, 32, cfg.model.vocab_size, mesh, seed=1)
         grad_fn = jax.jit(jax.grad(

@@ -22,7 +22,6 @@ from jaxlm import metrics as metrics_lib
 from jaxlm import sharding
 from jaxlm.data import pipeline, sources
 from jaxlm.model.transformer import param_count
-from jaxlm.train import optimizer as optimizer_lib
 from jaxlm.train import state as state_lib
 from jaxlm.train import step as step_lib
 
@@ -52,6 +51,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[di
     mesh = sharding.make_mesh(cfg.mesh)
     is_writer = jax.process_index() == 0
     say = print if is_writer else (lambda *a, **k: None)
+    # Before any loader thread starts: on CPU the peak is measured on this host's cores.
+    peak, peak_source = metrics_lib.peak_flops(cfg.metrics.peak_flops)
 
     # ---- workdir --------------------------------------------------------------------
     workdir = pathlib.Path(workdir)
@@ -68,17 +69,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[di
 
     # ---- model, optimizer, sharded state ---------------------------------------------
     total_steps = cfg.train.steps
-    tx = optimizer_lib.make_optimizer(cfg.optim, total_steps)
-    schedule = optimizer_lib.learning_rate_schedule(cfg.optim, total_steps)
     with jax.set_mesh(mesh), sharding.axis_rules():
-        spec = state_lib.state_spec(cfg.model, tx, mesh, seed=cfg.train.seed)
-        step_fn = step_lib.jit_train_step(
-            step_lib.make_train_step(cfg.optim, tx, schedule, spec.graphdef), spec, mesh)
+        trainer = step_lib.build_trainer(cfg.model, cfg.optim, total_steps, mesh, cfg.train.seed)
+        spec = trainer.spec
 
         # ---- compile (ahead of time, so step timings never include it) ---------------
         start = time.perf_counter()
         batch_shape = step_lib.abstract_batch(cfg.data.global_batch_size, cfg.data.seq_len, mesh)
-        compiled_step = step_fn.lower(spec.abstract, batch_shape).compile()
+        compiled_step = trainer.step.lower(spec.abstract, batch_shape).compile()
         compile_s = time.perf_counter() - start
 
         # ---- restore or initialise --------------------------------------------------
@@ -89,12 +87,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[di
             data_iter.set_state(data_state)
             say(f"resumed from {checkpointer.directory / str(latest)}")
         else:
-            state = state_lib.init_state(cfg.model, tx, spec, seed=cfg.train.seed)
+            state = state_lib.init_state(cfg.model, trainer.tx, spec, seed=cfg.train.seed)
     metadata = checkpoint_lib.run_metadata(cfg, spec.param_axes)
 
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
     flops_per_step = metrics_lib.flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
-    peak, peak_source = metrics_lib.peak_flops(cfg.metrics.peak_flops)
     say(f"model: {cfg.model.family}, {param_count(cfg.model):,} parameters; mesh "
         f"{dict(mesh.shape)}; {tokens_per_step:,} tokens/step; compiled in {compile_s:.1f}s; "
         f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")

@@ -8,6 +8,7 @@ gives the same update as one large batch.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -18,7 +19,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxlm import sharding
-from jaxlm.train.state import StateSpec, TrainState
+from jaxlm.train import optimizer as optimizer_lib
+from jaxlm.train.state import StateSpec, TrainState, state_spec
 
 Batch = dict[str, jax.Array]
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
@@ -81,6 +83,24 @@ def jit_train_step(train_step: Callable, spec: StateSpec, mesh: Mesh) -> Callabl
     batch_shardings = {k: sharding.batch_sharding(mesh) for k in BATCH_KEYS}
     return jax.jit(train_step, in_shardings=(spec.shardings, batch_shardings),
                    out_shardings=(spec.shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    tx: optax.GradientTransformation
+    spec: StateSpec
+    step: Callable  # jitted (state, batch) -> (state, metrics), the state donated
+
+
+def build_trainer(model_cfg: ml_collections.ConfigDict, optim_cfg: ml_collections.ConfigDict,
+                  total_steps: int, mesh: Mesh, seed: int = 0) -> Trainer:
+    """Optimizer, state layout and jitted step; call inside `jax.set_mesh(mesh)` and
+    `sharding.axis_rules()`, as tracing applies the activation constraints."""
+    tx = optimizer_lib.make_optimizer(optim_cfg, total_steps)
+    schedule = optimizer_lib.learning_rate_schedule(optim_cfg, total_steps)
+    spec = state_spec(model_cfg, tx, mesh, seed=seed)
+    step = jit_train_step(make_train_step(optim_cfg, tx, schedule, spec.graphdef), spec, mesh)
+    return Trainer(tx, spec, step)
 
 
 def abstract_batch(global_batch: int, seq_len: int, mesh: Mesh) -> Batch:
