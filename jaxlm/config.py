@@ -28,6 +28,8 @@ ATTENTION_BACKENDS = ("xla", "cudnn")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "wsd")
 MESH_AXES = ("data", "fsdp", "tensor")
+DATASETS = ("stdlib",)  # the TFDS builders of jaxlm.data.sources (a test keeps them equal)
+TOKENIZERS = ("byte",)
 
 
 class ConfigError(ValueError):
@@ -209,7 +211,10 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     _require(d.seq_len <= m.max_seq_len, "data.seq_len",
              f"{d.seq_len} is longer than the model's positions (model.max_seq_len={m.max_seq_len})")
     _require(d.global_batch_size > 0, "data.global_batch_size", "must be positive")
-    _require(d.tokenizer == "byte", "data.tokenizer", f"{d.tokenizer!r} is not available (byte)")
+    _require(d.dataset in DATASETS, "data.dataset", f"{d.dataset!r} not in {DATASETS}")
+    _require(d.tokenizer in TOKENIZERS, "data.tokenizer", f"{d.tokenizer!r} not in {TOKENIZERS}")
+    _require(d.num_threads >= 0, "data.num_threads", "must be >= 0")
+    _require(d.prefetch >= 1, "data.prefetch", "must be >= 1")
     _require(m.vocab_size >= 259 or d.tokenizer != "byte", "model.vocab_size",
              f"{m.vocab_size} is smaller than the byte tokenizer's 259 ids")
 

@@ -47,6 +47,8 @@ BAD = [
     ({"optim.grad_accum_steps": 3}, 1, "config.data.global_batch_size"),
     ({"optim.schedule": "linear"}, 1, "config.optim.schedule"),
     ({"train.steps": 0}, 1, "config.train.steps"),
+    ({"data.dataset": "c4"}, 1, "config.data.dataset"),
+    ({"data.tokenizer": "gpt2"}, 1, "config.data.tokenizer"),
 ]
 
 
@@ -87,3 +89,8 @@ def test_mesh_minus_one_takes_the_remaining_devices():
     cfg = tiny()
     cfg.mesh.update(data=2, fsdp=-1, tensor=2)
     assert config_lib.mesh_shape(cfg.mesh, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+def test_dataset_names_match_the_builders():
+    from jaxlm.data import sources
+    assert set(config_lib.DATASETS) == set(sources._BUILDERS)

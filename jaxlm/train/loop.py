@@ -127,5 +127,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[di
         checkpointer.wait()
         checkpointer.close()
         writer.close()
+        data_iter.close()
     say(f"\ndone: {total_steps} steps; checkpoints in {checkpointer.directory}")
     return logged
