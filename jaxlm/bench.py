@@ -16,6 +16,7 @@ import numpy as np
 from jaxlm import config as config_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm import sharding
+from jaxlm.data import tokenizers
 from jaxlm.model.transformer import param_count
 from jaxlm.train import state as state_lib
 from jaxlm.train import step as step_lib
@@ -36,6 +37,7 @@ def synthetic_batch(global_batch: int, seq_len: int, vocab: int, mesh, seed: int
 
 def bench_step(cfg: ml_collections.ConfigDict, steps: int = 5) -> dict[str, float]:
     config_lib.validate(cfg, jax.device_count())
+    cfg = config_lib.resolved(cfg, tokenizers.load_tokenizer(cfg.data).vocab_size, jax.device_count())
     mesh = sharding.make_mesh(cfg.mesh)
     batch_size, seq_len = cfg.data.global_batch_size, cfg.data.seq_len
     with jax.set_mesh(mesh), sharding.axis_rules():
@@ -90,7 +92,42 @@ def bench_step(cfg: ml_collections.ConfigDict, steps: int = 5) -> dict[str, floa
         ("MFU", f"{100 * model_flops / peak:.1f}%"),
         ("final loss", f"{float(out['loss']):.4f}"),
     ]
+    print_table(rows)
+    return figures
+
+
+def print_table(rows: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+
+
+def bench_data(cfg: ml_collections.ConfigDict, batches: int = 200) -> dict[str, float]:
+    """The loader alone: batches/s and tokens/s of `make_iterator` on this host, after the
+    corpus is built and one batch has warmed it up."""
+    from jaxlm.data import pipeline
+    from jaxlm.train.loop import prepare_sources
+
+    config_lib.validate(cfg, jax.device_count())
+    prepare_sources(cfg.data)
+    data_iter = pipeline.make_iterator(cfg.data)
+    next(data_iter)
+    real = slots = 0
+    start = time.perf_counter()
+    for _ in range(batches):
+        batch = next(data_iter)
+        real += int(np.count_nonzero(batch["segment_ids"]))
+        slots += batch["segment_ids"].size
+    seconds = time.perf_counter() - start
+    data_iter.close()
+    figures = {"tokens_per_sec": slots / seconds, "real_tokens_per_sec": real / seconds,
+               "packing_efficiency": real / slots, "batches_per_sec": batches / seconds}
+    print_table([
+        ("config", f"dataset={cfg.data.dataset} tokenizer={cfg.data.tokenizer} "
+                   f"packing={cfg.data.packing} seq={cfg.data.seq_len} batch={cfg.data.global_batch_size}"),
+        (f"batches/s ({batches} batches)", f"{batches / seconds:,.1f}"),
+        ("tokens/s (all slots)", f"{slots / seconds:,.0f}"),
+        ("real tokens/s", f"{real / seconds:,.0f}"),
+        ("packing efficiency", f"{100 * real / slots:.2f}%"),
+    ])
     return figures

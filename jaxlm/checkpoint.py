@@ -51,10 +51,11 @@ class Checkpointer:
         self.manager.close()
 
 
-def run_metadata(cfg: ml_collections.ConfigDict, param_axes: Any) -> dict[str, Any]:
-    """What a checkpoint says about itself: config, parameter layout, jaxlm version."""
+def run_metadata(cfg: ml_collections.ConfigDict, param_axes: Any, tokenizer: str) -> dict[str, Any]:
+    """What a checkpoint says about itself: config, parameter layout, jaxlm version and
+    tokenizer (its files are in the run's `tokenizer/` directory)."""
     from jaxlm import __version__
-    return {"jaxlm_version": __version__, "config": cfg.to_dict(),
+    return {"jaxlm_version": __version__, "config": cfg.to_dict(), "tokenizer": tokenizer,
             "layout": {"scan_layers": cfg.model.scan_layers, "param_axes": _listify(param_axes)}}
 
 

@@ -5,6 +5,8 @@ Configs follow the ml_collections convention: `--config FILE` names a config fil
 
     jaxlm train [--config configs/tiny.py] [--config.train.steps=100] [--workdir runs/x]
     jaxlm bench step --config configs/bench_cpu.py
+    jaxlm bench data --config configs/bench_cpu.py
+    jaxlm tokenizer train --config configs/tiny.py --vocab-size 8000 --out tok.model
 """
 
 from __future__ import annotations
@@ -79,10 +81,44 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", default=None, help=f"config file (default {DEFAULT_CONFIG.name})")
     train.add_argument("--workdir", default=None, help="run directory (default runs/<config name>)")
     bench = verbs.add_parser("bench", help="benchmarks that print figures")
-    bench.add_argument("what", choices=["step"])
+    bench.add_argument("what", choices=["step", "data"])
     bench.add_argument("--config", default=None)
-    bench.add_argument("--steps", type=int, default=5, help="timed steps after compilation")
+    bench.add_argument("--steps", type=int, default=5, help="step: timed steps after compilation")
+    bench.add_argument("--batches", type=int, default=200, help="data: timed batches")
+    tok = verbs.add_parser("tokenizer", help="train a SentencePiece tokenizer on the configured data")
+    tok.add_argument("action", choices=["train"])
+    tok.add_argument("--config", default=None)
+    tok.add_argument("--vocab-size", type=int, required=True)
+    tok.add_argument("--out", required=True, help="path of the .model file to write")
+    tok.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    tok.add_argument("--max-documents", type=int, default=100_000,
+                     help="documents of the train split read (in order)")
     return parser
+
+
+def train_tokenizer(cfg: ml_collections.ConfigDict, args: argparse.Namespace) -> None:
+    """Trains SentencePiece on the train split of every source in data.dataset."""
+    from jaxlm.data import sources, tokenizers
+
+    names = [name for name, _ in config_lib.parse_mixture(cfg.data.dataset)]
+    for name in names:
+        sources.prepare(cfg.data, name)
+
+    def documents():
+        count = 0
+        for name in names:
+            source = sources.load(cfg.data, name, "train")
+            for i in range(len(source)):
+                if count == args.max_documents:
+                    return
+                text = source[i]["text"]
+                yield text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+                count += 1
+
+    path = tokenizers.train_sentencepiece(documents(), args.out, args.vocab_size,
+                                          model_type=args.model_type)
+    print(f"wrote {path}; use it with --config.data.tokenizer=sentencepiece "
+          f"--config.data.tokenizer_path={path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +137,12 @@ def main(argv: list[str] | None = None) -> int:
             loop.train(cfg, args.workdir or f"runs/{name}")
         elif args.verb == "bench":
             from jaxlm import bench
-            bench.bench_step(cfg, steps=args.steps)
+            if args.what == "step":
+                bench.bench_step(cfg, steps=args.steps)
+            else:
+                bench.bench_data(cfg, batches=args.batches)
+        elif args.verb == "tokenizer":
+            train_tokenizer(cfg, args)
     except config_lib.ConfigError as e:
         print(f"jaxlm: {e}", file=sys.stderr)
         return 2

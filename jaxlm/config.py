@@ -28,8 +28,46 @@ ATTENTION_BACKENDS = ("xla", "cudnn")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "wsd")
 MESH_AXES = ("data", "fsdp", "tensor")
-DATASETS = ("stdlib",)  # the TFDS builders of jaxlm.data.sources (a test keeps them equal)
-TOKENIZERS = ("byte",)
+BUILTIN_DATASETS = ("stdlib",)
+TOKENIZERS = ("byte", "sentencepiece", "hf")
+PACKINGS = ("concat", "first_fit")
+SOURCE_KINDS = ("text", "jsonl", "parquet", "tfds")
+
+
+def source_defaults() -> ml_collections.ConfigDict:
+    """Keys of one entry of `data.sources` (a user's own corpus)."""
+    return ml_collections.ConfigDict(dict(
+        kind="text",  # text | jsonl | parquet: local files; tfds: a prepared catalog dataset
+        paths="",  # local kinds: comma-separated files or globs
+        text_field="text",  # jsonl, parquet, tfds: the field holding the document
+        split_by="file",  # text: "file" (one document per file) or "blank_line"
+        eval_fraction=0.01,  # local kinds: share of documents held out for validation
+        tfds_name="",  # tfds: "name" or "name/config:version"
+        train_split="train",  # tfds: the split to train on
+        eval_split="validation",  # tfds: the held-out split
+    ))
+
+
+def parse_mixture(dataset: str) -> list[tuple[str, float]]:
+    """'a:3,b:1' -> [('a', 0.75), ('b', 0.25)]; a bare name has weight 1."""
+    parts = [p.strip() for p in dataset.split(",") if p.strip()]
+    if not parts:
+        raise ConfigError("config.data.dataset: empty")
+    mixture = []
+    for part in parts:
+        name, _, weight = part.partition(":")
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            raise ConfigError(f"config.data.dataset: weight {weight!r} of {name!r} is not a number") from None
+        if value <= 0:
+            raise ConfigError(f"config.data.dataset: weight of {name!r} must be positive")
+        mixture.append((name.strip(), value))
+    names = [n for n, _ in mixture]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config.data.dataset: a source appears twice in {dataset!r}")
+    total = sum(w for _, w in mixture)
+    return [(n, w / total) for n, w in mixture]
 
 
 class ConfigError(ValueError):
@@ -64,14 +102,20 @@ def defaults() -> ml_collections.ConfigDict:
 
     cfg.data = ml_collections.ConfigDict(
         dict(
-            dataset="stdlib",  # the default corpus: this Python's standard-library sources
-            data_dir="~/.cache/jaxlm/tensorflow_datasets",
-            tokenizer="byte",
+            # One source name, or a weighted mixture "name:weight,name:weight" (weights are
+            # normalised). "stdlib" is built in: this Python's standard-library sources.
+            dataset="stdlib",
+            # User sources by name, each a section with the keys of SOURCE_DEFAULTS.
+            sources=ml_collections.ConfigDict(),
+            data_dir="~/.cache/jaxlm/tensorflow_datasets",  # TFDS data_dir (built and catalog)
+            tokenizer="byte",  # byte | sentencepiece | hf
+            tokenizer_path="",  # sentencepiece .model or Hugging Face tokenizer.json
+            vocab_multiple=128,  # model.vocab_size=0 takes the tokenizer's, padded to this
+            packing="concat",  # concat (concatenate then split) | first_fit
             seq_len=256,
             global_batch_size=16,
             shuffle_seed=0,
-            num_threads=2,  # host threads tokenizing and packing
-            prefetch=2,  # batches prepared ahead of the step
+            prefetch=2,  # batches prepared ahead of the step by a background thread
         )
     )
 
@@ -191,7 +235,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     _require(m.attention in ATTENTION_BACKENDS, "model.attention",
              f"{m.attention!r} not in {ATTENTION_BACKENDS}")
     _require(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r} not in {DTYPES}")
-    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+    for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
         _require(int(m[key]) > 0, f"model.{key}", f"must be positive, got {m[key]}")
     _require(m.head_dim >= 0, "model.head_dim", "must be >= 0 (0 means d_model // n_heads)")
     _require(m.head_dim > 0 or m.d_model % m.n_heads == 0, "model.n_heads",
@@ -211,12 +255,18 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     _require(d.seq_len <= m.max_seq_len, "data.seq_len",
              f"{d.seq_len} is longer than the model's positions (model.max_seq_len={m.max_seq_len})")
     _require(d.global_batch_size > 0, "data.global_batch_size", "must be positive")
-    _require(d.dataset in DATASETS, "data.dataset", f"{d.dataset!r} not in {DATASETS}")
+    for name, _ in parse_mixture(d.dataset):
+        _require(name in BUILTIN_DATASETS or name in d.sources, "data.dataset",
+                 f"source {name!r} is neither built in {BUILTIN_DATASETS} nor defined in data.sources")
+    for name, source in d.sources.items():
+        _check_source(name, source)
     _require(d.tokenizer in TOKENIZERS, "data.tokenizer", f"{d.tokenizer!r} not in {TOKENIZERS}")
-    _require(d.num_threads >= 0, "data.num_threads", "must be >= 0")
+    _require(d.tokenizer == "byte" or d.tokenizer_path, "data.tokenizer_path",
+             f"tokenizer {d.tokenizer!r} needs a file")
+    _require(d.vocab_multiple >= 1, "data.vocab_multiple", "must be >= 1")
+    _require(d.packing in PACKINGS, "data.packing", f"{d.packing!r} not in {PACKINGS}")
     _require(d.prefetch >= 1, "data.prefetch", "must be >= 1")
-    _require(m.vocab_size >= 259 or d.tokenizer != "byte", "model.vocab_size",
-             f"{m.vocab_size} is smaller than the byte tokenizer's 259 ids")
+    _require(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0: the tokenizer's, padded)")
 
     o = cfg.optim
     _require(o.schedule in SCHEDULES, "optim.schedule", f"{o.schedule!r} not in {SCHEDULES}")
@@ -245,6 +295,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
              f"{m.d_ff} is not divisible by the tensor axis ({tensor})")
     _require(m.vocab_size % tensor == 0, "model.vocab_size",
              f"{m.vocab_size} is not divisible by the tensor axis ({tensor})")
+    _require(m.vocab_size or d.vocab_multiple % tensor == 0, "data.vocab_multiple",
+             f"{d.vocab_multiple} is not divisible by the tensor axis ({tensor})")
     batch_shards = shape["data"] * shape["fsdp"]
     microbatches = d.global_batch_size // max(o.grad_accum_steps, 1)
     _require(d.global_batch_size % o.grad_accum_steps == 0, "data.global_batch_size",
@@ -254,13 +306,50 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
              f"{batch_shards} data shards (mesh data x fsdp)")
 
 
+def _check_source(name: str, source: ml_collections.ConfigDict) -> None:
+    key = f"data.sources.{name}"
+    _require(isinstance(source, ml_collections.ConfigDict), key, "must be a section")
+    _check_known_keys(source_defaults(), source, f"config.{key}")
+    source = ml_collections.ConfigDict({**source_defaults().to_dict(), **source.to_dict()})
+    _require(name not in BUILTIN_DATASETS, key, f"{name!r} is the name of a built-in source")
+    _require(source.kind in SOURCE_KINDS, f"{key}.kind", f"{source.kind!r} not in {SOURCE_KINDS}")
+    if source.kind == "tfds":
+        _require(bool(source.tfds_name), f"{key}.tfds_name", "a tfds source needs a dataset name")
+    else:
+        _require(bool(source.paths), f"{key}.paths", "a local source needs files or globs")
+        _require(0 < source.eval_fraction < 1, f"{key}.eval_fraction", "must be in (0, 1)")
+    _require(source.split_by in ("file", "blank_line"), f"{key}.split_by",
+             f"{source.split_by!r} not in ('file', 'blank_line')")
+
+
+def resolve_vocab(model_cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict,
+                  tokenizer_vocab: int) -> int:
+    """The embedding size: model.vocab_size if set (it must hold every tokenizer id), else
+    the tokenizer's vocabulary rounded up to data.vocab_multiple (so it shards evenly)."""
+    if model_cfg.vocab_size:
+        _require(model_cfg.vocab_size >= tokenizer_vocab, "model.vocab_size",
+                 f"{model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} ids")
+        return model_cfg.vocab_size
+    multiple = data_cfg.vocab_multiple
+    return -(-tokenizer_vocab // multiple) * multiple
+
+
+def resolved(cfg: ml_collections.ConfigDict, tokenizer_vocab: int,
+             num_devices: int) -> ml_collections.ConfigDict:
+    """A validated copy of `cfg` whose model.vocab_size is final (see resolve_vocab)."""
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.model.vocab_size = resolve_vocab(cfg.model, cfg.data, tokenizer_vocab)
+    validate(cfg, num_devices)
+    return cfg
+
+
 def _check_known_keys(reference: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict,
                       prefix: str) -> None:
     for key, value in cfg.items():
         name = f"{prefix}.{key}"
         if key not in reference:
             raise ConfigError(f"unknown config key: {name}")
-        if isinstance(reference[key], ml_collections.ConfigDict):
+        if isinstance(reference[key], ml_collections.ConfigDict) and name != "config.data.sources":
             if not isinstance(value, ml_collections.ConfigDict):
                 raise ConfigError(f"{name} must be a section")
             _check_known_keys(reference[key], value, name)

@@ -16,5 +16,8 @@ def stdlib_data_dir(tmp_path_factory):
     from jaxlm.data import sources
 
     data_dir = tmp_path_factory.mktemp("tfds")
-    sources.prepare("stdlib", str(data_dir))
+    from jaxlm import config
+    data_cfg = config.defaults().data
+    data_cfg.data_dir = str(data_dir)
+    sources.prepare(data_cfg, "stdlib")
     return str(data_dir)

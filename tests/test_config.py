@@ -93,4 +93,4 @@ def test_mesh_minus_one_takes_the_remaining_devices():
 
 def test_dataset_names_match_the_builders():
     from jaxlm.data import sources
-    assert set(config_lib.DATASETS) == set(sources._BUILDERS)
+    assert set(config_lib.BUILTIN_DATASETS) == set(sources._BUILDERS)

@@ -1,10 +1,15 @@
-"""The input pipeline: TFDS ArrayRecord source -> grain -> packed, shifted numpy batches.
+"""The input pipeline: TFDS ArrayRecord sources -> grain -> packed, shifted numpy batches.
 
-    source -> host shard -> shuffle + repeat (train) -> tokenize (threads)
-           -> pack rows of seq_len + 1 tokens -> shift -> batch -> prefetch (thread)
+    sources (weighted mixture) -> host shard -> shuffle + repeat (train) -> tokenize
+        -> row streams: stream j of B mixes documents j, j+B, ... of each source and packs
+           them into rows
+        -> batch = one row from each stream -> prefetch (thread)
 
-Everything before packing is index based (grain MapDataset), so the pipeline state is a few
-integers: the next document index plus where the next row starts inside its document.
+Reading row j of every batch from its own document stream keeps the rows of one batch
+from B different places of the corpus (a single packed stream would fill a whole batch
+from one or two long files). Everything before packing is index based (grain
+MapDataset), so the pipeline state is a few integers per stream, and the batch at step k
+is a pure function of (seed, k, data config).
 """
 
 from __future__ import annotations
@@ -16,122 +21,76 @@ import grain
 import ml_collections
 import numpy as np
 
+from jaxlm import config as config_lib
 from jaxlm.data import sources, tokenizers
+from jaxlm.data.packing import PackedRows, shift_row
 
 Batch = dict[str, np.ndarray]
-_STATE_VERSION = 1
-
-
-class _PackIterator(grain.DatasetIterator):
-    """Concatenate-then-split over a stream of token arrays, one shifted row per __next__.
-
-    Each row holds `row_len` = seq_len + 1 consecutive tokens of the document stream; a
-    document that does not fit continues at the start of the next row (positions restart at
-    0 there). Only the end of a finite stream leaves padding. Rows are disjoint, so every
-    token is seen exactly once per epoch.
-    """
-
-    def __init__(self, parent: grain.DatasetIterator, row_len: int):
-        super().__init__(parent)
-        self._row_len = row_len
-        self._doc: np.ndarray | None = None  # the document the next row starts in
-        self._doc_state: dict[str, Any] | None = None  # parent state just before _doc
-        self._offset = 0  # tokens of _doc already emitted
-
-    def _next_doc(self) -> bool:
-        """Loads the next non-empty document; False at the end of the stream."""
-        while True:
-            state = self._parent.get_state()
-            try:
-                doc = next(self._parent)
-            except StopIteration:
-                return False
-            if len(doc):
-                self._doc, self._doc_state, self._offset = doc, state, 0
-                return True
-
-    def __next__(self) -> Batch:
-        n = self._row_len
-        tokens = np.zeros(n, np.int32)
-        segments = np.zeros(n, np.int32)
-        positions = np.zeros(n, np.int32)
-        filled, segment = 0, 0
-        while filled < n:
-            if self._doc is None and not self._next_doc():
-                break
-            take = min(n - filled, len(self._doc) - self._offset)
-            segment += 1
-            tokens[filled:filled + take] = self._doc[self._offset:self._offset + take]
-            segments[filled:filled + take] = segment
-            positions[filled:filled + take] = np.arange(take, dtype=np.int32)
-            filled += take
-            self._offset += take
-            if self._offset == len(self._doc):
-                self._doc = None
-        if filled == 0:
-            raise StopIteration
-        # A target counts only if it continues the input's document (not the next document's
-        # BOS, not padding).
-        weights = (segments[:-1] == segments[1:]) & (segments[1:] != 0)
-        return {
-            "inputs": tokens[:-1],
-            "targets": tokens[1:],
-            "segment_ids": segments[:-1],
-            "positions": positions[:-1],
-            "weights": weights.astype(np.float32),
-        }
-
-    def get_state(self) -> dict[str, Any]:
-        if self._doc is None:
-            return {"parent": self._parent.get_state(), "offset": 0, "in_doc": False}
-        # Restoring re-reads one document rather than storing any tokens in the state.
-        return {"parent": self._doc_state, "offset": self._offset, "in_doc": True}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state["parent"])
-        self._doc, self._doc_state, self._offset = None, None, 0
-        if state["in_doc"]:
-            if not self._next_doc():
-                raise ValueError("pipeline state points past the end of the data")
-            self._offset = int(state["offset"])
-
-
-class _PackIterDataset(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, row_len: int):
-        super().__init__(parent)
-        self._row_len = row_len
-
-    def __iter__(self) -> _PackIterator:
-        return _PackIterator(self._parent.__iter__(), self._row_len)
-
-    def __str__(self) -> str:
-        return f"PackIterDataset(row_len={self._row_len})"
+# Version of the data-order function. Bump it whenever a change would alter which tokens
+# a given (seed, step, config) yields; a checkpoint saved under another version is refused
+# instead of silently continuing in a different order.
+_STATE_VERSION = 2
 
 
 class _Tokenize:
-    """Record -> [BOS, text..., EOS] int32; empty documents -> empty array (packer skips)."""
+    """Record -> [BOS] text [EOS] int32 (the marks the tokenizer has); empty -> empty array."""
 
-    def __init__(self, tokenizer: tokenizers.ByteTokenizer):
+    def __init__(self, tokenizer: tokenizers.Tokenizer):
         self._tok = tokenizer
+        self._bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+        self._eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
 
     def __call__(self, record: dict[str, Any]) -> np.ndarray:
         text = record["text"]
         # TFDS decodes Text features to bytes without TensorFlow: skip a decode/encode trip.
         ids = self._tok.encode_bytes(text) if isinstance(text, bytes) else self._tok.encode(text)
         if not len(ids):
-            return ids
-        return np.concatenate([[self._tok.bos_id], ids, [self._tok.eos_id]]).astype(np.int32)
+            return np.zeros(0, np.int32)
+        return np.concatenate([self._bos, ids, self._eos]).astype(np.int32)
 
 
-def _pad_batch(rows: int):
-    """Pads a short final batch (finite splits only) with all-padding rows: fixed shapes."""
-    def pad(batch: Batch) -> Batch:
-        missing = rows - batch["inputs"].shape[0]
-        if missing == 0:
-            return batch
-        return {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)])
-                for k, v in batch.items()}
-    return pad
+class _RowBatchIterator(grain.DatasetIterator):
+    """One shifted row from each stream per batch; exhausted (finite) streams give padding."""
+
+    def __init__(self, streams: list[grain.DatasetIterator], row_len: int):
+        super().__init__(streams)
+        self._streams = streams
+        self._row_len = row_len
+        self._done = [False] * len(streams)
+
+    def __next__(self) -> Batch:
+        rows = []
+        for j, stream in enumerate(self._streams):
+            row = None
+            if not self._done[j]:
+                try:
+                    row = next(stream)
+                except StopIteration:
+                    self._done[j] = True
+            if row is None:
+                row = (np.zeros(self._row_len, np.int32),) * 3
+            rows.append(shift_row(*row))
+        if all(self._done):
+            raise StopIteration
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"streams": [s.get_state() for s in self._streams], "done": list(self._done)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        for stream, saved in zip(self._streams, state["streams"], strict=True):
+            stream.set_state(saved)
+        self._done = [bool(d) for d in state["done"]]
+
+
+class _RowBatches(grain.IterDataset):
+    def __init__(self, streams: list[grain.IterDataset], row_len: int):
+        super().__init__(streams)
+        self._stream_datasets = streams
+        self._row_len = row_len
+
+    def __iter__(self) -> _RowBatchIterator:
+        return _RowBatchIterator([s.__iter__() for s in self._stream_datasets], self._row_len)
 
 
 class BatchIterator:
@@ -187,12 +146,13 @@ def _close_box(box: list[grain.DatasetIterator]) -> None:
 
 
 def make_iterator(data_cfg: ml_collections.ConfigDict, *, split: str = "train",
-                  process_index: int = 0, process_count: int = 1) -> BatchIterator:
+                  process_index: int = 0, process_count: int = 1,
+                  tokenizer: tokenizers.Tokenizer | None = None) -> BatchIterator:
     """The batch iterator of host `process_index` of `process_count` for `split`.
 
     Train is shuffled with `data_cfg.shuffle_seed`, reshuffled every epoch and repeats
     forever; other splits are read once in stored order, the last batch padded.
-    Needs `sources.prepare(data_cfg.dataset, data_cfg.data_dir)` to have run.
+    Needs `sources.prepare(data_cfg, name)` to have run for every source of the mixture.
     """
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
@@ -202,30 +162,48 @@ def make_iterator(data_cfg: ml_collections.ConfigDict, *, split: str = "train",
             f"process count {process_count}")
     local_batch = data_cfg.global_batch_size // process_count
     train = split == "train"
-    tokenizer = tokenizers.get_tokenizer(data_cfg.tokenizer)
+    tokenizer = tokenizer or tokenizers.load_tokenizer(data_cfg)
+    mixture = config_lib.parse_mixture(data_cfg.dataset)
 
-    source = sources.load(data_cfg.dataset, data_cfg.data_dir, split)
-    # Disjoint strided shards; sharding before shuffling keeps every host's epoch its own.
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    if len(ds) == 0:
-        raise ValueError(f"split {split!r} has {len(source)} records, too few for "
-                         f"{process_count} processes")
-    if train:
-        # shuffle-then-repeat: grain reseeds the shuffle per epoch (seed + epoch).
-        ds = ds.shuffle(seed=data_cfg.shuffle_seed).repeat(None)
-    ds = ds.map(_Tokenize(tokenizer))
-    threads = int(data_cfg.num_threads)
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(
-        num_threads=threads, prefetch_buffer_size=8 * threads))  # documents read ahead
-    it_ds = _PackIterDataset(it_ds, data_cfg.seq_len + 1)
-    it_ds = it_ds.batch(local_batch, drop_remainder=False)
-    if not train:
-        it_ds = it_ds.map(_pad_batch(local_batch))
+    parts = []
+    for i, (name, _) in enumerate(mixture):
+        source = sources.load(data_cfg, name, split)
+        # Disjoint strided shards; sharding before shuffling keeps every host's epoch its own.
+        ds = grain.MapDataset.source(source)[process_index::process_count]
+        if len(ds) == 0:
+            raise ValueError(f"source {name!r} split {split!r} has {len(source)} documents, "
+                             f"too few for {process_count} processes")
+        if train:
+            # shuffle-then-repeat: grain reseeds the shuffle per epoch (seed + epoch).
+            ds = ds.shuffle(seed=data_cfg.shuffle_seed + 7919 * i).repeat(None)
+        parts.append(ds)
+    tokenize = _Tokenize(tokenizer)
+    weights = [w for _, w in mixture]
+
+    def stream_documents(j: int) -> grain.MapDataset:
+        """Documents j, j + B, ... of every source, mixed. (Mixing first and striding after
+        would not do: grain mixes in a fixed periodic pattern, so a stride that is a
+        multiple of its period gives a stream one source only.)"""
+        shards = [part[j::local_batch] for part in parts]
+        if len(shards) == 1:
+            ds = shards[0]
+        elif train:
+            ds = grain.MapDataset.mix(shards, weights)
+        else:
+            ds = grain.MapDataset.concatenate(shards)  # evaluation reads every source once
+        return ds.map(tokenize)
+
+    row_len = data_cfg.seq_len + 1
+    # Streams read synchronously inside the one prefetch thread below: B streams with
+    # grain's default 16 reader threads each would swamp a host.
+    read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    streams = [PackedRows(stream_documents(j).to_iter_dataset(read), row_len, data_cfg.packing)
+               for j in range(local_batch)]
     it_ds = grain.experimental.ThreadPrefetchIterDataset(
-        it_ds, prefetch_buffer_size=int(data_cfg.prefetch))
+        _RowBatches(streams, row_len), prefetch_buffer_size=int(data_cfg.prefetch))
 
-    meta = {"dataset": data_cfg.dataset, "split": split, "tokenizer": data_cfg.tokenizer,
-            "seq_len": int(data_cfg.seq_len), "local_batch": local_batch,
+    meta = {"dataset": data_cfg.dataset, "split": split, "tokenizer": tokenizer.fingerprint,
+            "packing": data_cfg.packing, "seq_len": int(data_cfg.seq_len), "local_batch": local_batch,
             "shuffle_seed": int(data_cfg.shuffle_seed), "process_index": process_index,
             "process_count": process_count}
     return BatchIterator(it_ds, meta)

@@ -20,7 +20,7 @@ from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm import sharding
-from jaxlm.data import pipeline, sources
+from jaxlm.data import pipeline, sources, tokenizers
 from jaxlm.model.transformer import param_count
 from jaxlm.train import state as state_lib
 from jaxlm.train import step as step_lib
@@ -35,6 +35,27 @@ def check_workdir(workdir: pathlib.Path) -> None:
         probe.unlink()
     except OSError as e:
         raise SystemExit(f"workdir {workdir} is not writable: {e}") from e
+
+
+def prepare_sources(data_cfg: ml_collections.ConfigDict) -> dict[str, dict]:
+    """Builds every source of the mixture once (process 0; the others wait) and returns
+    each one's build statistics."""
+    names = [name for name, _ in config_lib.parse_mixture(data_cfg.dataset)]
+    if jax.process_index() == 0:
+        stats = {name: sources.prepare(data_cfg, name) for name in names}
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxlm: sources prepared")
+        if jax.process_index() != 0:
+            stats = {name: sources.prepare(data_cfg, name) for name in names}  # already built
+    return stats
+
+
+def batch_stats(batch: dict[str, np.ndarray], bos_id: int | None) -> dict[str, int]:
+    """Real tokens, slots and documents started in a host batch (cheap numpy counts)."""
+    real = int(np.count_nonzero(batch["segment_ids"]))
+    docs = int(np.count_nonzero(batch["inputs"] == bos_id)) if bos_id is not None else \
+        int(np.count_nonzero((batch["positions"] == 0) & (batch["segment_ids"] > 0)))
+    return {"real_tokens": real, "slots": batch["segment_ids"].size, "documents": docs}
 
 
 def to_global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
@@ -59,13 +80,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[di
     check_workdir(workdir)
 
     # ---- input ----------------------------------------------------------------------
-    # One process builds the corpus (once per data_dir); the others wait for it.
-    if jax.process_index() == 0:
-        sources.prepare(cfg.data.dataset, cfg.data.data_dir)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("jaxlm: dataset prepared")
+    tokenizer = tokenizers.load_tokenizer(cfg.data)
+    cfg = config_lib.resolved(cfg, tokenizer.vocab_size, jax.device_count())
+    data_stats = prepare_sources(cfg.data)
+    for name, stats in data_stats.items():
+        say(f"source {name}: {stats['train_documents']:,} train / {stats['validation_documents']:,} "
+            f"validation documents; {stats['empty_skipped']:,} empty skipped; "
+            f"{stats['invalid_utf8_replaced']:,} with invalid UTF-8 replaced")
+    if is_writer:
+        tokenizer.save(workdir / "tokenizer")  # the run describes itself: generation needs it
     data_iter = pipeline.make_iterator(cfg.data, split="train", process_index=jax.process_index(),
-                                       process_count=jax.process_count())
+                                       process_count=jax.process_count(), tokenizer=tokenizer)
 
     # ---- model, optimizer, sharded state ---------------------------------------------
     total_steps = cfg.train.steps
@@ -88,7 +113,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[di
             say(f"resumed from {checkpointer.directory / str(latest)}")
         else:
             state = state_lib.init_state(cfg.model, trainer.tx, spec, seed=cfg.train.seed)
-    metadata = checkpoint_lib.run_metadata(cfg, spec.param_axes)
+    metadata = checkpoint_lib.run_metadata(cfg, spec.param_axes, tokenizer.name)
 
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
     flops_per_step = metrics_lib.flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
@@ -99,13 +124,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[di
     # ---- loop -----------------------------------------------------------------------
     writer = metrics_lib.MetricsWriter(workdir, cfg.metrics.tensorboard, active=is_writer)
     logged: list[dict[str, Any]] = []
+    window = {"real_tokens": 0, "slots": 0, "documents": 0}  # this host, since the last log
     first_step = int(jax.device_get(state["step"])) + 1
     last_log_time, last_log_step = time.perf_counter(), first_step - 1
     run_start = last_log_time
     try:
         for step in range(first_step, total_steps + 1):
-            batch = to_global_batch(next(data_iter), mesh)
-            state, step_metrics = compiled_step(state, batch)
+            host_batch = next(data_iter)
+            for key, value in batch_stats(host_batch, tokenizer.bos_id).items():
+                window[key] += value
+            state, step_metrics = compiled_step(state, to_global_batch(host_batch, mesh))
 
             if step % cfg.train.log_every == 0 or step == total_steps:
                 scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
@@ -114,6 +142,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[di
                 scalars["step_time_s"] = step_time
                 scalars["tokens_per_sec"] = tokens_per_step / step_time
                 scalars["mfu"] = flops_per_step / step_time / peak
+                # Data figures of this host's share, over the steps since the last log.
+                scalars["data_documents"] = window["documents"]
+                scalars["data_tokens"] = window["real_tokens"]
+                scalars["packing_efficiency"] = window["real_tokens"] / max(window["slots"], 1)
+                window = dict.fromkeys(window, 0)
                 writer.write(step, scalars)
                 logged.append({"step": step, **scalars})
                 eta = (now - run_start) / (step - first_step + 1) * (total_steps - step)

@@ -1,8 +1,4 @@
-"""Corpora as TFDS datasets stored in ArrayRecord, read without TensorFlow.
-
-ArrayRecord gives random access (len + __getitem__), which grain needs for global shuffling,
-host sharding and cheap checkpointing (a state is just an index).
-"""
+"""The built-in corpus: this Python's standard-library sources, one document per file."""
 
 from __future__ import annotations
 
@@ -13,6 +9,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import tensorflow_datasets as tfds
+
+from jaxlm.data.sources import _common
 
 # Directory names never descended into: installed packages and the stdlib's own test suites.
 _EXCLUDED_DIRS = frozenset({"site-packages", "test", "tests"})
@@ -76,29 +74,26 @@ class Stdlib(tfds.core.GeneratorBasedBuilder):
             yield relpath, {"text": text, "path": relpath}
 
 
-_BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {"stdlib": Stdlib}
+def _builder(data_dir: str) -> Stdlib:
+    return Stdlib(data_dir=data_dir, file_format="array_record")
 
 
-def _builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown dataset {name!r}; available: {sorted(_BUILDERS)}")
-    return _BUILDERS[name](data_dir=os.path.expanduser(data_dir), file_format="array_record")
-
-
-def prepare(name: str, data_dir: str) -> None:
-    """Builds dataset `name` under `data_dir` unless a complete build is already there."""
-    builder = _builder(name, data_dir)
+def prepare(data_dir: str) -> dict[str, int]:
+    builder = _builder(data_dir)
     if not builder.is_prepared():
         # TFDS writes into an `incomplete.*` directory and renames it at the end, so an
         # interrupted build is never mistaken for a finished one.
         builder.download_and_prepare()
+    # Empty files are kept as (empty) documents and undecodable ones dropped, as always:
+    # nothing is skipped or replaced in the sense of the local sources' statistics.
+    return _common.stats(builder.info, "train", "validation")
 
 
-def load(name: str, data_dir: str, split: str) -> Any:
-    """Random-access source (len + __getitem__ -> {"text": bytes, "path": bytes})."""
-    builder = _builder(name, data_dir)
+def load(data_dir: str, split: str) -> Any:
+    """Records {"text": bytes, "path": bytes}."""
+    builder = _builder(data_dir)
     if not builder.is_prepared():
         raise FileNotFoundError(
-            f"dataset {name!r} is not built under {builder.data_dir!s}; "
-            f"run jaxlm.data.sources.prepare({name!r}, {data_dir!r}) first")
+            f"source 'stdlib' is not built under {data_dir}; run "
+            f"jaxlm.data.sources.prepare(data_cfg, 'stdlib') first")
     return builder.as_data_source(split=split)

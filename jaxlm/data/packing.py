@@ -1,0 +1,174 @@
+"""Packing token documents into fixed-length rows with segment ids and positions.
+
+Both packers read a stream of int32 documents and emit rows of `row_len` = seq_len + 1
+tokens; `shift_row` turns a row into (inputs, targets, segment_ids, positions, weights).
+Segment ids number the pieces of a row 1, 2, ... (0 = padding); positions restart at 0 at
+every piece, so attention never crosses documents and RoPE restarts per document. A
+document longer than a row is split into pieces, never dropped.
+
+- `ConcatPacker` concatenates documents and cuts rows (no padding but at the end of a
+  finite stream). Its state is the parent's state before the current document plus an
+  offset into it: restoring re-reads one document.
+- `FirstFitPacker` splits documents into pieces of at most `row_len`, then packs a window of
+  `window` documents at a time first-fit-decreasing (longest piece first, into the first
+  row with room). Its state is the parent's state at the window start plus the number of
+  rows already emitted: restoring re-reads and re-packs one window, deterministically.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import numpy as np
+
+Row = tuple[np.ndarray, np.ndarray, np.ndarray]  # tokens, segment ids, positions
+
+
+def shift_row(tokens: np.ndarray, segments: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
+    """Row of seq_len + 1 tokens -> next-token example of seq_len. A target counts only if it
+    continues the input's segment (not the next document's first token, not padding)."""
+    weights = (segments[:-1] == segments[1:]) & (segments[1:] != 0)
+    return {"inputs": tokens[:-1], "targets": tokens[1:], "segment_ids": segments[:-1],
+            "positions": positions[:-1], "weights": weights.astype(np.float32)}
+
+
+def _assemble(pieces: list[np.ndarray], row_len: int) -> Row:
+    tokens = np.zeros(row_len, np.int32)
+    segments = np.zeros(row_len, np.int32)
+    positions = np.zeros(row_len, np.int32)
+    filled = 0
+    for segment, piece in enumerate(pieces, start=1):
+        end = filled + len(piece)
+        tokens[filled:end] = piece
+        segments[filled:end] = segment
+        positions[filled:end] = np.arange(len(piece), dtype=np.int32)
+        filled = end
+    return tokens, segments, positions
+
+
+class ConcatPacker(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, row_len: int):
+        super().__init__(parent)
+        self._row_len = row_len
+        self._doc: np.ndarray | None = None  # the document the next row starts in
+        self._doc_state: dict[str, Any] | None = None  # parent state just before _doc
+        self._offset = 0  # tokens of _doc already emitted
+
+    def _next_doc(self) -> bool:
+        """Loads the next non-empty document; False at the end of the stream."""
+        while True:
+            state = self._parent.get_state()
+            try:
+                doc = next(self._parent)
+            except StopIteration:
+                return False
+            if len(doc):
+                self._doc, self._doc_state, self._offset = doc, state, 0
+                return True
+
+    def __next__(self) -> Row:
+        pieces, filled = [], 0
+        while filled < self._row_len:
+            if self._doc is None and not self._next_doc():
+                break
+            take = min(self._row_len - filled, len(self._doc) - self._offset)
+            pieces.append(self._doc[self._offset:self._offset + take])
+            filled += take
+            self._offset += take
+            if self._offset == len(self._doc):
+                self._doc = None
+        if not pieces:
+            raise StopIteration
+        return _assemble(pieces, self._row_len)
+
+    def get_state(self) -> dict[str, Any]:
+        if self._doc is None:
+            return {"parent": self._parent.get_state(), "offset": 0, "in_doc": False}
+        return {"parent": self._doc_state, "offset": self._offset, "in_doc": True}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._doc, self._doc_state, self._offset = None, None, 0
+        if state["in_doc"]:
+            if not self._next_doc():
+                raise ValueError("pipeline state points past the end of the data")
+            self._offset = int(state["offset"])
+
+
+def first_fit_decreasing(pieces: list[np.ndarray], row_len: int) -> list[list[np.ndarray]]:
+    """Bins of total length <= row_len; longest piece first, each into the first bin with
+    room. Ties keep stream order, so the result is deterministic."""
+    order = sorted(range(len(pieces)), key=lambda i: -len(pieces[i]))
+    bins: list[list[np.ndarray]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(pieces[i])
+        for b, free in enumerate(room):
+            if n <= free:
+                bins[b].append(pieces[i])
+                room[b] -= n
+                break
+        else:
+            bins.append([pieces[i]])
+            room.append(row_len - n)
+    return bins
+
+
+class FirstFitPacker(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, row_len: int, window: int):
+        super().__init__(parent)
+        self._row_len = row_len
+        self._window = window
+        self._window_state = self._parent.get_state()
+        self._rows: list[list[np.ndarray]] = []
+        self._emitted = 0
+
+    def _fill(self) -> None:
+        self._window_state = self._parent.get_state()
+        self._emitted = 0
+        pieces = []
+        for _ in range(self._window):
+            try:
+                doc = next(self._parent)
+            except StopIteration:
+                break
+            pieces.extend(doc[i:i + self._row_len] for i in range(0, len(doc), self._row_len))
+        # Pieces filling a whole row need no search; only the remainders are packed.
+        full = [[p] for p in pieces if len(p) == self._row_len]
+        self._rows = full + first_fit_decreasing([p for p in pieces if len(p) < self._row_len],
+                                                 self._row_len)
+
+    def __next__(self) -> Row:
+        if self._emitted == len(self._rows):
+            self._fill()
+            if not self._rows:
+                raise StopIteration
+        row = self._rows[self._emitted]
+        self._emitted += 1
+        return _assemble(row, self._row_len)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._window_state, "emitted": self._emitted}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._fill()
+        self._emitted = int(state["emitted"])
+
+
+class PackedRows(grain.IterDataset):
+    """Rows of `row_len` tokens from a document stream, packed by `method`."""
+
+    def __init__(self, parent: grain.IterDataset, row_len: int, method: str, window: int = 64):
+        super().__init__(parent)
+        self._row_len, self._method, self._window = row_len, method, window
+
+    def __iter__(self) -> grain.DatasetIterator:
+        parent = self._parent.__iter__()
+        if self._method == "concat":
+            return ConcatPacker(parent, self._row_len)
+        return FirstFitPacker(parent, self._row_len, self._window)
+
+    def __str__(self) -> str:
+        return f"PackedRows(row_len={self._row_len}, method={self._method})"

@@ -1,0 +1,27 @@
+"""Shared by the source kinds: errors, split names, build statistics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+SPLITS = ("train", "validation")
+
+
+class SourceError(ValueError):
+    """A source's files or settings are unusable; the message names the source and the file,
+    line, field or config key at fault."""
+
+
+class NotPreparedError(FileNotFoundError, ValueError):
+    """A TFDS catalog dataset is not prepared under data_dir (jaxlm never downloads)."""
+
+
+def stats(info: Any, train_split: str, eval_split: str, *, empty_skipped: int = 0,
+          invalid_utf8_replaced: int = 0) -> dict[str, int]:
+    """The JSON-safe build statistics `prepare` returns."""
+    return {
+        "train_documents": int(info.splits[train_split].num_examples),
+        "validation_documents": int(info.splits[eval_split].num_examples),
+        "empty_skipped": int(empty_skipped),
+        "invalid_utf8_replaced": int(invalid_utf8_replaced),
+    }
