@@ -15,7 +15,7 @@ from jaxlm.config import defaults
 def get_config():
     cfg = defaults()
     cfg.model.update(family="llama", d_model=256, n_layers=4, n_heads=4, n_kv_heads=4,
-                     d_ff=704, vocab_size=384, max_seq_len=1024, dtype="float32", remat="none")
+                     d_ff=704, vocab_size=0, max_seq_len=1024, dtype="float32", remat="none")
     cfg.data.update(seq_len=256, global_batch_size=16)
     cfg.optim.update(learning_rate=3e-3, warmup_steps=30, schedule="cosine")
     cfg.train.update(steps=200, log_every=10)

@@ -102,7 +102,7 @@ def print_table(rows: list[tuple[str, str]]) -> None:
         print(f"{key:<{width}}  {value}")
 
 
-def bench_data(cfg: ml_collections.ConfigDict, batches: int = 200) -> dict[str, float]:
+def bench_data(cfg: ml_collections.ConfigDict, batches: int = 2000) -> dict[str, float]:
     """The loader alone: batches/s and tokens/s of `make_iterator` on this host, after the
     corpus is built and one batch has warmed it up."""
     from jaxlm.data import pipeline

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", choices=["step", "data"])
     bench.add_argument("--config", default=None)
     bench.add_argument("--steps", type=int, default=5, help="step: timed steps after compilation")
-    bench.add_argument("--batches", type=int, default=200, help="data: timed batches")
+    bench.add_argument("--batches", type=int, default=2000, help="data: timed batches")
     tok = verbs.add_parser("tokenizer", help="train a SentencePiece tokenizer on the configured data")
     tok.add_argument("action", choices=["train"])
     tok.add_argument("--config", default=None)
@@ -143,7 +143,13 @@ def main(argv: list[str] | None = None) -> int:
                 bench.bench_data(cfg, batches=args.batches)
         elif args.verb == "tokenizer":
             train_tokenizer(cfg, args)
-    except config_lib.ConfigError as e:
+    except (config_lib.ConfigError, FileNotFoundError) as e:
+        print(f"jaxlm: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        from jaxlm.data.sources import SourceError
+        if not isinstance(e, SourceError):
+            raise
         print(f"jaxlm: {e}", file=sys.stderr)
         return 2
     return 0

@@ -81,7 +81,7 @@ def defaults() -> ml_collections.ConfigDict:
     cfg.model = ml_collections.ConfigDict(
         dict(
             family="llama",  # llama: RMSNorm, RoPE, SwiGLU, GQA. gpt2: LayerNorm, learned positions, GELU, biases.
-            vocab_size=384,  # embedding rows; >= the tokenizer's vocabulary, a multiple of 128 shards evenly
+            vocab_size=0,  # embedding rows; 0: the tokenizer's vocabulary padded to data.vocab_multiple
             d_model=256,
             n_layers=4,
             n_heads=4,

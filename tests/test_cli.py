@@ -57,3 +57,46 @@ def test_unknown_override_key(tmp_path):
     result = run_cli("train", "--config.optim.lr=1", cwd=tmp_path)
     assert result.returncode == 2
     assert "unknown config key: config.optim.lr" in result.stderr
+
+
+def test_sentencepiece_end_to_end(stdlib_data_dir, tmp_path):
+    """Train a tokenizer on the default corpus, then pretrain with it: the embedding takes
+    the tokenizer's vocabulary padded to 128, and the run keeps its tokenizer."""
+    model = tmp_path / "sp.model"
+    trained = run_cli("tokenizer", "train", "--config", str(REPO / "configs" / "tiny.py"),
+                      f"--config.data.data_dir={stdlib_data_dir}", "--vocab-size", "500",
+                      "--out", str(model), "--max-documents", "60", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    workdir = tmp_path / "run"
+    args = small_args(stdlib_data_dir, workdir, steps=2) + [
+        "--config.data.tokenizer=sentencepiece", f"--config.data.tokenizer_path={model}",
+        "--config.model.vocab_size=0"]
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = json.loads((workdir / "tokenizer" / "jaxlm_tokenizer.json").read_text())
+    assert meta["vocab_size"] == 500
+    from jaxlm.data import tokenizers
+    saved = tokenizers.load_saved(workdir / "tokenizer")
+    assert saved.decode(saved.encode("def f(x):\n    return x")) == "def f(x):\n    return x"
+    record = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0.9 < record["packing_efficiency"] <= 1.0 and record["data_tokens"] > 0
+    # 500 ids padded to a multiple of 128: the checkpoint's embedding has 512 rows.
+    checkpoint_meta = json.loads((workdir / "checkpoints" / "2" / "metadata" / "metadata").read_text())
+    assert checkpoint_meta["config"]["model"]["vocab_size"] == 512
+
+
+def test_source_glob_matching_nothing_fails_fast_naming_it(tmp_path):
+    config = tmp_path / "mine.py"
+    config.write_text(
+        "import ml_collections\n"
+        "from jaxlm.config import defaults\n\n"
+        "def get_config():\n"
+        "    cfg = defaults()\n"
+        "    cfg.data.sources.mine = ml_collections.ConfigDict(dict(kind='text', paths='/nonexistent/*.txt'))\n"
+        "    cfg.data.dataset = 'mine'\n"
+        "    return cfg\n")
+    result = run_cli("train", "--config", str(config), "--workdir", str(tmp_path / "w"),
+                     f"--config.data.data_dir={tmp_path / 'tfds'}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "/nonexistent/*.txt" in result.stderr and "mine" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -11,8 +11,9 @@ document longer than a row is split into pieces, never dropped.
   offset into it: restoring re-reads one document.
 - `FirstFitPacker` splits documents into pieces of at most `row_len`, then packs a window of
   `window` documents at a time first-fit-decreasing (longest piece first, into the first
-  row with room). Its state is the parent's state at the window start plus the number of
-  rows already emitted: restoring re-reads and re-packs one window, deterministically.
+  row with room) and emits the window's rows in a seeded random order (so full rows and
+  packed remainders mix). Its state is the parent's state at the window start, the window's
+  number and the rows already emitted: restoring re-reads and re-packs one window.
 """
 
 from __future__ import annotations
@@ -121,11 +122,13 @@ class FirstFitPacker(grain.DatasetIterator):
         self._row_len = row_len
         self._window = window
         self._window_state = self._parent.get_state()
+        self._window_index = -1  # number of the window in _rows
         self._rows: list[list[np.ndarray]] = []
         self._emitted = 0
 
     def _fill(self) -> None:
         self._window_state = self._parent.get_state()
+        self._window_index += 1
         self._emitted = 0
         pieces = []
         for _ in range(self._window):
@@ -136,8 +139,10 @@ class FirstFitPacker(grain.DatasetIterator):
             pieces.extend(doc[i:i + self._row_len] for i in range(0, len(doc), self._row_len))
         # Pieces filling a whole row need no search; only the remainders are packed.
         full = [[p] for p in pieces if len(p) == self._row_len]
-        self._rows = full + first_fit_decreasing([p for p in pieces if len(p) < self._row_len],
-                                                 self._row_len)
+        rows = full + first_fit_decreasing([p for p in pieces if len(p) < self._row_len],
+                                           self._row_len)
+        order = np.random.default_rng(self._window_index).permutation(len(rows))
+        self._rows = [rows[i] for i in order]
 
     def __next__(self) -> Row:
         if self._emitted == len(self._rows):
@@ -149,12 +154,17 @@ class FirstFitPacker(grain.DatasetIterator):
         return _assemble(row, self._row_len)
 
     def get_state(self) -> dict[str, Any]:
-        return {"parent": self._window_state, "emitted": self._emitted}
+        return {"parent": self._window_state, "window": self._window_index,
+                "emitted": self._emitted}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
-        self._fill()
-        self._emitted = int(state["emitted"])
+        window = int(state["window"])
+        self._rows, self._emitted = [], 0
+        self._window_index = max(window, 0) - 1  # _fill() counts up to the saved window
+        if window >= 0:  # else no window was read yet: the next call reads one
+            self._fill()
+            self._emitted = int(state["emitted"])
 
 
 class PackedRows(grain.IterDataset):

@@ -127,7 +127,10 @@ class BatchIterator:
     def set_state(self, state: dict[str, Any]) -> None:
         """Restores a `get_state()` result from an iterator built with the same config."""
         if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"unsupported data pipeline state version {state.get('version')!r}")
+            raise ValueError(
+                f"data pipeline state version {state.get('version')!r} was written by another "
+                f"data-order function (this jaxlm has version {_STATE_VERSION}): resuming would "
+                f"read the data in a different order; use the jaxlm that wrote it or a new workdir")
         saved = state.get("meta", {})
         changed = {k: (saved.get(k), v) for k, v in self._meta.items() if saved.get(k) != v}
         if changed:

@@ -1,0 +1,154 @@
+"""Tokenizers: byte-level (no file), SentencePiece (.model) and Hugging Face (tokenizer.json).
+
+Every tokenizer implements `Tokenizer`: `encode(text)` gives int32 ids without BOS/EOS (the
+pipeline adds them), `decode(ids)` skips pad/BOS/EOS, and `save(directory)` writes what
+`load_saved(directory)` needs to rebuild it exactly (a run's workdir keeps its tokenizer).
+`load_tokenizer(data_cfg)` builds the one named by config keys `data.tokenizer` and
+`data.tokenizer_path`.
+
+Special ids
+    byte           pad 0, bos 1, eos 2; byte b -> id b + 3 (vocab 259).
+    sentencepiece  bos/eos/pad from the model (`bos_id()` etc.; -1 means none, so None).
+                   No pad in the model: pad = eos, or 0 when there is no eos either.
+                   Models from `train_sentencepiece`: pad 0, unk 1, bos 2, eos 3.
+    hf             Looked up among the tokenizer's *special* added tokens (a plain vocabulary
+                   entry such as "<s>" in a byte-level BPE is never taken), first match wins:
+                     bos  <|begin_of_text|>, <s>, <|startoftext|>, <bos>, [BOS]
+                     eos  <|end_of_text|>, </s>, <|endoftext|>, <eos>, [EOS]
+                     pad  <pad>, [PAD], <|pad|>, <|padding|>
+                   Not found: bos/eos None; pad = eos, or 0 when there is no eos either.
+    A pad that is only the fallback id 0 is not skipped by `decode` (it may be a real token);
+    the pipeline masks padding with weights anyway.
+
+Text that happens to spell a special token ("</s>", "<|endoftext|>") is encoded as text by
+every tokenizer here: documents cannot inject control ids (SentencePiece never parses them;
+for hf this sets `encode_special_tokens`).
+
+Loading never unpickles and never runs code: a .model is a protobuf, tokenizer.json is JSON.
+`sentencepiece` and `tokenizers` are imported only when a tokenizer of that kind is built.
+
+Layout: `base` (the `Tokenizer` interface, the file-backed base class, `padded_vocab_size`,
+atomic writes), `byte`, `spm` (SentencePiece loading and `train_sentencepiece`), `hf`, and
+here the loaders `load_tokenizer`, `load_saved` and `get_tokenizer`. Every name is
+re-exported here: use `jaxlm.data.tokenizers.X`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from jaxlm.data.tokenizers.base import (SAVED_CONFIG, Tokenizer, _FileTokenizer, _SAVED_FORMAT,
+                                        padded_vocab_size)
+from jaxlm.data.tokenizers.byte import ByteTokenizer
+from jaxlm.data.tokenizers.hf import HFTokenizer
+from jaxlm.data.tokenizers.spm import (SP_BOS_ID, SP_EOS_ID, SP_PAD_ID, SP_UNK_ID,
+                                       SentencePieceTokenizer, train_sentencepiece)
+
+# Private names of the former single module jaxlm/data/tokenizers.py, still reachable here
+# (tests use _chunks and _training_sentences; pickles made before the split name _rebuild).
+from jaxlm.data.tokenizers.base import _atomic_write, _json_bytes, _rebuild  # noqa: F401
+from jaxlm.data.tokenizers.hf import (_HF_BOS, _HF_EOS, _HF_FILE, _HF_PAD,  # noqa: F401
+                                      _import_tokenizers)
+from jaxlm.data.tokenizers.spm import (_CHUNK_BYTES, _LONG_LINE_CHARS,  # noqa: F401
+                                       _MAX_SENTENCE_BYTES, _SP_FILE, _SP_TRAIN_THREADS,
+                                       _chunks, _import_sentencepiece, _training_sentences)
+
+_FILE_TOKENIZERS: dict[str, type[_FileTokenizer]] = {
+    "sentencepiece": SentencePieceTokenizer, "hf": HFTokenizer}
+_NAMES = ("byte", *_FILE_TOKENIZERS)
+
+
+def load_tokenizer(data_cfg: Any) -> Tokenizer:
+    """The tokenizer of config keys `data.tokenizer` and `data.tokenizer_path` (~ expanded).
+
+    `data.tokenizer_path` is a SentencePiece .model or a tokenizer.json, or a directory
+    holding one (tokenizer.model / tokenizer.json) or written by `Tokenizer.save`.
+    Raises ValueError naming `data.tokenizer` for an unknown name, FileNotFoundError naming
+    the path and `data.tokenizer_path` for a missing file, ValueError naming the path for a
+    file that is not a model of that kind.
+    """
+    name = data_cfg.tokenizer
+    if name == "byte":
+        return ByteTokenizer()
+    if name not in _FILE_TOKENIZERS:
+        raise ValueError(f"config.data.tokenizer: unknown tokenizer {name!r}; "
+                         f"available: {', '.join(_NAMES)}")
+    kind = "a SentencePiece .model" if name == "sentencepiece" else "a Hugging Face tokenizer.json"
+    raw = str(getattr(data_cfg, "tokenizer_path", "") or "")
+    if not raw:
+        raise FileNotFoundError(f"config.data.tokenizer_path: empty; tokenizer {name!r} needs "
+                                f"{kind}")
+    path = Path(os.path.expanduser(raw))
+    if path.is_dir():
+        if (path / SAVED_CONFIG).is_file():
+            tok = load_saved(path)
+            if tok.name != name:
+                raise ValueError(f"config.data.tokenizer_path: {path} holds a {tok.name!r} "
+                                 f"tokenizer, not {name!r} (config.data.tokenizer)")
+            return tok
+        path = path / _FILE_TOKENIZERS[name]._file_name
+    if not path.is_file():
+        raise FileNotFoundError(f"config.data.tokenizer_path: {path} does not exist "
+                                f"(tokenizer {name!r} needs {kind})")
+    return _FILE_TOKENIZERS[name].from_file(path)
+
+
+def load_saved(directory: str | Path) -> Tokenizer:
+    """Rebuilds the tokenizer `Tokenizer.save(directory)` wrote, with the same special ids."""
+    directory = Path(os.path.expanduser(str(directory)))
+    config_path = directory / SAVED_CONFIG
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} does not exist: not a directory written by "
+                                f"Tokenizer.save")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        kind = config["type"]
+        fmt = config.get("format")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{config_path} is not a valid tokenizer description: {e!r}") from None
+    if fmt != _SAVED_FORMAT:
+        raise ValueError(f"{config_path}: unsupported format {fmt!r} (expected {_SAVED_FORMAT})")
+    if kind == "byte":
+        tok: Tokenizer = ByteTokenizer()
+    elif kind in _FILE_TOKENIZERS:
+        file_name = config.get("file")
+        if not isinstance(file_name, str) or Path(file_name).name != file_name \
+                or file_name in ("", ".", ".."):
+            raise ValueError(f"{config_path}: invalid model file name {file_name!r}")
+        model_path = directory / file_name
+        if not model_path.is_file():
+            raise FileNotFoundError(f"{model_path} does not exist (named by {config_path})")
+        model = model_path.read_bytes()
+        if hashlib.sha256(model).hexdigest() != config.get("sha256"):
+            raise ValueError(f"{model_path} does not match the sha256 in {config_path}: the "
+                             f"file changed after it was saved")
+        try:
+            special = {k: config[k] for k in ("pad_id", "bos_id", "eos_id")}
+        except KeyError as e:
+            raise ValueError(f"{config_path}: missing {e}") from None
+        special["pad_is_special"] = bool(config.get("pad_is_special", True))
+        tok = _FILE_TOKENIZERS[kind](model, source=str(model_path), special_ids=special)
+    else:
+        raise ValueError(f"{config_path}: unknown tokenizer type {kind!r}; "
+                         f"available: {', '.join(_NAMES)}")
+    if config.get("vocab_size", tok.vocab_size) != tok.vocab_size:
+        raise ValueError(f"{config_path}: vocab_size {config.get('vocab_size')} was saved, "
+                         f"the model has {tok.vocab_size}")
+    return tok
+
+
+def get_tokenizer(name: str) -> ByteTokenizer:
+    """The byte tokenizer (kept for callers that only know data.tokenizer="byte").
+
+    Tokenizers with a file need `load_tokenizer(data_cfg)`.
+    """
+    if name == "byte":
+        return ByteTokenizer()
+    if name in _FILE_TOKENIZERS:
+        raise ValueError(f"tokenizer {name!r} needs data.tokenizer_path: use "
+                         f"load_tokenizer(data_cfg)")
+    raise ValueError(f"unknown tokenizer {name!r}; available: {', '.join(_NAMES)}")

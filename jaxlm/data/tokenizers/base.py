@@ -1,0 +1,160 @@
+"""The `Tokenizer` interface, the file-backed base class and helpers shared by every kind.
+
+`_FileTokenizer` is a tokenizer rebuilt from the bytes of one model file (SentencePiece,
+Hugging Face); `save` writes `SAVED_CONFIG` with `_atomic_write`.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: File `save` writes into its directory, naming the tokenizer's type and model file.
+SAVED_CONFIG = "jaxlm_tokenizer.json"
+_SAVED_FORMAT = 1
+
+
+class Tokenizer(abc.ABC):
+    """What the pipeline and generation use. Ids are in [0, vocab_size)."""
+
+    name: str  # "byte", "sentencepiece" or "hf" (the value of data.tokenizer)
+    vocab_size: int  # number of ids the tokenizer can emit (its largest id + 1)
+    pad_id: int
+    bos_id: int | None  # None: the tokenizer has none
+    eos_id: int | None
+    fingerprint: str  # sha256 of the model file ("byte" for ByteTokenizer)
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> np.ndarray:
+        """int32 ids of `text`, without BOS/EOS."""
+
+    def encode_bytes(self, data: bytes) -> np.ndarray:
+        """Ids of UTF-8 bytes (TFDS Text features decode to bytes); invalid UTF-8 -> U+FFFD."""
+        return self.encode(bytes(data).decode("utf-8", errors="replace"))
+
+    @abc.abstractmethod
+    def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+        """Text of `ids`; pad/BOS/EOS and ids outside [0, vocab_size) are skipped."""
+
+    @abc.abstractmethod
+    def save(self, directory: str | Path) -> None:
+        """Writes `SAVED_CONFIG` (and the model file) into `directory`, for `load_saved`."""
+
+    def _skipped_ids(self) -> list[int]:
+        return [i for i in (self.bos_id, self.eos_id) if i is not None]
+
+    def _kept_ids(self, ids: Iterable[int] | np.ndarray) -> np.ndarray:
+        if not isinstance(ids, (np.ndarray, list, tuple)):
+            ids = list(ids)
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        keep = (ids >= 0) & (ids < self.vocab_size) & ~np.isin(ids, self._skipped_ids())
+        return ids[keep]
+
+    def _saved_config(self, **extra: Any) -> dict[str, Any]:
+        return {"type": self.name, "format": _SAVED_FORMAT, **extra,
+                "vocab_size": int(self.vocab_size), "pad_id": self.pad_id,
+                "bos_id": self.bos_id, "eos_id": self.eos_id}
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(vocab_size={self.vocab_size}, pad_id={self.pad_id}, "
+                f"bos_id={self.bos_id}, eos_id={self.eos_id})")
+
+
+class _FileTokenizer(Tokenizer):
+    """A tokenizer rebuilt from the bytes of one model file (kept for `save` and pickling)."""
+
+    _file_name: str
+
+    def __init__(self, model: bytes, *, source: str = "<bytes>",
+                 special_ids: dict[str, int | None] | None = None):
+        self._model = bytes(model)
+        self._source = source
+        self.fingerprint = hashlib.sha256(self._model).hexdigest()
+        self._load(self._model, source)
+        pad, bos, eos, pad_is_special = self._special_ids()
+        if special_ids is not None:  # load_saved: exactly the ids the run used
+            pad, bos, eos = special_ids["pad_id"], special_ids["bos_id"], special_ids["eos_id"]
+            pad_is_special = bool(special_ids.get("pad_is_special", True))
+            for key, i in (("pad_id", pad), ("bos_id", bos), ("eos_id", eos)):
+                if not (i is None and key != "pad_id" or isinstance(i, int)
+                        and 0 <= i < self.vocab_size):
+                    raise ValueError(f"{source}: {key}={i!r} is not an id of this tokenizer "
+                                     f"(vocab_size {self.vocab_size})")
+        self.pad_id, self.bos_id, self.eos_id = pad, bos, eos
+        self._pad_is_special = pad_is_special
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> _FileTokenizer:
+        """Reads `path`; ValueError naming it if it is not a model of this kind."""
+        path = Path(os.path.expanduser(str(path)))
+        return cls(path.read_bytes(), source=str(path))
+
+    @abc.abstractmethod
+    def _load(self, model: bytes, source: str) -> None:
+        """Builds the backend; raises ValueError naming `source` for an invalid model."""
+
+    @abc.abstractmethod
+    def _special_ids(self) -> tuple[int, int | None, int | None, bool]:
+        """(pad, bos, eos, whether pad is a real special token) by the module's rules."""
+
+    def _skipped_ids(self) -> list[int]:
+        skipped = super()._skipped_ids()
+        return skipped + [self.pad_id] if self._pad_is_special else skipped
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _atomic_write(directory / self._file_name, self._model)
+        config = self._saved_config(file=self._file_name, sha256=self.fingerprint,
+                                    pad_is_special=self._pad_is_special)
+        _atomic_write(directory / SAVED_CONFIG, _json_bytes(config))  # last: marks complete
+
+    def __reduce__(self):  # threads or processes of a data loader may pickle it
+        special = {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id,
+                   "pad_is_special": self._pad_is_special}
+        return _rebuild, (type(self), self._model, self._source, special)
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, source={self._source!r})"
+
+
+def _rebuild(cls: type[_FileTokenizer], model: bytes, source: str,
+             special: dict[str, Any]) -> _FileTokenizer:
+    return cls(model, source=source, special_ids=special)
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """`vocab_size` rounded up to a multiple of `multiple` (embedding rows that shard evenly)."""
+    if vocab_size < 0 or multiple < 1:
+        raise ValueError(f"need vocab_size >= 0 and multiple >= 1, got {vocab_size}, {multiple}")
+    return -(-vocab_size // multiple) * multiple
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Writes `data` to a temporary file next to `path`, then renames it over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _json_bytes(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")

@@ -1,0 +1,70 @@
+"""Hugging Face tokenizer.json (`HFTokenizer`), through the `tokenizers` library only."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from jaxlm.data.tokenizers.base import _FileTokenizer
+
+_HF_FILE = "tokenizer.json"
+
+_HF_BOS = ("<|begin_of_text|>", "<s>", "<|startoftext|>", "<bos>", "[BOS]")
+_HF_EOS = ("<|end_of_text|>", "</s>", "<|endoftext|>", "<eos>", "[EOS]")
+_HF_PAD = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
+
+
+class HFTokenizer(_FileTokenizer):
+    """A Hugging Face `tokenizers` tokenizer.json (no `transformers`, no remote code)."""
+
+    name = "hf"
+    _file_name = _HF_FILE
+
+    def _load(self, model: bytes, source: str) -> None:
+        hf = _import_tokenizers()
+        try:
+            text = model.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{source} is not a Hugging Face tokenizer.json: not UTF-8 "
+                             f"({e})") from None
+        try:
+            tok = hf.Tokenizer.from_str(text)
+        except Exception as e:  # tokenizers raises a bare Exception for invalid files
+            raise ValueError(f"{source} is not a valid Hugging Face tokenizer.json: {e}") from None
+        # A file may configure padding/truncation for batches: ids must not depend on them.
+        tok.no_truncation()
+        tok.no_padding()
+        tok.encode_special_tokens = True  # "</s>" in a document is text, not EOS
+        vocab = tok.get_vocab(with_added_tokens=True)
+        if not vocab:
+            raise ValueError(f"{source} is not a valid Hugging Face tokenizer.json: empty vocabulary")
+        self._tok = tok
+        self.vocab_size = max(vocab.values()) + 1
+
+    def _special_ids(self) -> tuple[int, int | None, int | None, bool]:
+        special = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()
+                   if t.special}
+
+        def first(names: tuple[str, ...]) -> int | None:
+            return next((special[n] for n in names if n in special), None)
+        bos, eos, pad = first(_HF_BOS), first(_HF_EOS), first(_HF_PAD)
+        if pad is not None:
+            return pad, bos, eos, True
+        return (eos, bos, eos, True) if eos is not None else (0, bos, eos, False)
+
+    def encode(self, text: str) -> np.ndarray:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return np.asarray(ids, dtype=np.int32).reshape(-1)
+
+    def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+        return self._tok.decode(self._kept_ids(ids).tolist(), skip_special_tokens=False)
+
+
+def _import_tokenizers():
+    try:
+        import tokenizers
+    except ImportError as e:
+        raise ImportError("data.tokenizer='hf' needs the Hugging Face tokenizers package: "
+                          "pip install 'jaxlm[hf]'") from e
+    return tokenizers
