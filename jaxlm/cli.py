@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     tok.add_argument("--max-documents", type=int, default=100_000,
                      help="documents of the train split read (in order)")
+    from jaxlm import checkpoint_tools
+    ckpt = verbs.add_parser("checkpoint", help="list, inspect or export a run's checkpoints "
+                            "(reads no config)")
+    checkpoint_tools.add_arguments(ckpt)
     return parser
 
 
@@ -121,10 +125,33 @@ def train_tokenizer(cfg: ml_collections.ConfigDict, args: argparse.Namespace) ->
           f"--config.data.tokenizer_path={path}")
 
 
+NONFINITE_EXIT_CODE = 3
+
+
+def run_train(cfg: ml_collections.ConfigDict, args: argparse.Namespace) -> int:
+    """Exit codes: 0 done; 2 bad input; 3 non-finite loss (train.nonfinite=stop);
+    75 preempted by SIGTERM/SIGINT after saving a checkpoint (run again to resume);
+    130 a second signal aborted without saving."""
+    from jaxlm.train import loop, preemption
+    name = pathlib.Path(args.config or DEFAULT_CONFIG).stem
+    try:
+        loop.train(cfg, args.workdir or f"runs/{name}")
+    except loop.Preempted as e:
+        print(f"jaxlm: {e}", file=sys.stderr)
+        return preemption.PREEMPTED_EXIT_CODE
+    except loop.NonFiniteLoss as e:
+        print(f"jaxlm: {e}", file=sys.stderr)
+        return NONFINITE_EXIT_CODE
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     plain, overrides = split_overrides(argv)
     args = build_parser().parse_args(plain)
+    if args.verb == "checkpoint":  # what a checkpoint says about itself; no config is loaded
+        from jaxlm import checkpoint_tools
+        return checkpoint_tools.main(args, overrides)
     try:
         cfg = load_config(args.config, overrides)
     except config_lib.ConfigError as e:
@@ -132,9 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.verb == "train":
-            from jaxlm.train import loop
-            name = pathlib.Path(args.config or DEFAULT_CONFIG).stem
-            loop.train(cfg, args.workdir or f"runs/{name}")
+            return run_train(cfg, args)
         elif args.verb == "bench":
             from jaxlm import bench
             if args.what == "step":
@@ -146,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     except (config_lib.ConfigError, FileNotFoundError) as e:
         print(f"jaxlm: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:
+    except (ValueError, OSError) as e:
+        from jaxlm.checkpoint import CheckpointStorageError
         from jaxlm.data.sources import SourceError
-        if not isinstance(e, SourceError):
+        if not isinstance(e, (SourceError, CheckpointStorageError)):
             raise
         print(f"jaxlm: {e}", file=sys.stderr)
         return 2

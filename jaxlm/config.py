@@ -31,6 +31,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BUILTIN_DATASETS = ("stdlib",)
 TOKENIZERS = ("byte", "sentencepiece", "hf")
 PACKINGS = ("concat", "first_fit")
+NONFINITE_POLICIES = ("stop", "skip", "continue")
 SOURCE_KINDS = ("text", "jsonl", "parquet", "tfds")
 
 
@@ -143,13 +144,19 @@ def defaults() -> ml_collections.ConfigDict:
             steps=300,
             seed=0,
             log_every=10,
+            # A non-finite loss or gradient: "stop" (keep the last good checkpoint, exit),
+            # "skip" (drop that update, go on) or "continue" (apply it anyway).
+            nonfinite="stop",
         )
     )
 
     cfg.checkpoint = ml_collections.ConfigDict(
         dict(
-            every=100,  # save every N steps (and at the last step); 0 disables
-            keep=3,  # keep the newest K checkpoints
+            every=100,  # save every N steps (and at the last step); 0: no step cadence
+            every_minutes=0.0,  # also save when this many minutes passed since the last save
+            keep=3,  # keep the newest K checkpoints ...
+            keep_period=0,  # ... plus, permanently, every step that is a multiple of M (0: none)
+            init_from="",  # a checkpoint (run dir or step dir) whose parameters start a new run
         )
     )
 
@@ -283,6 +290,10 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     _require(t.log_every > 0, "train.log_every", "must be positive")
     _require(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    _require(cfg.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "must be >= 0")
+    _require(cfg.checkpoint.keep_period >= 0, "checkpoint.keep_period", "must be >= 0")
+    _require(t.nonfinite in NONFINITE_POLICIES, "train.nonfinite",
+             f"{t.nonfinite!r} not in {NONFINITE_POLICIES}")
     _require(cfg.metrics.peak_flops >= 0, "metrics.peak_flops", "must be >= 0")
 
     shape = mesh_shape(cfg.mesh, num_devices)

@@ -1,6 +1,7 @@
 """The train state, created directly sharded on the mesh.
 
-The state is a plain pytree `{"step", "params", "opt_state"}`; `params` is the model's
+The state is a plain pytree `{"step", "params", "opt_state", "nonfinite_steps"}` (the last
+counts steps whose loss or gradients were not finite); `params` is the model's
 parameter tree as nested dicts of arrays (what Orbax saves and optax updates). The model's
 structure lives in its `graphdef`; `nnx.merge(graphdef, params)` rebuilds the module.
 """
@@ -53,9 +54,9 @@ def state_spec(model_cfg: ml_collections.ConfigDict, tx: optax.GradientTransform
         tx, lambda _, s: s, abstract_opt, param_shardings,
         transform_non_params=lambda _: sharding.replicated(mesh))
     shardings = {"step": sharding.replicated(mesh), "params": param_shardings,
-                 "opt_state": opt_shardings}
+                 "opt_state": opt_shardings, "nonfinite_steps": sharding.replicated(mesh)}
     shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
-              "opt_state": abstract_opt}
+              "opt_state": abstract_opt, "nonfinite_steps": jax.ShapeDtypeStruct((), jnp.int32)}
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             shapes, shardings)
     return StateSpec(graphdef, shardings, abstract, param_axes)
@@ -68,5 +69,6 @@ def init_state(model_cfg: ml_collections.ConfigDict, tx: optax.GradientTransform
     def init() -> TrainState:
         _, params = nnx.split(_build_model(model_cfg, seed))
         params = nnx.to_pure_dict(params)
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+                "nonfinite_steps": jnp.zeros((), jnp.int32)}
     return jax.jit(init, out_shardings=spec.shardings)()

@@ -40,7 +40,12 @@ def loss_sums(graphdef: Any, params: Any, batch: Batch, z_loss: float) -> tuple[
 
 
 def make_train_step(optim_cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, graphdef: Any) -> Callable:
+                    schedule: optax.Schedule, graphdef: Any, nonfinite: str = "continue") -> Callable:
+    """`nonfinite` ("stop", "skip" or "continue"): what a step whose loss or gradient norm
+    is not finite does to the state. "stop" and "skip" leave parameters and optimizer state
+    unchanged (the loop stops, or goes on, when it next looks); "continue" applies the
+    update. Every such step is counted in state["nonfinite_steps"], so the loop never needs a
+    host sync per step to notice one."""
     accum = optim_cfg.grad_accum_steps
     z_loss = optim_cfg.z_loss
     grad_fn = jax.grad(lambda p, b: loss_sums(graphdef, p, b, z_loss), has_aux=True)
@@ -64,8 +69,14 @@ def make_train_step(optim_cfg: ml_collections.ConfigDict, tx: optax.GradientTran
         grads = jax.tree.map(lambda g: g / denom, grads)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                     "opt_state": opt_state}
+        new_params = optax.apply_updates(params, updates)
+        finite = jnp.isfinite(sums["ce_sum"]) & jnp.isfinite(grad_norm)
+        if nonfinite != "continue":  # keep the last good parameters and moments
+            new_params, opt_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old),
+                (new_params, opt_state), (params, state["opt_state"]))
+        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state,
+                     "nonfinite_steps": state["nonfinite_steps"] + (~finite).astype(jnp.int32)}
         metrics = {
             "loss": sums["ce_sum"] / denom,
             "log_z_squared": sums["z_sum"] / denom,
@@ -93,13 +104,14 @@ class Trainer:
 
 
 def build_trainer(model_cfg: ml_collections.ConfigDict, optim_cfg: ml_collections.ConfigDict,
-                  total_steps: int, mesh: Mesh, seed: int = 0) -> Trainer:
+                  total_steps: int, mesh: Mesh, seed: int = 0, nonfinite: str = "continue") -> Trainer:
     """Optimizer, state layout and jitted step; call inside `jax.set_mesh(mesh)` and
     `sharding.axis_rules()`, as tracing applies the activation constraints."""
     tx = optimizer_lib.make_optimizer(optim_cfg, total_steps)
     schedule = optimizer_lib.learning_rate_schedule(optim_cfg, total_steps)
     spec = state_spec(model_cfg, tx, mesh, seed=seed)
-    step = jit_train_step(make_train_step(optim_cfg, tx, schedule, spec.graphdef), spec, mesh)
+    step = jit_train_step(make_train_step(optim_cfg, tx, schedule, spec.graphdef, nonfinite),
+                          spec, mesh)
     return Trainer(tx, spec, step)
 
 

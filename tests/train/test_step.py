@@ -56,7 +56,8 @@ def _one_update(accum_steps, z_loss=0.0):
     schedule = optimizer_lib.learning_rate_schedule(cfg.optim, 10)
     graphdef, params = nnx.split(transformer.create(cfg.model))
     params = nnx.to_pure_dict(params)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+             "nonfinite_steps": jnp.zeros((), jnp.int32)}
     # Rows padded differently, so a per-microbatch mean would weight tokens unequally.
     batch = random_batch(4, 16, seed=3)
     batch["weights"][0, 4:] = 0

@@ -1,0 +1,513 @@
+"""`jaxlm checkpoint {ls,inspect,export-params}`: look into a run's checkpoints without a config.
+
+    jaxlm checkpoint ls WORKDIR
+    jaxlm checkpoint inspect WORKDIR [--step N] [--json]
+    jaxlm checkpoint export-params WORKDIR --out DIR [--dtype bfloat16] [--step N]
+
+WORKDIR may also be `WORKDIR/checkpoints` or one step, `WORKDIR/checkpoints/STEP`; without a
+step the latest finalized one is used. Everything is read through Orbax's own view of the
+directory (the same one `jaxlm train` resumes from): only finalized steps count, shapes and
+dtypes come from Orbax's array metadata without reading the arrays, and the JSON items are
+read as JSON. Nothing is unpickled.
+
+An export is an Orbax checkpoint of the parameter tree alone (StandardSave, no optimizer
+state) in the chosen dtype, with `jaxlm_params.json` (config, layout, tokenizer, source step,
+dtype) and a copy of the run's `tokenizer/` beside the arrays; `load_exported_params` reads it
+back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import os
+import pathlib
+import shutil
+import sys
+import time
+from typing import Any, Iterator
+
+import numpy as np
+
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+EXPORT_INFO_FILE = "jaxlm_params.json"
+EXPORT_FORMAT = "jaxlm.params/1"
+ITEMS = ("state", "data", "metadata")  # what every jaxlm checkpoint step holds
+
+
+class CheckpointToolError(Exception):
+    """A bad path or an unusable checkpoint: the CLI prints it and exits with status 2."""
+
+
+# ---- locating checkpoints ---------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Location:
+    """Where a command looks: the run's `checkpoints` directory and, if given, one step."""
+
+    workdir: pathlib.Path
+    checkpoints: pathlib.Path
+    step: int | None  # None: the latest finalized step
+
+
+def locate(path: str | os.PathLike, step: int | None = None) -> Location:
+    """Accepts WORKDIR, WORKDIR/checkpoints or WORKDIR/checkpoints/STEP."""
+    path = pathlib.Path(path).expanduser().absolute()
+    if not path.exists():
+        raise CheckpointToolError(f"no such directory: {path}")
+    if (path / "checkpoints").is_dir():
+        checkpoints = path / "checkpoints"
+    elif path.is_dir() and path.name == "checkpoints":
+        checkpoints = path
+    elif ".orbax-checkpoint-tmp" in path.name:
+        raise CheckpointToolError(f"an unfinished save, not a checkpoint (a resume ignores it): "
+                                  f"{path}")
+    elif path.is_dir() and path.name.isdigit():
+        if step is not None and step != int(path.name):
+            raise CheckpointToolError(f"--step {step} contradicts the step directory {path}")
+        checkpoints, step = path.parent, int(path.name)
+    else:
+        raise CheckpointToolError(
+            f"no checkpoints directory: {path / 'checkpoints'} does not exist "
+            f"(expected WORKDIR, WORKDIR/checkpoints or WORKDIR/checkpoints/STEP)")
+    return Location(checkpoints.parent, checkpoints, step)
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    """Orbax logs a warning for every read-only manager; the tools print their own lines."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _manager(checkpoints: pathlib.Path):
+    """A read-only CheckpointManager over the run's items: it never creates, deletes or
+    cleans up anything. The state is read with the PyTree handler (the format
+    StandardSave writes), which can restore a part of the tree. `checksums` (array
+    fingerprints) is registered so that steps which have it open cleanly; it is not read."""
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                "metadata": ocp.JsonCheckpointHandler(), "checksums": ocp.JsonCheckpointHandler()}
+    with _quiet_orbax():
+        manager = ocp.CheckpointManager(checkpoints, options=options, item_handlers=handlers)
+    try:
+        with _quiet_orbax():
+            yield manager
+    finally:
+        manager.close()
+
+
+@contextlib.contextmanager
+def _reading(step_dir: pathlib.Path) -> Iterator[None]:
+    """Any failure to read a step (missing items, damaged files) as one clean error."""
+    try:
+        yield
+    except CheckpointToolError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types
+        raise CheckpointToolError(f"cannot read checkpoint {step_dir}: "
+                                  f"{type(e).__name__}: {str(e)[:500]}") from e
+
+
+def _resolve_step(manager, location: Location) -> int:
+    steps = manager.all_steps()
+    if location.step is None:
+        if not steps:
+            raise CheckpointToolError(f"no finalized checkpoint in {location.checkpoints}")
+        return max(steps)
+    if location.step not in steps:
+        raise CheckpointToolError(
+            f"not a finalized checkpoint: {location.checkpoints / str(location.step)} "
+            f"(finalized steps: {sorted(steps) or 'none'})")
+    return location.step
+
+
+# ---- ls ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class StepEntry:
+    step: int
+    path: pathlib.Path
+    nbytes: int
+    saved_at: float  # seconds since the epoch: Orbax's commit time, else the directory's mtime
+    latest: bool
+    missing: tuple[str, ...] = ()  # items a jaxlm checkpoint has that this step lacks
+
+
+@dataclasses.dataclass(frozen=True)
+class OtherEntry:
+    """A directory entry that is not a finalized step: an interrupted save, or a step that
+    a resume set aside as damaged (`<step>.corrupt`)."""
+
+    name: str
+    path: pathlib.Path
+    nbytes: int
+    modified_at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Listing:
+    checkpoints: pathlib.Path
+    steps: list[StepEntry]  # ascending
+    incomplete: list[OtherEntry]  # interrupted saves (Orbax's temporary directories)
+    other: list[OtherEntry]  # anything else that is not a step, e.g. `<step>.corrupt`
+
+    @property
+    def latest(self) -> int | None:
+        return self.steps[-1].step if self.steps else None
+
+
+def disk_bytes(path: pathlib.Path) -> int:
+    """Total size of the files under `path` (apparent size, links not followed)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def list_checkpoints(path: str | os.PathLike) -> Listing:
+    """The finalized steps of a run (what a resume would see) and any unfinished saves."""
+    import orbax.checkpoint as ocp
+
+    location = locate(path)
+    with _manager(location.checkpoints) as manager:
+        steps = sorted(manager.all_steps())
+        entries = []
+        for step in steps:
+            step_dir = location.checkpoints / str(step)
+            saved_at = step_dir.stat().st_mtime
+            with contextlib.suppress(Exception):  # older saves may lack the step metadata
+                commit_ns = manager.metadata(step).commit_timestamp_nsecs
+                if commit_ns:
+                    saved_at = commit_ns / 1e9
+            missing = tuple(item for item in ITEMS if not (step_dir / item).is_dir())
+            entries.append(StepEntry(step, step_dir, disk_bytes(step_dir), saved_at,
+                                     latest=step == steps[-1], missing=missing))
+    incomplete, other = [], []
+    finalized = {str(e.step) for e in entries}
+    for child in sorted(location.checkpoints.iterdir()):
+        if child.name in finalized or child.name.startswith(".write_probe"):
+            continue
+        with _quiet_orbax():
+            temporary = child.is_dir() and ocp.path.step.is_path_temporary(child)
+        size = disk_bytes(child) if child.is_dir() else child.lstat().st_size
+        entry = OtherEntry(child.name, child, size, child.lstat().st_mtime)
+        (incomplete if temporary else other).append(entry)
+    return Listing(location.checkpoints, entries, incomplete, other)
+
+
+def format_bytes(n: int | float) -> str:
+    """1536 -> '1.5 KiB'."""
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        n /= 1024
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}"
+    raise AssertionError
+
+
+def format_age(seconds: float) -> str:
+    """90 -> '1m ago'."""
+    seconds = max(0.0, seconds)
+    for limit, div, unit in ((60, 1, "s"), (3600, 60, "m"), (86400, 3600, "h")):
+        if seconds < limit:
+            return f"{int(seconds // div)}{unit} ago"
+    return f"{int(seconds // 86400)}d ago"
+
+
+def format_listing(listing: Listing, now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    lines = [f"checkpoints in {listing.checkpoints}"]
+    if not listing.steps:
+        lines.append("  no finalized checkpoints")
+    else:
+        width = max(4, max(len(str(e.step)) for e in listing.steps))
+        lines.append(f"  {'step':>{width}}  {'size':>10}  {'saved (UTC)':<19}  {'age':>8}")
+        for e in listing.steps:
+            saved = datetime.datetime.fromtimestamp(e.saved_at, datetime.timezone.utc)
+            lines.append(f"  {e.step:>{width}}  {format_bytes(e.nbytes):>10}  "
+                         f"{saved:%Y-%m-%d %H:%M:%S}  {format_age(now - e.saved_at):>8}"
+                         + ("  latest" if e.latest else "")
+                         + (f"  MISSING {','.join(e.missing)}" if e.missing else ""))
+    for title, entries in (("incomplete (ignored):", listing.incomplete),
+                           ("other entries (ignored):", listing.other)):
+        if entries:
+            lines.append(title)
+            lines += [f"  {e.name}  {format_bytes(e.nbytes)}  {format_age(now - e.modified_at)}"
+                      for e in entries]
+    return "\n".join(lines)
+
+
+# ---- inspect ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ParamEntry:
+    name: str  # the path in the parameter tree, joined with '/'
+    shape: tuple[int, ...]
+    dtype: str
+    axes: tuple[str, ...] | None  # logical axis names from the run's layout; None if absent
+    size: int  # elements
+    nbytes: int
+
+
+def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """(key path, leaf) of a tree of dicts and lists, in sorted key order; None is no leaf."""
+    if isinstance(tree, dict):
+        for key in sorted(tree, key=str):
+            yield from _flatten(tree[key], prefix + (str(key),))
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            yield from _flatten(value, prefix + (str(i),))
+    elif tree is not None:
+        yield prefix, tree
+
+
+def _lookup(tree: Any, keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _nbytes(shape: tuple[int, ...], dtype: Any) -> int:
+    return math.prod(shape) * np.dtype(dtype).itemsize
+
+
+def inspect_checkpoint(path: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+    """What one checkpoint holds, from metadata only (no array is read)."""
+    import orbax.checkpoint as ocp
+
+    location = locate(path, step)
+    with _manager(location.checkpoints) as manager:
+        step = _resolve_step(manager, location)
+        with _reading(location.checkpoints / str(step)):
+            state_meta = manager.item_metadata(step)["state"]
+            json_items = manager.restore(step, args=ocp.args.Composite(
+                data=ocp.args.JsonRestore(), metadata=ocp.args.JsonRestore()))
+    tree = state_meta.tree if hasattr(state_meta, "tree") else state_meta
+    run_meta, data_state = json_items["metadata"] or {}, json_items["data"] or {}
+    layout = run_meta.get("layout", {})
+    axes_tree = layout.get("param_axes", {})
+
+    params = []
+    for keys, meta in _flatten(tree.get("params", {})):
+        shape, dtype = tuple(int(d) for d in meta.shape), np.dtype(meta.dtype)
+        axes = _lookup(axes_tree, keys)
+        params.append(ParamEntry("/".join(keys), shape, dtype.name,
+                                 tuple(axes) if isinstance(axes, list) else None,
+                                 math.prod(shape), _nbytes(shape, dtype)))
+    opt_leaves = [m for _, m in _flatten(tree.get("opt_state", {})) if hasattr(m, "shape")]
+    return {
+        "path": str(location.checkpoints / str(step)),
+        "step": step,
+        "jaxlm_version": run_meta.get("jaxlm_version"),
+        "tokenizer": run_meta.get("tokenizer"),
+        "tokenizer_dir": str(location.workdir / "tokenizer"),
+        "config": run_meta.get("config"),
+        "layout": {"scan_layers": layout.get("scan_layers")},
+        "params": params,
+        "param_count": sum(p.size for p in params),
+        "param_bytes": sum(p.nbytes for p in params),
+        "opt_state": {"leaves": len(opt_leaves),
+                      "bytes": sum(_nbytes(tuple(m.shape), m.dtype) for m in opt_leaves)},
+        "data_state_version": data_state.get("version"),
+    }
+
+
+def format_inspection(info: dict[str, Any]) -> str:
+    lines = [f"checkpoint {info['path']}",
+             f"  step          {info['step']}",
+             f"  jaxlm version {info['jaxlm_version']}",
+             f"  tokenizer     {info['tokenizer']} (files in {info['tokenizer_dir']})",
+             f"  layout        scan_layers={info['layout']['scan_layers']}",
+             f"  data iterator state version {info['data_state_version']}",
+             "config:"]
+    for section, values in sorted((info["config"] or {}).items()):
+        lines.append(f"  {section}: {json.dumps(values, sort_keys=True)}")
+    rows = [(p.name, str(tuple(p.shape)), p.dtype,
+             "(" + ", ".join(p.axes) + ")" if p.axes is not None else "?",
+             f"{p.size:,}", format_bytes(p.nbytes)) for p in info["params"]]
+    header = ("parameter", "shape", "dtype", "logical axes", "size", "bytes")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    right = (False, False, False, False, True, True)
+
+    def row(cells):
+        return "  " + "  ".join(c.rjust(w) if r else c.ljust(w)
+                                for c, w, r in zip(cells, widths, right)).rstrip()
+
+    lines += [f"parameters: {len(info['params'])} arrays, {info['param_count']:,} values, "
+              f"{format_bytes(info['param_bytes'])}", row(header)]
+    lines += [row(r) for r in rows]
+    lines.append(f"optimizer state: {info['opt_state']['leaves']} arrays, "
+                 f"{format_bytes(info['opt_state']['bytes'])}")
+    return "\n".join(lines)
+
+
+def _inspection_json(info: dict[str, Any]) -> str:
+    return json.dumps({**info, "params": [dataclasses.asdict(p) for p in info["params"]]}, indent=2)
+
+
+# ---- export-params ----------------------------------------------------------------------
+
+def restore_params(path: str | os.PathLike, step: int | None = None) -> tuple[Any, dict, int]:
+    """(params on one CPU device in their saved dtype, the run metadata, the step). Only the
+    parameters are read, not the optimizer state."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    location = locate(path, step)
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    with _manager(location.checkpoints) as manager:
+        step = _resolve_step(manager, location)
+        with _reading(location.checkpoints / str(step)):
+            state_meta = manager.item_metadata(step)["state"]
+            tree = state_meta.tree if hasattr(state_meta, "tree") else state_meta
+            if "params" not in tree:
+                raise CheckpointToolError(
+                    f"no params in {location.checkpoints / str(step) / 'state'}")
+            target = {"params": jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=cpu),
+                tree["params"])}
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True),
+                metadata=ocp.args.JsonRestore()))
+    return restored["state"]["params"], restored["metadata"] or {}, step
+
+
+def cast_params(params: Any, dtype: str) -> Any:
+    """Floating-point leaves cast to `dtype` (round to nearest even); others unchanged."""
+    import jax
+    import jax.numpy as jnp
+
+    target = jnp.dtype(dtype)
+    return jax.tree.map(
+        lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def export_params(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "float32",
+                  step: int | None = None) -> dict[str, Any]:
+    """Writes the parameters of one checkpoint, cast to `dtype`, as an Orbax checkpoint at
+    `out` (StandardSave of the parameter tree), with `jaxlm_params.json` and the run's
+    tokenizer files beside it. Returns what jaxlm_params.json says."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    if dtype not in EXPORT_DTYPES:
+        raise CheckpointToolError(
+            f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+    out = pathlib.Path(out).expanduser().absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointToolError(f"output exists and is not an empty directory: {out}")
+    location = locate(path, step)
+    params, run_meta, step = restore_params(path, step)
+    params = cast_params(params, dtype)
+    if out.exists():
+        out.rmdir()  # Orbax writes into a temporary directory and renames it to `out`
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _quiet_orbax(), ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(out, params)
+        checkpointer.wait_until_finished()
+
+    from jaxlm import __version__
+    leaves = jax.tree.leaves(params)
+    info = {
+        "format": EXPORT_FORMAT,
+        "dtype": dtype,
+        "param_count": int(sum(x.size for x in leaves)),
+        "param_bytes": int(sum(x.nbytes for x in leaves)),
+        "source": {"workdir": str(location.workdir), "step": step,
+                   "path": str(location.checkpoints / str(step))},
+        "exported_by": __version__,
+        "jaxlm_version": run_meta.get("jaxlm_version"),
+        "tokenizer": run_meta.get("tokenizer"),
+        "config": run_meta.get("config"),
+        "layout": run_meta.get("layout"),
+    }
+    tokenizer_dir = location.workdir / "tokenizer"
+    if tokenizer_dir.is_dir():
+        shutil.copytree(tokenizer_dir, out / "tokenizer")
+    (out / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def load_exported_params(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
+    """(params on one CPU device, jaxlm_params.json) of an `export-params` directory."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    directory = pathlib.Path(directory).expanduser().absolute()
+    info_file = directory / EXPORT_INFO_FILE
+    if not info_file.is_file():
+        raise CheckpointToolError(f"not a jaxlm params export (no {EXPORT_INFO_FILE}): {directory}")
+    info = json.loads(info_file.read_text())
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    with _quiet_orbax(), ocp.StandardCheckpointer() as checkpointer:
+        meta = checkpointer.metadata(directory).item_metadata
+        tree = meta.tree if hasattr(meta, "tree") else meta
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=cpu),
+                              tree)
+        params = checkpointer.restore(directory, target)
+    return params, info
+
+
+# ---- command line -----------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `checkpoint` verb's subcommands (wired in jaxlm.cli)."""
+    actions = parser.add_subparsers(dest="action", required=True)
+    where = "WORKDIR, WORKDIR/checkpoints or WORKDIR/checkpoints/STEP (default: latest step)"
+    ls = actions.add_parser("ls", help="list finalized checkpoints: step, size, age, latest")
+    ls.add_argument("path", metavar="WORKDIR", help="run directory (or its checkpoints/)")
+    ins = actions.add_parser("inspect", help="config, layout and every parameter's shape/dtype/"
+                             "axes, from metadata (no arrays read)")
+    ins.add_argument("path", metavar="PATH", help=where)
+    ins.add_argument("--step", type=int, default=None, help="step (default: the latest)")
+    ins.add_argument("--json", action="store_true", help="print one JSON object instead")
+    exp = actions.add_parser("export-params", help="write the parameters alone (no optimizer "
+                             "state) as an Orbax checkpoint in a chosen dtype")
+    exp.add_argument("path", metavar="PATH", help=where)
+    exp.add_argument("--out", required=True,
+                     help="directory to create (must not exist, or be empty)")
+    exp.add_argument("--dtype", default="float32", choices=EXPORT_DTYPES)
+    exp.add_argument("--step", type=int, default=None, help="step (default: the latest)")
+
+
+def main(args: argparse.Namespace, overrides: list[str] = ()) -> int:
+    """Runs one `checkpoint` subcommand; 2 on a bad path or checkpoint. No config is loaded."""
+    try:
+        if overrides:
+            raise CheckpointToolError(f"checkpoint commands take no config overrides: "
+                                      f"{' '.join(overrides)}")
+        if args.action == "ls":
+            print(format_listing(list_checkpoints(args.path)))
+        elif args.action == "inspect":
+            info = inspect_checkpoint(args.path, args.step)
+            print(_inspection_json(info) if args.json else format_inspection(info))
+        elif args.action == "export-params":
+            info = export_params(args.path, args.out, args.dtype, args.step)
+            print(f"wrote {info['param_count']:,} parameters ({info['dtype']}, "
+                  f"{format_bytes(info['param_bytes'])}) of step {info['source']['step']} to "
+                  f"{pathlib.Path(args.out).expanduser().absolute()}")
+    except CheckpointToolError as e:
+        print(f"jaxlm: {e}", file=sys.stderr)
+        return 2
+    return 0
