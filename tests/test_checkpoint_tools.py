@@ -15,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from jaxlm import checkpoint_export as export
 from jaxlm import checkpoint_tools as tools
 from jaxlm import cli
 from jaxlm import config as config_lib
@@ -199,7 +200,7 @@ def test_export_bfloat16_round_trips_exactly_without_optimizer_state(run_dir, sa
     names = "\n".join(str(k) for k in flat(tree))
     assert "opt_state" not in names and "mu" not in names.split("/") and "step" not in flat(tree)
 
-    info = json.loads((out / tools.EXPORT_INFO_FILE).read_text())
+    info = json.loads((out / export.EXPORT_INFO_FILE).read_text())
     assert info["dtype"] == "bfloat16"
     assert info["source"]["step"] == STEPS
     assert info["config"] == metadata["config"]
@@ -210,7 +211,7 @@ def test_export_bfloat16_round_trips_exactly_without_optimizer_state(run_dir, sa
         sorted(p.name for p in (run_dir / "tokenizer").iterdir())
 
     # The loader returns the same arrays; the export is half the float32 parameters' bytes.
-    loaded, loaded_info = tools.load_exported_params(out)
+    loaded, loaded_info = export.load_exported_params(out)
     assert loaded_info == info
     for name, value in flat(loaded).items():
         np.testing.assert_array_equal(np.asarray(value).view(np.uint16),
@@ -220,11 +221,11 @@ def test_export_bfloat16_round_trips_exactly_without_optimizer_state(run_dir, sa
 
 def test_export_of_an_earlier_step_in_float32_equals_it(run_dir, tmp_path):
     step_dir = run_dir / "checkpoints" / "1"
-    info = tools.export_params(step_dir, tmp_path / "out", "float32")
+    info = export.export_params(step_dir, tmp_path / "out", "float32")
     assert info["source"]["step"] == 1
     with ocp.StandardCheckpointer() as checkpointer:
         original = checkpointer.restore(step_dir / "state")["params"]
-    loaded, _ = tools.load_exported_params(tmp_path / "out")
+    loaded, _ = export.load_exported_params(tmp_path / "out")
     for name, value in flat(original).items():
         assert flat(loaded)[name].dtype == np.float32
         np.testing.assert_array_equal(np.asarray(flat(loaded)[name]), np.asarray(value),

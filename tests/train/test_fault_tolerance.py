@@ -1,7 +1,6 @@
 """Preemption, non-finite losses and resuming on another mesh, end to end."""
 
 import json
-import os
 import pathlib
 import shutil
 import signal
@@ -22,17 +21,6 @@ from jaxlm.train import loop, preemption
 from jaxlm.train import step as step_lib
 
 REPO = pathlib.Path(__file__).parents[2]
-
-
-def small_run_config(data_dir, steps, every):
-    cfg = config_lib.load_config_file(REPO / "configs" / "tiny.py")
-    cfg.model.update(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192, max_seq_len=128)
-    cfg.data.update(data_dir=data_dir, seq_len=64, global_batch_size=16)
-    cfg.optim.update(learning_rate=1e-2, warmup_steps=2)
-    cfg.train.update(steps=steps, log_every=1)
-    cfg.checkpoint.update(every=every, keep=10)
-    cfg.metrics.update(peak_flops=1e11, tensorboard=False)
-    return cfg
 
 
 def losses(path):
@@ -78,7 +66,7 @@ def test_nonfinite_step_under_continue_applies_the_update():
     assert not np.isfinite(np.asarray(after["params"]["embed"])).all()
 
 
-def test_stop_policy_stops_before_saving_a_poisoned_state(stdlib_data_dir, tmp_path, monkeypatch):
+def test_stop_policy_stops_before_saving_a_poisoned_state(run_config, tmp_path, monkeypatch):
     real = loop.to_global_batch
     calls = {"n": 0}
 
@@ -89,7 +77,7 @@ def test_stop_policy_stops_before_saving_a_poisoned_state(stdlib_data_dir, tmp_p
         return real(local, mesh)
 
     monkeypatch.setattr(loop, "to_global_batch", poisoned)
-    cfg = small_run_config(stdlib_data_dir, steps=6, every=2)
+    cfg = run_config(steps=6, every=2, seq_len=64, warmup_steps=2)
     cfg.train.log_every = 2
     with pytest.raises(loop.NonFiniteLoss, match=r"1 step\(s\) in \(2, 4\].*Last good checkpoint: 2"):
         loop.train(cfg, tmp_path)
@@ -141,9 +129,9 @@ def test_sigterm_saves_exits_with_code_and_resumes_exactly(stdlib_data_dir, tmp_
 
 # ---- resharding ----------------------------------------------------------------------
 
-def test_resume_on_a_different_mesh(stdlib_data_dir, tmp_path):
+def test_resume_on_a_different_mesh(run_config, tmp_path):
     full = tmp_path / "full"
-    cfg = small_run_config(stdlib_data_dir, steps=4, every=2)
+    cfg = run_config(steps=4, every=2, seq_len=64, warmup_steps=2)
     cfg.mesh.update(data=1, fsdp=8, tensor=1)
     reference = {m["step"]: m["loss"] for m in loop.train(cfg, full)}
 
