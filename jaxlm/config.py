@@ -4,11 +4,14 @@ A config is an `ml_collections.ConfigDict` with one sub-config per component:
 
     model       architecture (family, sizes, dtypes, remat, attention backend)
     data        corpus, tokenizer, sequence length, global batch, packing
-    mesh        device mesh shape (data, fsdp, tensor; -1 = all remaining devices)
+    mesh        device mesh shape (data, fsdp, tensor; -1 = all remaining devices), the
+                DCN axes across TPU slices and the target topology
     optim       AdamW, schedule, clipping, z-loss, gradient accumulation
     train       steps, seed, logging cadence
     checkpoint  save cadence and retention
     metrics     peak FLOP/s override for MFU
+    finetune    `jaxlm finetune`: task, base checkpoint, data, template, LoRA, classifier
+                (keys and validation in jaxlm/finetune/options.py)
 
 Config files in `configs/` start from `defaults()` and change what they need. Loading a
 config never touches JAX, the file system or the environment: validation that needs the
@@ -23,11 +26,14 @@ import pathlib
 import ml_collections
 
 MODEL_FAMILIES = ("llama", "gpt2")
+ROPE_SCALINGS = ("none", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "save_matmuls")
 ATTENTION_BACKENDS = ("xla", "cudnn")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "wsd")
 MESH_AXES = ("data", "fsdp", "tensor")
+# Mesh axis -> the key of its factor across slices (over the data-center network, DCN).
+DCN_KEYS = {"data": "dcn_data", "fsdp": "dcn_fsdp"}
 BUILTIN_DATASETS = ("stdlib",)
 TOKENIZERS = ("byte", "sentencepiece", "hf")
 PACKINGS = ("concat", "first_fit")
@@ -91,6 +97,12 @@ def defaults() -> ml_collections.ConfigDict:
             d_ff=704,  # MLP hidden size
             max_seq_len=1024,  # positions the model supports (learned table size for gpt2)
             rope_theta=10_000.0,
+            # Rotary frequencies rescaled for long context (llama), as Hugging Face does:
+            # type none | linear (all / factor) | llama3 (Llama 3.1: by wavelength).
+            rope_scaling=ml_collections.ConfigDict(dict(
+                type="none", factor=1.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_len=8192)),
+            qkv_bias=False,  # llama: biases on the q/k/v projections (Qwen2)
             tie_embeddings=True,
             norm_eps=1e-5,
             init_std=0.02,
@@ -120,7 +132,16 @@ def defaults() -> ml_collections.ConfigDict:
         )
     )
 
-    cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    cfg.mesh = ml_collections.ConfigDict(dict(
+        # Axis sizes inside one slice (over ICI); -1 takes the slice's remaining devices.
+        data=1, fsdp=-1, tensor=1,
+        # Factors across slices (over DCN): the mesh's data axis is dcn_data x data and its
+        # fsdp axis dcn_fsdp x fsdp; dcn_data x dcn_fsdp must equal the number of slices.
+        dcn_data=1, dcn_fsdp=1,
+        # The TPU slice this config is sized for, e.g. "v5p-128" (`jaxlm compile` checks
+        # it fits); with DCN axes, each of the slices is one of these. "" for none.
+        topology="",
+    ))
 
     cfg.optim = ml_collections.ConfigDict(
         dict(
@@ -166,6 +187,8 @@ def defaults() -> ml_collections.ConfigDict:
             tensorboard=True,
         )
     )
+    from jaxlm.finetune import options as finetune_options  # its keys live with fine-tuning
+    cfg.finetune = finetune_options.defaults()
     return cfg
 
 
@@ -201,8 +224,28 @@ def head_dim(model_cfg: ml_collections.ConfigDict) -> int:
     return model_cfg.head_dim or model_cfg.d_model // model_cfg.n_heads
 
 
-def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
-    """The mesh axis sizes, with a single -1 filled by the devices left over."""
+def num_slices(mesh_cfg: ml_collections.ConfigDict) -> int:
+    """Slices the mesh spans: the product of its DCN factors (validated)."""
+    count = 1
+    for key in DCN_KEYS.values():
+        size = mesh_cfg[key]
+        if not isinstance(size, int) or size < 1:
+            raise ConfigError(f"config.mesh.{key}={size!r}: must be a positive integer "
+                              "(slices along this axis; 1 for a single slice)")
+        count *= size
+    return count
+
+
+def ici_mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Axis sizes inside one slice, with a single -1 filled by the slice's devices left over."""
+    slices = num_slices(mesh_cfg)
+    dcn = " x ".join(f"mesh.{k}" for k in DCN_KEYS.values())
+    if num_devices % slices:
+        raise ConfigError(f"config.mesh.dcn_data: {dcn} = {slices} slices do not divide the "
+                          f"{num_devices} devices")
+    per_slice = num_devices // slices
+    where = f"the {per_slice} devices of each of {slices} slices" if slices > 1 else \
+        f"the {num_devices} devices"
     sizes = {axis: int(mesh_cfg[axis]) for axis in MESH_AXES}
     unknown = [axis for axis, size in sizes.items() if size == -1]
     for axis, size in sizes.items():
@@ -215,15 +258,20 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> dict[st
         if size != -1:
             known *= size
     if unknown:
-        if num_devices % known:
+        if per_slice % known:
             raise ConfigError(
-                f"config.mesh: fixed axes multiply to {known}, which does not divide "
-                f"the {num_devices} devices")
-        sizes[unknown[0]] = num_devices // known
-    elif known != num_devices:
-        raise ConfigError(
-            f"config.mesh: {sizes} uses {known} devices but {num_devices} are present")
+                f"config.mesh: fixed axes multiply to {known}, which does not divide {where}")
+        sizes[unknown[0]] = per_slice // known
+    elif known != per_slice:
+        raise ConfigError(f"config.mesh: {sizes} uses {known} devices but {where} are present")
     return sizes
+
+
+def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """The mesh axis sizes: each ICI size times its DCN factor (1 for tensor)."""
+    ici = ici_mesh_shape(mesh_cfg, num_devices)
+    return {axis: size * (mesh_cfg[DCN_KEYS[axis]] if axis in DCN_KEYS else 1)
+            for axis, size in ici.items()}
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -256,6 +304,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     _require(head_dim(m) % 2 == 0 or m.family != "llama", "model.head_dim",
              f"rotary embeddings need an even head_dim, got {head_dim(m)}")
     _require(m.rope_theta > 0, "model.rope_theta", "must be positive")
+    _check_rope_scaling(m.rope_scaling)
+    _require(m.family == "llama" or not m.qkv_bias, "model.qkv_bias",
+             "only for family='llama' (gpt2 has every attention bias already)")
 
     d = cfg.data
     _require(d.seq_len > 0, "data.seq_len", "must be positive")
@@ -295,8 +346,16 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     _require(t.nonfinite in NONFINITE_POLICIES, "train.nonfinite",
              f"{t.nonfinite!r} not in {NONFINITE_POLICIES}")
     _require(cfg.metrics.peak_flops >= 0, "metrics.peak_flops", "must be >= 0")
+    from jaxlm.finetune import options as finetune_options
+    finetune_options.validate(cfg.finetune, cfg.checkpoint.init_from)
 
     shape = mesh_shape(cfg.mesh, num_devices)
+    if cfg.mesh.topology:
+        from jaxlm import topology  # names only; imports no JAX
+        try:
+            topology.parse(cfg.mesh.topology)
+        except topology.TopologyError as e:
+            raise ConfigError(f"config.mesh.topology: {e}") from None
     tensor = shape["tensor"]
     _require(m.n_heads % tensor == 0, "model.n_heads",
              f"{m.n_heads} heads are not divisible by the tensor axis ({tensor})")
@@ -314,7 +373,17 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
              f"{d.global_batch_size} is not divisible by optim.grad_accum_steps={o.grad_accum_steps}")
     _require(microbatches % batch_shards == 0, "data.global_batch_size",
              f"{d.global_batch_size} (microbatch {microbatches}) is not divisible by the "
-             f"{batch_shards} data shards (mesh data x fsdp)")
+             f"{batch_shards} data shards (mesh data x fsdp, DCN factors included)")
+
+
+def _check_rope_scaling(s: ml_collections.ConfigDict) -> None:
+    _require(s.type in ROPE_SCALINGS, "model.rope_scaling.type", f"{s.type!r} not in {ROPE_SCALINGS}")
+    _require(s.factor > 0, "model.rope_scaling.factor", "must be positive")
+    if s.type == "llama3":
+        _require(s.low_freq_factor > 0, "model.rope_scaling.low_freq_factor", "must be positive")
+        _require(s.high_freq_factor > s.low_freq_factor, "model.rope_scaling.high_freq_factor",
+                 "must be larger than low_freq_factor")
+        _require(s.original_max_len > 0, "model.rope_scaling.original_max_len", "must be positive")
 
 
 def _check_source(name: str, source: ml_collections.ConfigDict) -> None:

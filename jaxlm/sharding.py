@@ -5,16 +5,23 @@ axes. Parameters use the plain names, activations the `act_*` names, so the two 
 sharded differently (FSDP shards weights over `fsdp` while activations stay whole along
 `embed`). Axes reserved for later parallelism (`sequence`, `expert`, `stage`) get a rule
 here when their mesh axis exists.
+
+Across TPU slices (multi-slice), the mesh keeps these three axes: its data and fsdp axes
+also span the slices (config mesh.dcn_data, mesh.dcn_fsdp), so "batch" still maps to
+(data, fsdp) and model code is the same on one slice or many.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax
 import ml_collections
+import numpy as np
 from flax import nnx
 from flax.core import spmd as flax_spmd
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxlm import config as config_lib
@@ -46,14 +53,54 @@ RULES: tuple[tuple[str, MeshAxes], ...] = (
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The (data, fsdp, tensor) mesh from config; -1 takes the remaining devices."""
+    """The (data, fsdp, tensor) mesh from config over `devices` (default: all of JAX's).
+
+    One slice: jax.make_mesh orders the devices by the physical topology so the innermost
+    axis (tensor) gets the fastest links. Several slices (mesh.dcn_data x mesh.dcn_fsdp > 1):
+    a hybrid mesh, each slice laid out as that same ICI mesh and the slices stacked along
+    the data and fsdp axes, so only those axes' collectives cross the data-center network."""
     devices = list(devices if devices is not None else jax.devices())
-    shape = config_lib.mesh_shape(mesh_cfg, len(devices))
-    sizes = tuple(shape[a] for a in config_lib.MESH_AXES)
-    # make_mesh orders devices by the physical topology so the innermost axis (tensor)
-    # gets the fastest links. Auto axes: jit places what the shardings leave open.
-    return jax.make_mesh(sizes, config_lib.MESH_AXES, devices=devices,
-                         axis_types=(jax.sharding.AxisType.Auto,) * len(sizes))
+    ici = config_lib.ici_mesh_shape(mesh_cfg, len(devices))
+    ici_sizes = tuple(ici[a] for a in config_lib.MESH_AXES)
+    dcn_sizes = tuple(mesh_cfg[config_lib.DCN_KEYS[a]] if a in config_lib.DCN_KEYS else 1
+                      for a in config_lib.MESH_AXES)
+    groups = slice_groups(devices, math.prod(dcn_sizes))
+    # Auto axes: jit places what the shardings leave open.
+    axis_types = (jax.sharding.AxisType.Auto,) * len(ici_sizes)
+    if len(groups) == 1:
+        return jax.make_mesh(ici_sizes, config_lib.MESH_AXES, devices=devices,
+                             axis_types=axis_types)
+    # As mesh_utils.create_hybrid_device_mesh, with slices also for devices that carry no
+    # slice_index: slice s sits at position s of the (dcn_data, dcn_fsdp, 1) grid. As in
+    # jax.make_mesh, a v5e/v6e slice may split a physical axis across two mesh axes.
+    split = devices[0].device_kind in ("TPU v5 lite", "TPU v5e", "TPU v6 lite")
+    blocks = [mesh_utils.create_device_mesh(ici_sizes, group, allow_split_physical_axes=split)
+              for group in groups]
+    grid = np.empty(dcn_sizes, dtype=object)
+    for s, index in enumerate(np.ndindex(*dcn_sizes)):
+        grid[index] = blocks[s]
+    return Mesh(np.block(grid.tolist()), config_lib.MESH_AXES, axis_types=axis_types)
+
+
+def slice_groups(devices: Sequence[jax.Device], num_slices: int) -> list[list[jax.Device]]:
+    """The devices of each slice, in slice order.
+
+    TPU devices name their slice (`slice_index`; absent means a single slice) and their
+    count must match the config. Other devices have no slices: they are split into
+    `num_slices` equal runs in (process, id) order: on GPU hosts slices follow host
+    boundaries when the counts allow, and simulated CPU devices rehearse a multi-slice mesh."""
+    if devices[0].platform == "tpu":
+        by_slice: dict[int, list[jax.Device]] = {}
+        for d in devices:
+            by_slice.setdefault(getattr(d, "slice_index", 0), []).append(d)
+        if len(by_slice) != num_slices:
+            raise config_lib.ConfigError(
+                f"config.mesh.dcn_data: the devices form {len(by_slice)} TPU slice(s) but "
+                f"mesh.dcn_data x mesh.dcn_fsdp = {num_slices}")
+        return [by_slice[k] for k in sorted(by_slice)]
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    size = len(ordered) // num_slices
+    return [ordered[i * size:(i + 1) * size] for i in range(num_slices)]
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], rules=RULES) -> P:

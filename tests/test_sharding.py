@@ -101,3 +101,81 @@ def test_batch_is_sharded_over_data_and_fsdp():
 def test_logical_axis_without_rule_is_an_error():
     with pytest.raises(KeyError, match="experts"):
         sharding.logical_to_spec(("experts", "embed"))
+
+
+# ---- multi-slice: a hybrid mesh with DCN axes ------------------------------------------------
+
+HYBRID_MESHES = [
+    {"dcn_data": 2, "data": 1, "fsdp": 2, "tensor": 2},
+    {"dcn_fsdp": 2, "data": 2, "fsdp": 1, "tensor": 2},
+]
+
+
+@pytest.mark.parametrize("mesh_sizes", HYBRID_MESHES, ids=lambda m: "x".join(f"{k}{v}" for k, v in m.items()))
+def test_same_step_on_a_hybrid_mesh(reference, mesh_sizes):
+    """Simulated slices (CPU devices carry no slice_index): the step is unchanged."""
+    _, _, ref_metrics, ref_grads = reference
+    _, _, metrics, grads = one_step(small_config(), mesh_sizes)
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-4)
+    jax.tree.map(lambda r, g: np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * np.abs(r).max()),
+                 ref_grads, grads)
+
+
+def test_simulated_slices_lie_along_the_dcn_axis():
+    cfg = small_config()
+    cfg.mesh.update(dcn_data=2, data=1, fsdp=2, tensor=2)
+    mesh = sharding.make_mesh(cfg.mesh)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    ids = np.vectorize(lambda d: d.id)(mesh.devices)
+    # Slice s is devices 4s..4s+3 (a run in id order) and fills data index s.
+    assert sorted(ids[0].ravel()) == [0, 1, 2, 3] and sorted(ids[1].ravel()) == [4, 5, 6, 7]
+    assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"), None)
+
+    cfg.mesh.update(dcn_data=1, dcn_fsdp=2, data=2, fsdp=1, tensor=2)
+    ids = np.vectorize(lambda d: d.id)(sharding.make_mesh(cfg.mesh).devices)
+    assert sorted(ids[:, 0].ravel()) == [0, 1, 2, 3] and sorted(ids[:, 1].ravel()) == [4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("mesh_sizes, key", [
+    ({"dcn_data": 3}, r"config\.mesh\.dcn_data: .*3 slices do not divide the 8 devices"),
+    ({"dcn_fsdp": 0}, r"config\.mesh\.dcn_fsdp=0"),
+    ({"dcn_data": 2, "data": 4, "fsdp": 2, "tensor": 1},
+     r"config\.mesh: .* uses 8 devices but the 4 devices of each of 2 slices"),
+])
+def test_dcn_axes_are_validated(mesh_sizes, key):
+    cfg = small_config()
+    cfg.mesh.update(**mesh_sizes)
+    with pytest.raises(config_lib.ConfigError, match=key):
+        config_lib.validate(cfg, 8)
+    with pytest.raises(config_lib.ConfigError, match=key):
+        sharding.make_mesh(cfg.mesh)
+
+
+@pytest.fixture(scope="module")
+def two_tpu_slices():
+    """The devices of two v5p-8 slices as libtpu describes them (with slice_index)."""
+    pytest.importorskip("libtpu", reason="TPU topologies need libtpu")
+    from jaxlm import topology
+    return topology.compile_only_devices(topology.parse("v5p-8"), num_slices=2)
+
+
+def test_tpu_slices_lie_along_the_dcn_axis(two_tpu_slices):
+    from jax.experimental import mesh_utils
+    cfg = small_config()
+    cfg.mesh.update(dcn_data=2, data=1, fsdp=-1, tensor=1)
+    mesh = sharding.make_mesh(cfg.mesh, two_tpu_slices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+    np.testing.assert_array_equal(slice_of[:, :, 0], [[0] * 4, [1] * 4])
+    # The same placement as JAX's own hybrid mesh for devices that carry slice_index.
+    expected = mesh_utils.create_hybrid_device_mesh((1, 4, 1), (2, 1, 1), two_tpu_slices)
+    np.testing.assert_array_equal(mesh.devices, expected)
+
+
+def test_tpu_slice_count_must_match_the_dcn_axes(two_tpu_slices):
+    cfg = small_config()
+    cfg.mesh.update(dcn_data=1, data=1, fsdp=-1, tensor=1)
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"config\.mesh\.dcn_data: the devices form 2 TPU slice"):
+        sharding.make_mesh(cfg.mesh, two_tpu_slices)

@@ -1,13 +1,16 @@
 """The input pipeline: TFDS ArrayRecord sources -> grain -> packed, shifted numpy batches.
 
-    sources (weighted mixture) -> host shard -> shuffle + repeat (train) -> tokenize
-        -> row streams: stream j of B mixes documents j, j+B, ... of each source and packs
-           them into rows
-        -> batch = one row from each stream -> prefetch (thread)
+    sources (weighted mixture) -> shuffle + repeat (train) -> tokenize
+        -> row streams: stream j of B (the global batch) mixes documents j, j+B, ... of
+           each source and packs them into rows
+        -> batch = one row from each of this process's streams -> prefetch (thread)
 
 Reading row j of every batch from its own document stream keeps the rows of one batch
 from B different places of the corpus (a single packed stream would fill a whole batch
-from one or two long files). Everything before packing is index based (grain
+from one or two long files). The order is global: every process shuffles every source
+with the same seed and defines the same B streams, and materialises only the rows it
+feeds (by default rows [p*B/P, (p+1)*B/P)), so the global batch at step k is the same
+for any number of processes. Everything before packing is index based (grain
 MapDataset), so the pipeline state is a few integers per stream, and the batch at step k
 is a pure function of (seed, k, data config).
 """
@@ -15,7 +18,7 @@ is a pure function of (seed, k, data config).
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, Sequence
 
 import grain
 import ml_collections
@@ -28,8 +31,10 @@ from jaxlm.data.packing import PackedRows, shift_row
 Batch = dict[str, np.ndarray]
 # Version of the data-order function. Bump it whenever a change would alter which tokens
 # a given (seed, step, config) yields; a checkpoint saved under another version is refused
-# instead of silently continuing in a different order.
-_STATE_VERSION = 2
+# instead of silently continuing in a different order. Version 3: streams defined over the
+# global batch (version 2 sharded documents per process first; with one process the two
+# orders are the same, so such a state is still accepted there).
+_STATE_VERSION = 3
 
 
 class _Tokenize:
@@ -97,12 +102,15 @@ class BatchIterator:
     """Infinite (train) or single-pass (other splits) iterator of packed numpy batches.
 
     Each batch: inputs, targets, segment_ids, positions (int32) and weights (float32), all
-    of shape (local_batch, seq_len). `get_state()` is JSON-serialisable.
+    of shape (len(rows), seq_len): row i is row `rows[i]` of the global batch.
+    `get_state()` is JSON-serialisable; `merge_states` joins the states of all processes
+    into one that any process count can resume from.
     """
 
-    def __init__(self, dataset: grain.IterDataset, meta: dict[str, Any]):
+    def __init__(self, dataset: grain.IterDataset, meta: dict[str, Any], rows: Sequence[int]):
         self._box = [dataset.__iter__()]
         self._meta = meta
+        self.rows = list(rows)
         # grain 0.2.18's prefetch iterator raises from __del__ when it outlives module
         # teardown at interpreter exit; closing and releasing it at exit avoids that.
         self._finalizer = weakref.finalize(self, _close_box, self._box)
@@ -120,12 +128,15 @@ class BatchIterator:
         return next(self._iterator)
 
     def get_state(self) -> dict[str, Any]:
-        """Position after the last batch returned (not after what is prefetched)."""
-        return {"version": _STATE_VERSION, "meta": dict(self._meta),
+        """Position after the last batch returned (not after what is prefetched), of this
+        iterator's rows."""
+        return {"version": _STATE_VERSION, "meta": dict(self._meta), "rows": list(self.rows),
                 "grain": self._iterator.get_state()}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Restores a `get_state()` result from an iterator built with the same config."""
+        """Restores a `get_state()` or `merge_states()` result from an iterator built with the
+        same config; `state` must hold the position of every row this iterator reads."""
+        state = _upgrade(state)
         if state.get("version") != _STATE_VERSION:
             raise ValueError(
                 f"data pipeline state version {state.get('version')!r} was written by another "
@@ -136,11 +147,47 @@ class BatchIterator:
         if changed:
             raise ValueError(f"data pipeline state was saved with different settings "
                              f"(saved, now): {changed}")
-        self._iterator.set_state(state["grain"])
+        where = {row: i for i, row in enumerate(state["rows"])}
+        missing = [row for row in self.rows if row not in where]
+        if missing:
+            raise ValueError(f"data pipeline state holds rows {state['rows']} but this process "
+                             f"reads rows {missing} too")
+        grain_state = state["grain"]
+        self._iterator.set_state(
+            {"streams": [grain_state["streams"][where[row]] for row in self.rows],
+             "done": [grain_state["done"][where[row]] for row in self.rows]})
 
     def close(self) -> None:
         """Stops the background threads. Also done at exit and when garbage-collected."""
         self._finalizer()
+
+
+def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One state from the `get_state()` of every process: the position of each global row
+    (rows read by several processes, as when the batch is replicated, agree)."""
+    first = states[0]
+    streams, done = {}, {}
+    for state in states:
+        if state["version"] != first["version"] or state["meta"] != first["meta"]:
+            raise ValueError("data pipeline states of the processes disagree on their settings: "
+                             f"{first['meta']} vs {state['meta']}")
+        for i, row in enumerate(state["rows"]):
+            streams[row] = state["grain"]["streams"][i]
+            done[row] = state["grain"]["done"][i]
+    rows = sorted(streams)
+    return {"version": first["version"], "meta": first["meta"], "rows": rows,
+            "grain": {"streams": [streams[r] for r in rows], "done": [done[r] for r in rows]}}
+
+
+def _upgrade(state: dict[str, Any]) -> dict[str, Any]:
+    """A version 2 state of a single process as version 3 (the same data order)."""
+    meta = state.get("meta", {})
+    if state.get("version") != 2 or meta.get("process_count") != 1:
+        return state
+    batch = meta["local_batch"]
+    meta = {k: v for k, v in meta.items() if k not in ("local_batch", "process_index", "process_count")}
+    return {"version": 3, "meta": {**meta, "global_batch": batch}, "rows": list(range(batch)),
+            "grain": state["grain"]}
 
 
 def _close_box(box: list[grain.DatasetIterator]) -> None:
@@ -150,20 +197,29 @@ def _close_box(box: list[grain.DatasetIterator]) -> None:
 
 def make_iterator(data_cfg: ml_collections.ConfigDict, *, split: str = "train",
                   process_index: int = 0, process_count: int = 1,
+                  rows: Sequence[int] | None = None,
                   tokenizer: tokenizers.Tokenizer | None = None) -> BatchIterator:
-    """The batch iterator of host `process_index` of `process_count` for `split`.
+    """The batch iterator of the global batch's `rows` (default: process `process_index`'s
+    equal share, rows [p*B/P, (p+1)*B/P) of B = data_cfg.global_batch_size) for `split`.
 
     Train is shuffled with `data_cfg.shuffle_seed`, reshuffled every epoch and repeats
     forever; other splits are read once in stored order, the last batch padded.
     Needs `sources.prepare(data_cfg, name)` to have run for every source of the mixture.
     """
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
-    if data_cfg.global_batch_size % process_count:
-        raise ValueError(
-            f"data.global_batch_size={data_cfg.global_batch_size} is not divisible by the "
-            f"process count {process_count}")
-    local_batch = data_cfg.global_batch_size // process_count
+    global_batch = data_cfg.global_batch_size
+    if rows is None:
+        if process_count < 1 or not 0 <= process_index < process_count:
+            raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
+        if global_batch % process_count:
+            raise ValueError(
+                f"data.global_batch_size={global_batch} is not divisible by the "
+                f"process count {process_count}")
+        share = global_batch // process_count
+        rows = range(process_index * share, (process_index + 1) * share)
+    rows = [int(r) for r in rows]
+    if not rows or len(set(rows)) != len(rows) or not all(0 <= r < global_batch for r in rows):
+        raise ValueError(f"rows {rows} are not distinct rows of the global batch "
+                         f"[0, {global_batch})")
     train = split == "train"
     tokenizer = tokenizer or tokenizers.load_tokenizer(data_cfg)
     mixture = config_lib.parse_mixture(data_cfg.dataset)
@@ -171,13 +227,12 @@ def make_iterator(data_cfg: ml_collections.ConfigDict, *, split: str = "train",
     parts = []
     for i, (name, _) in enumerate(mixture):
         source = sources.load(data_cfg, name, split)
-        # Disjoint strided shards; sharding before shuffling keeps every host's epoch its own.
-        ds = grain.MapDataset.source(source)[process_index::process_count]
+        ds = grain.MapDataset.source(source)
         if len(ds) == 0:
-            raise ValueError(f"source {name!r} split {split!r} has {len(source)} documents, "
-                             f"too few for {process_count} processes")
+            raise ValueError(f"source {name!r} split {split!r} has no documents")
         if train:
-            # shuffle-then-repeat: grain reseeds the shuffle per epoch (seed + epoch).
+            # shuffle-then-repeat: grain reseeds the shuffle per epoch (seed + epoch). Every
+            # process shuffles the whole source alike: the order is global.
             ds = ds.shuffle(seed=data_cfg.shuffle_seed + 7919 * i).repeat(None)
         parts.append(ds)
     tokenize = _Tokenize(tokenizer)
@@ -187,7 +242,7 @@ def make_iterator(data_cfg: ml_collections.ConfigDict, *, split: str = "train",
         """Documents j, j + B, ... of every source, mixed. (Mixing first and striding after
         would not do: grain mixes in a fixed periodic pattern, so a stride that is a
         multiple of its period gives a stream one source only.)"""
-        shards = [part[j::local_batch] for part in parts]
+        shards = [part[j::global_batch] for part in parts]
         if len(shards) == 1:
             ds = shards[0]
         elif train:
@@ -201,12 +256,11 @@ def make_iterator(data_cfg: ml_collections.ConfigDict, *, split: str = "train",
     # grain's default 16 reader threads each would swamp a host.
     read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
     streams = [PackedRows(stream_documents(j).to_iter_dataset(read), row_len, data_cfg.packing)
-               for j in range(local_batch)]
+               for j in rows]
     it_ds = grain.experimental.ThreadPrefetchIterDataset(
         _RowBatches(streams, row_len), prefetch_buffer_size=int(data_cfg.prefetch))
 
     meta = {"dataset": data_cfg.dataset, "split": split, "tokenizer": tokenizer.fingerprint,
-            "packing": data_cfg.packing, "seq_len": int(data_cfg.seq_len), "local_batch": local_batch,
-            "shuffle_seed": int(data_cfg.shuffle_seed), "process_index": process_index,
-            "process_count": process_count}
-    return BatchIterator(it_ds, meta)
+            "packing": data_cfg.packing, "seq_len": int(data_cfg.seq_len),
+            "global_batch": int(global_batch), "shuffle_seed": int(data_cfg.shuffle_seed)}
+    return BatchIterator(it_ds, meta, rows)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.model.layers import apply_rope, constant, dense, param
+from jaxlm.model.layers import RopeSpec, apply_rope, constant, param, project
 from jaxlm.sharding import constrain
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: rows never become NaN
@@ -86,29 +86,34 @@ def prepare_mask(backend: str, segment_ids_BxL: jax.Array | None, length: int,
 
 class Attention(nnx.Module):
     def __init__(self, *, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int,
-                 use_bias: bool, rope_theta: float | None, std: float, out_std: float,
-                 dtype, backend: str, rngs: nnx.Rngs):
+                 use_bias: bool, rope_theta: float | RopeSpec | None, std: float,
+                 out_std: float, dtype, backend: str, rngs: nnx.Rngs, qkv_bias: bool = False):
+        """use_bias: biases on q, k, v and the output (GPT-2); qkv_bias: on q, k, v only
+        (Qwen2). rope_theta: a RopeSpec (or plain theta) for rotary embeddings, None: none."""
         self.wq = param(rngs, (d_model, n_heads, head_dim), ("embed", "heads", "head_dim"), std)
         self.wk = param(rngs, (d_model, n_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), std)
         self.wv = param(rngs, (d_model, n_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), std)
         self.wo = param(rngs, (n_heads, head_dim, d_model), ("heads", "head_dim", "embed"), out_std)
-        if use_bias:
+        if use_bias or qkv_bias:
             self.bq = constant((n_heads, head_dim), ("heads", "head_dim"), 0.0)
             self.bk = constant((n_kv_heads, head_dim), ("kv_heads", "head_dim"), 0.0)
             self.bv = constant((n_kv_heads, head_dim), ("kv_heads", "head_dim"), 0.0)
+        if use_bias:
             self.bo = constant((d_model,), ("embed",), 0.0)
-        self.use_bias = use_bias
+        self.use_bias = use_bias  # the output bias
+        self.qkv_bias = use_bias or qkv_bias
         self.rope_theta = rope_theta
         self.dtype = dtype
         self.backend = backend
 
-    def __call__(self, x_BxLxD, positions_BxL, mask):
-        """`mask` comes from `prepare_mask` for this module's backend."""
+    def __call__(self, x_BxLxD, positions_BxL, mask, cache=None):
+        """`mask` comes from `prepare_mask` for this module's backend. With `cache` (a
+        kv_cache.LayerCache, generation) returns (out, cache updated)."""
         dt = self.dtype
-        q = dense(x_BxLxD, self.wq[...], dt)
-        k = dense(x_BxLxD, self.wk[...], dt)
-        v = dense(x_BxLxD, self.wv[...], dt)
-        if self.use_bias:
+        q = project(self, "wq", x_BxLxD, dt)
+        k = project(self, "wk", x_BxLxD, dt)
+        v = project(self, "wv", x_BxLxD, dt)
+        if self.qkv_bias:
             q, k, v = (q + self.bq[...].astype(dt), k + self.bk[...].astype(dt),
                        v + self.bv[...].astype(dt))
         if self.rope_theta is not None:
@@ -117,8 +122,12 @@ class Attention(nnx.Module):
         q = constrain(q, ("batch", "sequence", "act_heads", None))
         k = constrain(k, ("batch", "sequence", "act_kv_heads", None))
         v = constrain(v, ("batch", "sequence", "act_kv_heads", None))
-        out_BxLxHxK = BACKENDS[self.backend][1](q, k, v, mask)
+        if cache is None:
+            out_BxLxHxK = BACKENDS[self.backend][1](q, k, v, mask)
+        else:  # generation: attend over the KV cache too (jaxlm/model/kv_cache.py)
+            out_BxLxHxK, cache = cache.attend(q, k, v, mask, BACKENDS[self.backend][1])
         b, length = out_BxLxHxK.shape[:2]
         wo_HKxD = self.wo[...].reshape(-1, self.wo.shape[-1])
-        out = dense(out_BxLxHxK.reshape(b, length, -1), wo_HKxD, dt)
-        return out + self.bo[...].astype(dt) if self.use_bias else out
+        out = project(self, "wo", out_BxLxHxK.reshape(b, length, -1), dt, wo_HKxD)
+        out = out + self.bo[...].astype(dt) if self.use_bias else out
+        return out if cache is None else (out, cache)

@@ -7,10 +7,13 @@ Parameters are float32; matmuls run in the module's compute dtype.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxlm.sharding import constrain
@@ -35,6 +38,16 @@ def dense(x_BxLxD: jax.Array, w: jax.Array, dtype) -> jax.Array:
     out_shape = w.shape[1:]
     y = jnp.dot(x_BxLxD.reshape(b * length, d), w.reshape(d, -1).astype(dtype))
     return y.reshape(b, length, *out_shape)
+
+
+def project(module: nnx.Module, name: str, x_BxLxI: jax.Array, dtype,
+            w: jax.Array | None = None) -> jax.Array:
+    """dense(x, module.<name>) (or `w`, the same weight reshaped for the matmul); when a
+    low-rank adapter is attached as `module.lora_<name>` (jaxlm/finetune/lora.py), the
+    adapter computes the projection, without the frozen weight's gradient matmul."""
+    w = getattr(module, name)[...] if w is None else w
+    adapter = getattr(module, "lora_" + name, None)
+    return dense(x_BxLxI, w, dtype) if adapter is None else adapter.project(x_BxLxI, w, dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -77,10 +90,10 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         dt = self.dtype
-        gate_BxLxF = dense(x_BxLxD, self.w_gate[...], dt)
-        up_BxLxF = dense(x_BxLxD, self.w_up[...], dt)
+        gate_BxLxF = project(self, "w_gate", x_BxLxD, dt)
+        up_BxLxF = project(self, "w_up", x_BxLxD, dt)
         h_BxLxF = constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "sequence", "act_mlp"))
-        return dense(h_BxLxF, self.w_down[...], dt)
+        return project(self, "w_down", h_BxLxF, dt)
 
 
 class GeluMLP(nnx.Module):
@@ -95,16 +108,62 @@ class GeluMLP(nnx.Module):
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         dt = self.dtype
-        h_BxLxF = dense(x_BxLxD, self.w_in[...], dt) + self.b_in[...].astype(dt)
+        h_BxLxF = project(self, "w_in", x_BxLxD, dt) + self.b_in[...].astype(dt)
         h_BxLxF = constrain(jax.nn.gelu(h_BxLxF, approximate=True), ("batch", "sequence", "act_mlp"))
-        return dense(h_BxLxF, self.w_out[...], dt) + self.b_out[...].astype(dt)
+        return project(self, "w_out", h_BxLxF, dt) + self.b_out[...].astype(dt)
 
 
-def apply_rope(x_BxLxNxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class RopeSpec:
+    """Rotary frequencies theta^(-2i/K), optionally rescaled for a longer context exactly as
+    Hugging Face transformers does (modeling_rope_utils): "linear" divides every frequency
+    by `factor`; "llama3" (Llama 3.1) divides low frequencies (wavelength above
+    original_max_len / low_freq_factor) by `factor`, keeps high ones (wavelength below
+    original_max_len / high_freq_factor) and blends linearly in between."""
+
+    theta: float
+    scaling: str = "none"  # none | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+    def inv_freq(self, head_dim: int) -> np.ndarray:
+        """float32 frequencies, K/2 of them, computed in float32 in the same order of
+        operations as transformers, so both give the same angles."""
+        f32 = np.float32
+        inv = f32(1.0) / (f32(self.theta) ** (np.arange(0, head_dim, 2).astype(f32) / f32(head_dim)))
+        if self.scaling == "linear":
+            return (inv / f32(self.factor)).astype(f32)
+        if self.scaling == "llama3":
+            factor, old_len = f32(self.factor), self.original_max_len
+            low_wavelen = old_len / self.low_freq_factor
+            high_wavelen = old_len / self.high_freq_factor
+            wavelen = f32(2 * math.pi) / inv
+            scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+            smooth = ((f32(old_len) / wavelen - f32(self.low_freq_factor))
+                      / f32(self.high_freq_factor - self.low_freq_factor))
+            smoothed = (f32(1) - smooth) * scaled / factor + smooth * scaled
+            medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+            return np.where(medium, smoothed, scaled).astype(f32)
+        return inv.astype(f32)
+
+
+def rope_spec(model_cfg) -> RopeSpec:
+    """The rotary embedding of config keys model.rope_theta and model.rope_scaling."""
+    s = model_cfg.rope_scaling
+    return RopeSpec(theta=float(model_cfg.rope_theta), scaling=s.type, factor=float(s.factor),
+                    low_freq_factor=float(s.low_freq_factor),
+                    high_freq_factor=float(s.high_freq_factor),
+                    original_max_len=int(s.original_max_len))
+
+
+def apply_rope(x_BxLxNxK: jax.Array, positions_BxL: jax.Array, rope: float | RopeSpec) -> jax.Array:
     """Rotary embedding, half-split convention (as Hugging Face LLaMA): rotate (x1, x2) pairs
-    taken from the two halves of head_dim, with frequencies theta^(-2i/K)."""
+    taken from the two halves of head_dim. `rope` is a RopeSpec or a plain theta."""
     k = x_BxLxNxK.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
+    rope = rope if isinstance(rope, RopeSpec) else RopeSpec(theta=float(rope))
+    inv_freq = jnp.asarray(rope.inv_freq(k))
     angles_BxLxk = positions_BxL.astype(jnp.float32)[..., None] * inv_freq
     cos = jnp.cos(angles_BxLxk)[:, :, None, :]
     sin = jnp.sin(angles_BxLxk)[:, :, None, :]

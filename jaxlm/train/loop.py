@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
+from jaxlm import distributed
 from jaxlm import metrics as metrics_lib
 from jaxlm import sharding
 from jaxlm.data import pipeline, sources, tokenizers
@@ -140,8 +141,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[di
             f"{stats['invalid_utf8_replaced']:,} with invalid UTF-8 replaced")
     if is_writer:
         tokenizer.save(workdir / "tokenizer")  # the run describes itself: generation needs it
-    data_iter = pipeline.make_iterator(cfg.data, split="train", process_index=jax.process_index(),
-                                       process_count=jax.process_count(), tokenizer=tokenizer)
+    # This process reads the rows of the global batch its devices hold: the batch does not
+    # depend on the process count.
+    rows = distributed.local_rows(sharding.batch_sharding(mesh), cfg.data.global_batch_size)
+    data_iter = pipeline.make_iterator(cfg.data, split="train", rows=rows, tokenizer=tokenizer)
 
     # ---- model, optimizer, sharded state ---------------------------------------------
     total_steps = cfg.train.steps
@@ -186,7 +189,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[di
 
                 is_log = step % cfg.train.log_every == 0 or step == total_steps
                 stop = watch.should_stop(step)
-                is_save = checkpointer.should_save(step, total_steps) or stop
+                is_save = checkpointer.should_save(step, total_steps, check_clock=is_log) or stop
                 if is_log or is_save:  # the only places the host waits for the device
                     nonfinite_seen = check_finite(state, nonfinite_seen, last_log_step, step,
                                                   cfg.train.nonfinite, checkpointer, say)
@@ -209,8 +212,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[di
                     metrics_lib.print_progress(
                         metrics_lib.progress_line(step, total_steps, scalars, eta), is_writer)
                     last_log_time, last_log_step = time.perf_counter(), step
-                if is_save:
-                    checkpointer.save(step, state, data_iter.get_state(), metadata)
+                if is_save:  # every process's data position: one state for any process count
+                    data_states = distributed.allgather_json(data_iter.get_state())
+                    checkpointer.save(step, state, pipeline.merge_states(data_states), metadata)
                 if stop:
                     checkpointer.wait()
                     raise Preempted(step, checkpointer.directory / str(step))

@@ -225,6 +225,7 @@ def real_param_count(model):
     dict(family="llama", tie_embeddings=False),
     dict(family="llama", n_kv_heads=1, head_dim=12, n_layers=3),
     dict(family="llama", n_kv_heads=4, tie_embeddings=False, d_ff=40),
+    dict(family="llama", qkv_bias=True, n_kv_heads=1, head_dim=12),
     dict(family="gpt2"),
     dict(family="gpt2", tie_embeddings=False, n_layers=3, max_seq_len=40),
 ], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))

@@ -1,0 +1,248 @@
+"""`jaxlm convert to-hf WORKDIR --out HF_DIR`: a jaxlm checkpoint -> a Hugging Face directory.
+
+Writes config.json (llama; qwen2 when the model has q/k/v biases; gpt2), the weights as
+safetensors (model.safetensors, or shards with model.safetensors.index.json above
+--max-shard-size), streamed one tensor at a time, and the tokenizer: a Hugging Face tokenizer
+is copied with a tokenizer_config.json; jaxlm's byte tokenizer becomes an equivalent
+tokenizer.json (byte-level, no merges: byte b -> id b + 3, <pad> <s> </s> = 0 1 2); a
+SentencePiece model is copied as tokenizer.model for LlamaTokenizer. The result loads with
+`transformers.AutoModelForCausalLM.from_pretrained(HF_DIR)` (no remote code).
+
+Parameters are restored one at a time (Orbax partial restore, checked against the saved
+fingerprints) and the safetensors are written projection by projection, so an export holds
+about one parameter in memory. Caveat: for model_type qwen2, transformers 5's AutoTokenizer
+always builds its own Qwen2Tokenizer from the files; a tokenizer that is not Qwen's (e.g.
+jaxlm's byte tokenizer) must be loaded with PreTrainedTokenizerFast.from_pretrained(HF_DIR).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import shutil
+from typing import Any, Callable
+
+import numpy as np
+
+from jaxlm import config as config_lib
+from jaxlm.convert import hf_config, mappings
+from jaxlm.convert import params as params_lib
+from jaxlm.convert import safetensors_io as st
+from jaxlm.convert.hf_import import ConversionError
+
+EXPORT_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
+                 "bfloat16": st.DTYPES["BF16"]}
+DEFAULT_MAX_SHARD = "5GB"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5e9 bytes, '500MiB' -> 500 * 2**20, 1000 -> 1000 (units as Hugging Face)."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).upper() not in _UNITS:
+        raise ConversionError(f"--max-shard-size: {text!r} is not a size like 5GB or 500MiB")
+    size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if size <= 0:
+        raise ConversionError(f"--max-shard-size: {text!r} must be positive")
+    return size
+
+
+def tensor_plans(model_cfg, param: Callable[[str], np.ndarray],
+                 dtype: np.dtype) -> list[st.TensorPlan]:
+    """Every HF tensor of the model, rule by rule (all layers of one projection together),
+    each produced on demand from `param(path)`, the whole stacked parameter."""
+    plans = []
+    for rule in mappings.rules(model_cfg):
+        layers = range(model_cfg.n_layers) if rule.layered else [None]
+        for layer in layers:
+            def produce(rule=rule, layer=layer) -> np.ndarray:
+                parts = [(param(p) if layer is None else param(p)[layer]).reshape(rule.part_shape())
+                         for p in rule.params]
+                array = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+                return (array.T if rule.transpose else array).astype(dtype)
+            name = rule.hf.format(i=layer) if layer is not None else rule.hf
+            plans.append(st.TensorPlan(name, rule.hf_shape, dtype, produce))
+    return plans
+
+
+class ParamReader:
+    """The parameters of one checkpoint step, restored one at a time as NumPy (Orbax partial
+    restore) and checked against the fingerprints saved with them; only the most recently
+    used `keep` parameters stay in memory (set it to the most one HF tensor needs), so an
+    export holds about one parameter, not the model."""
+
+    def __init__(self, workdir: str | pathlib.Path, step: int | None = None, keep: int = 3):
+        import orbax.checkpoint as ocp
+
+        from jaxlm.checkpoint_tools import (CheckpointToolError, _manager, _reading,
+                                            _resolve_step, locate)
+        try:
+            location = locate(workdir, step)
+            with _manager(location.checkpoints) as manager:
+                self.step = _resolve_step(manager, location)
+                self.step_dir = location.checkpoints / str(self.step)
+                json_items = {"metadata": ocp.args.JsonRestore()}
+                if (self.step_dir / "checksums").is_dir():  # absent in older checkpoints
+                    json_items["checksums"] = ocp.args.JsonRestore()
+                with _reading(self.step_dir):
+                    items = manager.restore(self.step, args=ocp.args.Composite(**json_items))
+                    tree = ocp.PyTreeCheckpointHandler().metadata(self.step_dir / "state").tree
+        except CheckpointToolError as e:
+            raise ConversionError(str(e)) from None
+        self.workdir = location.workdir
+        self.metadata = items["metadata"] or {}
+        self.checksums = items.get("checksums") or {}
+        self.saved = {name: (tuple(m.shape), np.dtype(m.dtype))
+                      for name, m in params_lib.flatten(tree.get("params", {})).items()}
+        self.keep, self._cache = keep, {}
+
+    def __call__(self, name: str) -> np.ndarray:
+        if name not in self._cache:
+            while len(self._cache) >= max(self.keep, 1):
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[name] = self._restore(name)
+        return self._cache[name]
+
+    def _restore(self, name: str) -> np.ndarray:
+        import orbax.checkpoint as ocp
+
+        from jaxlm.checkpoint_tools import _quiet_orbax
+        shape, dtype = self.saved[name]
+        item = {"params": params_lib.unflatten({name: np.empty((0,), dtype)})}
+        args = {"params": params_lib.unflatten({name: ocp.RestoreArgs(restore_type=np.ndarray)})}
+        checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+        try:
+            with _quiet_orbax():
+                value = checkpointer.restore(self.step_dir / "state", args=ocp.args.PyTreeRestore(
+                    item=item, restore_args=args, partial_restore=True))
+        except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types
+            raise ConversionError(f"cannot read parameter {name!r} of {self.step_dir}: "
+                                  f"{type(e).__name__}: {str(e)[:300]}") from None
+        finally:
+            checkpointer.close()
+        value = np.asarray(params_lib.flatten(value["params"])[name])
+        key = f"params/{name}"
+        if key in self.checksums and (params_lib.fingerprint(name, value).get(key)
+                                      != self.checksums[key]):
+            raise ConversionError(f"checkpoint {self.step_dir}: {name!r} does not match the "
+                                  f"fingerprint saved with it (damaged data)")
+        if value.shape != shape:
+            raise ConversionError(f"checkpoint {self.step_dir}: {name!r} restored with shape "
+                                  f"{value.shape}, saved {shape}")
+        return value
+
+
+def byte_tokenizer_json() -> str:
+    """A Hugging Face tokenizer.json that encodes and decodes exactly as jaxlm's byte
+    tokenizer: <pad> <s> </s> are ids 0 1 2 and byte b is id b + 3."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins, unordered
+    mapping = _bytes_to_unicode()
+    assert set(mapping.values()) == set(byte_chars)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{mapping[b]: b + 3 for b in range(256)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<pad>", "<s>", "</s>")])
+    return tok.to_str()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table (the ByteLevel alphabet)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def write_tokenizer(tokenizer_dir: pathlib.Path, out: pathlib.Path, max_len: int,
+                    log: Callable[[str], None]) -> dict[str, int | None]:
+    """Tokenizer files for transformers; returns the pad/bos/eos ids."""
+    from jaxlm.data import tokenizers
+
+    if not (tokenizer_dir / tokenizers.SAVED_CONFIG).is_file():
+        log(f"note: no tokenizer in {tokenizer_dir}; the export has none")
+        return {}
+    tok = tokenizers.load_saved(tokenizer_dir)
+    special = {"pad_id": tok.pad_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id}
+    settings: dict[str, Any] = {"model_max_length": max_len, "clean_up_tokenization_spaces": False}
+    if tok.name == "sentencepiece":
+        import sentencepiece
+
+        model_path = tokenizer_dir / tokenizers.SentencePieceTokenizer._file_name
+        shutil.copyfile(model_path, out / "tokenizer.model")
+        # LlamaTokenizer prepends "▁" unless told the model does not (jaxlm trains without
+        # SentencePiece's dummy prefix): probe the model itself.
+        processor = sentencepiece.SentencePieceProcessor(model_proto=model_path.read_bytes())
+        dummy_prefix = processor.encode("a", out_type=str)[0].startswith("\u2581")
+        settings.update(tokenizer_class="LlamaTokenizer", add_bos_token=False, add_eos_token=False,
+                        add_prefix_space=dummy_prefix, legacy=False)
+        (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+        return special
+    from tokenizers import Tokenizer
+    text = (byte_tokenizer_json() if tok.name == "byte"
+            else (tokenizer_dir / tokenizers.HFTokenizer._file_name).read_text(encoding="utf-8"))
+    (out / "tokenizer.json").write_text(text, encoding="utf-8")
+    backend = Tokenizer.from_str(text)
+    for key in ("bos", "eos", "pad"):
+        i = special[f"{key}_id"]
+        if i is not None:
+            settings[f"{key}_token"] = backend.id_to_token(i)
+    settings["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    return special
+
+
+def export_hf(workdir: str | pathlib.Path, out: str | pathlib.Path, dtype: str = "float32",
+              max_shard_size: str | int = DEFAULT_MAX_SHARD, step: int | None = None,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Writes the Hugging Face directory `out` for a checkpoint of `workdir` (a run
+    directory, its checkpoints/ or one step; default the latest step). Returns a summary."""
+    if dtype not in EXPORT_DTYPES:
+        raise ConversionError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+    max_bytes = parse_size(max_shard_size)
+    out = pathlib.Path(out).expanduser().absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConversionError(f"output exists and is not an empty directory: {out}")
+    reader = ParamReader(workdir, step)
+    try:
+        model_cfg = params_lib.model_config_of_run(reader.metadata)
+    except (ValueError, config_lib.ConfigError) as e:
+        raise ConversionError(f"{reader.step_dir}: {e}") from None
+    shapes, _ = params_lib.abstract_params(model_cfg)
+    lora_hint = ("; a LoRA run holds adapters: fold them into the base with "
+                 "`jaxlm lora merge WORKDIR --out DIR` and export DIR")
+    for name, s in shapes.items():
+        if reader.saved.get(name, (None,))[0] != tuple(s.shape):
+            raise ConversionError(f"checkpoint parameter {name!r} is "
+                                  f"{reader.saved[name][0] if name in reader.saved else 'missing'}"
+                                  f"; the saved model config implies {tuple(s.shape)}"
+                                  + (lora_hint if name not in reader.saved else ""))
+    extra = sorted(set(reader.saved) - set(shapes))
+    if extra:  # exporting without them would silently drop trained weights
+        raise ConversionError(f"checkpoint parameter {extra[0]!r} has no place in a Hugging Face "
+                              f"{model_cfg.family} model ({len(extra)} such){lora_hint}")
+    out.mkdir(parents=True, exist_ok=True)
+    reader.keep = max(len(rule.params) for rule in mappings.rules(model_cfg))
+    plans = tensor_plans(model_cfg, reader, EXPORT_DTYPES[dtype])
+    files = st.write_checkpoint(out, plans, max_bytes)
+    special = write_tokenizer(reader.workdir / "tokenizer", out, model_cfg.max_seq_len, log)
+    config = hf_config.hf_config(model_cfg, dtype, special)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    step = reader.step
+    nbytes = sum(p.nbytes for p in plans)
+    log(f"wrote {config['model_type']} ({len(plans)} tensors, {dtype}, {nbytes / 2**20:,.1f} MiB "
+        f"in {len(files)} file(s)) of step {step} to {out}")
+    return {"model_type": config["model_type"], "files": [str(f) for f in files],
+            "bytes": nbytes, "step": step, "out": str(out)}

@@ -1,0 +1,226 @@
+"""`jaxlm convert from-hf HF_DIR --out WORKDIR`: a local Hugging Face checkpoint -> a jaxlm run.
+
+Order of work: config.json, every safetensors header, the tokenizer and the output
+directory are checked first (an unsupported architecture, a missing shard, a missing or
+unexpected tensor, a shape or dtype that does not fit: one error naming it, before any weight
+is read). Then each stacked parameter is allocated once as float32 and filled tensor by
+tensor (one HF tensor in memory at a time, read with plain file reads), and the result is
+saved as an Orbax checkpoint. Peak memory: one copy of the model plus Orbax's write buffers
+(`jaxlm convert bench` measures it). Nothing is unpickled, no code from the checkpoint runs,
+and nothing is fetched from the network.
+
+The run directory holds `checkpoints/0/` (parameters only, no optimizer state),
+`tokenizer/` (jaxlm's saved-tokenizer format) and `config.py` (a config whose runs start from
+these parameters).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any, Callable
+
+import ml_collections
+import numpy as np
+
+from jaxlm import config as config_lib
+from jaxlm.convert import hf_config, mappings
+from jaxlm.convert import params as params_lib
+from jaxlm.convert import safetensors_io as st
+
+
+class ConversionError(ValueError):
+    """Bad input to a conversion; the message names the file, key or tensor."""
+
+
+@dataclasses.dataclass
+class HFCheckpoint:
+    """A checked Hugging Face checkpoint directory: nothing but headers read so far."""
+
+    directory: pathlib.Path
+    config: dict[str, Any]
+    model_cfg: ml_collections.ConfigDict
+    notes: list[str]
+    tensors: dict[str, st.TensorInfo]  # every tensor of every shard
+    plan: dict[str, tuple[mappings.Rule, int | None]]  # tensor -> (rule, layer), ignored ones out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.tensors[name].nbytes for name in self.plan)
+
+
+def open_checkpoint(hf_dir: str | pathlib.Path) -> HFCheckpoint:
+    """Reads config.json and the safetensors headers and checks that every tensor the model
+    needs is there, with the right shape and a floating-point dtype, and nothing else is."""
+    directory = pathlib.Path(hf_dir).expanduser().absolute()
+    if not directory.is_dir():
+        raise ConversionError(f"no such directory: {directory}")
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(f"{config_path} does not exist: not a Hugging Face model directory")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as e:
+        raise ConversionError(f"{config_path} is not valid JSON: {e}") from None
+    try:
+        model_cfg, notes = hf_config.model_config(config, str(config_path))
+        params_lib.run_config(model_cfg, directory, "byte")  # validates the model keys
+        tensors = st.read_headers(st.checkpoint_files(directory))
+    except (hf_config.HFConfigError, st.SafetensorsError) as e:
+        raise ConversionError(str(e)) from None
+    except config_lib.ConfigError as e:
+        raise ConversionError(f"{config_path} gives an invalid jaxlm model: {e}") from None
+    prefix = "" if "wte.weight" in tensors else "transformer."  # GPT2Model vs GPT2LMHeadModel
+    named = mappings.expand(mappings.rules(model_cfg, prefix), model_cfg.n_layers)
+    ignored = set(mappings.expand([mappings.Rule(n, (), ()) for n in
+                                   mappings.ignorable(model_cfg, prefix)], model_cfg.n_layers))
+    where = f"{directory} ({config['model_type']}, {model_cfg.n_layers} layers)"
+    unknown = [n for n in tensors if n not in named and n not in ignored]
+    if unknown:
+        raise ConversionError(f"tensor {unknown[0]!r} in {tensors[unknown[0]].path.name} is not "
+                              f"part of the model config.json describes: {where} "
+                              f"({len(unknown)} such tensors)")
+    missing = [n for n in named if n not in tensors]
+    if missing:
+        raise ConversionError(f"tensor {missing[0]!r} is missing from {where} "
+                              f"({len(missing)} missing)")
+    for name, (rule, _) in named.items():
+        info = tensors[name]
+        if info.shape != rule.hf_shape:
+            raise ConversionError(f"tensor {name!r} in {info.path.name} has shape {info.shape}; "
+                                  f"config.json implies {rule.hf_shape}")
+        if info.dtype not in st.FLOAT_DTYPES:
+            raise ConversionError(f"tensor {name!r} in {info.path.name} has dtype {info.dtype}; "
+                                  f"a floating-point weight ({', '.join(st.FLOAT_DTYPES)}) is "
+                                  f"expected (quantized checkpoints are not supported)")
+    return HFCheckpoint(directory, config, model_cfg, notes, tensors, named)
+
+
+def read_params(ckpt: HFCheckpoint, on_complete: Callable[[str, np.ndarray], None] | None = None
+                ) -> dict[str, np.ndarray]:
+    """Every jaxlm parameter as float32 NumPy, by "/"-joined path. Each stacked parameter
+    is allocated once and filled layer by layer; one HF tensor is held at a time.
+
+    Parameters are filled largest first, and `on_complete(name, array)` runs as soon as one
+    is whole: work that needs a temporary copy of a parameter (the fingerprints) then
+    happens while little else is resident."""
+    shapes, _ = params_lib.abstract_params(ckpt.model_cfg)
+    flat = {name: np.empty(s.shape, np.float32) for name, s in shapes.items()}
+    by_rule: dict[mappings.Rule, list[tuple[st.TensorInfo, int | None]]] = {}
+    for name, (rule, layer) in ckpt.plan.items():
+        by_rule.setdefault(rule, []).append((ckpt.tensors[name], layer))
+    for rule, entries in sorted(by_rule.items(), key=lambda kv: -sum(i.nbytes for i, _ in kv[1])):
+        layers = set()
+        for info, layer in entries:
+            _fill(info, rule, [flat[p] if layer is None else flat[p][layer] for p in rule.params])
+            layers.add(layer)
+        expected = set(range(ckpt.model_cfg.n_layers)) if rule.layered else {None}
+        if layers != expected:
+            raise ConversionError(f"{rule.hf}: layers {sorted(layers)} read, {sorted(expected)} "
+                                  f"expected")
+        for p in rule.params:
+            if on_complete:
+                on_complete(p, flat[p])
+    unfilled = set(flat) - {p for rule in by_rule for p in rule.params}
+    if unfilled:
+        raise ConversionError(f"no tensor of the checkpoint maps to parameter {sorted(unfilled)[0]!r}")
+    return flat
+
+
+def _fill(info: st.TensorInfo, rule: mappings.Rule, targets: list[np.ndarray]) -> None:
+    """Copies one HF tensor into its parameter slices (transposed, split, cast to float32)."""
+    if len(targets) == 1 and not rule.transpose and info.dtype == "F32":
+        st.read_tensor(info, out=targets[0].reshape(info.shape))  # straight into place
+        return
+    raw = st.read_tensor(info)
+    array = raw.T if rule.transpose else raw
+    for target, part in zip(targets, np.split(array, len(targets), axis=-1)):
+        np.copyto(target.reshape(part.shape), part, casting="unsafe")
+
+
+def load_tokenizer(ckpt: HFCheckpoint):
+    """The checkpoint's tokenizer (tokenizer.json, else a SentencePiece tokenizer.model) with
+    the bos/eos/pad ids config.json names, checked against the model's vocabulary."""
+    from jaxlm.data import tokenizers
+
+    directory, config = ckpt.directory, ckpt.config
+    path = directory / "tokenizer.json"
+    kind = tokenizers.HFTokenizer
+    if not path.is_file():
+        path, kind = directory / "tokenizer.model", tokenizers.SentencePieceTokenizer
+    if not path.is_file():
+        raise ConversionError(f"no tokenizer in {directory}: expected tokenizer.json (or a "
+                              f"SentencePiece tokenizer.model)")
+    try:
+        tok = kind.from_file(path)
+        special = {"pad_id": tok.pad_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id}
+        for key, hf_key in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id"),
+                            ("pad_id", "pad_token_id")):
+            value = config.get(hf_key)
+            value = value[0] if isinstance(value, list) and value else value
+            if isinstance(value, int) and 0 <= value < tok.vocab_size:
+                special[key] = value
+        if special != {"pad_id": tok.pad_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id}:
+            tok = kind(path.read_bytes(), source=str(path), special_ids=special)
+    except (ValueError, ImportError) as e:
+        raise ConversionError(f"{path}: {e}") from None
+    if tok.vocab_size > ckpt.model_cfg.vocab_size:
+        raise ConversionError(f"{path} has {tok.vocab_size} ids but the model's vocab_size is "
+                              f"{ckpt.model_cfg.vocab_size} (config.json)")
+    return tok
+
+
+def hf_metadata(ckpt: HFCheckpoint) -> dict[str, Any]:
+    """What the run remembers of its source: stop ids for generation, notes."""
+    eos = ckpt.config.get("eos_token_id")
+    gen_path = ckpt.directory / "generation_config.json"
+    if gen_path.is_file():
+        try:
+            eos = json.loads(gen_path.read_text()).get("eos_token_id", eos)
+        except ValueError:
+            pass
+    return {"hf_source": {
+        "path": str(ckpt.directory), "model_type": ckpt.config.get("model_type"),
+        "architectures": ckpt.config.get("architectures"),
+        "eos_token_ids": [e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int)],
+        "notes": ckpt.notes}}
+
+
+def _check_out(workdir: pathlib.Path) -> None:
+    if workdir.exists() and (not workdir.is_dir() or (workdir / "checkpoints").exists()
+                             or (workdir / params_lib.CONFIG_FILE).exists()):
+        raise ConversionError(f"{workdir} already holds a run (checkpoints/ or config.py): "
+                              f"choose a new --out directory")
+
+
+def import_hf(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Converts a local HF checkpoint into the jaxlm run directory `workdir` (see module
+    docstring). Returns a summary (model config, parameter count and bytes, paths)."""
+    workdir = pathlib.Path(workdir).expanduser().absolute()
+    ckpt = open_checkpoint(hf_dir)
+    tok = load_tokenizer(ckpt)
+    _check_out(workdir)
+    cfg = params_lib.run_config(ckpt.model_cfg, workdir, tok.name)
+    for note in ckpt.notes:
+        log(f"note: {note}")
+    log(f"reading {len(ckpt.plan)} tensors ({ckpt.nbytes / 2**20:,.1f} MiB) from {ckpt.directory}")
+    sums: dict[str, int] = {}
+    flat = read_params(ckpt, lambda name, value: sums.update(params_lib.fingerprint(name, value)))
+    _, axes = params_lib.abstract_params(ckpt.model_cfg)
+    workdir.mkdir(parents=True, exist_ok=True)
+    step_dir = params_lib.write_checkpoint(workdir, cfg, flat, axes, tok.name, hf_metadata(ckpt),
+                                           checksums=sums)
+    count = sum(a.size for a in flat.values())
+    nbytes = sum(a.nbytes for a in flat.values())
+    del flat
+    tok.save(workdir / "tokenizer")
+    params_lib.write_config_file(
+        workdir, cfg, f"A {ckpt.config['model_type']} model converted from Hugging Face "
+                      f"({ckpt.directory}) by `jaxlm convert from-hf`.")
+    log(f"wrote {count:,} parameters (float32, {nbytes / 2**20:,.1f} MiB) to {step_dir}; "
+        f"tokenizer ({tok.name}, {tok.vocab_size} ids) to {workdir / 'tokenizer'}; "
+        f"config {workdir / params_lib.CONFIG_FILE}")
+    return {"model": cfg.model.to_dict(), "param_count": count, "param_bytes": nbytes,
+            "checkpoint": str(step_dir), "workdir": str(workdir), "notes": ckpt.notes}

@@ -1,0 +1,98 @@
+"""The small synthetic datasets shipped in jaxlm/finetune/data/, and how they were made.
+
+    python -m jaxlm.finetune.examples      # rewrites the files (deterministic)
+
+sft_tiny.jsonl (prompt/response and chat lines mixed, some with a system message):
+    "What is the type of 3.5?" -> "float"     the Python type of a random literal
+    "Uppercase: import_path" -> "IMPORT_PATH" a Python-looking identifier in capitals
+classify_tiny.jsonl (text, label name): one line of Python and what kind of statement it is,
+    one of import, function, loop, assignment.
+
+Both suit a model pretrained on the default corpus (Python's standard library): the default
+`jaxlm train` run is the base of configs/sft_tiny.py, lora_tiny.py and classify_tiny.py.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import random
+
+DATA_DIR = pathlib.Path(__file__).parent / "data"
+CLASSIFY_LABELS = ("import", "function", "loop", "assignment")
+_WORDS = ("path", "name", "value", "item", "data", "line", "key", "node", "text", "size",
+          "count", "index", "result", "buffer", "token", "module", "config", "parser")
+_MODULES = ("os", "sys", "re", "json", "math", "time", "random", "pathlib", "typing",
+            "collections", "itertools", "functools", "dataclasses", "logging")
+
+
+def data_path(name: str) -> str:
+    """Absolute path of a shipped data file (configs use it)."""
+    return str(DATA_DIR / name)
+
+
+def _identifier(rng: random.Random) -> str:
+    return "_".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 2)))
+
+
+def _literal(rng: random.Random) -> tuple[str, str]:
+    kind = rng.choice(("int", "float", "str", "list", "dict", "tuple", "bool", "NoneType"))
+    n = rng.randint(0, 99)
+    text = {"int": str(n), "float": f"{n}.{rng.randint(0, 9)}", "str": repr(_identifier(rng)),
+            "list": f"[{n}, {rng.randint(0, 9)}]", "dict": f"{{{repr(rng.choice(_WORDS))}: {n}}}",
+            "tuple": f"({n}, {rng.randint(0, 9)})", "bool": rng.choice(("True", "False")),
+            "NoneType": "None"}[kind]
+    return text, kind
+
+
+def sft_records(count: int = 1200, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        if i % 2 == 0:
+            literal, kind = _literal(rng)
+            prompt, response = f"What is the type of {literal}?", kind
+            system = "You answer questions about Python."
+        else:
+            name = _identifier(rng)
+            prompt, response = f"Uppercase: {name}", name.upper()
+            system = "You rewrite identifiers."
+        if i % 3 == 0:  # chat format, with a system message on half of them
+            messages = ([{"role": "system", "content": system}] if i % 6 == 0 else []) + [
+                {"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+            out.append({"messages": messages})
+        else:
+            out.append({"prompt": prompt, "response": response})
+    return out
+
+
+def classify_records(count: int = 1200, seed: int = 1) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        label = rng.choice(CLASSIFY_LABELS)
+        a, b = _identifier(rng), _identifier(rng)
+        text = {
+            "import": rng.choice((f"import {rng.choice(_MODULES)}",
+                                  f"from {rng.choice(_MODULES)} import {a}")),
+            "function": rng.choice((f"def {a}({b}):", f"def {a}(self, {b}=None):")),
+            "loop": rng.choice((f"for {a} in {b}:", f"while {a} < {rng.randint(1, 99)}:",
+                                f"for {a} in range({b}):")),
+            "assignment": rng.choice((f"{a} = {b}", f"{a} = {rng.randint(0, 999)}",
+                                      f"self.{a} = {b}")),
+        }[label]
+        out.append({"text": text, "label": label})
+    return out
+
+
+def write(directory: pathlib.Path = DATA_DIR) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, recs in (("sft_tiny.jsonl", sft_records()), ("classify_tiny.jsonl", classify_records())):
+        with open(directory / name, "w") as f:
+            for r in recs:
+                f.write(json.dumps(r) + "\n")
+        print(f"wrote {directory / name} ({len(recs)} lines)")
+
+
+if __name__ == "__main__":
+    write()

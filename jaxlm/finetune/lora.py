@@ -1,0 +1,201 @@
+"""LoRA: low-rank adapters on the model's projections (Hu et al., 2021).
+
+An adapter of a projection W (in -> out) adds scale * dropout(x) A^T B, with A (r x in, as
+PEFT stores it) and B (r x out), scale = alpha / r. B starts at zero, so a fresh adapter
+leaves the model's function unchanged. `attach` sets an adapter as attribute `lora_<weight>`
+of the attention or MLP module, and `layers.project` lets it compute the projection.
+
+The step never computes the frozen W's gradient matmul (x^T dy, a third of a layer's matmul
+work): `lora_matmul` multiplies x by W' = W + scale A^T B (one GEMM, as W alone would cost),
+and its backward computes dx = dy W'^T and the adapters' gradients from the thin products
+h = x A^T and dh = dy B^T; dW = x^T dy is returned for correctness but nothing uses it when
+only the adapters train, so XLA removes it. With dropout the adapter's input differs from
+W's, so the adapter is applied as a separate term, (dropout(x) A^T) B.
+
+Adapters live in the stacked layer modules like every weight: A is (layers, r, *in), B is
+(layers, r, *out), with the logical axes of W's input and output dimensions ("embed",
+"heads", "mlp", ...) and None (replicated) for the small rank axis, so they shard with the
+model on any mesh. A is rank-major because its gradient dh^T x then comes out as an r x in
+product, which XLA:CPU computes about 5x faster than the in x r product x^T dh. Their
+parameters are `LoraParam`s: a fine-tuning run trains and saves only those
+(`nnx.state(model, LoraParam)`). Dropout keys (`LoraKey`) are filled in every step.
+
+Targets: q, k, v, o (attention wq, wk, wv, wo) and mlp (every MLP matrix: w_gate, w_up,
+w_down for llama; w_in, w_out for gpt2).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from jaxlm import sharding
+from jaxlm.finetune import options
+from jaxlm.model.layers import dense
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def lora_matmul(x_TxI: jax.Array, w_IxO: jax.Array, a_RxI: jax.Array, b_RxO: jax.Array,
+                scale: float, dtype) -> jax.Array:
+    """x (W + scale A^T B), in `dtype`, with the backward described in the module docstring."""
+    return jnp.dot(x_TxI, _merged(w_IxO, a_RxI, b_RxO, scale).astype(dtype))
+
+
+def _merged(w_IxO, a_RxI, b_RxO, scale):
+    return w_IxO + scale * jnp.dot(a_RxI.T, b_RxO)
+
+
+def _lora_matmul_fwd(x_TxI, w_IxO, a_RxI, b_RxO, scale, dtype):
+    merged_IxO = _merged(w_IxO, a_RxI, b_RxO, scale).astype(dtype)  # formed once, reused below
+    return jnp.dot(x_TxI, merged_IxO), (x_TxI, merged_IxO, w_IxO, a_RxI, b_RxO)
+
+
+def _lora_matmul_bwd(scale, dtype, residuals, dy_TxO):
+    x_TxI, merged_IxO, w_IxO, a_RxI, b_RxO = residuals
+    dx_TxI = jnp.dot(dy_TxO, merged_IxO.T)
+    h_TxR = jnp.dot(x_TxI, a_RxI.astype(dtype).T)
+    dh_TxR = jnp.dot(dy_TxO, b_RxO.astype(dtype).T)
+    # Rank-major products (r x T) @ (T x n): the fast layout on XLA:CPU.
+    db_RxO = (scale * jnp.dot(h_TxR.T, dy_TxO)).astype(b_RxO.dtype)
+    da_RxI = (scale * jnp.dot(dh_TxR.T, x_TxI)).astype(a_RxI.dtype)
+    dw_IxO = jnp.dot(x_TxI.T, dy_TxO).astype(w_IxO.dtype)  # dead code when W is frozen
+    return dx_TxI.astype(x_TxI.dtype), dw_IxO, da_RxI, db_RxO
+
+
+lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)
+
+ATTENTION_TARGETS = {"q": "wq", "k": "wk", "v": "wv", "o": "wo"}
+MLP_WEIGHTS = ("w_gate", "w_up", "w_down", "w_in", "w_out")
+INPUT_DIMS = {"wo": 2}  # wo is (heads, head_dim, embed): two input dimensions; others one
+
+
+class LoraParam(nnx.Param):
+    """An adapter matrix: what a LoRA run trains and saves."""
+
+
+class LoraKey(nnx.Variable):
+    """Raw uint32 PRNG key data of one adapter's dropout, one per layer; set every step."""
+
+
+class LoRA(nnx.Module):
+    def __init__(self, lora_a: LoraParam, lora_b: LoraParam, scale: float, dropout: float,
+                 dtype, key: LoraKey | None):
+        self.lora_a = lora_a
+        self.lora_b = lora_b
+        self.scale = scale
+        self.dropout = dropout  # 0 in evaluation (the eval model is built without dropout)
+        self.dtype = dtype
+        self.key = key
+
+    def project(self, x_BxLxI: jax.Array, w: jax.Array, dtype) -> jax.Array:
+        """The adapted projection x W + scale (x A^T) B; `w` is W with its input axes
+        flattened or not (as layers.dense takes it)."""
+        if self.dropout > 0:
+            return dense(x_BxLxI, w, dtype) + self(x_BxLxI).astype(dtype)
+        b, length, i = x_BxLxI.shape
+        a_RxI = self.lora_a[...].reshape(-1, i)
+        b_RxO = self.lora_b[...].reshape(a_RxI.shape[0], -1)
+        y = lora_matmul(x_BxLxI.reshape(b * length, i), w.reshape(i, -1), a_RxI, b_RxO,
+                        float(self.scale), jnp.dtype(dtype))
+        return y.reshape(b, length, *w.shape[1:])
+
+    def __call__(self, x_BxLxI: jax.Array) -> jax.Array:
+        """The adapter's term alone, scale (dropout(x) A^T) B."""
+        b, length, i = x_BxLxI.shape
+        a_RxI = self.lora_a[...].reshape(-1, i).astype(self.dtype)
+        if self.dropout > 0:
+            keep = jax.random.bernoulli(self.key[...], 1.0 - self.dropout, x_BxLxI.shape)
+            x_BxLxI = jnp.where(keep, x_BxLxI / (1.0 - self.dropout), 0).astype(x_BxLxI.dtype)
+        h_TxR = jax.lax.dot_general(x_BxLxI.reshape(b * length, i), a_RxI,
+                                    (((1,), (1,)), ((), ())))  # x @ A^T
+        h_BxLxR = h_TxR.reshape(b, length, -1) * jnp.asarray(self.scale, self.dtype)
+        return dense(h_BxLxR, self.lora_b[...], self.dtype)
+
+
+def _targets(model: nnx.Module, targets: tuple[str, ...]) -> Iterator[tuple[nnx.Module, str]]:
+    """(module, weight name) of every adapted projection, in a fixed order."""
+    blocks = model.blocks
+    for t in targets:
+        if t in ATTENTION_TARGETS:
+            yield blocks.attn, ATTENTION_TARGETS[t]
+        else:
+            for name in MLP_WEIGHTS:
+                if hasattr(blocks.mlp, name):
+                    yield blocks.mlp, name
+
+
+def attach(model: nnx.Module, lora_cfg: ml_collections.ConfigDict, seed: int,
+           train: bool = True) -> nnx.Module:
+    """Adds adapters to `model` (a Transformer) in place and returns it. A is normal with
+    std 1/sqrt(fan_in), B zero. `train=False` builds them without dropout (evaluation)."""
+    rank, dropout = int(lora_cfg.rank), float(lora_cfg.dropout) if train else 0.0
+    key = jax.random.key(seed)
+    with nnx.use_eager_sharding(False):  # shardings come from the axes, applied by jit
+        for i, (module, name) in enumerate(_targets(model, options.lora_targets(lora_cfg))):
+            w = getattr(module, name)
+            axes = sharding.variable_axes(w)
+            n_in = INPUT_DIMS.get(name, 1)
+            layers, in_shape, out_shape = w.shape[0], w.shape[1:1 + n_in], w.shape[1 + n_in:]
+            a = jax.random.normal(jax.random.fold_in(key, i), (layers, rank, *in_shape),
+                                  jnp.float32) / math.sqrt(math.prod(in_shape))
+            b = jnp.zeros((layers, rank, *out_shape), jnp.float32)
+            drop_key = LoraKey(jnp.zeros((layers, 2), jnp.uint32), out_sharding=(axes[0], None)) \
+                if dropout > 0 else None
+            adapter = LoRA(LoraParam(a, out_sharding=(axes[0], None, *axes[1:1 + n_in])),
+                           LoraParam(b, out_sharding=(axes[0], None, *axes[1 + n_in:])),
+                           scale=float(lora_cfg.alpha) / rank, dropout=dropout,
+                           dtype=module.dtype, key=drop_key)
+            setattr(module, "lora_" + name, adapter)
+    return model
+
+
+def dropout_keys(template: Any, key: jax.Array) -> Any:
+    """Fresh uint32 keys shaped like `template` (the LoraKey leaves): leaf i, layer l gets
+    split(fold_in(key, i))[l], so every adapter and layer draws its own mask."""
+    leaves, treedef = jax.tree.flatten(template)
+    return jax.tree.unflatten(treedef, [
+        jax.random.split(jax.random.fold_in(key, i), leaf.shape[0]) for i, leaf in enumerate(leaves)])
+
+
+def combine(*trees: Any) -> Any:
+    """Nested dicts with disjoint leaves merged into one (base + adapters + keys)."""
+    out: dict = {}
+    for tree in trees:
+        for k, v in tree.items():
+            out[k] = combine(out[k], v) if isinstance(v, dict) and k in out else v
+    return out
+
+
+def _adapter_pairs(adapters: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple, dict]]:
+    for k, v in adapters.items():
+        if isinstance(v, dict) and "lora_a" in v:
+            yield path + (k,), v
+        elif isinstance(v, dict):
+            yield from _adapter_pairs(v, path + (k,))
+
+
+def merge(base: Any, adapters: Any, lora_cfg: ml_collections.ConfigDict) -> Any:
+    """Base parameters with every adapter folded in: W + (alpha / r) A^T B, computed in
+    float64 on the host and stored as W's dtype. Returns a new nested dict of numpy arrays."""
+    scale = float(lora_cfg.alpha) / int(lora_cfg.rank)
+    merged = jax.tree.map(np.asarray, base)
+    for path, pair in _adapter_pairs(adapters):
+        *parents, adapter_name = path
+        node = merged
+        for p in parents:
+            node = node[p]
+        name = adapter_name[len("lora_"):]
+        w = node[name]
+        a = np.asarray(pair["lora_a"], np.float64)
+        b = np.asarray(pair["lora_b"], np.float64)
+        layers, rank = a.shape[:2]
+        delta = np.einsum("lri,lro->lio", a.reshape(layers, rank, -1), b.reshape(layers, rank, -1))
+        node[name] = (w.astype(np.float64) + scale * delta.reshape(w.shape)).astype(w.dtype)
+    return merged

@@ -1,0 +1,105 @@
+"""Shared fixtures of the fine-tuning tests: a tiny base run (written as `jaxlm train`
+leaves one), small JSONL files, and a config factory."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import random
+
+import pytest
+
+TESTS = pathlib.Path(__file__).parents[1]
+
+
+def load_test_module(name: str, path: pathlib.Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+run_fixture = load_test_module("jaxlm_tests_run_fixture", TESTS / "run_fixture.py")
+
+
+@pytest.fixture(scope="session")
+def base_run(tmp_path_factory):
+    """A tiny llama run directory (d_model 32, 2 layers, GQA 4/2, max_seq_len 64, byte
+    tokenizer) with random parameters at step 1. Returns (workdir, params, model config)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxlm import checkpoint as checkpoint_lib
+    from jaxlm import sharding
+    from jaxlm.data.tokenizers import ByteTokenizer
+    from jaxlm.model import transformer
+
+    workdir = tmp_path_factory.mktemp("base")
+    cfg = run_fixture.tiny_run_config(str(workdir / "unused_tfds"))
+    # As run_fixture.write_run, with the shapes from eval_shape (no eager initialisation).
+    state = nnx.state(nnx.eval_shape(lambda: transformer.create(cfg.model)))
+    params = run_fixture.random_params(nnx.to_pure_dict(state), seed=3)
+    axes = nnx.to_pure_dict(jax.tree.map(lambda v: v.replace(sharding.variable_axes(v)), state,
+                                         is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    ByteTokenizer().save(workdir / "tokenizer")
+    checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.checkpoint)
+    checkpointer.save(1, {"step": jnp.asarray(1, jnp.int32), "params": params}, {},
+                      checkpoint_lib.run_metadata(cfg, axes, "byte"))
+    checkpointer.wait()
+    checkpointer.close()
+    return workdir, params, cfg.model
+
+
+WORDS = ("alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta")
+
+
+def sft_lines(count: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        w = rng.choice(WORDS)
+        if i % 2:
+            out.append({"prompt": f"up {w}", "response": w.upper()})
+        else:
+            out.append({"messages": [{"role": "user", "content": f"up {w}"},
+                                     {"role": "assistant", "content": w.upper()}]})
+    return out
+
+
+def write_jsonl(path: pathlib.Path, lines: list) -> pathlib.Path:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n"
+                            for line in lines))
+    return path
+
+
+@pytest.fixture(scope="session")
+def sft_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("sft") / "sft.jsonl", sft_lines(72))
+
+
+@pytest.fixture(scope="session")
+def make_cfg(base_run):
+    """make_cfg(task, method, train_file, **sections) -> a fine-tuning config on the base."""
+    from jaxlm import config as config_lib
+
+    def make(task: str, method: str, train_file, steps: int = 6, every: int = 3, **sections):
+        cfg = config_lib.defaults()
+        cfg.finetune.update(task=task, method=method, base=str(base_run[0]),
+                            train_file=str(train_file))
+        cfg.finetune.lora.update(rank=4, alpha=8.0)
+        cfg.model.update(remat="none")
+        cfg.data.update(seq_len=64, global_batch_size=8)
+        cfg.optim.update(learning_rate=1e-2, warmup_steps=1)
+        cfg.train.update(steps=steps, log_every=1)
+        cfg.checkpoint.update(every=every, keep=5)
+        cfg.metrics.update(tensorboard=False)
+        for section, values in sections.items():
+            if isinstance(values, dict) and section == "lora":
+                cfg.finetune.lora.update(values)
+            else:
+                cfg[section].update(values)
+        return cfg
+
+    return make

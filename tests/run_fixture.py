@@ -1,0 +1,69 @@
+"""A run directory as `jaxlm train` leaves it (checkpoint with metadata, tokenizer/), written
+directly with random parameters, for the generate and eval tests."""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlm import checkpoint as checkpoint_lib
+from jaxlm import config as config_lib
+from jaxlm import sharding
+from jaxlm.data.tokenizers import ByteTokenizer
+from jaxlm.model import transformer
+
+CONFIG_DIR = pathlib.Path(__file__).parents[1] / "configs"
+
+
+def random_params(params, seed, scale=0.16):
+    """Random values for every parameter (only shapes are read): weights large enough that
+    attention is far from uniform and greedy outputs vary, non-unit norm scales, nonzero
+    biases."""
+    rng = np.random.default_rng(seed)
+
+    def walk(tree):
+        out = {}
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                out[k] = walk(v)
+                continue
+            noise = rng.standard_normal(v.shape)
+            value = (1.0 + 0.3 * noise if k == "scale" else 0.2 * noise if k.startswith("b")
+                     else scale * noise)
+            out[k] = jnp.asarray(value, jnp.float32)
+        return out
+
+    return walk(params)
+
+
+def tiny_run_config(data_dir: str, data: dict | None = None, **model):
+    cfg = config_lib.load_config_file(CONFIG_DIR / "tiny.py")
+    cfg.model.update(dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
+                          max_seq_len=64, remat="none"))
+    cfg.model.update(model)
+    cfg.data.update(data_dir=data_dir, seq_len=32, global_batch_size=8)
+    cfg.data.update(data or {})
+    cfg.metrics.update(tensorboard=False, peak_flops=1e11)
+    return config_lib.resolved(cfg, ByteTokenizer.vocab_size, jax.device_count())
+
+
+def write_run(workdir: pathlib.Path, cfg, seed: int = 0, step: int = 1) -> dict:
+    """Writes checkpoints/<step> (params, metadata with the config) and tokenizer/; returns
+    the parameters (nested dict of float32 arrays)."""
+    model = transformer.create(cfg.model, seed=seed)
+    state = nnx.state(model)
+    params = random_params(nnx.to_pure_dict(state), seed)
+    param_axes = nnx.to_pure_dict(jax.tree.map(
+        lambda v: v.replace(sharding.variable_axes(v)), state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    ByteTokenizer().save(workdir / "tokenizer")
+    checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.checkpoint)
+    metadata = checkpoint_lib.run_metadata(cfg, param_axes, "byte")
+    checkpointer.save(step, {"step": jnp.asarray(step, jnp.int32), "params": params}, {}, metadata)
+    checkpointer.wait()
+    checkpointer.close()
+    return params
