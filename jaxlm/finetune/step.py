@@ -13,7 +13,7 @@ non-finite policy behave as in pretraining (train/step.py).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -83,8 +83,7 @@ def make_train_step(fs: FinetuneSpec, ft_cfg: ml_collections.ConfigDict,
         if accum == 1:
             grads, sums = grad_fn(trainable, frozen, batch, step_key)
         else:  # microbatch j takes rows j, j + accum, ... (as in pretraining)
-            micro = jax.tree.map(
-                lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+            micro = step_lib.split_microbatches(batch, accum)
 
             def add_microbatch(carry, inputs):
                 j, mb = inputs
@@ -93,15 +92,8 @@ def make_train_step(fs: FinetuneSpec, ft_cfg: ml_collections.ConfigDict,
 
             zeros = jax.tree.map(jnp.zeros_like, (trainable, dict.fromkeys(sum_keys, 0.0)))
             (grads, sums), _ = jax.lax.scan(add_microbatch, zeros, (jnp.arange(accum), micro))
-        denom = jnp.maximum(sums["weight_sum"], 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
-        new = optax.apply_updates(trainable, updates)
-        finite = jnp.isfinite(sums["ce_sum"]) & jnp.isfinite(grad_norm)
-        if nonfinite != "continue":  # keep the last good trainables and moments
-            new, opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o),
-                                          (new, opt_state), (trainable, state["opt_state"]))
+        new, opt_state, grad_norm, finite, denom = step_lib.apply_update(
+            tx, trainable, state["opt_state"], grads, sums, nonfinite)
         new_state = {"step": state["step"] + 1, **new, "opt_state": opt_state,
                      "nonfinite_steps": state["nonfinite_steps"] + (~finite).astype(jnp.int32)}
         metrics = {"loss": sums["ce_sum"] / denom, "grad_norm": grad_norm,

@@ -39,6 +39,31 @@ def loss_sums(graphdef: Any, params: Any, batch: Batch, z_loss: float) -> tuple[
     return objective, {"ce_sum": ce_sum, "z_sum": z_sum, "weight_sum": jnp.sum(weights_BxL)}
 
 
+def split_microbatches(batch: Batch, accum: int) -> Batch:
+    """accum x (rows / accum) x ...: microbatch j takes rows j, j + accum, ..., so every
+    device holds a share of each."""
+    return jax.tree.map(
+        lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def apply_update(tx: optax.GradientTransformation, params: Any, opt_state: Any, grads: Any,
+                 sums: dict, nonfinite: str) -> tuple[Any, Any, jax.Array, jax.Array, jax.Array]:
+    """Gradient sums -> mean over real targets -> optimizer update, keeping the last good
+    parameters and moments when the loss or gradient is not finite (unless `nonfinite` is
+    "continue"). Returns (params, opt_state, grad_norm, finite, denominator)."""
+    denom = jnp.maximum(sums["weight_sum"], 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    grad_norm = optax.tree.norm(grads)
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(sums["ce_sum"]) & jnp.isfinite(grad_norm)
+    if nonfinite != "continue":
+        new_params, new_opt_state = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old),
+            (new_params, new_opt_state), (params, opt_state))
+    return new_params, new_opt_state, grad_norm, finite, denom
+
+
 def make_train_step(optim_cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, graphdef: Any, nonfinite: str = "continue") -> Callable:
     """`nonfinite` ("stop", "skip" or "continue"): what a step whose loss or gradient norm
@@ -55,9 +80,7 @@ def make_train_step(optim_cfg: ml_collections.ConfigDict, tx: optax.GradientTran
         if accum == 1:
             grads, sums = grad_fn(params, batch)
         else:
-            # Microbatch j takes rows j, j + accum, ...: every device holds a share of each.
-            micro = jax.tree.map(
-                lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+            micro = split_microbatches(batch, accum)
 
             def add_microbatch(carry, mb):
                 grads, sums = grad_fn(params, mb)
@@ -65,16 +88,8 @@ def make_train_step(optim_cfg: ml_collections.ConfigDict, tx: optax.GradientTran
 
             zeros = jax.tree.map(jnp.zeros_like, (params, {"ce_sum": 0.0, "z_sum": 0.0, "weight_sum": 0.0}))
             (grads, sums), _ = jax.lax.scan(add_microbatch, zeros, micro)
-        denom = jnp.maximum(sums["weight_sum"], 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
-        finite = jnp.isfinite(sums["ce_sum"]) & jnp.isfinite(grad_norm)
-        if nonfinite != "continue":  # keep the last good parameters and moments
-            new_params, opt_state = jax.tree.map(
-                lambda new, old: jnp.where(finite, new, old),
-                (new_params, opt_state), (params, state["opt_state"]))
+        new_params, opt_state, grad_norm, finite, denom = apply_update(
+            tx, params, state["opt_state"], grads, sums, nonfinite)
         new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state,
                      "nonfinite_steps": state["nonfinite_steps"] + (~finite).astype(jnp.int32)}
         metrics = {
