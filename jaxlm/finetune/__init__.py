@@ -6,6 +6,7 @@
 Modules (nothing here imports JAX at package import):
     options     the `finetune` config section: defaults and validation
     templates   chat templates: messages -> token ids and a loss mask
+    records     JSONL reading (errors name file:line) and the held-out split
     sft_data    JSONL (prompt/response or chat messages) -> examples -> packed rows
     classify_data  JSONL of text and label -> one padded row per example
     rows        rows -> deterministic global batches (the batch at step k is a function of
@@ -16,6 +17,7 @@ Modules (nothing here imports JAX at package import):
     step        train and eval steps
     trainer     the run: base -> data -> state -> loop -> checkpoints
     merge       `jaxlm lora merge`
+    cli         the `finetune` and `lora` verbs of jaxlm.cli
     bench       `jaxlm bench lora`: LoRA against full fine-tuning step time and state size
     examples    the small synthetic datasets shipped in data/ (and how they were made)
 """

@@ -43,7 +43,8 @@ def synthetic_sft_batch(global_batch: int, seq_len: int, vocab: int, mesh, seed:
     weights[:, seq_len // 2:] = 1.0
     host = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
             "segment_ids": np.ones((global_batch, seq_len), np.int32),
-            "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (global_batch, seq_len)),
+            "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32),
+                                         (global_batch, seq_len)),
             "weights": weights}
     return {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in host.items()}
 
@@ -101,13 +102,15 @@ def bench_lora(cfg: ml_collections.ConfigDict, steps: int = 2, rounds: int = 5) 
     m = cfg.model
 
     def make_base(fs: state_lib.FinetuneSpec):  # the same random base for both, sharded
-        build = lambda: nnx.to_pure_dict(nnx.state(transformer.create(m, cfg.train.seed)))  # noqa: E731
+        def build():
+            return nnx.to_pure_dict(nnx.state(transformer.create(m, cfg.train.seed)))
         return jax.jit(build, out_shardings=jax.tree.map(lambda a: a.sharding, fs.base_abstract))()
 
     with jax.set_mesh(mesh), sharding.axis_rules():
         methods = [_Method(cfg, "lora", mesh, make_base), _Method(cfg, "full", mesh, make_base)]
         lora_m, full_m = methods
-        batch = synthetic_sft_batch(cfg.data.global_batch_size, cfg.data.seq_len, m.vocab_size, mesh)
+        batch = synthetic_sft_batch(cfg.data.global_batch_size, cfg.data.seq_len, m.vocab_size,
+                                    mesh)
         for method in methods:  # one untimed warm step each
             method.run(batch, 1, record=False)
         for r in range(rounds):
@@ -119,7 +122,8 @@ def bench_lora(cfg: ml_collections.ConfigDict, steps: int = 2, rounds: int = 5) 
     full_s, lora_s = float(np.median(full_m.times)), float(np.median(lora_m.times))
     figures = {
         "full_step_s": full_s, "lora_step_s": lora_s, "step_ratio": lora_s / full_s,
-        "full_state_bytes": float(full_m.state_bytes), "lora_state_bytes": float(lora_m.state_bytes),
+        "full_state_bytes": float(full_m.state_bytes),
+        "lora_state_bytes": float(lora_m.state_bytes),
         "state_ratio": lora_m.state_bytes / full_m.state_bytes,
         "full_checkpoint_disk_bytes": float(disk["full"]),
         "lora_checkpoint_disk_bytes": float(disk["lora"]),
@@ -129,7 +133,8 @@ def bench_lora(cfg: ml_collections.ConfigDict, steps: int = 2, rounds: int = 5) 
     print_table([
         ("config", f"{m.family} d={m.d_model} L={m.n_layers} seq={cfg.data.seq_len} "
                    f"batch={cfg.data.global_batch_size} {m.dtype} remat={m.remat}"),
-        ("devices", f"{jax.device_count()} x {jax.devices()[0].device_kind}, mesh {dict(mesh.shape)}"),
+        ("devices", f"{jax.device_count()} x {jax.devices()[0].device_kind}, "
+                    f"mesh {dict(mesh.shape)}"),
         ("LoRA", f"rank {lora_cfg.rank}, alpha {lora_cfg.alpha}, targets {lora_cfg.targets}"),
         ("trainable parameters", f"full {full_m.trainable:,} / LoRA {lora_m.trainable:,} "
                                  f"({100 * lora_m.trainable / full_m.trainable:.2f}%)"),

@@ -19,6 +19,10 @@ def add_arguments(verbs) -> None:
                           "(resumes from the workdir's latest checkpoint)")
     ft.add_argument("--config", required=True, help="config file (configs/sft_tiny.py, ...)")
     ft.add_argument("--workdir", default=None, help="run directory (default runs/<config name>)")
+    # Multi-host start-up, as `jaxlm train` (jaxlm/distributed.py; SLURM and TPU VMs detected).
+    ft.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host)")
+    ft.add_argument("--num-processes", type=int, default=None, help="processes of the run")
+    ft.add_argument("--process-id", type=int, default=None, help="this process, 0..N-1")
     lora = verbs.add_parser("lora", help="LoRA tools: merge a run's adapters into its base")
     actions = lora.add_subparsers(dest="action", required=True)
     merge = actions.add_parser("merge", help="write base + adapters as a run directory that "
@@ -41,6 +45,12 @@ def _bad_input() -> tuple[type, ...]:
 
 
 def run_finetune(cfg, args: argparse.Namespace) -> int:
+    from jaxlm import distributed
+    try:  # before anything touches a device
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    except distributed.DistributedConfigError as e:
+        print(f"jaxlm: {e}", file=sys.stderr)
+        return 2
     from jaxlm.finetune import trainer
     from jaxlm.train import preemption
     workdir = args.workdir or f"runs/{pathlib.Path(args.config).stem}"

@@ -87,7 +87,8 @@ def classify_records(count: int = 1200, seed: int = 1) -> list[dict]:
 
 def write(directory: pathlib.Path = DATA_DIR) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    for name, recs in (("sft_tiny.jsonl", sft_records()), ("classify_tiny.jsonl", classify_records())):
+    for name, recs in (("sft_tiny.jsonl", sft_records()),
+                       ("classify_tiny.jsonl", classify_records())):
         with open(directory / name, "w") as f:
             for r in recs:
                 f.write(json.dumps(r) + "\n")

@@ -160,8 +160,8 @@ def dropout_keys(template: Any, key: jax.Array) -> Any:
     """Fresh uint32 keys shaped like `template` (the LoraKey leaves): leaf i, layer l gets
     split(fold_in(key, i))[l], so every adapter and layer draws its own mask."""
     leaves, treedef = jax.tree.flatten(template)
-    return jax.tree.unflatten(treedef, [
-        jax.random.split(jax.random.fold_in(key, i), leaf.shape[0]) for i, leaf in enumerate(leaves)])
+    return jax.tree.unflatten(treedef, [jax.random.split(jax.random.fold_in(key, i), leaf.shape[0])
+                                        for i, leaf in enumerate(leaves)])
 
 
 def combine(*trees: Any) -> Any:

@@ -51,7 +51,8 @@ def read_jsonl(path: str | pathlib.Path) -> list[Record]:
     return records
 
 
-def split_eval(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+def split_eval(records: list[Record], fraction: float, seed: int
+               ) -> tuple[list[Record], list[Record]]:
     """(train, eval): a seeded random `fraction` of the records (at least one) held out,
     both in file order."""
     if len(records) < 2:

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import sft_lines, write_jsonl
+from ft_helpers import sft_lines, write_jsonl
 from jaxlm import config as config_lib
 from jaxlm.data.tokenizers import ByteTokenizer
 from jaxlm.finetune import classify_data, records, rows, sft_data, templates
@@ -129,13 +129,16 @@ def test_classification_rows_and_labels(tmp_path):
 
 
 BAD_SFT = [
-    ('{"prompt": "a", "response": "b"}\n\n{"prompt": "a", "response": "b"\n', r"bad\.jsonl:3: malformed JSON"),
+    ('{"prompt": "a", "response": "b"}\n\n{"prompt": "a", "response": "b"\n',
+     r"bad\.jsonl:3: malformed JSON"),
     ('{"prompt": "a", "response": "b"}\n[1, 2]\n', r"bad\.jsonl:2: expected a JSON object"),
-    ('{"messages": [{"role": "robot", "content": "x"}]}\n', r"bad\.jsonl:1: messages\[0\] has unknown role 'robot'"),
+    ('{"messages": [{"role": "robot", "content": "x"}]}\n',
+     r"bad\.jsonl:1: messages\[0\] has unknown role 'robot'"),
     ('{"messages": [{"role": "user", "content": "x"}]}\n', r"bad\.jsonl:1: no assistant message"),
     ('{"prompt": "a"}\n', r"bad\.jsonl:1: \"response\" must be a string \(missing\)"),
     ('{"text": "a"}\n', r"bad\.jsonl:1: expected \"messages\" or \"prompt\" and \"response\""),
-    ('{"prompt": "' + "x" * 80 + '", "response": "b"}\n', r"bad\.jsonl:1: the prompt alone is 105 tokens"),
+    ('{"prompt": "' + "x" * 80 + '", "response": "b"}\n',
+     r"bad\.jsonl:1: the prompt alone is 105 tokens"),
 ]
 
 
@@ -159,7 +162,8 @@ def test_overlong_prompts_can_be_skipped_and_counted_and_responses_truncated(tmp
 
 BAD_CLASSIFY = [
     ('{"text": "a"}\n', r"c\.jsonl:1: missing label 'label'"),
-    ('{"text": "a", "label": 1}\n{"text": "b", "label": 5}\n', r"c\.jsonl:2: label 5 is outside \[0, 2\)"),
+    ('{"text": "a", "label": 1}\n{"text": "b", "label": 5}\n',
+     r"c\.jsonl:2: label 5 is outside \[0, 2\)"),
     ('{"text": "a", "label": "maybe"}\n', r"c\.jsonl:1: label 'maybe' must be an integer"),
     ('{"label": 0}\n', r"c\.jsonl:1: 'text' must be a string \(missing\)"),
     ('{"text": "' + "x" * 20 + '", "label": 0}\n', r"c\.jsonl:1: the text is 22 tokens"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pathlib
 
-from conftest import write_jsonl
+from ft_helpers import write_jsonl
 from jaxlm import cli
 
 CONFIGS = pathlib.Path(__file__).parents[2] / "configs"
@@ -29,7 +29,7 @@ def test_missing_label_is_named(base_run, tmp_path, capsys):
                                              {"text": "x = 1"}])
     code, err = run(capsys, "finetune", "--config", CONFIGS / "classify_tiny.py", "--workdir",
                     tmp_path / "run", f"--config.finetune.base={base_run[0]}",
-                    f"--config.finetune.train_file={bad}", "--config.finetune.eval_file=" + str(bad))
+                    f"--config.finetune.train_file={bad}", f"--config.finetune.eval_file={bad}")
     assert code == 2 and f"{bad}:2: missing label 'label'" in err, err
 
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import TESTS, load_test_module, write_jsonl
+from ft_helpers import TESTS, load_test_module, write_jsonl
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm.finetune import trainer
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import TESTS, load_test_module
+from ft_helpers import TESTS, load_test_module
 from jaxlm import sharding
 from jaxlm.finetune import lora, options, state as state_lib
 
@@ -207,7 +207,7 @@ def test_separate_adapter_term_equals_the_merged_projection():
     separate = dense(x, w, jnp.float32) + adapter(x)
     merged = adapter.project(x, w, jnp.float32)
     expected = np.einsum("bli,iho->blho", np.asarray(x, np.float64), np.asarray(w, np.float64)) + \
-        1.5 * np.einsum("bli,ri,rho->blho", np.asarray(x, np.float64), np.asarray(a[...], np.float64),
-                        np.asarray(b[...], np.float64))
+        1.5 * np.einsum("bli,ri,rho->blho", np.asarray(x, np.float64),
+                        np.asarray(a[...], np.float64), np.asarray(b[...], np.float64))
     np.testing.assert_allclose(np.asarray(separate), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(merged), expected, rtol=1e-5, atol=1e-5)

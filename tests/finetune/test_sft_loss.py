@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from conftest import TESTS, load_test_module, sft_lines, write_jsonl
+from ft_helpers import TESTS, load_test_module, sft_lines, write_jsonl
 from jaxlm.data.tokenizers import ByteTokenizer
 from jaxlm.finetune import records, sft_data, templates
 from jaxlm.model import transformer

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import write_jsonl
+from ft_helpers import write_jsonl
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import cli, sharding
 from jaxlm.finetune import classify, lora, merge, state as state_lib, step as step_lib, trainer
@@ -45,10 +45,8 @@ def test_lora_checkpoint_holds_only_adapters(lora_run, base_run):
     assert saved_values < 0.5 * base_values  # adapters + their moments, no base parameter
 
 
-def test_lora_step_keeps_the_base_bit_identical(make_cfg, sft_file, base_run):
-    """The train step reads the base and never writes it: after three steps that change the
-    adapters, the base arrays equal the checkpoint's bit for bit."""
-    cfg = make_cfg("sft", "lora", sft_file)
+def build_lora_step(cfg):
+    """(compiled step, fresh state, frozen base, train rows) as the trainer builds them."""
     base = trainer.resolve_base(cfg.finetune.base)
     cfg = trainer.run_config(cfg, base, jax.device_count())
     mesh = sharding.make_mesh(cfg.mesh)
@@ -61,15 +59,40 @@ def test_lora_step_keeps_the_base_bit_identical(make_cfg, sft_file, base_run):
             fs, "sft", mesh)
         frozen = {"params": checkpoint_lib.restore_params(base.step_dir, fs.base_abstract)}
         state = state_lib.init_state(cfg.model, cfg.finetune, tx, fs, frozen["params"], 0)
-        assert set(state) == {"step", "adapters", "opt_state", "nonfinite_steps"}
+    return step, state, frozen, train_rows, mesh
+
+
+def test_lora_step_keeps_the_base_bit_identical(make_cfg, sft_file, base_run):
+    """The train step reads the base and never writes it: after three steps that change the
+    adapters, the base arrays equal the checkpoint's bit for bit."""
+    step, state, frozen, rows, mesh = build_lora_step(make_cfg("sft", "lora", sft_file))
+    assert set(state) == {"step", "adapters", "opt_state", "nonfinite_steps"}
+    with jax.set_mesh(mesh), sharding.axis_rules():
         for k in range(3):
-            batch = {key: v[8 * k:8 * (k + 1)] for key, v in train_rows.items()}
-            state, metrics = step(state, frozen, batch)
+            state, _ = step(state, frozen, {key: v[8 * k:8 * (k + 1)] for key, v in rows.items()})
     jax.tree.map(lambda got, want: np.testing.assert_array_equal(np.asarray(got), want),
                  frozen["params"], jax.tree.map(np.asarray, base_run[1]))
     b_max = max(float(jnp.abs(v["lora_b"]).max()) for g in state["adapters"]["blocks"].values()
                 for v in g.values())
     assert b_max > 0  # the adapters did train
+
+
+def test_gradient_accumulation_gives_the_update_of_one_batch(make_cfg, sft_file):
+    """Two microbatches of 8 rows give the loss and adapter update of one batch of 16."""
+    out = []
+    for accum in (1, 2):
+        cfg = make_cfg("sft", "lora", sft_file, optim={"grad_accum_steps": accum},
+                       data={"global_batch_size": 16})
+        step, state, frozen, rows, mesh = build_lora_step(cfg)
+        with jax.set_mesh(mesh), sharding.axis_rules():
+            for k in range(2):  # the second step applies a nonzero update to nonzero B
+                batch = {key: v[16 * k:16 * (k + 1)] for key, v in rows.items()}
+                state, metrics = step(state, frozen, batch)
+        out.append((jax.device_get(metrics), jax.device_get(state["adapters"])))
+    (m1, a1), (m2, a2) = out
+    for key in ("loss", "grad_norm", "target_tokens"):
+        np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a2, a1)
 
 
 def test_resumed_lora_run_equals_uninterrupted_run(lora_run):
@@ -101,7 +124,8 @@ def test_lora_merge_gives_the_logits_of_base_plus_adapters(lora_run, base_run, t
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
     merged = jax.device_get(gen.params)
     np.testing.assert_array_equal(merged["embed"], np.asarray(base_run[1]["embed"]))
-    assert not np.array_equal(merged["blocks"]["attn"]["wq"], np.asarray(base_run[1]["blocks"]["attn"]["wq"]))
+    base_wq = np.asarray(base_run[1]["blocks"]["attn"]["wq"])
+    assert not np.array_equal(merged["blocks"]["attn"]["wq"], base_wq)  # adapted: changed
     assert merged_cfg.model.d_model == cfg.model.d_model and tokenizer.name == "byte"
 
 
