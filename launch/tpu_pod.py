@@ -33,8 +33,8 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from jaxlm import launchers  # noqa: E402
-from jaxlm.launchers import LaunchError  # noqa: E402
+from jaxlm.launch import common as launchers  # noqa: E402
+from jaxlm.launch.common import LaunchError  # noqa: E402
 
 PROG = "tpu_pod"
 TARBALL = "jaxlm-src.tar.gz"

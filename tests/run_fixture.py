@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
-from jaxlm import sharding
+from jaxlm.checkpoint import manager as checkpoint_lib
 from jaxlm.data.tokenizers import ByteTokenizer
-from jaxlm.model import transformer
+from jaxlm.model import zoo
+from jaxlm.parallel import rules
 
 CONFIG_DIR = pathlib.Path(__file__).parents[1] / "configs"
 
@@ -52,17 +52,14 @@ def tiny_run_config(data_dir: str, data: dict | None = None, **model):
 
 
 def write_run(workdir: pathlib.Path, cfg, seed: int = 0, step: int = 1) -> dict:
-    """Writes checkpoints/<step> (params, metadata with the config) and tokenizer/; returns
-    the parameters (nested dict of float32 arrays)."""
-    model = transformer.create(cfg.model, seed=seed)
-    state = nnx.state(model)
+    """Writes checkpoints/<step> (params, metadata with the config) and tokenizer/ as
+    `jaxlm train` leaves them; returns the parameters (nested dict of float32 arrays). The
+    shapes come from eval_shape: nothing is initialised eagerly."""
+    state = nnx.state(zoo.abstract(cfg.model))
     params = random_params(nnx.to_pure_dict(state), seed)
-    param_axes = nnx.to_pure_dict(jax.tree.map(
-        lambda v: v.replace(sharding.variable_axes(v)), state,
-        is_leaf=lambda x: isinstance(x, nnx.Variable)))
     ByteTokenizer().save(workdir / "tokenizer")
     checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.checkpoint)
-    metadata = checkpoint_lib.run_metadata(cfg, param_axes, "byte")
+    metadata = checkpoint_lib.run_metadata(cfg, rules.axes_of(state), "byte")
     checkpointer.save(step, {"step": jnp.asarray(step, jnp.int32), "params": params}, {}, metadata)
     checkpointer.wait()
     checkpointer.close()

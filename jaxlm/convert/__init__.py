@@ -2,12 +2,18 @@
 
     jaxlm convert from-hf HF_DIR --out WORKDIR     (hf_import.import_hf)
     jaxlm convert to-hf WORKDIR --out HF_DIR       (hf_export.export_hf)
-    jaxlm convert bench                            (peak memory of a conversion)
 
-Layout: `safetensors_io` (streaming reader/writer, no mmap, no pickle), `hf_config`
-(config.json <-> model config per architecture), `mappings` (tensor <-> parameter rules per
-family), `params` (parameter trees and the converted run directory), `hf_import`,
-`hf_export`, `cli`, `bench`.
+Owns:
+    safetensors_io  the streaming safetensors reader and writer (no mmap, no pickle)
+    spec            tensor rules, config.json helpers and their error, shared by the families
+    families        which Hugging Face model types each jaxlm family maps, and dispatch
+    llama, gpt2     each family's mapping: config.json both ways, tensor rules
+    params          parameter trees and the converted run directory
+    hf_import, hf_export   the two conversions
+
+May import: jaxlm.errors, config, parallel, model, data, checkpoint. (`jaxlm convert bench`
+lives in jaxlm.bench.) Nothing is unpickled, no code from a checkpoint runs and nothing is
+fetched from the network.
 
 In-memory use (tests, generation parity): `hf_import.open_checkpoint(dir)` then
 `hf_import.read_params(ckpt)` gives (`ckpt.model_cfg`, flat float32 NumPy parameters);

@@ -25,11 +25,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jaxlm import config as config_lib
-from jaxlm.convert import hf_config, mappings
+from jaxlm.checkpoint import rundir
+from jaxlm.convert import families
+from jaxlm.convert.spec import HFConfigError, Rule, expand
 from jaxlm.convert import params as params_lib
 from jaxlm.convert import safetensors_io as st
 from jaxlm.convert.hf_import import ConversionError
+from jaxlm.errors import ConfigError
 
 EXPORT_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
                  "bfloat16": st.DTYPES["BF16"]}
@@ -56,7 +58,7 @@ def tensor_plans(model_cfg, param: Callable[[str], np.ndarray],
     """Every HF tensor of the model, rule by rule (all layers of one projection together),
     each produced on demand from `param(path)`, the whole stacked parameter."""
     plans = []
-    for rule in mappings.rules(model_cfg):
+    for rule in families.rules(model_cfg):
         layers = range(model_cfg.n_layers) if rule.layered else [None]
         for layer in layers:
             def produce(rule=rule, layer=layer) -> np.ndarray:
@@ -78,20 +80,18 @@ class ParamReader:
     def __init__(self, workdir: str | pathlib.Path, step: int | None = None, keep: int = 3):
         import orbax.checkpoint as ocp
 
-        from jaxlm.checkpoint_tools import (CheckpointToolError, _manager, _reading,
-                                            _resolve_step, locate)
         try:
-            location = locate(workdir, step)
-            with _manager(location.checkpoints) as manager:
-                self.step = _resolve_step(manager, location)
+            location = rundir.locate(workdir, step)
+            with rundir.open_readonly(location.checkpoints) as manager:
+                self.step = rundir.resolve_step(manager, location)
                 self.step_dir = location.checkpoints / str(self.step)
                 json_items = {"metadata": ocp.args.JsonRestore()}
                 if (self.step_dir / "checksums").is_dir():  # absent in older checkpoints
                     json_items["checksums"] = ocp.args.JsonRestore()
-                with _reading(self.step_dir):
+                with rundir.reading(self.step_dir):
                     items = manager.restore(self.step, args=ocp.args.Composite(**json_items))
                     tree = ocp.PyTreeCheckpointHandler().metadata(self.step_dir / "state").tree
-        except CheckpointToolError as e:
+        except rundir.RunDirError as e:
             raise ConversionError(str(e)) from None
         self.workdir = location.workdir
         self.metadata = items["metadata"] or {}
@@ -110,13 +110,12 @@ class ParamReader:
     def _restore(self, name: str) -> np.ndarray:
         import orbax.checkpoint as ocp
 
-        from jaxlm.checkpoint_tools import _quiet_orbax
         shape, dtype = self.saved[name]
         item = {"params": params_lib.unflatten({name: np.empty((0,), dtype)})}
         args = {"params": params_lib.unflatten({name: ocp.RestoreArgs(restore_type=np.ndarray)})}
         checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
         try:
-            with _quiet_orbax():
+            with rundir.quiet_orbax():
                 value = checkpointer.restore(self.step_dir / "state", args=ocp.args.PyTreeRestore(
                     item=item, restore_args=args, partial_restore=True))
         except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types
@@ -217,8 +216,8 @@ def export_hf(workdir: str | pathlib.Path, out: str | pathlib.Path, dtype: str =
         raise ConversionError(f"output exists and is not an empty directory: {out}")
     reader = ParamReader(workdir, step)
     try:
-        model_cfg = params_lib.model_config_of_run(reader.metadata)
-    except (ValueError, config_lib.ConfigError) as e:
+        model_cfg = rundir.config_of(reader.metadata, reader.step_dir).model
+    except (ValueError, ConfigError, rundir.RunDirError) as e:
         raise ConversionError(f"{reader.step_dir}: {e}") from None
     shapes, _ = params_lib.abstract_params(model_cfg)
     lora_hint = ("; a LoRA run holds adapters: fold them into the base with "
@@ -234,11 +233,11 @@ def export_hf(workdir: str | pathlib.Path, out: str | pathlib.Path, dtype: str =
         raise ConversionError(f"checkpoint parameter {extra[0]!r} has no place in a Hugging Face "
                               f"{model_cfg.family} model ({len(extra)} such){lora_hint}")
     out.mkdir(parents=True, exist_ok=True)
-    reader.keep = max(len(rule.params) for rule in mappings.rules(model_cfg))
+    reader.keep = max(len(rule.params) for rule in families.rules(model_cfg))
     plans = tensor_plans(model_cfg, reader, EXPORT_DTYPES[dtype])
     files = st.write_checkpoint(out, plans, max_bytes)
     special = write_tokenizer(reader.workdir / "tokenizer", out, model_cfg.max_seq_len, log)
-    config = hf_config.hf_config(model_cfg, dtype, special)
+    config = families.hf_config(model_cfg, dtype, special)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     step = reader.step
     nbytes = sum(p.nbytes for p in plans)

@@ -25,12 +25,14 @@ import ml_collections
 import numpy as np
 
 from jaxlm import config as config_lib
-from jaxlm.convert import hf_config, mappings
+from jaxlm.convert import families
+from jaxlm.convert.spec import HFConfigError, Rule, expand
 from jaxlm.convert import params as params_lib
 from jaxlm.convert import safetensors_io as st
+from jaxlm.errors import UserError
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """Bad input to a conversion; the message names the file, key or tensor."""
 
 
@@ -43,7 +45,7 @@ class HFCheckpoint:
     model_cfg: ml_collections.ConfigDict
     notes: list[str]
     tensors: dict[str, st.TensorInfo]  # every tensor of every shard
-    plan: dict[str, tuple[mappings.Rule, int | None]]  # tensor -> (rule, layer), ignored ones out
+    plan: dict[str, tuple[Rule, int | None]]  # tensor -> (rule, layer), ignored ones out
 
     @property
     def nbytes(self) -> int:
@@ -64,17 +66,16 @@ def open_checkpoint(hf_dir: str | pathlib.Path) -> HFCheckpoint:
     except ValueError as e:
         raise ConversionError(f"{config_path} is not valid JSON: {e}") from None
     try:
-        model_cfg, notes = hf_config.model_config(config, str(config_path))
+        model_cfg, notes = families.model_config(config, str(config_path))
         params_lib.run_config(model_cfg, directory, "byte")  # validates the model keys
         tensors = st.read_headers(st.checkpoint_files(directory))
-    except (hf_config.HFConfigError, st.SafetensorsError) as e:
+    except (HFConfigError, st.SafetensorsError) as e:
         raise ConversionError(str(e)) from None
     except config_lib.ConfigError as e:
         raise ConversionError(f"{config_path} gives an invalid jaxlm model: {e}") from None
-    prefix = "" if "wte.weight" in tensors else "transformer."  # GPT2Model vs GPT2LMHeadModel
-    named = mappings.expand(mappings.rules(model_cfg, prefix), model_cfg.n_layers)
-    ignored = set(mappings.expand([mappings.Rule(n, (), ()) for n in
-                                   mappings.ignorable(model_cfg, prefix)], model_cfg.n_layers))
+    named = expand(families.rules(model_cfg, tensors), model_cfg.n_layers)
+    ignored = set(expand([Rule(n, (), ()) for n in families.ignorable(model_cfg, tensors)],
+                         model_cfg.n_layers))
     where = f"{directory} ({config['model_type']}, {model_cfg.n_layers} layers)"
     unknown = [n for n in tensors if n not in named and n not in ignored]
     if unknown:
@@ -107,7 +108,7 @@ def read_params(ckpt: HFCheckpoint, on_complete: Callable[[str, np.ndarray], Non
     happens while little else is resident."""
     shapes, _ = params_lib.abstract_params(ckpt.model_cfg)
     flat = {name: np.empty(s.shape, np.float32) for name, s in shapes.items()}
-    by_rule: dict[mappings.Rule, list[tuple[st.TensorInfo, int | None]]] = {}
+    by_rule: dict[Rule, list[tuple[st.TensorInfo, int | None]]] = {}
     for name, (rule, layer) in ckpt.plan.items():
         by_rule.setdefault(rule, []).append((ckpt.tensors[name], layer))
     for rule, entries in sorted(by_rule.items(), key=lambda kv: -sum(i.nbytes for i, _ in kv[1])):
@@ -128,7 +129,7 @@ def read_params(ckpt: HFCheckpoint, on_complete: Callable[[str, np.ndarray], Non
     return flat
 
 
-def _fill(info: st.TensorInfo, rule: mappings.Rule, targets: list[np.ndarray]) -> None:
+def _fill(info: st.TensorInfo, rule: Rule, targets: list[np.ndarray]) -> None:
     """Copies one HF tensor into its parameter slices (transposed, split, cast to float32)."""
     if len(targets) == 1 and not rule.transpose and info.dtype == "F32":
         st.read_tensor(info, out=targets[0].reshape(info.shape))  # straight into place

@@ -16,8 +16,11 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
+from jaxlm.checkpoint import fingerprint as fingerprint_lib, manager as checkpoint_lib
+from jaxlm.checkpoint.rundir import quiet_orbax
+from jaxlm.model import zoo
+from jaxlm.train.validate import validate
 
 CONFIG_FILE = "config.py"
 STEP = 0
@@ -25,17 +28,12 @@ STEP = 0
 
 def abstract_params(model_cfg: ml_collections.ConfigDict) -> tuple[dict[str, Any], dict]:
     """({path: ShapeDtypeStruct} of every parameter, nested logical axes) without allocating."""
-    import jax
     from flax import nnx
 
-    from jaxlm import sharding
-    from jaxlm.model import transformer
+    from jaxlm.parallel import rules
 
-    model = nnx.eval_shape(lambda: transformer.create(model_cfg))
-    _, state = nnx.split(model)
-    axes = nnx.to_pure_dict(jax.tree.map(lambda v: v.replace(sharding.variable_axes(v)), state,
-                                         is_leaf=lambda x: isinstance(x, nnx.Variable)))
-    return flatten(nnx.to_pure_dict(state)), axes
+    _, state = nnx.split(zoo.abstract(model_cfg))
+    return flatten(nnx.to_pure_dict(state)), rules.axes_of(state)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -70,7 +68,7 @@ def run_config(model_cfg: ml_collections.ConfigDict, workdir: pathlib.Path,
     cfg.data.tokenizer_path = str(workdir / "tokenizer")
     cfg.data.seq_len = min(cfg.data.seq_len, model_cfg.max_seq_len)
     cfg.checkpoint.init_from = str(workdir)
-    config_lib.validate(cfg, num_devices=1)
+    validate(cfg, num_devices=1)
     return cfg
 
 
@@ -99,28 +97,12 @@ def _ocdbt_file_bytes(total: int) -> int:
     return int(min(max(total // 256, 2**20), 64 * 2**20))
 
 
-_FINGERPRINT_CHUNK = 1 << 20  # elements per step: a few MB of temporaries
-
-
 def fingerprint(name: str, value: np.ndarray) -> dict[str, int]:
-    """The checksum entry jaxlm keeps for parameter `name` ({"params/<name>": hash}), equal
-    to `checkpoint.checksums`' (restores compare the two; a test pins the equality) but
-    computed in NumPy a chunk at a time: the JAX version copies the whole array to the
-    device and holds temporaries about twice its size, which would set the conversion's
-    peak memory. The hash: sum over elements of h ^ (h >> 13), h = (bits ^ (i * 0x9E3779B9))
-    * 0x85EBCA6B, with i the row-major index, all modulo 2**32."""
-    if value.dtype.itemsize not in (1, 2, 4):
-        return {}  # checkpoint.checksums skips 8-byte dtypes too
-    flat = np.ascontiguousarray(value).reshape(-1)
-    bits = flat if flat.dtype == np.bool_ else flat.view(f"u{flat.dtype.itemsize}")
-    total = 0
-    for start in range(0, flat.size, _FINGERPRINT_CHUNK):
-        stop = min(start + _FINGERPRINT_CHUNK, flat.size)
-        u = bits[start:stop].astype(np.uint32)
-        index = np.arange(start, stop, dtype=np.uint64).astype(np.uint32)
-        h = (u ^ (index * np.uint32(0x9E3779B9))) * np.uint32(0x85EBCA6B)
-        total = (total + int(np.sum(h ^ (h >> np.uint32(13)), dtype=np.uint32))) % 2**32
-    return {f"params/{name}": total}
+    """The checksum entry jaxlm keeps for parameter `name` ({"params/<name>": hash}), the
+    checkpoint's own fingerprint (jaxlm.checkpoint.fingerprint) computed on the host a
+    chunk at a time: a device copy of each array would set the conversion's peak memory."""
+    value = fingerprint_lib.numpy_fingerprint(value)
+    return {} if value is None else {f"params/{name}": value}
 
 
 def write_checkpoint(workdir: pathlib.Path, cfg: ml_collections.ConfigDict,
@@ -132,8 +114,6 @@ def write_checkpoint(workdir: pathlib.Path, cfg: ml_collections.ConfigDict,
     checksums (computed here unless given). Returns the step directory."""
     import orbax.checkpoint as ocp
 
-    from jaxlm.checkpoint_tools import _quiet_orbax
-
     metadata = checkpoint_lib.run_metadata(cfg, param_axes, tokenizer_name)
     metadata.update(extra_metadata or {})
     sums = dict(checksums) if checksums is not None else {}
@@ -142,7 +122,7 @@ def write_checkpoint(workdir: pathlib.Path, cfg: ml_collections.ConfigDict,
             sums.update(fingerprint(name, value))
     options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
     total = sum(v.nbytes for v in flat_params.values())
-    with _quiet_orbax():
+    with quiet_orbax():
         registry = ocp.type_handlers.create_type_handler_registry(
             (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
         handlers = {"state": ocp.PyTreeCheckpointHandler(type_handler_registry=registry),
@@ -160,14 +140,3 @@ def write_checkpoint(workdir: pathlib.Path, cfg: ml_collections.ConfigDict,
         finally:
             manager.close()
     return workdir.absolute() / "checkpoints" / str(STEP)
-
-
-def model_config_of_run(metadata: dict[str, Any]) -> ml_collections.ConfigDict:
-    """The model config saved in a run's metadata, over today's defaults (older runs lack
-    newer keys)."""
-    saved = (metadata.get("config") or {}).get("model")
-    if not saved:
-        raise ValueError("the checkpoint's metadata has no model config")
-    cfg = config_lib.defaults().model
-    config_lib.merge_overrides(cfg, ml_collections.ConfigDict(saved), "config.model")
-    return cfg

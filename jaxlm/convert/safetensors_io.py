@@ -6,6 +6,14 @@ tensors' bytes (offsets relative to the end of the header). Reading parses the h
 `readinto`s one tensor's bytes at a time: the process holds one tensor, not the file (a
 memory-mapped file would count every page it touched as resident memory). Writing lays out
 the header first and streams each tensor after it.
+
+Why not the `safetensors` package: its readers either memory-map the file (`safe_open`: every
+page touched counts as resident) or load it whole (`load_file`), and neither reads a tensor
+into a slice of a preallocated buffer (how the importer fills a layer of a stacked
+parameter without a second copy); its writer (`save_file`) needs every tensor in memory at
+once, while an export here holds about one parameter. The format is small and fixed, so
+jaxlm reads and writes it itself; tests/convert/test_safetensors_io.py checks both
+directions against the `safetensors` package (a test dependency only).
 """
 
 from __future__ import annotations

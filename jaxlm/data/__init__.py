@@ -1,0 +1,12 @@
+"""Input data: corpora as random-access TFDS ArrayRecord sources, tokenizers, packing and
+the Grain pipeline that turns them into each process's rows of the global batch.
+
+Owns:
+    sources     built-in, local (text, JSONL, Parquet) and TFDS catalog corpora; mixtures
+    tokenizers  byte, SentencePiece and Hugging Face tokenizers; saving them with a run
+    packing     documents -> rows (concatenate-and-split, first-fit), with segment ids
+    pipeline    the batch iterator: deterministic global order, exact resume state
+
+May import: jaxlm.errors, jaxlm.config, and JAX only to coordinate processes (building a
+corpus once). A task's own data (fine-tuning JSONL) lives with the task.
+"""

@@ -157,6 +157,14 @@ class BatchIterator:
             {"streams": [grain_state["streams"][where[row]] for row in self.rows],
              "done": [grain_state["done"][where[row]] for row in self.rows]})
 
+    @staticmethod
+    def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        return merge_states(states)
+
+    def progress(self, step: int) -> dict[str, float]:
+        """No epoch figure: a mixture's sources run through their epochs at their own pace."""
+        return {}
+
     def close(self) -> None:
         """Stops the background threads. Also done at exit and when garbage-collected."""
         self._finalizer()

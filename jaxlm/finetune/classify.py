@@ -57,3 +57,16 @@ def loss_sums(graphdef: Any, params: Any, head: dict, batch: dict, pooling: str
     ce_sum = jnp.sum(nll_B * weights_B)
     correct = jnp.sum((jnp.argmax(logits_BxC, axis=-1) == labels_B) * weights_B)
     return ce_sum, {"ce_sum": ce_sum, "correct_sum": correct, "weight_sum": jnp.sum(weights_B)}
+
+
+def metrics(sums: dict, denom: jax.Array) -> dict:
+    """What a classification step reports: mean loss and accuracy over the batch's rows."""
+    return {"loss": sums["ce_sum"] / denom, "accuracy": sums["correct_sum"] / denom,
+            "examples": sums["weight_sum"]}
+
+
+def figures(totals: dict[str, float], batches: int) -> dict[str, float]:
+    """Loss and accuracy over every evaluated row (sums added in float64 on the host)."""
+    denom = max(totals["weight_sum"], 1.0)
+    return {"loss": totals["ce_sum"] / denom, "accuracy": totals["correct_sum"] / denom,
+            "examples": totals["weight_sum"], "batches": batches}

@@ -20,8 +20,8 @@ product, which XLA:CPU computes about 5x faster than the in x r product x^T dh. 
 parameters are `LoraParam`s: a fine-tuning run trains and saves only those
 (`nnx.state(model, LoraParam)`). Dropout keys (`LoraKey`) are filled in every step.
 
-Targets: q, k, v, o (attention wq, wk, wv, wo) and mlp (every MLP matrix: w_gate, w_up,
-w_down for llama; w_in, w_out for gpt2).
+Targets: q, k, v, o (attention wq, wk, wv, wo) and mlp (every MLP matrix); each model family
+names its projections for each target (jaxlm.model.family.Family.lora_targets).
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxlm import sharding
-from jaxlm.finetune import options
+from jaxlm.config import finetune as finetune_section
+from jaxlm.model.zoo import Family
 from jaxlm.model.layers import dense
+from jaxlm.parallel import rules
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -70,10 +71,6 @@ def _lora_matmul_bwd(scale, dtype, residuals, dy_TxO):
 
 
 lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)
-
-ATTENTION_TARGETS = {"q": "wq", "k": "wk", "v": "wv", "o": "wo"}
-MLP_WEIGHTS = ("w_gate", "w_up", "w_down", "w_in", "w_out")
-INPUT_DIMS = {"wo": 2}  # wo is (heads, head_dim, embed): two input dimensions; others one
 
 
 class LoraParam(nnx.Param):
@@ -119,29 +116,26 @@ class LoRA(nnx.Module):
         return dense(h_BxLxR, self.lora_b[...], self.dtype)
 
 
-def _targets(model: nnx.Module, targets: tuple[str, ...]) -> Iterator[tuple[nnx.Module, str]]:
-    """(module, weight name) of every adapted projection, in a fixed order."""
-    blocks = model.blocks
+def _targets(model: nnx.Module, family: Family, targets: tuple[str, ...]
+             ) -> Iterator[tuple[nnx.Module, str, int]]:
+    """(module, weight name, input dimensions) of every adapted projection of the layer
+    stack, in a fixed order: the targets' order, then the family's."""
     for t in targets:
-        if t in ATTENTION_TARGETS:
-            yield blocks.attn, ATTENTION_TARGETS[t]
-        else:
-            for name in MLP_WEIGHTS:
-                if hasattr(blocks.mlp, name):
-                    yield blocks.mlp, name
+        for sub, name, n_in in family.lora_targets[t]:
+            yield getattr(model.blocks, sub), name, n_in
 
 
-def attach(model: nnx.Module, lora_cfg: ml_collections.ConfigDict, seed: int,
+def attach(model: nnx.Module, family: Family, lora_cfg: ml_collections.ConfigDict, seed: int,
            train: bool = True) -> nnx.Module:
-    """Adds adapters to `model` (a Transformer) in place and returns it. A is normal with
+    """Adds adapters to `model` (of `family`) in place and returns it. A is normal with
     std 1/sqrt(fan_in), B zero. `train=False` builds them without dropout (evaluation)."""
     rank, dropout = int(lora_cfg.rank), float(lora_cfg.dropout) if train else 0.0
     key = jax.random.key(seed)
+    targets = finetune_section.lora_targets(lora_cfg)
     with nnx.use_eager_sharding(False):  # shardings come from the axes, applied by jit
-        for i, (module, name) in enumerate(_targets(model, options.lora_targets(lora_cfg))):
+        for i, (module, name, n_in) in enumerate(_targets(model, family, targets)):
             w = getattr(module, name)
-            axes = sharding.variable_axes(w)
-            n_in = INPUT_DIMS.get(name, 1)
+            axes = rules.variable_axes(w)
             layers, in_shape, out_shape = w.shape[0], w.shape[1:1 + n_in], w.shape[1 + n_in:]
             a = jax.random.normal(jax.random.fold_in(key, i), (layers, rank, *in_shape),
                                   jnp.float32) / math.sqrt(math.prod(in_shape))

@@ -18,42 +18,35 @@ import shutil
 from typing import Any
 
 import jax
-import ml_collections
 
-from jaxlm import checkpoint as checkpoint_lib
-from jaxlm import sharding
-from jaxlm.checkpoint_tools import CheckpointToolError, locate
-from jaxlm.finetune import lora, state as state_lib
-from jaxlm.train import optimizer as optimizer_lib
+from jaxlm import config as config_lib
+from jaxlm.checkpoint import manager as checkpoint_lib, rundir
+from jaxlm.finetune import lora
+from jaxlm.finetune.tasks import FinetuneTask
+from jaxlm.parallel import mesh as mesh_lib
 
 
 def restore_run(workdir: str | os.PathLike, step: int | None = None
-                ) -> tuple[ml_collections.ConfigDict, dict, dict, Any, state_lib.FinetuneSpec]:
-    """(config, state, metadata, base params, spec) of a LoRA run's checkpoint, every array
-    on one device."""
-    from jaxlm.generate import saved_config, single_device_mesh
-    location = locate(workdir, step)
-    cfg, step_dir = saved_config(location.checkpoints / str(step) if step is not None else workdir)
+                ) -> tuple[FinetuneTask, dict, dict[str, Any]]:
+    """(the run's task with its frozen base loaded and checked, its state, its metadata) of
+    a LoRA run's checkpoint, every array on one device."""
+    location = rundir.locate(workdir, step)
+    cfg, step_dir = rundir.saved_config(workdir, step)
     if cfg.finetune.method != "lora":
-        raise CheckpointToolError(f"{step_dir} is not a LoRA run (finetune.method="
-                                  f"{cfg.finetune.method!r}); its checkpoint already holds "
-                                  f"the whole model")
-    mesh = single_device_mesh()
-    tx = optimizer_lib.make_optimizer(cfg.optim, cfg.train.steps)
-    with jax.set_mesh(mesh), sharding.axis_rules():
-        fs = state_lib.spec(cfg.model, cfg.finetune, tx, mesh, cfg.train.seed)
+        raise rundir.RunDirError(f"{step_dir} is not a LoRA run (finetune.method="
+                                 f"{cfg.finetune.method!r}); its checkpoint already holds the "
+                                 f"whole model")
+    cfg.mesh = config_lib.defaults().mesh  # one device, whatever mesh the run had
+    task = FinetuneTask(cfg, location.workdir, num_devices=1)
+    mesh = mesh_lib.single_device_mesh()
+    with mesh_lib.use(mesh):
+        task.build(mesh)
     checkpointer = checkpoint_lib.Checkpointer(location.workdir, cfg.checkpoint)
     try:
-        state, _, metadata = checkpointer.restore(int(step_dir.name), fs.abstract)
+        state, _, metadata = checkpointer.restore(int(step_dir.name), task.spec.abstract)
     finally:
         checkpointer.close()
-    base = checkpoint_lib.restore_params(cfg.finetune.base, fs.base_abstract)
-    from jaxlm.finetune.trainer import fingerprint
-    recorded = metadata.get("finetune", {}).get("base_fingerprint")
-    if recorded is not None and fingerprint(base) != recorded:
-        raise CheckpointToolError(f"base {cfg.finetune.base} changed since the run started "
-                                  f"(its fingerprint differs from the one recorded)")
-    return cfg, state, metadata, base, fs
+    return task, task.resume(state, metadata), metadata
 
 
 def merge_run(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None = None,
@@ -61,23 +54,25 @@ def merge_run(workdir: str | os.PathLike, out: str | os.PathLike, step: int | No
     """Writes the merged run directory `out`; returns its step directory."""
     out = pathlib.Path(out).expanduser().absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointToolError(f"output exists and is not an empty directory: {out}")
-    cfg, state, metadata, base, fs = restore_run(workdir, step)
+        raise rundir.RunDirError(f"output exists and is not an empty directory: {out}")
+    task, state, metadata = restore_run(workdir, step)
+    cfg = task.cfg
     saved_step = int(jax.device_get(state["step"]))
-    merged = jax.tree.map(jax.numpy.asarray, lora.merge(base, state["adapters"], cfg.finetune.lora))
+    merged = jax.tree.map(jax.numpy.asarray, lora.merge(task.frozen["params"], state["adapters"],
+                                                        cfg.finetune.lora))
     tree = {"step": state["step"], "params": merged}
     if "head" in state:
         tree["head"] = state["head"]
-    out_meta = checkpoint_lib.run_metadata(cfg, fs.base_axes, metadata.get("tokenizer", ""))
+    out_meta = checkpoint_lib.run_metadata(cfg, task.base_axes, metadata.get("tokenizer", ""))
     out_meta["finetune"] = {**metadata.get("finetune", {}), "lora_merged": {
-        "workdir": str(locate(workdir).workdir), "step": saved_step}}
+        "workdir": str(rundir.locate(workdir).workdir), "step": saved_step}}
     checkpointer = checkpoint_lib.Checkpointer(out, cfg.checkpoint)
     try:
         checkpointer.save(saved_step, tree, {}, out_meta)
         checkpointer.wait()
     finally:
         checkpointer.close()
-    tokenizer_dir = locate(workdir).workdir / "tokenizer"
+    tokenizer_dir = rundir.locate(workdir).workdir / "tokenizer"
     if tokenizer_dir.is_dir():
         shutil.copytree(tokenizer_dir, out / "tokenizer")
     step_dir = out / "checkpoints" / str(saved_step)

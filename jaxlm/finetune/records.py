@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from jaxlm.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Bad fine-tuning data; the message names file:line (or the file)."""
 
 

@@ -13,6 +13,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from jaxlm.errors import UserError
+
+
+class DataChangedError(UserError, ValueError):
+    """A resumed run's training rows are not the ones it started with."""
+
 
 def fingerprint(rows: dict[str, np.ndarray]) -> str:
     """sha256 of the rows' arrays: a resumed run checks its data did not change."""
@@ -24,6 +30,10 @@ def fingerprint(rows: dict[str, np.ndarray]) -> str:
 
 
 class TrainBatches:
+    """The training input of a fine-tuning task (jaxlm.train.task.Batches): this process's
+    rows of global batch k, for k = 1, 2, ... Its saved state is the step and a fingerprint
+    of the rows, so a resume with other data is refused instead of silently continuing."""
+
     def __init__(self, rows: dict[str, np.ndarray], global_batch: int, seed: int,
                  local_rows: Sequence[int]):
         self.rows = rows
@@ -31,6 +41,8 @@ class TrainBatches:
         self.global_batch = global_batch
         self.seed = seed
         self.local_rows = np.asarray(local_rows, np.int64)
+        self.fingerprint = fingerprint(rows)
+        self.step = 0  # the last step whose batch was returned
         self._perms: dict[int, np.ndarray] = {}
 
     def _perm(self, epoch: int) -> np.ndarray:
@@ -50,8 +62,32 @@ class TrainBatches:
         idx = self.indices(step)
         return {k: v[idx] for k, v in self.rows.items()}
 
+    def __next__(self) -> dict[str, np.ndarray]:
+        self.step += 1
+        return self.batch(self.step)
+
     def epoch(self, step: int) -> float:
         return step * self.global_batch / self.count
+
+    def progress(self, step: int) -> dict[str, float]:
+        return {"epoch": self.epoch(step)}
+
+    def get_state(self) -> dict:
+        return {"step": self.step, "train_rows_fingerprint": self.fingerprint}
+
+    @staticmethod
+    def merge_states(states: Sequence[dict]) -> dict:
+        return dict(states[0])  # every process is at the same step of the same rows
+
+    def set_state(self, state: dict) -> None:
+        if state.get("train_rows_fingerprint") != self.fingerprint:
+            raise DataChangedError("the training data changed since this run started: resume "
+                                   "it with the same data, or start a new run in another "
+                                   "workdir")
+        self.step = int(state["step"])
+
+    def close(self) -> None:
+        pass
 
 
 def eval_batches(rows: dict[str, np.ndarray], global_batch: int, local_rows: Sequence[int]

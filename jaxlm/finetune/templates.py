@@ -29,9 +29,10 @@ from typing import Sequence
 import numpy as np
 
 from jaxlm.data.tokenizers import Tokenizer
+from jaxlm.errors import UserError
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError, ValueError):
     """A template file is missing or malformed; the message names it."""
 
 

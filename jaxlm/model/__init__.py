@@ -1,0 +1,15 @@
+"""The model zoo: families of Transformer models, the layers they share, and the registry
+that picks one by `model.family`.
+
+Owns:
+    zoo         the registry: each family's record (its checks, analytic counts, LoRA
+                targets, where its network lives) and building a model of any family
+    decoder     the decoder-only stack every decoder family shares (block, scan, head)
+    llama, gpt2 the families' networks
+    layers, attention, kv_cache   shared layers: norms, MLPs, rotary embeddings, attention
+                backends, the KV cache of generation
+    counts      head size, matmul parameters, analytic FLOPs
+
+May import: jaxlm.errors, jaxlm.config, jaxlm.parallel.rules (logical axis names; the mesh
+never appears here), JAX and Flax. `zoo` and `counts` import no JAX.
+"""

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.model.layers import RopeSpec, apply_rope, constant, param, project
-from jaxlm.sharding import constrain
+from jaxlm.parallel.rules import constrain
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: rows never become NaN
 QUERY_CHUNKS = 4  # causal blocks: chunk i attends keys of chunks 0..i only (10/16 of the work)

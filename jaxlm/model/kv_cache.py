@@ -31,9 +31,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx, struct
 
-from jaxlm import config as config_lib
-from jaxlm.model import attention
-from jaxlm.sharding import constrain
+from jaxlm.model import attention, counts
+from jaxlm.parallel.rules import constrain
 
 # Logical axes of the stacked cache (the existing activation names: no new rules needed).
 CACHE_AXES = ("layers", "batch", "act_kv_heads", "sequence", None)
@@ -56,7 +55,7 @@ def init_cache(model_cfg: ml_collections.ConfigDict, start_B: jax.Array, length:
     """An empty cache of `length` slots for rows whose prompts start at `start_B`, ready for
     a prefill. Keys and values are kept in the model's compute dtype."""
     shape = (model_cfg.n_layers, start_B.shape[0], model_cfg.n_kv_heads, length,
-             config_lib.head_dim(model_cfg))
+             counts.head_dim(model_cfg))
     zeros = constrain(jnp.zeros(shape, jnp.dtype(model_cfg.dtype)), CACHE_AXES)
     return KVCache(zeros, zeros, start_B.astype(jnp.int32), jnp.zeros((), jnp.int32), True)
 

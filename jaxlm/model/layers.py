@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm.sharding import constrain
+from jaxlm.parallel.rules import constrain
 
 
 def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], std: float) -> nnx.Param:
@@ -73,10 +73,6 @@ class LayerNorm(nnx.Module):
         var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
         x = (x - mean) * jax.lax.rsqrt(var + self.eps)
         return (x * self.scale[...] + self.bias[...]).astype(x_BxLxD.dtype)
-
-
-def make_norm(family: str, dim: int, eps: float) -> RMSNorm | LayerNorm:
-    return RMSNorm(dim, eps) if family == "llama" else LayerNorm(dim, eps)
 
 
 class SwiGLU(nnx.Module):

@@ -1,0 +1,20 @@
+"""Training: the Task interface, the one loop that runs any task, and what every task
+shares.
+
+Owns:
+    task        the Task interface (what varies between objectives) and its Batches
+    loop        the one training loop: preemption, exact resume, non-finite policy,
+                multi-host agreement, progress, metrics, evaluation cadence
+    lm          causal-LM pretraining, the task of `jaxlm train`
+    state       the train state's layout, created sharded
+    step        the train step of every task (gradients, accumulation, update) and the
+                evaluation sums
+    optimizer   AdamW, schedules, clipping, masked weight decay
+    preemption  SIGTERM/SIGINT handling, agreed across processes
+    metrics     peak FLOP/s for MFU, metrics.jsonl and TensorBoard, the progress line
+    validate    the whole config of a run, checked before anything expensive
+    aot         `jaxlm compile`: a task's step compiled for a TPU topology on any host
+
+May import: jaxlm.errors, config, parallel, model, data, checkpoint. Fine-tuning tasks
+(jaxlm.finetune) build on this package; nothing here knows them.
+"""

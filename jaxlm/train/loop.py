@@ -1,7 +1,20 @@
-"""`jaxlm train`: the training loop, top to bottom.
+"""The one training loop: any Task, top to bottom.
 
-Sections: config and mesh; workdir; input; model, optimizer and sharded state; compile;
-restore or initialise; loop (data -> step -> metrics -> checkpoint).
+Sections: mesh; workdir; input; state layout and compile; restore or initialise; loop
+(batch -> step -> metrics -> evaluation -> checkpoint). What the loop guarantees holds for
+every task by construction:
+
+- preemption: SIGTERM/SIGINT finish the step, save it and stop (every process the same
+  step), `Preempted` -> exit 75; running the command again resumes;
+- exact resume: the state and the data position are saved together, and the batch at a
+  step does not depend on where the run was interrupted;
+- non-finite policy: the step counts non-finite updates; the loop reads that count only
+  at log, save and evaluation points (no extra host sync) and stops before saving under
+  train.nonfinite="stop";
+- one progress line, metrics.jsonl and TensorBoard for every task, data figures summed over
+  every process's rows;
+- multi-host agreement on when to save (JAX's preemption sync point; checkpoint.every_minutes
+  is consulted only at log points, where the processes sync anyway).
 """
 
 from __future__ import annotations
@@ -12,72 +25,36 @@ import time
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxlm import checkpoint as checkpoint_lib
-from jaxlm import config as config_lib
-from jaxlm import distributed
-from jaxlm import metrics as metrics_lib
-from jaxlm import sharding
-from jaxlm.data import pipeline, sources, tokenizers
-from jaxlm.model.transformer import param_count
-from jaxlm.train import preemption
-from jaxlm.train import state as state_lib
-from jaxlm.train import step as step_lib
+from jaxlm.checkpoint import manager as checkpoint_lib
+from jaxlm.errors import NonFiniteLoss, Preempted
+from jaxlm.parallel import distributed, mesh as mesh_lib, rules
+from jaxlm.train import metrics as metrics_lib, preemption
+from jaxlm.train.task import Task, check_workdir
 
 
-def check_workdir(workdir: pathlib.Path) -> None:
-    """Fails now, not at the first checkpoint, if the workdir cannot be written."""
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / f".write_probe_{jax.process_index()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise SystemExit(f"workdir {workdir} is not writable: {e}") from e
-
-
-def prepare_sources(data_cfg: ml_collections.ConfigDict) -> dict[str, dict]:
-    """Builds every source of the mixture once (process 0; the others wait) and returns
-    each one's build statistics."""
-    names = [name for name, _ in config_lib.parse_mixture(data_cfg.dataset)]
-    if jax.process_index() == 0:
-        stats = {name: sources.prepare(data_cfg, name) for name in names}
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("jaxlm: sources prepared")
-        if jax.process_index() != 0:
-            stats = {name: sources.prepare(data_cfg, name) for name in names}  # already built
-    return stats
-
-
-def batch_stats(batch: dict[str, np.ndarray], bos_id: int | None) -> dict[str, int]:
-    """Real tokens, slots and documents started in a host batch (cheap numpy counts)."""
+def batch_stats(batch: dict[str, np.ndarray], bos_id: int | None) -> np.ndarray:
+    """[documents started, real tokens, slots] of a host batch (cheap NumPy counts): a
+    document starts at BOS, or (without one) where its positions start."""
     real = int(np.count_nonzero(batch["segment_ids"]))
     docs = int(np.count_nonzero(batch["inputs"] == bos_id)) if bos_id is not None else \
         int(np.count_nonzero((batch["positions"] == 0) & (batch["segment_ids"] > 0)))
-    return {"real_tokens": real, "slots": batch["segment_ids"].size, "documents": docs}
+    return np.asarray([docs, real, batch["segment_ids"].size], np.int64)
 
 
-class Preempted(Exception):
-    """Training stopped on SIGTERM/SIGINT after saving `step`; the CLI exits with
-    preemption.PREEMPTED_EXIT_CODE and running the command again resumes."""
-
-    def __init__(self, step: int, path: pathlib.Path):
-        super().__init__(f"preempted: checkpoint of step {step} saved at {path}; "
-                         f"run the same command again to resume")
-        self.step = step
-
-
-class NonFiniteLoss(Exception):
-    """A non-finite loss or gradient under train.nonfinite="stop"."""
+def summed_over_processes(counts: np.ndarray) -> np.ndarray:
+    """`counts` added over every process (a host collective: every process calls it)."""
+    if jax.process_count() == 1:
+        return counts
+    return np.asarray(multihost_utils.process_allgather(counts)).sum(axis=0)
 
 
 def check_finite(state: dict, seen: int, since_step: int, step: int, policy: str,
                  checkpointer: checkpoint_lib.Checkpointer, say) -> int:
-    """Reads the state's count of non-finite steps (at log and save points only) and stops
-    under the "stop" policy, before the state could be saved."""
+    """Reads the state's count of non-finite steps (at log, save and evaluation points
+    only) and stops under the "stop" policy, before the state could be saved."""
     count = int(jax.device_get(state["nonfinite_steps"]))
     if count > seen:
         where = f"{count - seen} step(s) in ({since_step}, {step}]"
@@ -91,130 +68,116 @@ def check_finite(state: dict, seen: int, since_step: int, step: int, policy: str
     return count
 
 
-def restore_or_init(cfg: ml_collections.ConfigDict, trainer: step_lib.Trainer,
-                    checkpointer: checkpoint_lib.Checkpointer, data_iter, say) -> dict:
-    """The workdir's newest good checkpoint (state and data position), else a fresh state,
-    with parameters from `checkpoint.init_from` when it is set."""
-    spec = trainer.spec
-    restored = checkpointer.restore_latest(spec.abstract)
-    if restored is not None:
-        step, state, data_state, _ = restored
-        data_iter.set_state(data_state)
-        say(f"resumed from {checkpointer.directory / str(step)}")
-        return state
-    state = state_lib.init_state(cfg.model, trainer.tx, spec, seed=cfg.train.seed)
-    if cfg.checkpoint.init_from:
-        state["params"] = checkpoint_lib.restore_params(cfg.checkpoint.init_from,
-                                                        spec.abstract["params"])
-        say(f"parameters from {cfg.checkpoint.init_from}; fresh optimizer, step 0")
-    return state
-
-
-def to_global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-    """Each process contributes its own rows; the result is one array sharded over the mesh."""
-    s = sharding.batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(s, v) for k, v in local.items()}
-
-
-def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Trains to `cfg.train.steps`, resuming from the workdir's latest checkpoint.
-    Returns the logged metrics."""
-    # ---- config and mesh ------------------------------------------------------------
-    config_lib.validate(cfg, jax.device_count())
-    mesh = sharding.make_mesh(cfg.mesh)
+def train(task: Task, workdir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Trains `task` to its config's train.steps, resuming from the workdir's latest
+    checkpoint. Returns the logged metrics (train steps; evaluations as eval_* keys)."""
+    # ---- mesh -------------------------------------------------------------------------
+    cfg = task.cfg
+    mesh = mesh_lib.make_mesh(cfg.mesh)
     is_writer = jax.process_index() == 0
     say = print if is_writer else (lambda *a, **k: None)
     # Before any loader thread starts: on CPU the peak is measured on this host's cores.
     peak, peak_source = metrics_lib.peak_flops(cfg.metrics.peak_flops)
 
-    # ---- workdir --------------------------------------------------------------------
+    # ---- workdir ----------------------------------------------------------------------
     workdir = pathlib.Path(workdir)
     check_workdir(workdir)
-
-    # ---- input ----------------------------------------------------------------------
-    tokenizer = tokenizers.load_tokenizer(cfg.data)
-    cfg = config_lib.resolved(cfg, tokenizer.vocab_size, jax.device_count())
-    data_stats = prepare_sources(cfg.data)
-    for name, stats in data_stats.items():
-        say(f"source {name}: {stats['train_documents']:,} train / {stats['validation_documents']:,} "
-            f"validation documents; {stats['empty_skipped']:,} empty skipped; "
-            f"{stats['invalid_utf8_replaced']:,} with invalid UTF-8 replaced")
     if is_writer:
-        tokenizer.save(workdir / "tokenizer")  # the run describes itself: generation needs it
+        task.tokenizer.save(workdir / "tokenizer")  # the run describes itself
+
+    # ---- input ------------------------------------------------------------------------
     # This process reads the rows of the global batch its devices hold: the batch does not
     # depend on the process count.
-    rows = distributed.local_rows(sharding.batch_sharding(mesh), cfg.data.global_batch_size)
-    data_iter = pipeline.make_iterator(cfg.data, split="train", rows=rows, tokenizer=tokenizer)
+    global_batch = cfg.data.global_batch_size
+    rows = distributed.local_rows(rules.batch_sharding(mesh), global_batch)
+    batches = task.train_batches(rows, say)
 
-    # ---- model, optimizer, sharded state ---------------------------------------------
+    # ---- state layout, compile (ahead of time: step timings never include it) ---------
     total_steps = cfg.train.steps
-    with jax.set_mesh(mesh), sharding.axis_rules():
-        trainer = step_lib.build_trainer(cfg.model, cfg.optim, total_steps, mesh, cfg.train.seed,
-                                         cfg.train.nonfinite)
-        spec = trainer.spec
+    try:
+        with mesh_lib.use(mesh):
+            task.build(mesh)
+            start = time.perf_counter()
+            compiled_step = task.lower().compile()
+            compile_s = time.perf_counter() - start
 
-        # ---- compile (ahead of time, so step timings never include it) ---------------
-        start = time.perf_counter()
-        batch_shape = step_lib.abstract_batch(cfg.data.global_batch_size, cfg.data.seq_len, mesh)
-        compiled_step = trainer.step.lower(spec.abstract, batch_shape).compile()
-        compile_s = time.perf_counter() - start
+            # ---- restore or initialise ------------------------------------------------
+            checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.checkpoint)
+            checkpointer.check_capacity(checkpoint_lib.state_nbytes(task.spec.abstract))
+            restored = checkpointer.restore_latest(task.spec.abstract)
+            if restored is not None:
+                step0, state, data_state, saved_metadata = restored
+                state = task.resume(state, saved_metadata)
+                batches.set_state(data_state)
+                say(f"resumed from {checkpointer.directory / str(step0)}")
+            else:
+                state = task.init_state()
+    except BaseException:
+        batches.close()
+        raise
+    metadata = task.metadata()
+    tokens_per_step = global_batch * cfg.data.seq_len
+    flops_per_step = task.flops_per_token() * tokens_per_step
+    say(f"{task.describe()}; mesh {dict(mesh.shape)}; {tokens_per_step:,} tokens/step; "
+        f"compiled in {compile_s:.1f}s; peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
 
-        # ---- restore or initialise --------------------------------------------------
-        checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.checkpoint)
-        checkpointer.check_capacity(checkpoint_lib.state_nbytes(spec.abstract))
-        state = restore_or_init(cfg, trainer, checkpointer, data_iter, say)
-    metadata = checkpoint_lib.run_metadata(cfg, spec.param_axes, tokenizer.name)
-
-    tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
-    flops_per_step = metrics_lib.flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
-    say(f"model: {cfg.model.family}, {param_count(cfg.model):,} parameters; mesh "
-        f"{dict(mesh.shape)}; {tokens_per_step:,} tokens/step; compiled in {compile_s:.1f}s; "
-        f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
-
-    # ---- loop -----------------------------------------------------------------------
+    # ---- loop -------------------------------------------------------------------------
     writer = metrics_lib.MetricsWriter(workdir, cfg.metrics.tensorboard, active=is_writer)
     logged: list[dict[str, Any]] = []
-    window = {"real_tokens": 0, "slots": 0, "documents": 0}  # this host, since the last log
+
+    def evaluate(step: int) -> None:
+        scalars = {f"eval_{k}": v for k, v in task.evaluate(state).items()}
+        writer.write(step, scalars)
+        logged.append({"step": step, **scalars})
+        say(f"eval at step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
+
+    window = np.zeros(3, np.int64)  # documents, real tokens, slots of this host since the log
     first_step = int(jax.device_get(state["step"])) + 1
     nonfinite_seen = int(jax.device_get(state["nonfinite_steps"]))
+    evaluating = task.eval_every is not None
+    if evaluating and first_step == 1:
+        evaluate(0)
     last_log_time, last_log_step = time.perf_counter(), first_step - 1
     run_start = last_log_time
     try:
         with preemption.PreemptionWatch() as watch:
             for step in range(first_step, total_steps + 1):
-                host_batch = next(data_iter)
-                for key, value in batch_stats(host_batch, tokenizer.bos_id).items():
-                    window[key] += value
-                state, step_metrics = compiled_step(state, to_global_batch(host_batch, mesh))
+                host_batch = next(batches)
+                window += batch_stats(host_batch, task.tokenizer.bos_id)
+                state, step_metrics = compiled_step(state, task.frozen,
+                                                    task.to_global(host_batch))
 
                 is_log = step % cfg.train.log_every == 0 or step == total_steps
+                is_eval = evaluating and (step == total_steps or (
+                    task.eval_every > 0 and step % task.eval_every == 0))
                 stop = watch.should_stop(step)
                 is_save = checkpointer.should_save(step, total_steps, check_clock=is_log) or stop
-                if is_log or is_save:  # the only places the host waits for the device
+                if is_log or is_save or is_eval:  # the only places the host waits for the device
                     nonfinite_seen = check_finite(state, nonfinite_seen, last_log_step, step,
                                                   cfg.train.nonfinite, checkpointer, say)
                 if is_log:
                     scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                     now = time.perf_counter()
                     step_time = (now - last_log_time) / (step - last_log_step)
-                    scalars["step_time_s"] = step_time
-                    scalars["tokens_per_sec"] = tokens_per_step / step_time
-                    scalars["mfu"] = flops_per_step / step_time / peak
-                    scalars["nonfinite_steps"] = nonfinite_seen
-                    # Data figures of this host's share, over the steps since the last log.
-                    scalars["data_documents"] = window["documents"]
-                    scalars["data_tokens"] = window["real_tokens"]
-                    scalars["packing_efficiency"] = window["real_tokens"] / max(window["slots"], 1)
-                    window = dict.fromkeys(window, 0)
+                    documents, real, slots = summed_over_processes(window)
+                    window[:] = 0
+                    scalars.update(
+                        step_time_s=step_time, tokens_per_sec=tokens_per_step / step_time,
+                        mfu=flops_per_step / step_time / peak, nonfinite_steps=nonfinite_seen,
+                        # Data figures of every process's rows, over the steps since the log.
+                        data_documents=int(documents), data_tokens=int(real),
+                        packing_efficiency=real / max(slots, 1), **batches.progress(step))
                     writer.write(step, scalars)
                     logged.append({"step": step, **scalars})
                     eta = (now - run_start) / (step - first_step + 1) * (total_steps - step)
                     metrics_lib.print_progress(
                         metrics_lib.progress_line(step, total_steps, scalars, eta), is_writer)
                     last_log_time, last_log_step = time.perf_counter(), step
+                if is_eval:
+                    evaluate(step)
                 if is_save:  # every process's data position: one state for any process count
-                    data_states = distributed.allgather_json(data_iter.get_state())
-                    checkpointer.save(step, state, pipeline.merge_states(data_states), metadata)
+                    data_states = distributed.allgather_json(batches.get_state())
+                    checkpointer.save(step, state, batches.merge_states(data_states), metadata)
                 if stop:
                     checkpointer.wait()
                     raise Preempted(step, checkpointer.directory / str(step))
@@ -222,6 +185,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[di
         checkpointer.wait()
         checkpointer.close()
         writer.close()
-        data_iter.close()
+        batches.close()
     say(f"\ndone: {total_steps} steps; checkpoints in {checkpointer.directory}")
     return logged

@@ -2,7 +2,7 @@
 
 One process: the first signal sets a flag the loop reads after every step (a Python bool:
 no device sync); the loop then writes a checkpoint of the step it finished and exits with
-`PREEMPTED_EXIT_CODE`. A second signal aborts at once (`ABORTED_EXIT_CODE`).
+`errors.PREEMPTED`. A second signal aborts at once (`errors.ABORTED`).
 
 Several processes: the decision must be the same on all of them, or one host would save a
 step the others never reach. JAX's preemption sync point decides: its handler catches
@@ -22,8 +22,8 @@ from types import FrameType
 import jax
 from jax.experimental import multihost_utils
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" — the run resumes from its checkpoint
-ABORTED_EXIT_CODE = 130  # a second signal: no checkpoint was written
+from jaxlm import errors
+
 
 
 class PreemptionWatch:
@@ -40,7 +40,7 @@ class PreemptionWatch:
         name = signal.Signals(signum).name
         if self.requested is not None:
             print(f"\njaxlm: second {name}: aborting without a checkpoint", file=sys.stderr, flush=True)
-            os._exit(ABORTED_EXIT_CODE)
+            os._exit(errors.ABORTED)
         self.requested = name
         if jax.process_count() > 1:  # the first SIGINT becomes the preemption notice
             print(f"\njaxlm: {name} received: passing it on as SIGTERM to JAX's preemption "

@@ -1,9 +1,16 @@
-"""The train step: a pure function (state, batch) -> (state, metrics), jitted once.
+"""The train step of every task: a pure function (state, frozen, batch) -> (state, metrics),
+jitted once with explicit shardings and the state donated.
 
-Loss is cross-entropy averaged over real target tokens (weights 1), never padding.
-With gradient accumulation the batch is split into microbatches whose *summed* losses and
-gradients are added up and divided by the total weight once at the end, so accumulating
+A task supplies its objective as an `Objective`: summed (not averaged) quantities over the
+batch's weighted targets, "ce_sum" and "weight_sum" among them. The step takes gradients
+with respect to the trainable groups only (frozen inputs enter as constants, so neither
+their gradients nor their weight-gradient matmuls are computed), divides by the total
+weight once and applies the optimizer. With gradient accumulation the batch is split into
+microbatches whose sums and gradients are added up before that division, so accumulating
 gives the same update as one large batch.
+
+Randomness inside the objective (dropout) draws from fold_in(seed, step) (and the
+microbatch index): a resumed run draws what an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -15,28 +22,23 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from flax import nnx
 from jax.sharding import Mesh
 
-from jaxlm import sharding
-from jaxlm.train import optimizer as optimizer_lib
-from jaxlm.train.state import StateSpec, TrainState, state_spec
+from jaxlm.parallel import rules
+from jaxlm.train.state import StateSpec, TrainState
 
 Batch = dict[str, jax.Array]
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
+# (trainable groups, frozen inputs, batch, PRNG key, training?) -> (objective, sums)
+SumsFn = Callable[[dict, dict, Batch, jax.Array, bool], tuple[jax.Array, dict]]
 
 
-def loss_sums(graphdef: Any, params: Any, batch: Batch, z_loss: float) -> tuple[jax.Array, dict]:
-    """Summed (not averaged) objective over the batch's weighted tokens, and its parts."""
-    model = nnx.merge(graphdef, params)
-    logits_BxLxV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-    log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
-    weights_BxL = batch["weights"].astype(jnp.float32)
-    ce_sum = jnp.sum((log_z_BxL - target_logit_BxL) * weights_BxL)
-    z_sum = jnp.sum(jnp.square(log_z_BxL) * weights_BxL)
-    objective = ce_sum + z_loss * z_sum
-    return objective, {"ce_sum": ce_sum, "z_sum": z_sum, "weight_sum": jnp.sum(weights_BxL)}
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a task optimises: `sums` (see SumsFn) and the metrics it reports from them
+    (`metrics(sums, denominator)`, the denominator being max(weight_sum, 1))."""
+
+    sums: SumsFn
+    metrics: Callable[[dict, jax.Array], dict]
 
 
 def split_microbatches(batch: Batch, accum: int) -> Batch:
@@ -64,75 +66,61 @@ def apply_update(tx: optax.GradientTransformation, params: Any, opt_state: Any, 
     return new_params, new_opt_state, grad_norm, finite, denom
 
 
-def make_train_step(optim_cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, graphdef: Any, nonfinite: str = "continue") -> Callable:
+def make_train_step(objective: Objective, groups: tuple[str, ...],
+                    optim_cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, seed: int = 0, nonfinite: str = "continue"
+                    ) -> Callable[[TrainState, dict, Batch], tuple[TrainState, dict]]:
     """`nonfinite` ("stop", "skip" or "continue"): what a step whose loss or gradient norm
-    is not finite does to the state. "stop" and "skip" leave parameters and optimizer state
-    unchanged (the loop stops, or goes on, when it next looks); "continue" applies the
-    update. Every such step is counted in state["nonfinite_steps"], so the loop never needs a
-    host sync per step to notice one."""
+    is not finite does to the state. "stop" and "skip" leave the trainable groups and the
+    optimizer state unchanged (the loop stops, or goes on, when it next looks); "continue"
+    applies the update. Every such step is counted in state["nonfinite_steps"], so the loop
+    never needs a host sync per step to notice one."""
     accum = optim_cfg.grad_accum_steps
-    z_loss = optim_cfg.z_loss
-    grad_fn = jax.grad(lambda p, b: loss_sums(graphdef, p, b, z_loss), has_aux=True)
+    grad_fn = jax.grad(lambda t, f, b, k: objective.sums(t, f, b, k, True), has_aux=True)
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        params = state["params"]
+    def train_step(state: TrainState, frozen: dict, batch: Batch) -> tuple[TrainState, dict]:
+        trainable = {g: state[g] for g in groups}
+        step_key = jax.random.fold_in(jax.random.PRNGKey(seed), state["step"])
         if accum == 1:
-            grads, sums = grad_fn(params, batch)
+            grads, sums = grad_fn(trainable, frozen, batch, step_key)
         else:
             micro = split_microbatches(batch, accum)
 
-            def add_microbatch(carry, mb):
-                grads, sums = grad_fn(params, mb)
-                return jax.tree.map(jnp.add, carry, (grads, sums)), None
+            def add_microbatch(carry, inputs):
+                j, mb = inputs
+                out = grad_fn(trainable, frozen, mb, jax.random.fold_in(step_key, j))
+                return jax.tree.map(jnp.add, carry, out), None
 
-            zeros = jax.tree.map(jnp.zeros_like, (params, {"ce_sum": 0.0, "z_sum": 0.0, "weight_sum": 0.0}))
-            (grads, sums), _ = jax.lax.scan(add_microbatch, zeros, micro)
-        new_params, opt_state, grad_norm, finite, denom = apply_update(
-            tx, params, state["opt_state"], grads, sums, nonfinite)
-        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state,
+            shapes = jax.eval_shape(grad_fn, trainable, frozen,
+                                    jax.tree.map(lambda x: x[0], micro), step_key)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            (grads, sums), _ = jax.lax.scan(add_microbatch, zeros, (jnp.arange(accum), micro))
+        new, opt_state, grad_norm, finite, denom = apply_update(
+            tx, trainable, state["opt_state"], grads, sums, nonfinite)
+        new_state = {"step": state["step"] + 1, **new, "opt_state": opt_state,
                      "nonfinite_steps": state["nonfinite_steps"] + (~finite).astype(jnp.int32)}
-        metrics = {
-            "loss": sums["ce_sum"] / denom,
-            "log_z_squared": sums["z_sum"] / denom,
-            "grad_norm": grad_norm,
-            "learning_rate": schedule(state["step"]),
-            "target_tokens": sums["weight_sum"],
-        }
+        metrics = {**objective.metrics(sums, denom), "grad_norm": grad_norm,
+                   "learning_rate": schedule(state["step"])}
         return new_state, metrics
 
     return train_step
 
 
-def jit_train_step(train_step: Callable, spec: StateSpec, mesh: Mesh) -> Callable:
+def jit_train_step(train_step: Callable, spec: StateSpec, batch_shardings: dict,
+                   mesh: Mesh) -> Callable:
     """Jit with explicit shardings; the old state's buffers are donated to the new one."""
-    batch_shardings = {k: sharding.batch_sharding(mesh) for k in BATCH_KEYS}
-    return jax.jit(train_step, in_shardings=(spec.shardings, batch_shardings),
-                   out_shardings=(spec.shardings, sharding.replicated(mesh)), donate_argnums=0)
+    return jax.jit(train_step, in_shardings=(spec.shardings, spec.frozen_shardings,
+                                             batch_shardings),
+                   out_shardings=(spec.shardings, rules.replicated(mesh)), donate_argnums=0)
 
 
-@dataclasses.dataclass(frozen=True)
-class Trainer:
-    tx: optax.GradientTransformation
-    spec: StateSpec
-    step: Callable  # jitted (state, batch) -> (state, metrics), the state donated
+def jit_eval_sums(objective: Objective, spec: StateSpec, batch_shardings: dict,
+                  mesh: Mesh) -> Callable:
+    """Jitted (trainable groups, frozen, batch) -> the batch's sums, no dropout."""
+    def eval_sums(trainable, frozen, batch):
+        return objective.sums(trainable, frozen, batch, jax.random.PRNGKey(0), False)[1]
 
-
-def build_trainer(model_cfg: ml_collections.ConfigDict, optim_cfg: ml_collections.ConfigDict,
-                  total_steps: int, mesh: Mesh, seed: int = 0, nonfinite: str = "continue") -> Trainer:
-    """Optimizer, state layout and jitted step; call inside `jax.set_mesh(mesh)` and
-    `sharding.axis_rules()`, as tracing applies the activation constraints."""
-    tx = optimizer_lib.make_optimizer(optim_cfg, total_steps)
-    schedule = optimizer_lib.learning_rate_schedule(optim_cfg, total_steps)
-    spec = state_spec(model_cfg, tx, mesh, seed=seed)
-    step = jit_train_step(make_train_step(optim_cfg, tx, schedule, spec.graphdef, nonfinite),
-                          spec, mesh)
-    return Trainer(tx, spec, step)
-
-
-def abstract_batch(global_batch: int, seq_len: int, mesh: Mesh) -> Batch:
-    """Shapes of one global batch, for ahead-of-time compilation."""
-    s = sharding.batch_sharding(mesh)
-    out = {k: jax.ShapeDtypeStruct((global_batch, seq_len), jnp.int32, sharding=s) for k in BATCH_KEYS}
-    out["weights"] = jax.ShapeDtypeStruct((global_batch, seq_len), jnp.float32, sharding=s)
-    return out
+    trainable_shardings = {g: spec.shardings[g] for g in spec.groups}
+    return jax.jit(eval_sums, in_shardings=(trainable_shardings, spec.frozen_shardings,
+                                            batch_shardings),
+                   out_shardings=rules.replicated(mesh))

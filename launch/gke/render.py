@@ -30,8 +30,8 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # run from a checkout
 
-from jaxlm import launchers  # noqa: E402
-from jaxlm.launchers import LaunchError  # noqa: E402
+from jaxlm.launch import common as launchers  # noqa: E402
+from jaxlm.launch.common import LaunchError  # noqa: E402
 
 PROG = "gke"
 TEMPLATES = pathlib.Path(__file__).resolve().parent

@@ -16,7 +16,7 @@ import pathlib
 import numpy as np
 
 from jaxlm import config as config_lib
-from jaxlm.convert import hf_config as hf_config_lib
+from jaxlm.convert import families as hf_families
 from jaxlm.convert import hf_export
 from jaxlm.convert import params as params_lib
 from jaxlm.convert import safetensors_io as st
@@ -127,11 +127,11 @@ def jaxlm_logits(model_cfg, params: dict, tokens: np.ndarray) -> np.ndarray:
     import jax
     from flax import nnx
 
-    from jaxlm.model import transformer
+    from jaxlm.model import zoo
 
     model_cfg = model_cfg.copy_and_resolve_references()
     model_cfg.remat = "none"
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: transformer.create(model_cfg)))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: zoo.create(model_cfg)))
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jax.numpy.asarray(a, "float32"), params))
     fwd = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t),
                   compiler_options={"xla_backend_optimization_level": 0})
@@ -173,7 +173,7 @@ def write_hf_dir(directory, model_cfg=None, max_shard_bytes=10**9):
     directory.mkdir(parents=True, exist_ok=True)
     plans = hf_export.tensor_plans(model_cfg, flat.__getitem__, np.dtype("float32"))
     st.write_checkpoint(directory, plans, max_shard_bytes)
-    config = hf_config_lib.hf_config(model_cfg, "float32", {"bos_id": 1, "eos_id": 2})
+    config = hf_families.hf_config(model_cfg, "float32", {"bos_id": 1, "eos_id": 2})
     (directory / "config.json").write_text(json.dumps(config))
     (directory / "tokenizer.json").write_text(tokenizer_json())
     return directory

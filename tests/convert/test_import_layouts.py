@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxlm.convert import hf_config, hf_import
+from jaxlm.convert import families, hf_import
 from jaxlm.convert import safetensors_io as st
 
 def read(hf_dir):
@@ -65,22 +65,22 @@ SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
     {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, **SCALING}},  # 5.x
 ])
 def test_rope_config_layouts_agree(layout):
-    cfg, notes = hf_config.model_config({**LLAMA, **layout})
+    cfg, notes = families.model_config({**LLAMA, **layout})
     assert notes == []
     assert cfg.rope_theta == 500000.0 and cfg.head_dim == 16 and not cfg.tie_embeddings
     assert cfg.rope_scaling.to_dict() == {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                           "high_freq_factor": 4.0, "original_max_len": 8192}
-    back = hf_config.hf_config(cfg, "float32", {})
+    back = families.hf_config(cfg, "float32", {})
     assert back["rope_scaling"] == {"rope_type": "llama3", **SCALING}
-    assert hf_config.model_config(json.loads(json.dumps(back)))[0].to_dict() == cfg.to_dict()
+    assert families.model_config(json.loads(json.dumps(back)))[0].to_dict() == cfg.to_dict()
 
 
 def test_qwen2_sliding_window_only_when_used():
     qwen = {**LLAMA, "model_type": "qwen2", "max_position_embeddings": 32768,
             "sliding_window": 4096}
-    cfg, notes = hf_config.model_config({**qwen, "use_sliding_window": False})
+    cfg, notes = families.model_config({**qwen, "use_sliding_window": False})
     assert cfg.max_seq_len == 32768 and notes == [] and cfg.qkv_bias
-    cfg, notes = hf_config.model_config({**qwen, "use_sliding_window": True})
+    cfg, notes = families.model_config({**qwen, "use_sliding_window": True})
     assert cfg.max_seq_len == 4096 and "sliding_window=4096" in notes[0]
 
 
@@ -95,8 +95,9 @@ def test_new_model_keys_are_validated(changes, key):
     import ml_collections
 
     from jaxlm import config as config_lib
+    from jaxlm.train.validate import validate
 
     cfg = config_lib.defaults()
     config_lib.merge_overrides(cfg, ml_collections.ConfigDict({"model": changes}))
     with pytest.raises(config_lib.ConfigError, match=key.replace(".", r"\.")):
-        config_lib.validate(cfg, num_devices=1)
+        validate(cfg, num_devices=1)

@@ -12,9 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import checkpoint
+from jaxlm.checkpoint import manager as checkpoint
 from jaxlm import cli
-from jaxlm.checkpoint_tools import inspect_checkpoint
+from jaxlm.checkpoint import rundir
+from jaxlm.checkpoint.inspect import inspect_checkpoint
 from jaxlm.convert import hf_export, hf_import
 from jaxlm.convert import params as params_lib
 from jaxlm.convert import safetensors_io as st
@@ -34,7 +35,7 @@ def tokens_for(model_cfg, seed=0):
 def restore_run(workdir):
     """(model config from the run's metadata, parameters) through jaxlm's checkpoint code."""
     info = inspect_checkpoint(workdir)
-    model_cfg = params_lib.model_config_of_run({"config": info["config"]})
+    model_cfg = rundir.config_of({"config": info["config"]}, workdir).model
     shapes, _ = params_lib.abstract_params(model_cfg)
     cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = params_lib.unflatten({k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=cpu)
@@ -150,7 +151,7 @@ def test_sentencepiece_tokenizer_both_directions(tmp_path):
     """A checkpoint with only a SentencePiece tokenizer.model imports it; the export's
     tokenizer.model loads in AutoTokenizer and encodes as jaxlm does."""
     from jaxlm import config as config_lib
-    from jaxlm.convert import bench
+    from jaxlm.bench import convert as bench
 
     docs = [f"the quick brown fox {i} jumps over the lazy dog number {7 * i}" for i in range(200)]
     sp_path = tokenizers.train_sentencepiece(iter(docs), tmp_path / "sp" / "tok.model", 300)

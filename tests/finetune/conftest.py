@@ -14,28 +14,9 @@ run_fixture = load_test_module("jaxlm_tests_run_fixture", TESTS / "run_fixture.p
 def base_run(tmp_path_factory):
     """A tiny llama run directory (d_model 32, 2 layers, GQA 4/2, max_seq_len 64, byte
     tokenizer) with random parameters at step 1. Returns (workdir, params, model config)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from jaxlm import checkpoint as checkpoint_lib
-    from jaxlm import sharding
-    from jaxlm.data.tokenizers import ByteTokenizer
-    from jaxlm.model import transformer
-
     workdir = tmp_path_factory.mktemp("base")
     cfg = run_fixture.tiny_run_config(str(workdir / "unused_tfds"))
-    # As run_fixture.write_run, with the shapes from eval_shape (no eager initialisation).
-    state = nnx.state(nnx.eval_shape(lambda: transformer.create(cfg.model)))
-    params = run_fixture.random_params(nnx.to_pure_dict(state), seed=3)
-    axes = nnx.to_pure_dict(jax.tree.map(lambda v: v.replace(sharding.variable_axes(v)), state,
-                                         is_leaf=lambda x: isinstance(x, nnx.Variable)))
-    ByteTokenizer().save(workdir / "tokenizer")
-    checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.checkpoint)
-    checkpointer.save(1, {"step": jnp.asarray(1, jnp.int32), "params": params}, {},
-                      checkpoint_lib.run_metadata(cfg, axes, "byte"))
-    checkpointer.wait()
-    checkpointer.close()
+    params = run_fixture.write_run(workdir, cfg, seed=3)
     return workdir, params, cfg.model
 
 

@@ -38,3 +38,11 @@ def write_jsonl(path: pathlib.Path, lines: list) -> pathlib.Path:
     path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n"
                             for line in lines))
     return path
+
+
+def finetune(cfg, workdir):
+    """What `jaxlm finetune` runs: the config's fine-tuning task through the training loop.
+    Returns the logged metrics."""
+    from jaxlm.finetune.tasks import FinetuneTask
+    from jaxlm.train import loop
+    return loop.train(FinetuneTask(cfg, workdir), workdir)

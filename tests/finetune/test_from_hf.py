@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from ft_helpers import TESTS, load_test_module, write_jsonl
-from jaxlm import checkpoint as checkpoint_lib
-from jaxlm.finetune import trainer
+from ft_helpers import TESTS, finetune, load_test_module, write_jsonl
+from jaxlm.checkpoint import manager as checkpoint_lib, rundir
+from jaxlm.finetune import tasks
 
 hf_models = load_test_module("jaxlm_tests_convert_hf_models_ft",
                              TESTS / "convert" / "hf_models.py")
@@ -38,20 +38,19 @@ def test_sft_lora_from_a_converted_hf_model(converted, make_cfg, tmp_path):
     cfg = make_cfg("sft", "lora", train_file, steps=2, every=2,
                    finetune={"base": str(converted), "template": "plain"},
                    data={"seq_len": 16})
-    logged = trainer.finetune(cfg, tmp_path / "run")
+    logged = finetune(cfg, tmp_path / "run")
     assert [m["step"] for m in logged if "loss" in m] == [1, 2]
 
-    base = trainer.resolve_base(converted)
+    base = tasks.resolve_base(converted)
     assert base.tokenizer.name == "hf" and base.config.model.vocab_size == 128
-    from jaxlm.generate import saved_config
-    run_cfg, _ = saved_config(tmp_path / "run")
+    run_cfg, _ = rundir.saved_config(tmp_path / "run")
     assert run_cfg.finetune.base == str(base.step_dir)  # the exact base step is recorded
     assert run_cfg.model.to_dict() == {**base.config.model.to_dict(), "remat": "none"}
     # The eval loss before training is the converted model's own: a float64 NumPy forward
     # of the converted parameters on the same eval rows gives it.
     params = checkpoint_lib.restore_params(base.step_dir, jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _abstract(base.config.model)))
-    _, eval_rows = trainer.load_data(run_cfg, base.tokenizer, say=lambda *a: None)
+    _, eval_rows = tasks.FinetuneTask(run_cfg).load_data()
     logits = reference.forward_packed(reference.to_float64(params), run_cfg.model,
                                       eval_rows["inputs"], eval_rows["positions"],
                                       eval_rows["segment_ids"])
@@ -65,5 +64,5 @@ def test_sft_lora_from_a_converted_hf_model(converted, make_cfg, tmp_path):
 
 def _abstract(model_cfg):
     from flax import nnx
-    from jaxlm.model import transformer
-    return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: transformer.create(model_cfg))))
+    from jaxlm.model import zoo
+    return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: zoo.create(model_cfg))))

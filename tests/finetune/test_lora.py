@@ -12,8 +12,9 @@ import pytest
 from flax import nnx
 
 from ft_helpers import TESTS, load_test_module
-from jaxlm import sharding
-from jaxlm.finetune import lora, options, state as state_lib
+from jaxlm.parallel import mesh as mesh_lib, rules
+from jaxlm.config import finetune as options
+from jaxlm.finetune import lora, tasks
 
 reference = load_test_module("jaxlm_tests_reference", TESTS / "model" / "reference.py")
 
@@ -41,7 +42,7 @@ def _forward(graphdef, params, tokens):
 def model_with_adapters(model_cfg, base_params, ft, seed=0, b_scale=0.3):
     """The base model with random adapters (a nonzero B, as after training), its graphdef
     and the adapter and combined parameters."""
-    model = nnx.eval_shape(lambda: state_lib.build_model(model_cfg, ft, seed=seed, train=False))
+    model = nnx.eval_shape(lambda: tasks.build_model(model_cfg, ft, seed=seed, train=False))
     rng = np.random.default_rng(seed)
 
     def fill(path, x):
@@ -56,7 +57,7 @@ def model_with_adapters(model_cfg, base_params, ft, seed=0, b_scale=0.3):
 
 def fresh_adapters(model_cfg, ft, seed=0):
     """Adapters as `lora.attach` initialises them (B = 0), and the model's graphdef."""
-    build = lambda: state_lib.build_model(model_cfg, ft, seed=seed)  # noqa: E731
+    build = lambda: tasks.build_model(model_cfg, ft, seed=seed)  # noqa: E731
     adapters = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build(), lora.LoraParam)))()
     return nnx.split(nnx.eval_shape(build))[0], adapters
 
@@ -103,8 +104,8 @@ def test_adapters_match_float64_reference_of_merged_weights(base_run, tokens, ta
 
 def test_fresh_adapters_leave_the_model_bit_identical(base_run, tokens):
     _, base, model_cfg = base_run
-    from jaxlm.model import transformer
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: transformer.create(model_cfg)))
+    from jaxlm.model import zoo
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: zoo.create(model_cfg)))
     plain = forward(graphdef, base, tokens)
     adapter_graphdef, adapters = fresh_adapters(model_cfg, ft_cfg())
     flat = {path[-1].key: [] for path, _ in jax.tree_util.tree_leaves_with_path(adapters)}
@@ -121,8 +122,8 @@ def test_merged_weights_give_the_logits_of_base_plus_adapters(base_run, tokens):
     graphdef, adapters, params = model_with_adapters(model_cfg, base, ft, seed=1)
     logits = forward(graphdef, params, tokens)
     merged = lora.merge(base, adapters, ft.lora)
-    from jaxlm.model import transformer
-    plain_graphdef, _ = nnx.split(nnx.eval_shape(lambda: transformer.create(model_cfg)))
+    from jaxlm.model import zoo
+    plain_graphdef, _ = nnx.split(nnx.eval_shape(lambda: zoo.create(model_cfg)))
     merged_logits = forward(plain_graphdef, jax.tree.map(jnp.asarray, merged), tokens)
     np.testing.assert_allclose(merged_logits, logits, rtol=1e-5, atol=1e-5)
     # Parameters without adapters are copied bit for bit.
@@ -132,15 +133,16 @@ def test_merged_weights_give_the_logits_of_base_plus_adapters(base_run, tokens):
                                   np.asarray(base["blocks"]["attn_norm"]["scale"]))
 
 
-def test_adapters_shard_by_logical_axes_and_compute_the_same(base_run, tokens):
+def test_adapters_shard_by_logical_axes_and_compute_the_same(base_run, tokens, make_cfg,
+                                                            sft_file):
     _, base, model_cfg = base_run
     ft = ft_cfg()
-    mesh_cfg = ml_collections.ConfigDict(dict(data=1, fsdp=4, tensor=2, dcn_data=1, dcn_fsdp=1,
-                                              topology=""))
-    mesh = sharding.make_mesh(mesh_cfg)
-    import optax
-    with jax.set_mesh(mesh), sharding.axis_rules():
-        fs = state_lib.spec(model_cfg, ft, optax.sgd(0.1), mesh, seed=0)
+    cfg = make_cfg("sft", "lora", sft_file, lora={"rank": ft.lora.rank, "alpha": ft.lora.alpha},
+                   mesh={"data": 1, "fsdp": 4, "tensor": 2})
+    task = tasks.FinetuneTask(cfg)  # the state layout `jaxlm finetune` builds
+    mesh = mesh_lib.make_mesh(task.cfg.mesh)
+    task.build(mesh)
+    fs = task.spec
     specs = jax.tree.map(lambda s: s.spec, fs.shardings["adapters"])
     attn, mlp = specs["blocks"]["attn"], specs["blocks"]["mlp"]
     assert attn["lora_wq"]["lora_a"] == jax.sharding.PartitionSpec(None, None, "fsdp")
@@ -153,7 +155,7 @@ def test_adapters_shard_by_logical_axes_and_compute_the_same(base_run, tokens):
     expected = forward(graphdef, params, tokens)
     placed = lora.combine(jax.device_put(base, fs.frozen_shardings["params"]),
                           jax.device_put(adapters, fs.shardings["adapters"]))
-    with jax.set_mesh(mesh), sharding.axis_rules():
+    with mesh_lib.use(mesh):
         sharded = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(placed, jnp.asarray(tokens))
     np.testing.assert_allclose(np.asarray(sharded), expected, rtol=1e-5, atol=1e-5)
 
@@ -164,9 +166,9 @@ def test_lora_gradients_equal_autodiff_through_the_merged_weights(base_run, toke
     _, base, model_cfg = base_run
     ft = ft_cfg()
     graphdef, adapters, _ = model_with_adapters(model_cfg, base, ft, seed=4)
-    from jaxlm.model import transformer
-    from jaxlm.train import step as step_lib
-    plain_graphdef, _ = nnx.split(nnx.eval_shape(lambda: transformer.create(model_cfg)))
+    from jaxlm.model import zoo
+    from jaxlm.train import lm
+    plain_graphdef, _ = nnx.split(nnx.eval_shape(lambda: zoo.create(model_cfg)))
     t = jnp.asarray(tokens)
     batch = {"inputs": t[:, :-1], "targets": t[:, 1:], "positions": jnp.broadcast_to(
         jnp.arange(t.shape[1] - 1), t[:, 1:].shape), "segment_ids": jnp.ones_like(t[:, 1:]),
@@ -174,7 +176,7 @@ def test_lora_gradients_equal_autodiff_through_the_merged_weights(base_run, toke
     scale = ft.lora.alpha / ft.lora.rank
 
     def via_adapters(ad):
-        return step_lib.loss_sums(graphdef, lora.combine(base, ad), batch, 0.0)[0]
+        return lm.loss_sums(graphdef, lora.combine(base, ad), batch, 0.0)[0]
 
     def via_merged_weights(ad):
         blocks = {m: dict(g) for m, g in base["blocks"].items()}
@@ -185,7 +187,7 @@ def test_lora_gradients_equal_autodiff_through_the_merged_weights(base_run, toke
                 a = pair["lora_a"].reshape(w.shape[0], ft.lora.rank, -1)
                 b = pair["lora_b"].reshape(w.shape[0], ft.lora.rank, -1)
                 blocks[module][name] = w + scale * jnp.einsum("lri,lro->lio", a, b).reshape(w.shape)
-        return step_lib.loss_sums(plain_graphdef, {**base, "blocks": blocks}, batch, 0.0)[0]
+        return lm.loss_sums(plain_graphdef, {**base, "blocks": blocks}, batch, 0.0)[0]
 
     got = jax.jit(jax.grad(via_adapters))(adapters)
     want = jax.jit(jax.grad(via_merged_weights))(adapters)

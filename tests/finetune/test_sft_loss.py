@@ -11,8 +11,8 @@ from flax import nnx
 from ft_helpers import TESTS, load_test_module, sft_lines, write_jsonl
 from jaxlm.data.tokenizers import ByteTokenizer
 from jaxlm.finetune import records, sft_data, templates
-from jaxlm.model import transformer
-from jaxlm.train import step as step_lib
+from jaxlm.model import zoo
+from jaxlm.train import lm
 
 reference = load_test_module("jaxlm_tests_reference", TESTS / "model" / "reference.py")
 
@@ -27,8 +27,8 @@ def test_packed_sft_loss_equals_unpacked_and_float64_reference(base_run, tmp_pat
     single = sft_data.pack(examples, 64, packing=False)
     assert len(packed["inputs"]) <= len(single["inputs"]) // 3  # several examples per row
 
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: transformer.create(model_cfg)))
-    sums = jax.jit(lambda p, b: step_lib.loss_sums(graphdef, p, b, 0.0)[1])
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: zoo.create(model_cfg)))
+    sums = jax.jit(lambda p, b: lm.loss_sums(graphdef, p, b, 0.0)[1])
     p = jax.tree.map(jnp.asarray, params)
     got_packed = jax.device_get(sums(p, packed))
     got_single = jax.device_get(sums(p, single))

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ft_helpers import write_jsonl
-from jaxlm import checkpoint as checkpoint_lib
-from jaxlm import cli, sharding
-from jaxlm.finetune import classify, lora, merge, state as state_lib, step as step_lib, trainer
-from jaxlm.train import optimizer as optimizer_lib
+from ft_helpers import finetune, write_jsonl
+from jaxlm import cli
+from jaxlm.checkpoint import manager as checkpoint_lib
+from jaxlm.finetune import classify, lora, merge
+from jaxlm.finetune.tasks import FinetuneTask
+from jaxlm.parallel import mesh as mesh_lib
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def lora_run(make_cfg, sft_file, tmp_path_factory):
     """6 LoRA steps with adapter dropout, checkpoints at 3 and 6."""
     cfg = make_cfg("sft", "lora", sft_file, steps=6, every=3, lora={"dropout": 0.1})
     workdir = tmp_path_factory.mktemp("lora")
-    return workdir, trainer.finetune(cfg, workdir), cfg
+    return workdir, finetune(cfg, workdir), cfg
 
 
 def test_lora_checkpoint_holds_only_adapters(lora_run, base_run):
@@ -34,7 +35,7 @@ def test_lora_checkpoint_holds_only_adapters(lora_run, base_run):
     train = [m for m in logged if "loss" in m]
     assert [m["step"] for m in train] == [1, 2, 3, 4, 5, 6]
     assert train[-1]["loss"] < train[0]["loss"]
-    saved = checkpoint_lib._saved_arrays(workdir / "checkpoints" / "6")
+    saved = checkpoint_lib.saved_arrays(workdir / "checkpoints" / "6")
     assert {name.split("/")[0] for name in saved} == {"step", "adapters", "opt_state",
                                                       "nonfinite_steps"}
     adapter_leaves = [n for n in saved if n.startswith("adapters/")]
@@ -46,20 +47,15 @@ def test_lora_checkpoint_holds_only_adapters(lora_run, base_run):
 
 
 def build_lora_step(cfg):
-    """(compiled step, fresh state, frozen base, train rows) as the trainer builds them."""
-    base = trainer.resolve_base(cfg.finetune.base)
-    cfg = trainer.run_config(cfg, base, jax.device_count())
-    mesh = sharding.make_mesh(cfg.mesh)
-    tx = optimizer_lib.make_optimizer(cfg.optim, 3)
-    train_rows, _ = trainer.load_data(cfg, base.tokenizer, say=lambda *a: None)
-    with jax.set_mesh(mesh), sharding.axis_rules():
-        fs = state_lib.spec(cfg.model, cfg.finetune, tx, mesh, 0)
-        step = step_lib.jit_train_step(step_lib.make_train_step(
-            fs, cfg.finetune, cfg.optim, tx, optimizer_lib.learning_rate_schedule(cfg.optim, 3), 0),
-            fs, "sft", mesh)
-        frozen = {"params": checkpoint_lib.restore_params(base.step_dir, fs.base_abstract)}
-        state = state_lib.init_state(cfg.model, cfg.finetune, tx, fs, frozen["params"], 0)
-    return step, state, frozen, train_rows, mesh
+    """(step, fresh state, frozen base, train rows) as `jaxlm finetune` builds them."""
+    cfg.train.update(steps=3, seed=0)
+    task = FinetuneTask(cfg)
+    mesh = mesh_lib.make_mesh(task.cfg.mesh)
+    train_rows, _ = task.load_data()
+    with mesh_lib.use(mesh):
+        task.build(mesh)
+        state = task.init_state()
+    return task.train_step, state, task.frozen, train_rows, mesh
 
 
 def test_lora_step_keeps_the_base_bit_identical(make_cfg, sft_file, base_run):
@@ -67,7 +63,7 @@ def test_lora_step_keeps_the_base_bit_identical(make_cfg, sft_file, base_run):
     adapters, the base arrays equal the checkpoint's bit for bit."""
     step, state, frozen, rows, mesh = build_lora_step(make_cfg("sft", "lora", sft_file))
     assert set(state) == {"step", "adapters", "opt_state", "nonfinite_steps"}
-    with jax.set_mesh(mesh), sharding.axis_rules():
+    with mesh_lib.use(mesh):
         for k in range(3):
             state, _ = step(state, frozen, {key: v[8 * k:8 * (k + 1)] for key, v in rows.items()})
     jax.tree.map(lambda got, want: np.testing.assert_array_equal(np.asarray(got), want),
@@ -84,7 +80,7 @@ def test_gradient_accumulation_gives_the_update_of_one_batch(make_cfg, sft_file)
         cfg = make_cfg("sft", "lora", sft_file, optim={"grad_accum_steps": accum},
                        data={"global_batch_size": 16})
         step, state, frozen, rows, mesh = build_lora_step(cfg)
-        with jax.set_mesh(mesh), sharding.axis_rules():
+        with mesh_lib.use(mesh):
             for k in range(2):  # the second step applies a nonzero update to nonzero B
                 batch = {key: v[16 * k:16 * (k + 1)] for key, v in rows.items()}
                 state, metrics = step(state, frozen, batch)
@@ -100,7 +96,7 @@ def test_resumed_lora_run_equals_uninterrupted_run(lora_run):
     cut = workdir.parent / "lora_cut"
     shutil.copytree(workdir, cut)
     shutil.rmtree(cut / "checkpoints" / "6")
-    resumed = trainer.finetune(cfg, cut)
+    resumed = finetune(cfg, cut)
     train = lambda logged: [m for m in logged if "loss" in m]  # noqa: E731
     assert [m["step"] for m in train(resumed)] == [4, 5, 6]
     for key in ("loss", "grad_norm", "learning_rate"):  # bit for bit, dropout included
@@ -113,12 +109,13 @@ def test_lora_merge_gives_the_logits_of_base_plus_adapters(lora_run, base_run, t
     workdir, _, _ = lora_run
     out = tmp_path / "merged"
     assert cli.main(["lora", "merge", str(workdir), "--out", str(out)]) == 0
-    cfg, state, _, base, fs = merge.restore_run(workdir)
+    task, state, _ = merge.restore_run(workdir)
+    cfg = task.cfg
     tokens = np.random.default_rng(0).integers(3, 259, size=(2, 40)).astype(np.int32)
-    combined = lora.combine(base, state["adapters"])
-    expected = jax.jit(lambda p, t: nnx.merge(fs.eval_graphdef, p)(t))(combined, tokens)
+    combined = lora.combine(task.frozen["params"], state["adapters"])
+    expected = jax.jit(lambda p, t: nnx.merge(task.eval_graphdef, p)(t))(combined, tokens)
 
-    from jaxlm import generate
+    from jaxlm.infer import generate
     gen, tokenizer, merged_cfg = generate.load(out)  # what `jaxlm generate --workdir OUT` does
     got = jax.jit(lambda p, t: nnx.merge(gen.graphdef, p)(t))(gen.params, tokens)
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
@@ -150,23 +147,20 @@ def test_classifier_learns_a_synthetic_task_and_reports_eval_figures(make_cfg, t
                    finetune={"eval_file": str(eval_file), "num_labels": 3, "pooling": "mean"},
                    data={"seq_len": 24, "global_batch_size": 16},
                    optim={"learning_rate": 3e-3, "warmup_steps": 2})
-    logged = trainer.finetune(cfg, tmp_path / "run")
+    logged = finetune(cfg, tmp_path / "run")
     evals = [m for m in logged if "eval_accuracy" in m]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 40
     assert evals[-1]["eval_accuracy"] > 0.9, evals
 
     # The reported figures, recomputed from the saved state with NumPy.
-    base = trainer.resolve_base(cfg.finetune.base)
-    run_cfg = trainer.run_config(cfg, base, jax.device_count())
-    _, eval_rows = trainer.load_data(run_cfg, base.tokenizer, say=lambda *a: None)
-    mesh = sharding.make_mesh(run_cfg.mesh)
-    tx = optimizer_lib.make_optimizer(run_cfg.optim, 40)
-    with jax.set_mesh(mesh), sharding.axis_rules():
-        fs = state_lib.spec(run_cfg.model, run_cfg.finetune, tx, mesh, 0)
-    ckpt = checkpoint_lib.Checkpointer(tmp_path / "run", run_cfg.checkpoint)
-    state, _, _ = ckpt.restore(40, fs.abstract)
+    task = FinetuneTask(cfg, tmp_path / "run")
+    _, eval_rows = task.load_data()
+    mesh = mesh_lib.make_mesh(task.cfg.mesh)
+    task.build(mesh)
+    ckpt = checkpoint_lib.Checkpointer(tmp_path / "run", task.cfg.checkpoint)
+    state, _, _ = ckpt.restore(40, task.spec.abstract)
     ckpt.close()
-    logits = np.asarray(jax.jit(lambda p, h, b: classify.logits(fs.eval_graphdef, p, h, b, "mean"))(
+    logits = np.asarray(jax.jit(lambda p, h, b: classify.logits(task.eval_graphdef, p, h, b, "mean"))(
         state["params"], state["head"], {k: eval_rows[k] for k in ("inputs", "positions",
                                                                    "segment_ids")}), np.float64)
     labels = eval_rows["labels"]

@@ -14,8 +14,8 @@ from flax import nnx
 from jax import ad_checkpoint
 
 from jaxlm import config
-from jaxlm import sharding
-from jaxlm.model import transformer
+from jaxlm.model import counts, zoo
+from jaxlm.parallel import mesh as mesh_lib, rules
 
 # Loaded by path under a unique name, so it cannot clash with another test directory's module.
 _spec = importlib.util.spec_from_file_location(
@@ -80,7 +80,7 @@ def jitted_forward(model):
 
 def abstract_model(cfg):
     """The model's structure without running its initialisers (fast: nothing compiles)."""
-    return nnx.eval_shape(lambda: transformer.create(cfg, 0))
+    return nnx.eval_shape(lambda: zoo.create(cfg, 0))
 
 
 def make_model(cfg, seed=0):
@@ -232,7 +232,7 @@ def real_param_count(model):
 def test_param_count(overrides):
     cfg = model_cfg(**overrides)
     model = abstract_model(cfg)
-    assert transformer.param_count(cfg) == real_param_count(model)
+    assert zoo.param_count(cfg) == real_param_count(model)
 
 
 REMAT_VARIANTS = {
@@ -314,11 +314,11 @@ def _variables(model):
 def test_sharding_annotations(cfg_overrides):
     cfg = model_cfg(**cfg_overrides)
     model = abstract_model(cfg)
-    rules = dict(sharding.RULES)
+    table = dict(rules.RULES)
     expected_size = {
         "vocab": cfg.vocab_size, "embed": cfg.d_model, "norm": cfg.d_model,
         "mlp": cfg.d_ff, "heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads,
-        "head_dim": config.head_dim(cfg), "positions": cfg.max_seq_len, "layers": cfg.n_layers,
+        "head_dim": counts.head_dim(cfg), "positions": cfg.max_seq_len, "layers": cfg.n_layers,
     }
     variables = _variables(model)
     assert len(variables) == len(jax.tree.leaves(nnx.state(model)))
@@ -333,10 +333,10 @@ def test_sharding_annotations(cfg_overrides):
         assert (axes[0] == "layers") == stacked, (path, axes)
         assert "layers" not in axes[1:], (path, axes)
         for name, size in zip(axes, v.shape):
-            assert name in rules, f"{path}: logical axis {name!r} has no rule"
+            assert name in table, f"{path}: logical axis {name!r} has no rule"
             assert expected_size[name] == size, (path, axes, v.shape)
             seen.add(name)
-        sharding.logical_to_spec(axes)  # resolvable
+        rules.logical_to_spec(axes)  # resolvable
     must_see = {"vocab", "embed", "norm", "mlp", "heads", "head_dim", "layers"}
     if cfg.family == "gpt2":
         must_see.add("positions")

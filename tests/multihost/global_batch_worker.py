@@ -3,7 +3,7 @@
     python tests/multihost/global_batch_worker.py DATA_DIR OUT_DIR
 
 For each mesh in MESHES it reads this process's rows of the batch (distributed.local_rows),
-places them with loop.to_global_batch, gathers the whole global array back to every
+places them with jaxlm.parallel.mesh.to_global_batch, gathers the whole global array back to every
 process and (process 0) writes it to OUT_DIR/batches.npz, with each process's rows and
 the merged data-iterator state in OUT_DIR/rows.json. The test compares them with a
 single-process iterator.
@@ -13,7 +13,7 @@ import json
 import pathlib
 import sys
 
-from jaxlm import distributed
+from jaxlm.parallel import distributed
 
 MESHES = {  # name -> mesh config values
     "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2),
@@ -32,9 +32,9 @@ def main(data_dir: str, out_dir: str) -> None:
     import numpy as np
     from jax.experimental import multihost_utils
 
-    from jaxlm import config, sharding
+    from jaxlm import config
     from jaxlm.data import pipeline
-    from jaxlm.train import loop
+    from jaxlm.parallel import mesh as mesh_lib, rules
 
     assert plan.kind == "local" and jax.process_count() == 2, plan
     data_cfg = config.defaults().data
@@ -43,11 +43,11 @@ def main(data_dir: str, out_dir: str) -> None:
     for name, axes in MESHES.items():
         mesh_cfg = config.defaults().mesh
         mesh_cfg.update(axes)
-        mesh = sharding.make_mesh(mesh_cfg)
-        rows = distributed.local_rows(sharding.batch_sharding(mesh), GLOBAL_BATCH)
+        mesh = mesh_lib.make_mesh(mesh_cfg)
+        rows = distributed.local_rows(rules.batch_sharding(mesh), GLOBAL_BATCH)
         it = pipeline.make_iterator(data_cfg, rows=rows)
         for step in range(STEPS):
-            global_batch = loop.to_global_batch(next(it), mesh)
+            global_batch = mesh_lib.to_global_batch(next(it), mesh)
             for key, value in global_batch.items():
                 arrays[f"{name}/{step}/{key}"] = multihost_utils.process_allgather(value, tiled=True)
         rows_by_mesh[name] = distributed.allgather_json(rows)

@@ -10,8 +10,9 @@ import time
 import pytest
 from jax._src.clusters import slurm_cluster
 
-from jaxlm import cli, distributed, launch_local
-from jaxlm.train import preemption
+from jaxlm import cli, errors
+from jaxlm.launch import local as launch_local
+from jaxlm.parallel import distributed
 
 SLURM = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "gpu[017-020],login1",
          "SLURM_NTASKS": "4", "SLURM_PROCID": "2", "SLURM_LOCALID": "0",
@@ -46,17 +47,27 @@ def test_incomplete_or_inconsistent_flags_are_named(args, message):
         distributed.detect(*args, env={}, tpu_vm=False)
 
 
-def test_slurm_matches_jax_own_detection(monkeypatch):
-    plan = distributed.detect(env=SLURM, tpu_vm=False)
+def test_slurm_uses_jax_own_detection(monkeypatch):
+    """JAX's SLURM detection names the coordinator (jaxlm passes none where JAX reads the
+    node list right) and the ids; one task per node drives all of the node's GPUs."""
+    plan = distributed.detect(env={**SLURM, "SLURM_GPUS_ON_NODE": "8"}, tpu_vm=False)
     for key, value in SLURM.items():
         monkeypatch.setenv(key, value)
-    # JAX's SLURM detector is the reference for the coordinator and the ids.
-    assert plan.coordinator == slurm_cluster.SlurmCluster.get_coordinator_address(None, None)
-    assert plan.coordinator == f"gpu017:{4242 % 4096 + 61440}"
+    assert plan.coordinator is None
+    assert slurm_cluster.SlurmCluster.get_coordinator_address(None, None) == \
+        f"gpu017:{4242 % 4096 + 61440}"
     assert (plan.kind, plan.num_processes, plan.process_id) == ("slurm", 4, 2)
-    assert plan.local_device_ids is None  # one task per node: all of the node's devices
-    port = distributed.detect(env={**SLURM, "JAX_COORDINATOR_PORT": "5000"}, tpu_vm=False)
-    assert port.coordinator == "gpu017:5000"
+    assert plan.local_device_ids == tuple(range(8))  # one task per node: all of its GPUs
+    monkeypatch.setenv("JAX_COORDINATOR_PORT", "5000")
+    assert slurm_cluster.SlurmCluster.get_coordinator_address(None, "5000") == "gpu017:5000"
+    # Where JAX misreads the node list, jaxlm names the first host itself, port as JAX would.
+    for node_list, first in (("gpu[3-4]-ib,x", "gpu3-ib"), ("a[7]", "a7")):
+        env = {**SLURM, "SLURM_STEP_NODELIST": node_list, "SLURM_GPUS_ON_NODE": "8"}
+        assert distributed.jax_misreads_node_list(node_list)
+        assert distributed.detect(env=env, tpu_vm=False).coordinator == \
+            f"{first}:{4242 % 4096 + 61440}"
+        assert distributed.detect(env={**env, "JAX_COORDINATOR_PORT": "5000"},
+                                  tpu_vm=False).coordinator == f"{first}:5000"
 
 
 @pytest.mark.parametrize("node_list, first", [
@@ -76,9 +87,10 @@ def test_first_slurm_host(node_list, first, monkeypatch):
 def test_slurm_device_binding_and_single_task():
     many = {**SLURM, "SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
             "SLURM_STEP_NUM_NODES": "2"}
-    assert distributed.detect(env=many, tpu_vm=False).local_device_ids == (1,)  # a GPU per task
+    # Several tasks per node: JAX's own binding, a GPU per task (device SLURM_LOCALID).
+    assert distributed.detect(env=many, tpu_vm=False).local_device_ids is None
     bound = {**many, "CUDA_VISIBLE_DEVICES": "1"}  # srun --gpus-per-task bound it already
-    assert distributed.detect(env=bound, tpu_vm=False).local_device_ids is None
+    assert distributed.detect(env=bound, tpu_vm=False).local_device_ids == (0,)
     single = {**SLURM, "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}
     assert distributed.detect(env=single, tpu_vm=False).kind == "single"
     with pytest.raises(distributed.DistributedConfigError, match="SLURM_NTASKS"):
@@ -110,9 +122,11 @@ def test_child_environment():
 
 
 def test_exit_codes_are_the_trainer_s():
-    assert launch_local.PREEMPTED == preemption.PREEMPTED_EXIT_CODE
-    assert launch_local.EXIT_MEANINGS[preemption.ABORTED_EXIT_CODE].startswith("aborted")
-    assert launch_local.EXIT_MEANINGS[cli.NONFINITE_EXIT_CODE] == "non-finite loss"
+    """The launcher describes exit codes from the one table the commands exit by."""
+    assert errors.describe(errors.PREEMPTED) == "code 75 (preempted, checkpoint saved)"
+    assert errors.describe(errors.ABORTED).startswith("code 130 (aborted")
+    assert errors.describe(errors.NONFINITE) == "code 3 (non-finite loss)"
+    assert errors.describe(-9) == "code -9 (killed by SIGKILL)"
     assert launch_local.shell_code(-9) == 137 and launch_local.shell_code(3) == 3
 
 
@@ -167,7 +181,7 @@ signal.pause()
 
 LAUNCHER = f"""
 import sys
-from jaxlm import launch_local
+from jaxlm.launch import local as launch_local
 sys.exit(launch_local.launch([sys.executable, "-c", {SIGNALLED_CHILD!r}], 2, 1))
 """
 

@@ -8,7 +8,8 @@ import sys
 
 import numpy as np
 
-from jaxlm import config, launch_local
+from jaxlm import config
+from jaxlm.launch import local as launch_local
 from jaxlm.data import pipeline
 
 WORKER = pathlib.Path(__file__).with_name("global_batch_worker.py")

@@ -52,12 +52,13 @@ def assert_losses_match(workdir, reference, last_step):
 @pytest.fixture(scope="module")
 def reference(stdlib_data_dir, tmp_path_factory):
     """Per-step losses of the single-process run on this test process's 8 devices."""
-    from jaxlm import cli
+    from jaxlm import config as config_lib
     from jaxlm.train import loop
+    from jaxlm.train.lm import CausalLM
 
-    cfg = cli.load_config(str(REPO / "configs" / "tiny.py"),
-                          overrides(stdlib_data_dir, STEPS, every=1000))
-    logged = loop.train(cfg, tmp_path_factory.mktemp("reference"))
+    cfg = config_lib.load(REPO / "configs" / "tiny.py", overrides(stdlib_data_dir, STEPS,
+                                                                  every=1000))
+    logged = loop.train(CausalLM(cfg), tmp_path_factory.mktemp("reference"))
     return {m["step"]: m["loss"] for m in logged}
 
 

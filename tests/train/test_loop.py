@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from jaxlm.train import loop
+from jaxlm.train.lm import CausalLM
 
 
 @pytest.mark.slow
 def test_loss_drops_on_the_default_corpus(run_config, tmp_path):
-    logged = loop.train(run_config(steps=80, every=0), tmp_path)
+    logged = loop.train(CausalLM(run_config(steps=80, every=0)), tmp_path)
     losses = np.array([m["loss"] for m in logged])
     assert len(losses) == 80
     # Uniform guessing over 384 ids costs ln(384) = 5.95 nats; bytes of Python source are far
@@ -24,13 +25,13 @@ def test_loss_drops_on_the_default_corpus(run_config, tmp_path):
 
 def test_resumed_run_equals_uninterrupted_run(run_config, tmp_path):
     full_dir = tmp_path / "full"
-    full = loop.train(run_config(steps=6, every=2), full_dir)
+    full = loop.train(CausalLM(run_config(steps=6, every=2)), full_dir)
 
     # The same run "interrupted" after step 4: its workdir without the later checkpoint.
     cut_dir = tmp_path / "cut"
     shutil.copytree(full_dir, cut_dir)
     shutil.rmtree(cut_dir / "checkpoints" / "6")
-    resumed = loop.train(run_config(steps=6, every=2), cut_dir)
+    resumed = loop.train(CausalLM(run_config(steps=6, every=2)), cut_dir)
 
     assert [m["step"] for m in resumed] == [5, 6]
     for key in ("loss", "grad_norm", "learning_rate"):

@@ -8,9 +8,8 @@ import pytest
 from flax import nnx
 
 from jaxlm import config as config_lib
-from jaxlm.model import transformer
-from jaxlm.train import optimizer as optimizer_lib
-from jaxlm.train import step as step_lib
+from jaxlm.model import zoo
+from jaxlm.train import lm, optimizer as optimizer_lib, step as step_lib
 
 
 def small_model_config():
@@ -34,10 +33,10 @@ def random_batch(batch, length, seed=0, pad_from=None):
 
 def test_loss_is_mean_cross_entropy_over_real_tokens_only():
     cfg = small_model_config()
-    model = transformer.create(cfg)
+    model = zoo.create(cfg)
     graphdef, params = nnx.split(model)
     batch = random_batch(2, 16, pad_from=11)
-    _, sums = step_lib.loss_sums(graphdef, nnx.to_pure_dict(params), batch, z_loss=0.0)
+    _, sums = lm.loss_sums(graphdef, nnx.to_pure_dict(params), batch, z_loss=0.0)
     logits = np.asarray(model(batch["inputs"], batch["positions"], batch["segment_ids"]), np.float64)
     log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
@@ -54,16 +53,19 @@ def _one_update(accum_steps, z_loss=0.0):
     # Plain SGD with rate 1: the update is exactly minus the (normalised) gradient.
     tx = optax.sgd(1.0)
     schedule = optimizer_lib.learning_rate_schedule(cfg.optim, 10)
-    graphdef, params = nnx.split(transformer.create(cfg.model))
+    graphdef, params = nnx.split(zoo.create(cfg.model))
     params = nnx.to_pure_dict(params)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-             "nonfinite_steps": jnp.zeros((), jnp.int32)}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params,
+             "opt_state": tx.init({"params": params}), "nonfinite_steps": jnp.zeros((), jnp.int32)}
     # Rows padded differently, so a per-microbatch mean would weight tokens unequally.
     batch = random_batch(4, 16, seed=3)
     batch["weights"][0, 4:] = 0
     batch["weights"][3, 9:] = 0
-    step = jax.jit(step_lib.make_train_step(cfg.optim, tx, schedule, graphdef))
-    return step(state, batch)
+    objective = step_lib.Objective(  # as the causal-LM task's (jaxlm.train.lm.CausalLM)
+        lambda trainable, frozen, b, key, train: lm.loss_sums(
+            graphdef, trainable["params"], b, z_loss if train else 0.0), lm.token_metrics)
+    step = jax.jit(step_lib.make_train_step(objective, ("params",), cfg.optim, tx, schedule))
+    return step(state, {}, batch)
 
 
 @pytest.mark.parametrize("z_loss", [0.0, 1e-3])
@@ -78,11 +80,11 @@ def test_gradient_accumulation_equals_one_large_batch(z_loss):
 
 def test_z_loss_adds_its_term_to_the_objective():
     cfg = small_model_config()
-    graphdef, params = nnx.split(transformer.create(cfg))
+    graphdef, params = nnx.split(zoo.create(cfg))
     params = nnx.to_pure_dict(params)
     batch = random_batch(2, 8)
-    plain, sums = step_lib.loss_sums(graphdef, params, batch, z_loss=0.0)
-    with_z, _ = step_lib.loss_sums(graphdef, params, batch, z_loss=0.5)
+    plain, sums = lm.loss_sums(graphdef, params, batch, z_loss=0.0)
+    with_z, _ = lm.loss_sums(graphdef, params, batch, z_loss=0.5)
     np.testing.assert_allclose(with_z - plain, 0.5 * sums["z_sum"], rtol=1e-5)
 
 
@@ -112,7 +114,7 @@ def test_learning_rate_schedule(kind):
 def test_weight_decay_skips_norms_biases_and_embeddings():
     m = small_model_config()
     m.update(family="gpt2", n_kv_heads=4, tie_embeddings=False)
-    params = nnx.to_pure_dict(nnx.split(transformer.create(m))[1])
+    params = nnx.to_pure_dict(nnx.split(zoo.create(m))[1])
     mask = optimizer_lib.decay_mask(params)
     flat = {"/".join(str(k.key) for k in path): v
             for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]}

@@ -8,6 +8,7 @@ A source is named by `data.dataset` (alone or in a mixture):
                          kind tfds: a TFDS dataset already prepared there (see `catalog`)
 
     stats = prepare(data_cfg, name)        # builds if needed; build statistics
+    stats = prepare_all(data_cfg)          # every source of the mixture, once per run
     source = load(data_cfg, name, split)   # split "train" | "validation"
     source[i]["text"]                      # bytes (UTF-8)
 
@@ -18,7 +19,7 @@ host sharding and cheap checkpointing (a state is just an index).
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import ml_collections
 
@@ -27,7 +28,8 @@ from jaxlm.data.sources import catalog, local, stdlib
 from jaxlm.data.sources._common import SPLITS, NotPreparedError, SourceError
 from jaxlm.data.sources.stdlib import Stdlib, stdlib_files
 
-__all__ = ["NotPreparedError", "SourceError", "Stdlib", "load", "prepare", "stdlib_files"]
+__all__ = ["NotPreparedError", "SourceError", "Stdlib", "documents", "load", "prepare",
+           "prepare_all", "stdlib_files"]
 
 _BUILDERS = {"stdlib": Stdlib}  # the built-in sources (config.BUILTIN_DATASETS)
 
@@ -89,3 +91,37 @@ def load(data_cfg: ml_collections.ConfigDict, name: str, split: str) -> Any:
     if spec.kind == "tfds":
         return catalog.load(name, spec, data_dir, split)
     return local.load(name, spec, data_dir, split)
+
+
+def prepare_all(data_cfg: ml_collections.ConfigDict) -> dict[str, dict[str, int]]:
+    """Builds every source of the mixture once and returns each one's build statistics.
+    With several processes process 0 builds while the others wait, then they read the
+    statistics of what it built."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    names = [name for name, _ in config_lib.parse_mixture(data_cfg.dataset)]
+    if jax.process_index() == 0:
+        stats = {name: prepare(data_cfg, name) for name in names}
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxlm: sources prepared")
+        if jax.process_index() != 0:
+            stats = {name: prepare(data_cfg, name) for name in names}  # already built
+    return stats
+
+
+def documents(data_cfg: ml_collections.ConfigDict, split: str, limit: int) -> Iterator[str]:
+    """The first `limit` documents of `split` of every source of the mixture, in stored
+    order, as text (invalid UTF-8 replaced); the sources are built first if needed."""
+    names = [name for name, _ in config_lib.parse_mixture(data_cfg.dataset)]
+    for name in names:
+        prepare(data_cfg, name)
+    count = 0
+    for name in names:
+        source = load(data_cfg, name, split)
+        for i in range(len(source)):
+            if count == limit:
+                return
+            text = source[i]["text"]
+            yield text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+            count += 1

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from jaxlm.errors import UserError
+
 SPLITS = ("train", "validation")
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """A source's files or settings are unusable; the message names the source and the file,
     line, field or config key at fault."""
 
 
-class NotPreparedError(FileNotFoundError, ValueError):
+class NotPreparedError(UserError, FileNotFoundError, ValueError):
     """A TFDS catalog dataset is not prepared under data_dir (jaxlm never downloads)."""
 
 

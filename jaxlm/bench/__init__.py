@@ -1,0 +1,16 @@
+"""Every benchmark: each runs the real code path (the task's compiled step, the pipeline,
+the checkpointer, the converter, generation) and prints its figures as a table.
+
+Owns:
+    step        `jaxlm bench step`: step time, tokens/s and MFU on synthetic batches
+    data        `jaxlm bench data`: the loader alone
+    checkpoint  `jaxlm bench checkpoint`: throughput with a save every step, restore time
+    lora        `jaxlm bench lora`: a LoRA step against a full fine-tuning step
+    generate    `jaxlm bench generate`: decoding against transformers and recomputation
+    convert     `jaxlm convert bench`: peak memory of a Hugging Face conversion
+    table       how figures are printed
+
+May import every package below the command line (errors, config, parallel, model, data,
+checkpoint, train, finetune, infer, convert). Benchmarks print figures; they are never
+timed tests.
+"""

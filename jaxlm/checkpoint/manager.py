@@ -1,0 +1,303 @@
+"""Saving and restoring a run's state: Orbax checkpoints of the train state, the data
+position and the run's metadata, checked against fingerprints on restore.
+
+Layout: `<workdir>/checkpoints/<step>/{state,data,metadata,checksums}`. Orbax writes a step
+into `<step>.orbax-checkpoint-tmp*` and renames it when complete: a killed save is never a
+step (its leftover is removed when a Checkpointer next opens the directory). Saves are
+asynchronous. Restoring reads only TensorStore arrays and JSON; nothing is unpickled.
+Each save records a fingerprint of every array (jaxlm.checkpoint.fingerprint) and every
+restore compares them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pathlib
+import shutil
+import sys
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from jaxlm.checkpoint.fingerprint import checksums, flat_names
+from jaxlm.errors import UserError
+
+ITEMS = ("state", "data", "metadata", "checksums")
+
+
+class CheckpointStorageError(UserError, OSError):
+    """The checkpoint directory is not writable or lacks space."""
+
+
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+    """Nothing that looks like a checkpoint at the path given."""
+
+
+class CheckpointMismatchError(UserError, ValueError):
+    """The saved tree or shapes differ from what the run expects."""
+
+
+class CorruptCheckpointError(UserError, ValueError):
+    """Files missing or damaged."""
+
+
+class Checkpointer:
+    def __init__(self, workdir: str | pathlib.Path, ckpt_cfg: ml_collections.ConfigDict):
+        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        self.cfg = ckpt_cfg
+        self._manager: ocp.CheckpointManager | None = None
+        self._last_save_start = time.monotonic()
+
+    @property
+    def manager(self) -> ocp.CheckpointManager:
+        """Opened on first use, so `check_capacity` can report an unusable directory first."""
+        if self._manager is None:
+            # Retention: the newest `keep` steps, plus every multiple of `keep_period` forever.
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=self.cfg.keep, keep_period=self.cfg.keep_period or None,
+                create=True, cleanup_tmp_directories=True, enable_async_checkpointing=True)
+            # Uncompressed: zstd saves ~8% of float weights' bytes, but on a busy host its
+            # CPU time comes out of the training step running alongside the async write.
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=options, item_names=ITEMS,
+                item_handlers={"state": ocp.PyTreeCheckpointHandler(use_compression=False)})
+        return self._manager
+
+    def check_capacity(self, state_bytes: int) -> None:  # see the module-level function
+        check_capacity(self.directory, state_bytes)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def should_save(self, step: int, last_step: int, check_clock: bool = True) -> bool:
+        """Every `every` steps, at the final step, and when `every_minutes` have passed
+        since the last save started. With several processes process 0's clock decides for
+        all, which costs a collective: the loop asks only at steps that sync anyway
+        (`check_clock`)."""
+        if step == last_step or (self.cfg.every and step % self.cfg.every == 0):
+            return True
+        if not self.cfg.every_minutes or (jax.process_count() > 1 and not check_clock):
+            return False
+        due = time.monotonic() - self._last_save_start >= 60.0 * self.cfg.every_minutes
+        if jax.process_count() > 1:
+            due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
+        return due
+
+    def save(self, step: int, state: Any, data_state: dict, metadata: dict) -> bool:
+        """Starts an asynchronous save; False (with a warning) if Orbax declined the step."""
+        self._last_save_start = time.monotonic()
+        saved = self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state),
+            metadata=ocp.args.JsonSave(metadata), checksums=ocp.args.JsonSave(checksums(state))))
+        if not saved:
+            _warn(f"step {step} not saved: {self.directory} has step {self.latest_step()}")
+        return saved
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+        """The state at `step`, placed with `abstract_state`'s shardings (the current mesh,
+        whichever mesh saved it), checked against the fingerprints saved with it."""
+        path = self.directory / str(step)
+        saved = saved_arrays(path)
+        _check_structure(saved, abstract_state, path)
+        args = dict(state=ocp.args.PyTreeRestore(
+                        item=abstract_state,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)),
+                    data=ocp.args.JsonRestore(),
+                    metadata=ocp.args.JsonRestore())
+        has_sums = (path / "checksums").exists()  # absent in checkpoints older than them
+        if has_sums:
+            args["checksums"] = ocp.args.JsonRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        _verify(restored["state"], restored["checksums"] if has_sums else None, saved, path)
+        return restored["state"], restored["data"], restored["metadata"]
+
+    def restore_latest(self, abstract_state: Any
+                       ) -> tuple[int, Any, dict, dict] | None:
+        """(step, state, data_state, metadata) of the newest checkpoint that restores cleanly,
+        or None. Damaged newer ones are reported, skipped and renamed `<step>.corrupt`."""
+        self.manager.reload()
+        result, failed = _newest_good(
+            [self.directory / str(s) for s in sorted(self.manager.all_steps(), reverse=True)],
+            lambda d: (int(d.name), *self.restore(int(d.name), abstract_state)))
+        if failed:
+            if jax.process_index() == 0:
+                for step_dir, _ in failed:
+                    target = step_dir.with_name(f"{step_dir.name}.corrupt")
+                    if target.exists():
+                        target = step_dir.with_name(f"{step_dir.name}.corrupt-{time.time_ns()}")
+                    step_dir.rename(target)
+                    _warn(f"moved damaged checkpoint {step_dir} to {target}")
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices("jaxlm: damaged checkpoints set aside")
+            self.manager.reload()
+        return result
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        if self._manager is not None:
+            self._manager.close()
+
+
+def restore_params(path: str | os.PathLike, abstract_params: Any) -> Any:
+    """The parameters of a checkpoint, placed with `abstract_params`' shardings (see
+    `restore_groups`)."""
+    return restore_groups(path, {"params": abstract_params})["params"]
+
+
+def restore_groups(path: str | os.PathLike, abstract: dict[str, Any]) -> dict[str, Any]:
+    """Some top-level groups of a checkpoint's state (e.g. {"params"}, or {"adapters",
+    "head"}), placed with the shardings of `abstract`'s ShapeDtypeStructs; nothing else is
+    read. `path` is a run directory or its `checkpoints/` directory (the newest step that
+    restores cleanly) or one step directory `.../checkpoints/<step>`."""
+    path = pathlib.Path(path).absolute()
+    base = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if (path / "state").is_dir():
+        candidates = [path]
+    elif base.is_dir():
+        candidates = sorted((p for p in base.iterdir() if p.name.isdigit()
+                             and (p / "state").is_dir()), key=lambda p: -int(p.name))
+    else:
+        candidates = []
+    if not candidates:
+        raise CheckpointNotFoundError(f"no checkpoint at {path}: expected a run directory, its "
+                                      f"checkpoints/ directory or a step directory in it")
+    item = dict(abstract)
+
+    def restore_one(step_dir: pathlib.Path) -> Any:
+        saved = saved_arrays(step_dir)
+        _check_structure(saved, item, step_dir, prefix=tuple(f"{g}/" for g in item))
+        restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+            step_dir / "state", args=ocp.args.PyTreeRestore(
+                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                partial_restore=True))  # reads only these groups' arrays
+        sums = (ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "checksums")
+                if (step_dir / "checksums").exists() else None)
+        _verify(restored, sums, saved, step_dir)
+        return restored
+
+    groups, failed = _newest_good(candidates, restore_one)
+    if groups is None:
+        raise CorruptCheckpointError(f"no checkpoint at {path} restores cleanly: "
+                                     + "; ".join(f"{d}: {why}" for d, why in failed))
+    return groups
+
+def check_capacity(directory: str | os.PathLike, state_bytes: int) -> None:
+    """Fails now, not at the first save, when `directory` cannot be written (a probe file
+    is written, fsynced and deleted) or has less free space than two checkpoints."""
+    directory = pathlib.Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write_probe_{jax.process_index()}"
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointStorageError(
+            f"checkpoint directory {directory} is not writable: {e}") from e
+    free, needed = shutil.disk_usage(directory).free, 2 * state_bytes
+    if free < needed:
+        raise CheckpointStorageError(f"checkpoint directory {directory} has {free:,} bytes free; "
+                                     f"{needed:,} bytes are needed (2 checkpoints of "
+                                     f"{state_bytes:,} bytes)")
+
+
+def state_nbytes(abstract_state: Any) -> int:
+    """Bytes of one checkpoint of the (global) arrays in the tree, before compression."""
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(abstract_state) if hasattr(x, "dtype"))
+
+
+# ---- structure and fingerprint checks ------------------------------------------------
+
+def saved_arrays(step_dir: pathlib.Path) -> dict[str, Any]:
+    """The checkpoint's arrays (shape, dtype) by name, from its JSON tree metadata."""
+    tree = ocp.PyTreeCheckpointHandler().metadata(step_dir / "state").tree
+    return {k: v for k, v in flat_names(tree).items() if hasattr(v, "shape")}
+
+
+def _check_structure(saved: dict[str, Any], abstract: Any, where: pathlib.Path,
+                     prefix: str | tuple[str, ...] = "") -> None:
+    wanted = flat_names(abstract)
+    for name, leaf in wanted.items():
+        have = f"shape {tuple(saved[name].shape)}" if name in saved else "missing"
+        if have != f"shape {tuple(leaf.shape)}":
+            raise CheckpointMismatchError(f"checkpoint {where}: {name!r} is {have}; the model "
+                                          f"expects shape {tuple(leaf.shape)}")
+    extra = [n for n in saved if n.startswith(prefix) and n not in wanted]
+    if extra:
+        raise CheckpointMismatchError(f"checkpoint {where} has {extra[0]!r}, which the model "
+                                      f"lacks ({len(extra)} such arrays)")
+
+
+def _verify(restored: Any, expected: dict[str, int] | None, saved: dict[str, Any],
+            where: pathlib.Path) -> None:
+    if expected is None:  # a checkpoint from before fingerprints
+        return
+    # A leaf restored with another dtype than it was saved with is cast: not comparable.
+    actual = checksums({k: v for k, v in flat_names(restored).items()
+                        if k in saved and np.dtype(saved[k].dtype) == np.dtype(v.dtype)})
+    for name, value in actual.items():
+        if name in expected and expected[name] != value:
+            raise CorruptCheckpointError(f"checkpoint {where}: {name!r} does not match the "
+                                         f"fingerprint saved with it (damaged data)")
+
+
+def _newest_good(step_dirs: list[pathlib.Path], restore_one) -> tuple[Any, list]:
+    """`restore_one` of the first step directory that restores on every process, and the
+    (directory, reason) of those that failed before it. A model mismatch or running out of
+    memory is raised: neither means the files are damaged."""
+    failed = []
+    for step_dir in step_dirs:
+        error, result = None, None
+        try:
+            result = restore_one(step_dir)
+        except CheckpointMismatchError:
+            raise
+        except Exception as e:  # noqa: BLE001 - anything else: missing or damaged files
+            if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
+                raise
+            error = e
+        ok = error is None  # every process must agree, or they would resume different steps
+        if jax.process_count() > 1:
+            ok = bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+        if ok:
+            return result, failed
+        reason = (f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"
+                  if error else "failed on another process")
+        _warn(f"checkpoint {step_dir} cannot be restored ({reason}); trying the one before")
+        failed.append((step_dir, reason))
+    return None, failed
+
+
+def _warn(message: str) -> None:
+    logging.warning(message)
+    if jax.process_index() == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def run_metadata(cfg: ml_collections.ConfigDict, param_axes: Any, tokenizer: str) -> dict[str, Any]:
+    """What a checkpoint says about itself: config, parameter layout, jaxlm version and
+    tokenizer (its files are in the run's `tokenizer/` directory)."""
+    from jaxlm import __version__
+    return {"jaxlm_version": __version__, "config": cfg.to_dict(), "tokenizer": tokenizer,
+            "layout": {"scan_layers": cfg.model.scan_layers, "param_axes": _listify(param_axes)}}
+
+
+def _listify(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _listify(v) for k, v in tree.items()}
+    return list(tree)

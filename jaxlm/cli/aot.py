@@ -1,0 +1,39 @@
+"""`jaxlm compile`: a config's train step compiled for a TPU topology on any host, with
+per-chip memory, FLOPs and the step time at a given MFU (jaxlm.train.aot).
+
+    jaxlm compile --config configs/llama3_8b.py [--topology v5p-128] [--mfu 0.5]
+
+Exit codes: 0 it fits; 1 it does not fit in HBM (the figures are printed); 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from jaxlm import config as config_lib
+from jaxlm.cli import tasks
+from jaxlm.cli.train import DEFAULT_CONFIG
+
+VERBS = ("compile",)
+
+
+def add_parsers(verbs) -> None:
+    comp = verbs.add_parser("compile", help="compile the train step for a TPU topology (on any "
+                            "host) and print per-chip memory, FLOPs and step time")
+    comp.add_argument("--config", default=None)
+    comp.add_argument("--topology", default="",
+                      help="TPU slice, e.g. v5p-128, v5e-16, v5p:4x4x8 (default: config.mesh.topology)")
+    comp.add_argument("--mfu", type=float, default=0.5,
+                      help="model FLOPs utilisation assumed for the step time (default 0.5)")
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    # This host's own computations run on its CPU: with libtpu installed but no TPU here,
+    # JAX would otherwise try to start a TPU backend. (Before JAX is imported.)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from jaxlm.train import aot
+
+    cfg = config_lib.load(args.config or DEFAULT_CONFIG, overrides)
+    return aot.run(lambda num_devices: tasks.for_config(cfg, num_devices=num_devices), cfg,
+                   args.topology, args.mfu)

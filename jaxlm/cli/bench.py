@@ -1,0 +1,63 @@
+"""`jaxlm bench <what>`: every benchmark (jaxlm.bench); each prints its figures.
+
+    jaxlm bench step --config configs/bench_cpu.py [--steps 5]
+    jaxlm bench data --config configs/bench_cpu.py [--batches 2000]
+    jaxlm bench checkpoint --config configs/bench_cpu.py [--steps 5]
+    jaxlm bench lora --config configs/bench_cpu.py [--steps 2] [--rounds 5]
+    jaxlm bench generate
+    jaxlm bench convert [--size-mb 300] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from jaxlm import config as config_lib, errors
+from jaxlm.cli.train import DEFAULT_CONFIG
+
+VERBS = ("bench",)
+
+
+def add_parsers(verbs) -> None:
+    bench = verbs.add_parser("bench", help="benchmarks that print figures")
+    bench.add_argument("what", choices=["step", "data", "checkpoint", "generate", "lora",
+                                        "convert"])
+    bench.add_argument("--config", default=None)
+    bench.add_argument("--steps", type=int, default=None,
+                       help="step: timed steps after compilation (default 5); checkpoint: "
+                            "steps per timed round (default 5); lora: steps per round "
+                            "(default 2)")
+    bench.add_argument("--rounds", type=int, default=5,
+                       help="lora: alternating rounds of full and LoRA steps (default 5)")
+    bench.add_argument("--batches", type=int, default=2000, help="data: timed batches")
+    bench.add_argument("--size-mb", type=float, default=300.0,
+                       help="convert: approximate float32 size of the model (MB, 10^6 bytes)")
+    bench.add_argument("--dir", default=None,
+                       help="convert: scratch directory (default: a temporary one)")
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.what in ("generate", "convert"):  # fixed models of their own
+        if overrides or args.config:
+            raise config_lib.ConfigError(f"`jaxlm bench {args.what}` takes no config")
+        if args.what == "generate":
+            from jaxlm.bench.generate import bench_generate
+            bench_generate()
+        else:
+            from jaxlm.bench.convert import bench_convert
+            bench_convert(size_mb=args.size_mb, directory=args.dir)
+        return errors.DONE
+    cfg = config_lib.load(args.config or DEFAULT_CONFIG, overrides)
+    if args.what == "step":
+        from jaxlm.bench.step import bench_step
+        bench_step(cfg, steps=args.steps or 5)
+    elif args.what == "data":
+        from jaxlm.bench.data import bench_data
+        bench_data(cfg, batches=args.batches)
+    elif args.what == "checkpoint":
+        from jaxlm.bench.checkpoint import bench_checkpoint
+        bench_checkpoint(cfg, steps=args.steps or 5)
+    else:
+        from jaxlm.bench.lora import bench_lora
+        bench_lora(cfg, steps=args.steps or 2, rounds=args.rounds)
+    return errors.DONE

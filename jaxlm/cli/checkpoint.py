@@ -1,0 +1,73 @@
+"""`jaxlm checkpoint {ls,inspect,export-params}` and `jaxlm lora merge`: what a run's
+checkpoints hold, and new run directories made from them (no config is read).
+
+    jaxlm checkpoint ls WORKDIR
+    jaxlm checkpoint inspect WORKDIR [--step N] [--json]
+    jaxlm checkpoint export-params WORKDIR --out DIR [--dtype bfloat16] [--step N]
+    jaxlm lora merge WORKDIR --out OUT [--step N]
+
+WORKDIR may also be `WORKDIR/checkpoints` or one step, `WORKDIR/checkpoints/STEP`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+from jaxlm import errors
+from jaxlm.checkpoint.export import EXPORT_DTYPES
+from jaxlm.checkpoint.rundir import RunDirError
+
+VERBS = ("checkpoint", "lora")
+
+
+def add_parsers(verbs) -> None:
+    parser = verbs.add_parser("checkpoint", help="list, inspect or export a run's checkpoints "
+                              "(reads no config)")
+    actions = parser.add_subparsers(dest="action", required=True)
+    where = "WORKDIR, WORKDIR/checkpoints or WORKDIR/checkpoints/STEP (default: latest step)"
+    ls = actions.add_parser("ls", help="list finalized checkpoints: step, size, age, latest")
+    ls.add_argument("path", metavar="WORKDIR", help="run directory (or its checkpoints/)")
+    ins = actions.add_parser("inspect", help="config, layout and every parameter's shape/dtype/"
+                             "axes, from metadata (no arrays read)")
+    ins.add_argument("path", metavar="PATH", help=where)
+    ins.add_argument("--step", type=int, default=None, help="step (default: the latest)")
+    ins.add_argument("--json", action="store_true", help="print one JSON object instead")
+    exp = actions.add_parser("export-params", help="write the parameters alone (no optimizer "
+                             "state) as an Orbax checkpoint in a chosen dtype")
+    exp.add_argument("path", metavar="PATH", help=where)
+    exp.add_argument("--out", required=True,
+                     help="directory to create (must not exist, or be empty)")
+    exp.add_argument("--dtype", default="float32", choices=EXPORT_DTYPES)
+    exp.add_argument("--step", type=int, default=None, help="step (default: the latest)")
+
+    lora = verbs.add_parser("lora", help="LoRA tools: merge a run's adapters into its base")
+    lora_actions = lora.add_subparsers(dest="action", required=True)
+    merge = lora_actions.add_parser("merge", help="write base + adapters as a run directory that "
+                                    "generate, eval and init_from read")
+    merge.add_argument("workdir", metavar="WORKDIR", help="the LoRA run (or a step of it)")
+    merge.add_argument("--out", required=True, help="directory to create (new or empty)")
+    merge.add_argument("--step", type=int, default=None, help="default: the latest")
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    if overrides:
+        raise RunDirError(f"`jaxlm {args.verb} {args.action}` takes no config overrides: "
+                          f"{' '.join(overrides)}")
+    if args.verb == "lora":
+        from jaxlm.finetune import merge
+        merge.merge_run(args.workdir, args.out, args.step)
+        return errors.DONE
+    from jaxlm.checkpoint import inspect
+    if args.action == "ls":
+        print(inspect.format_listing(inspect.list_checkpoints(args.path)))
+    elif args.action == "inspect":
+        info = inspect.inspect_checkpoint(args.path, args.step)
+        print(inspect.inspection_json(info) if args.json else inspect.format_inspection(info))
+    else:
+        from jaxlm.checkpoint.export import export_params
+        info = export_params(args.path, args.out, args.dtype, args.step)
+        print(f"wrote {info['param_count']:,} parameters ({info['dtype']}, "
+              f"{inspect.format_bytes(info['param_bytes'])}) of step {info['source']['step']} "
+              f"to {pathlib.Path(args.out).expanduser().absolute()}")
+    return errors.DONE

@@ -1,0 +1,50 @@
+"""`jaxlm convert {from-hf,to-hf}`: Hugging Face interop (jaxlm.convert; reads no config).
+
+    jaxlm convert from-hf HF_DIR --out WORKDIR
+    jaxlm convert to-hf WORKDIR --out HF_DIR [--dtype bfloat16] [--max-shard-size 5GB] [--step N]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from jaxlm import errors
+from jaxlm.convert.hf_export import DEFAULT_MAX_SHARD, EXPORT_DTYPES
+
+VERBS = ("convert",)
+
+
+def add_parsers(verbs) -> None:
+    parser = verbs.add_parser("convert", help="Hugging Face interop: from-hf, to-hf (reads no "
+                              "config)")
+    actions = parser.add_subparsers(dest="action", required=True)
+    imp = actions.add_parser("from-hf", help="a local Hugging Face checkpoint (safetensors) -> "
+                             "a jaxlm run directory (Orbax checkpoint, tokenizer, config.py)")
+    imp.add_argument("hf_dir", metavar="HF_DIR", help="directory with config.json, "
+                     "model.safetensors (or shards and their index) and tokenizer.json")
+    imp.add_argument("--out", required=True, metavar="WORKDIR", help="run directory to create")
+    exp = actions.add_parser("to-hf", help="a jaxlm checkpoint -> a directory transformers' "
+                             "from_pretrained loads")
+    exp.add_argument("workdir", metavar="WORKDIR",
+                     help="run directory, its checkpoints/ or one step (default: latest)")
+    exp.add_argument("--out", required=True, metavar="HF_DIR",
+                     help="directory to create (must not exist, or be empty)")
+    exp.add_argument("--dtype", default="float32", choices=list(EXPORT_DTYPES))
+    exp.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD,
+                     help="larger models are split into shards of at most this size (5GB, 500MiB)")
+    exp.add_argument("--step", type=int, default=None)
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Runs one `convert` subcommand; 2 on bad input (the message names the file or tensor)."""
+    from jaxlm.convert.hf_import import ConversionError
+    if overrides:
+        raise ConversionError(f"convert commands take no config overrides: {' '.join(overrides)}")
+    if args.action == "from-hf":
+        from jaxlm.convert.hf_import import import_hf
+        import_hf(args.hf_dir, args.out)
+    else:
+        from jaxlm.convert.hf_export import export_hf
+        export_hf(args.workdir, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                  step=args.step)
+    return errors.DONE

@@ -1,0 +1,46 @@
+"""Which task a config runs: causal-LM pretraining when `finetune.task` is empty, else the
+fine-tuning task it names. The verbs that run a config (train, finetune, compile) and
+those that read a run (eval) build their task here."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import ml_collections
+
+from jaxlm import config as config_lib
+from jaxlm.checkpoint import rundir
+from jaxlm.finetune.tasks import FinetuneTask
+from jaxlm.parallel import mesh as mesh_lib
+from jaxlm.train.lm import CausalLM
+from jaxlm.train.task import Task
+
+
+def pretraining(cfg: ml_collections.ConfigDict, **kwargs) -> CausalLM:
+    return CausalLM(cfg, **kwargs)
+
+
+def finetuning(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None,
+               **kwargs) -> FinetuneTask:
+    return FinetuneTask(cfg, workdir, **kwargs)
+
+
+def for_config(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None,
+               **kwargs) -> Task:
+    """The task of a config file's config (kwargs: the task's own, e.g. num_devices)."""
+    if cfg.finetune.task:
+        return finetuning(cfg, workdir, **kwargs)
+    return pretraining(cfg, **kwargs)
+
+
+def for_run(workdir: str | os.PathLike, overrides: Sequence[str] = ()) -> Task:
+    """The task that wrote run `workdir`, from the config saved with its newest checkpoint
+    (`--config.k=v` overrides on top), on a mesh that fits this host. A pretraining run
+    uses the tokenizer it saved; a fine-tuning run its recorded base's."""
+    cfg, _ = rundir.saved_config(workdir)
+    config_lib.apply_overrides(cfg, overrides)
+    cfg = mesh_lib.fit_mesh(cfg)
+    if cfg.finetune.task:
+        return finetuning(cfg, workdir)
+    return pretraining(cfg, tokenizer=rundir.load_tokenizer(workdir))

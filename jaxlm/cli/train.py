@@ -1,0 +1,76 @@
+"""`jaxlm train` and `jaxlm finetune`: a task through the one training loop.
+
+    jaxlm train [--config configs/tiny.py] [--workdir runs/tiny] [--config.k=v ...]
+    jaxlm finetune --config configs/sft_tiny.py [--workdir runs/sft_tiny] [--config.k=v ...]
+
+Both resume from the workdir's latest checkpoint. Exit codes (jaxlm.errors): 0 done; 2 bad
+input (the message names the key, file:line or checkpoint); 3 non-finite loss
+(train.nonfinite=stop); 75 preempted by SIGTERM/SIGINT after saving a checkpoint (run again
+to resume); 130 a second signal aborted without saving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+from typing import Callable
+
+from jaxlm import config as config_lib, errors
+from jaxlm.cli import tasks
+
+VERBS = ("train", "finetune")
+DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "tiny.py"
+
+
+def add_multihost_arguments(parser: argparse.ArgumentParser) -> None:
+    """Multi-host start-up (jaxlm.parallel.distributed); without them SLURM or a TPU VM is
+    detected."""
+    parser.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host)")
+    parser.add_argument("--num-processes", type=int, default=None, help="processes of the run")
+    parser.add_argument("--process-id", type=int, default=None, help="this process, 0..N-1")
+
+
+def add_parsers(verbs) -> None:
+    train = verbs.add_parser("train", help="pretrain (resumes from the workdir's latest checkpoint)")
+    train.add_argument("--config", default=None, help=f"config file (default {DEFAULT_CONFIG.name})")
+    train.add_argument("--workdir", default=None, help="run directory (default runs/<config name>)")
+    add_multihost_arguments(train)
+    ft = verbs.add_parser("finetune", help="fine-tune a checkpoint: SFT, LoRA, classification "
+                          "(resumes from the workdir's latest checkpoint)")
+    ft.add_argument("--config", required=True, help="config file (configs/sft_tiny.py, ...)")
+    ft.add_argument("--workdir", default=None, help="run directory (default runs/<config name>)")
+    add_multihost_arguments(ft)
+
+
+def on_every_process(args: argparse.Namespace, body: Callable[[], int]) -> int:
+    """Starts the multi-host runtime (before anything touches a device), then runs `body`.
+    With several processes, an error that is not bad input leaves at once, so the other
+    processes learn of it within one heartbeat timeout instead of waiting in a collective
+    (bad input fails alike on every process and is reported as usual)."""
+    from jaxlm.parallel import distributed
+    plan = distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    if plan.kind != "single":
+        print(f"jaxlm: multi-host start-up: {plan.describe()}", file=sys.stderr, flush=True)
+    try:
+        return body()
+    except Exception as e:  # noqa: BLE001 - reported by the exit-code table, or a bug
+        import jax
+        if jax.process_count() > 1 and errors.exit_code(e) is None:
+            distributed.exit_now(errors.PYTHON_ERROR)
+        raise
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    config_path = args.config or DEFAULT_CONFIG
+    cfg = config_lib.load(config_path, overrides)
+    workdir = args.workdir or f"runs/{pathlib.Path(config_path).stem}"
+
+    def body() -> int:
+        from jaxlm.train import loop
+        task = tasks.finetuning(cfg, workdir) if args.verb == "finetune" else \
+            tasks.pretraining(cfg)
+        loop.train(task, workdir)
+        return errors.DONE
+
+    return on_every_process(args, body)

@@ -1,0 +1,35 @@
+"""Configuration: the schema of every section with its defaults, validation, config files
+and the one override parser.
+
+Owns:
+    schema      every key a config may set and its default; the vocabularies of name values
+    validate    each section's checks, the mesh shape for a device count, the data mixture,
+                the embedding size
+    finetune    the `finetune` section's keys and checks
+    overrides   config files (`--config FILE`) and `--config.section.key=value` overrides
+
+May import: jaxlm.errors (and ml_collections). Nothing here imports JAX, touches the file
+system (other than reading a config file asked for) or reads the environment, so loading
+and checking a config is cheap and has no side effects.
+
+The names below are the package's API: `from jaxlm import config; config.validate(...)`.
+"""
+
+from jaxlm.config.overrides import (apply_override, apply_overrides, load, load_config_file,
+                                    merge_overrides, parse_value, split_overrides)
+from jaxlm.config.schema import (ATTENTION_BACKENDS, BUILTIN_DATASETS, DCN_KEYS, DTYPES,
+                                 MESH_AXES, NONFINITE_POLICIES, PACKINGS, REMAT_POLICIES,
+                                 ROPE_SCALINGS, SCHEDULES, SOURCE_KINDS, TOKENIZERS, defaults,
+                                 require, source_defaults)
+from jaxlm.config.validate import (ici_mesh_shape, mesh_shape, num_slices, parse_mixture,
+                                   resolve_vocab, resolved, validate)
+from jaxlm.errors import ConfigError
+
+__all__ = [
+    "ATTENTION_BACKENDS", "BUILTIN_DATASETS", "DCN_KEYS", "DTYPES", "MESH_AXES",
+    "NONFINITE_POLICIES", "PACKINGS", "REMAT_POLICIES", "ROPE_SCALINGS", "SCHEDULES",
+    "SOURCE_KINDS", "TOKENIZERS", "ConfigError", "apply_override", "apply_overrides",
+    "defaults", "ici_mesh_shape", "load", "load_config_file", "merge_overrides", "mesh_shape",
+    "num_slices", "parse_mixture", "parse_value", "require", "resolve_vocab", "resolved",
+    "source_defaults", "split_overrides", "validate",
+]

@@ -1,0 +1,108 @@
+"""The `finetune` config section: its keys, defaults and validation (no JAX, no file system).
+
+`defaults()` of jaxlm.config.schema includes this section in every config; `validate` of
+jaxlm.config.validate calls `validate` here. A config whose `finetune.task` is "" is a
+pretraining config.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxlm.errors import ConfigError
+
+TASKS = ("sft", "classify")
+METHODS = ("full", "lora")
+OVERLONG = ("error", "skip")
+POOLINGS = ("last", "mean")
+LORA_TARGETS = ("q", "k", "v", "o", "mlp")
+BUILTIN_TEMPLATES = ("default", "plain")
+
+
+def defaults() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        task="",  # "": pretraining (`jaxlm train`). sft | classify: `jaxlm finetune`
+        method="full",  # full: every parameter trains. lora: low-rank adapters only, base frozen
+        # The starting checkpoint: a run directory (`jaxlm train`, `jaxlm convert from-hf`), its
+        # checkpoints/ or one step directory. The model's shape comes from its saved config.
+        base="",
+        train_file="",  # JSONL (see jaxlm/finetune/sft_data.py and classify_data.py)
+        eval_file="",  # JSONL held out; "": the last eval_fraction of train_file's examples
+        eval_fraction=0.1,
+        eval_every=0,  # evaluate every N steps, and after the last step; 0: only after the last
+        template="default",  # sft: default | plain | a JSON template file (templates.py)
+        packing=True,  # sft: several examples per row (own segment ids); False: one per row
+        # An example whose prompt (classify: text) does not fit data.seq_len: "error" (one
+        # message naming file:line) or "skip" (counted and reported).
+        overlong="error",
+        text_field="text",  # classify
+        label_field="label",  # classify: an integer in [0, num_labels) or one of label_names
+        num_labels=2,  # classify
+        label_names="",  # classify: comma-separated names of string labels ("neg,pos")
+        pooling="last",  # classify: last (last non-padding token) | mean (over real tokens)
+        lora=ml_collections.ConfigDict(dict(
+            rank=8,
+            alpha=16.0,  # the adapter's output is scaled by alpha / rank
+            dropout=0.0,  # on the adapter's input, training only
+            targets="q,k,v,o,mlp",  # attention projections q, k, v, o; mlp: every MLP matrix
+        )),
+    ))
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config.finetune.{key}: {message}")
+
+
+def lora_targets(lora_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+    return tuple(t.strip() for t in str(lora_cfg.targets).split(",") if t.strip())
+
+
+def label_names(ft_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+    return tuple(n.strip() for n in str(ft_cfg.label_names).split(",") if n.strip())
+
+
+def num_labels(ft_cfg: ml_collections.ConfigDict) -> int:
+    names = label_names(ft_cfg)
+    return len(names) if names else int(ft_cfg.num_labels)
+
+
+def validate(ft_cfg: ml_collections.ConfigDict, init_from: str = "") -> None:
+    """Raises ConfigError naming the key; nothing is checked for a pretraining config."""
+    if not ft_cfg.task:
+        return
+    _require(ft_cfg.task in TASKS, "task", f"{ft_cfg.task!r} not in {TASKS} (or '' to pretrain)")
+    _require(ft_cfg.method in METHODS, "method", f"{ft_cfg.method!r} not in {METHODS}")
+    _require(bool(ft_cfg.base), "base", "a fine-tuning run starts from a checkpoint: set it to "
+             "a run directory of `jaxlm train` or `jaxlm convert from-hf`, or a step in it")
+    if init_from:
+        raise ConfigError("config.checkpoint.init_from: a fine-tuning run starts from "
+                          "config.finetune.base; leave init_from empty")
+    _require(bool(ft_cfg.train_file), "train_file", "a fine-tuning run needs a JSONL file")
+    _require(bool(ft_cfg.eval_file) or 0 < ft_cfg.eval_fraction < 1, "eval_fraction",
+             "must be in (0, 1) when no eval_file is given")
+    _require(ft_cfg.eval_every >= 0, "eval_every", "must be >= 0")
+    _require(ft_cfg.overlong in OVERLONG, "overlong", f"{ft_cfg.overlong!r} not in {OVERLONG}")
+    _require(bool(ft_cfg.template), "template",
+             f"one of {BUILTIN_TEMPLATES} or the path of a JSON template")
+    if ft_cfg.task == "classify":
+        names = label_names(ft_cfg)
+        _require(len(set(names)) == len(names), "label_names", f"a name appears twice: {names}")
+        _require(num_labels(ft_cfg) >= 2, "num_labels" if not names else "label_names",
+                 f"a classifier needs at least 2 labels, got {num_labels(ft_cfg)}")
+        _require(not names or int(ft_cfg.num_labels) in (2, len(names)), "num_labels",
+                 f"{ft_cfg.num_labels} contradicts the {len(names)} label_names")
+        _require(ft_cfg.pooling in POOLINGS, "pooling", f"{ft_cfg.pooling!r} not in {POOLINGS}")
+        _require(bool(ft_cfg.text_field), "text_field", "must name a JSON field")
+        _require(bool(ft_cfg.label_field), "label_field", "must name a JSON field")
+    lora = ft_cfg.lora
+    if ft_cfg.method == "lora":
+        _require(isinstance(lora.rank, int) and lora.rank >= 1, "lora.rank",
+                 f"must be a positive integer, got {lora.rank!r}")
+        _require(lora.alpha > 0, "lora.alpha", "must be positive")
+        _require(0 <= lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
+        targets = lora_targets(lora)
+        _require(bool(targets), "lora.targets", f"name at least one of {LORA_TARGETS}")
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        _require(not unknown, "lora.targets", f"unknown {unknown}; choose from {LORA_TARGETS}")
+        _require(len(set(targets)) == len(targets), "lora.targets", "a target appears twice")

@@ -1,0 +1,114 @@
+"""Config files and the one override parser.
+
+    --config FILE                 a Python file whose get_config() returns the config
+    --config.section.key=value    one value, parsed as the type of the key's default
+
+Every command that takes overrides (train, finetune, generate, eval, the launchers) parses
+them here; an unknown key or a value of the wrong type is a ConfigError naming it.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import pathlib
+from typing import Sequence
+
+import ml_collections
+
+from jaxlm.errors import ConfigError
+
+PREFIX = "--config."
+
+
+def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """Imports a config file and returns its `get_config()`. No other side effects."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"jaxlm_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} defines no get_config()")
+    return module.get_config()
+
+
+def merge_overrides(base: ml_collections.ConfigDict, overrides: ml_collections.ConfigDict,
+                    prefix: str = "config") -> None:
+    """Copies `overrides` into `base`; a key `base` lacks is an error naming it."""
+    for key, value in overrides.items():
+        name = f"{prefix}.{key}"
+        if key not in base:
+            raise ConfigError(f"unknown config key: {name}")
+        if isinstance(base[key], ml_collections.ConfigDict):
+            if not isinstance(value, (ml_collections.ConfigDict, dict)):
+                raise ConfigError(f"{name} is a section; set its keys, not the section")
+            merge_overrides(base[key], ml_collections.ConfigDict(value), name)
+        else:
+            base[key] = value
+
+
+def parse_value(key: str, text: str, current):
+    """Parses `text` as the type of the key's current value."""
+    if isinstance(current, bool):
+        lowered = text.lower()
+        if lowered not in ("true", "false", "1", "0"):
+            raise ConfigError(f"config.{key}: expected true or false, got {text!r}")
+        return lowered in ("true", "1")
+    if isinstance(current, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"config.{key}: expected an integer, got {text!r}") from None
+    if isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"config.{key}: expected a number, got {text!r}") from None
+    if isinstance(current, str) or current is None:
+        return text
+    return ast.literal_eval(text)
+
+
+def apply_override(cfg: ml_collections.ConfigDict, dotted: str, text: str) -> None:
+    """Sets `section.key` (dotted, without the "config." prefix) from its text."""
+    *sections, leaf = dotted.split(".")
+    node = cfg
+    for i, name in enumerate(sections):
+        if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+            raise ConfigError(f"unknown config key: config.{'.'.join(sections[:i + 1])}")
+        node = node[name]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        raise ConfigError(f"unknown config key: config.{dotted}")
+    if isinstance(node[leaf], ml_collections.ConfigDict):
+        raise ConfigError(f"config.{dotted} is a section; set one of its keys")
+    node[leaf] = parse_value(dotted, text, node[leaf])
+
+
+def check_override(item: str) -> tuple[str, str]:
+    """("section.key", "value") of one `--config.section.key=value` argument."""
+    if not item.startswith(PREFIX) or "=" not in item:
+        raise ConfigError(f"override {item!r} must look like --config.key=value")
+    dotted, text = item.split("=", 1)
+    return dotted[len(PREFIX):], text
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+    """Applies `--config.section.key=value` arguments in order."""
+    for item in overrides:
+        apply_override(cfg, *check_override(item))
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the other arguments, the `--config.` overrides) of a command line."""
+    return ([a for a in argv if not a.startswith(PREFIX)],
+            [a for a in argv if a.startswith(PREFIX)])
+
+
+def load(config_path: str | pathlib.Path, overrides: Sequence[str] = ()
+         ) -> ml_collections.ConfigDict:
+    """A config file with the overrides applied (not yet validated)."""
+    cfg = load_config_file(config_path)
+    apply_overrides(cfg, overrides)
+    return cfg

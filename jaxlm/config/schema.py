@@ -1,0 +1,169 @@
+"""The config's schema: every key a config may set, with its default, and the vocabularies
+of the values that are names.
+
+A config is an `ml_collections.ConfigDict` with one sub-config per component:
+
+    model       architecture (family, sizes, dtypes, remat, attention backend)
+    data        corpus, tokenizer, sequence length, global batch, packing
+    mesh        device mesh shape (data, fsdp, tensor; -1 = all remaining devices), the
+                DCN axes across TPU slices and the target topology
+    optim       AdamW, schedule, clipping, z-loss, gradient accumulation
+    train       steps, seed, logging cadence, non-finite policy
+    checkpoint  save cadence and retention, init_from
+    metrics     peak FLOP/s override for MFU, TensorBoard
+    finetune    `jaxlm finetune`: task, base checkpoint, data, template, LoRA, classifier
+                (keys in jaxlm/config/finetune.py)
+
+Config files in `configs/` start from `defaults()` and change what they need.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxlm.config import finetune as finetune_section
+from jaxlm.errors import ConfigError
+
+ROPE_SCALINGS = ("none", "linear", "llama3")
+REMAT_POLICIES = ("none", "full", "save_matmuls")
+ATTENTION_BACKENDS = ("xla", "cudnn")
+DTYPES = ("float32", "bfloat16")
+SCHEDULES = ("cosine", "wsd")
+MESH_AXES = ("data", "fsdp", "tensor")
+# Mesh axis -> the key of its factor across slices (over the data-center network, DCN).
+DCN_KEYS = {"data": "dcn_data", "fsdp": "dcn_fsdp"}
+BUILTIN_DATASETS = ("stdlib",)
+TOKENIZERS = ("byte", "sentencepiece", "hf")
+PACKINGS = ("concat", "first_fit")
+NONFINITE_POLICIES = ("stop", "skip", "continue")
+SOURCE_KINDS = ("text", "jsonl", "parquet", "tfds")
+
+
+def require(condition: bool, key: str, message: str) -> None:
+    """ConfigError "config.<key>: <message>" unless `condition`."""
+    if not condition:
+        raise ConfigError(f"config.{key}: {message}")
+
+
+def source_defaults() -> ml_collections.ConfigDict:
+    """Keys of one entry of `data.sources` (a user's own corpus)."""
+    return ml_collections.ConfigDict(dict(
+        kind="text",  # text | jsonl | parquet: local files; tfds: a prepared catalog dataset
+        paths="",  # local kinds: comma-separated files or globs
+        text_field="text",  # jsonl, parquet, tfds: the field holding the document
+        split_by="file",  # text: "file" (one document per file) or "blank_line"
+        eval_fraction=0.01,  # local kinds: share of documents held out for validation
+        tfds_name="",  # tfds: "name" or "name/config:version"
+        train_split="train",  # tfds: the split to train on
+        eval_split="validation",  # tfds: the held-out split
+    ))
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """Every key a config may set, with its default. Unknown keys are rejected."""
+    cfg = ml_collections.ConfigDict()
+
+    cfg.model = ml_collections.ConfigDict(
+        dict(
+            family="llama",  # a family of jaxlm.model (llama, gpt2); its module documents it
+            vocab_size=0,  # embedding rows; 0: the tokenizer's vocabulary padded to data.vocab_multiple
+            d_model=256,
+            n_layers=4,
+            n_heads=4,
+            n_kv_heads=4,  # < n_heads: grouped-query attention (llama only)
+            head_dim=0,  # 0: d_model // n_heads
+            d_ff=704,  # MLP hidden size
+            max_seq_len=1024,  # positions the model supports (learned table size for gpt2)
+            rope_theta=10_000.0,
+            # Rotary frequencies rescaled for long context (llama), as Hugging Face does:
+            # type none | linear (all / factor) | llama3 (Llama 3.1: by wavelength).
+            rope_scaling=ml_collections.ConfigDict(dict(
+                type="none", factor=1.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_len=8192)),
+            qkv_bias=False,  # llama: biases on the q/k/v projections (Qwen2)
+            tie_embeddings=True,
+            norm_eps=1e-5,
+            init_std=0.02,
+            dtype="float32",  # compute dtype; parameters are always float32
+            remat="full",  # none | full | save_matmuls
+            attention="xla",  # xla | cudnn (GPU only)
+            scan_layers=True,
+        )
+    )
+
+    cfg.data = ml_collections.ConfigDict(
+        dict(
+            # One source name, or a weighted mixture "name:weight,name:weight" (weights are
+            # normalised). "stdlib" is built in: this Python's standard-library sources.
+            dataset="stdlib",
+            # User sources by name, each a section with the keys of SOURCE_DEFAULTS.
+            sources=ml_collections.ConfigDict(),
+            data_dir="~/.cache/jaxlm/tensorflow_datasets",  # TFDS data_dir (built and catalog)
+            tokenizer="byte",  # byte | sentencepiece | hf
+            tokenizer_path="",  # sentencepiece .model or Hugging Face tokenizer.json
+            vocab_multiple=128,  # model.vocab_size=0 takes the tokenizer's, padded to this
+            packing="concat",  # concat (concatenate then split) | first_fit
+            seq_len=256,
+            global_batch_size=16,
+            shuffle_seed=0,
+            prefetch=2,  # batches prepared ahead of the step by a background thread
+        )
+    )
+
+    cfg.mesh = ml_collections.ConfigDict(dict(
+        # Axis sizes inside one slice (over ICI); -1 takes the slice's remaining devices.
+        data=1, fsdp=-1, tensor=1,
+        # Factors across slices (over DCN): the mesh's data axis is dcn_data x data and its
+        # fsdp axis dcn_fsdp x fsdp; dcn_data x dcn_fsdp must equal the number of slices.
+        dcn_data=1, dcn_fsdp=1,
+        # The TPU slice this config is sized for, e.g. "v5p-128" (`jaxlm compile` checks
+        # it fits); with DCN axes, each of the slices is one of these. "" for none.
+        topology="",
+    ))
+
+    cfg.optim = ml_collections.ConfigDict(
+        dict(
+            learning_rate=3e-3,
+            schedule="cosine",  # cosine: warmup then cosine to min. wsd: warmup, stable, linear decay.
+            warmup_steps=50,
+            min_lr_ratio=0.1,  # final learning rate as a fraction of the peak
+            decay_fraction=0.2,  # wsd: fraction of the run spent decaying
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            weight_decay=0.1,  # not applied to norms, biases or embeddings
+            clip_norm=1.0,  # global-norm clipping; 0 disables
+            z_loss=0.0,  # coefficient of log(Z)^2; 0 disables
+            grad_accum_steps=1,  # microbatches per step
+        )
+    )
+
+    cfg.train = ml_collections.ConfigDict(
+        dict(
+            steps=300,
+            seed=0,
+            log_every=10,
+            # A non-finite loss or gradient: "stop" (keep the last good checkpoint, exit),
+            # "skip" (drop that update, go on) or "continue" (apply it anyway).
+            nonfinite="stop",
+        )
+    )
+
+    cfg.checkpoint = ml_collections.ConfigDict(
+        dict(
+            every=100,  # save every N steps (and at the last step); 0: no step cadence
+            every_minutes=0.0,  # also save when this many minutes passed since the last save
+            keep=3,  # keep the newest K checkpoints ...
+            keep_period=0,  # ... plus, permanently, every step that is a multiple of M (0: none)
+            init_from="",  # a checkpoint (run dir or step dir) whose parameters start a new run
+        )
+    )
+
+    cfg.metrics = ml_collections.ConfigDict(
+        dict(
+            peak_flops=0.0,  # per-device peak FLOP/s for MFU; 0: chip table, or a matmul probe on CPU
+            tensorboard=True,
+        )
+    )
+    cfg.finetune = finetune_section.defaults()
+    return cfg

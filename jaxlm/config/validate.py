@@ -1,0 +1,238 @@
+"""Validation of every section of a config, and what follows from the values: the mesh
+shape for a device count, the data mixture, the embedding size.
+
+Loading or validating a config never touches JAX, the file system or the environment;
+what needs the device count takes it as an argument. What only a higher package knows is
+checked there, before anything expensive: the model family and its own constraints
+(`jaxlm.model.validate`) and a TPU topology name (`jaxlm.parallel.topology`); the whole
+run config is checked by `jaxlm.train.validate`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxlm.config import finetune as finetune_section
+from jaxlm.config.schema import (ATTENTION_BACKENDS, BUILTIN_DATASETS, DCN_KEYS, DTYPES,
+                                 MESH_AXES, NONFINITE_POLICIES, PACKINGS, REMAT_POLICIES,
+                                 ROPE_SCALINGS, SCHEDULES, SOURCE_KINDS, TOKENIZERS,
+                                 defaults, require, source_defaults)
+from jaxlm.errors import ConfigError
+
+_require = require
+
+
+def parse_mixture(dataset: str) -> list[tuple[str, float]]:
+    """'a:3,b:1' -> [('a', 0.75), ('b', 0.25)]; a bare name has weight 1."""
+    parts = [p.strip() for p in dataset.split(",") if p.strip()]
+    if not parts:
+        raise ConfigError("config.data.dataset: empty")
+    mixture = []
+    for part in parts:
+        name, _, weight = part.partition(":")
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            raise ConfigError(f"config.data.dataset: weight {weight!r} of {name!r} is not a number") from None
+        if value <= 0:
+            raise ConfigError(f"config.data.dataset: weight of {name!r} must be positive")
+        mixture.append((name.strip(), value))
+    names = [n for n, _ in mixture]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config.data.dataset: a source appears twice in {dataset!r}")
+    total = sum(w for _, w in mixture)
+    return [(n, w / total) for n, w in mixture]
+
+
+
+
+
+def num_slices(mesh_cfg: ml_collections.ConfigDict) -> int:
+    """Slices the mesh spans: the product of its DCN factors (validated)."""
+    count = 1
+    for key in DCN_KEYS.values():
+        size = mesh_cfg[key]
+        if not isinstance(size, int) or size < 1:
+            raise ConfigError(f"config.mesh.{key}={size!r}: must be a positive integer "
+                              "(slices along this axis; 1 for a single slice)")
+        count *= size
+    return count
+
+
+def ici_mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Axis sizes inside one slice, with a single -1 filled by the slice's devices left over."""
+    slices = num_slices(mesh_cfg)
+    dcn = " x ".join(f"mesh.{k}" for k in DCN_KEYS.values())
+    if num_devices % slices:
+        raise ConfigError(f"config.mesh.dcn_data: {dcn} = {slices} slices do not divide the "
+                          f"{num_devices} devices")
+    per_slice = num_devices // slices
+    where = f"the {per_slice} devices of each of {slices} slices" if slices > 1 else \
+        f"the {num_devices} devices"
+    sizes = {axis: int(mesh_cfg[axis]) for axis in MESH_AXES}
+    unknown = [axis for axis, size in sizes.items() if size == -1]
+    for axis, size in sizes.items():
+        if size == 0 or size < -1:
+            raise ConfigError(f"config.mesh.{axis}={size}: must be a positive size or -1")
+    if len(unknown) > 1:
+        raise ConfigError(f"config.mesh: only one axis may be -1, got {unknown}")
+    known = 1
+    for size in sizes.values():
+        if size != -1:
+            known *= size
+    if unknown:
+        if per_slice % known:
+            raise ConfigError(
+                f"config.mesh: fixed axes multiply to {known}, which does not divide {where}")
+        sizes[unknown[0]] = per_slice // known
+    elif known != per_slice:
+        raise ConfigError(f"config.mesh: {sizes} uses {known} devices but {where} are present")
+    return sizes
+
+
+def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """The mesh axis sizes: each ICI size times its DCN factor (1 for tensor)."""
+    ici = ici_mesh_shape(mesh_cfg, num_devices)
+    return {axis: size * (mesh_cfg[DCN_KEYS[axis]] if axis in DCN_KEYS else 1)
+            for axis, size in ici.items()}
+
+
+def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Checks every section's values for `num_devices` devices; raises ConfigError naming
+    the key. (The model family's own constraints: `jaxlm.model.validate`.)"""
+    reference = defaults()
+    _check_known_keys(reference, cfg, "config")
+
+    m = cfg.model
+    _require(m.remat in REMAT_POLICIES, "model.remat", f"{m.remat!r} not in {REMAT_POLICIES}")
+    _require(m.attention in ATTENTION_BACKENDS, "model.attention",
+             f"{m.attention!r} not in {ATTENTION_BACKENDS}")
+    _require(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r} not in {DTYPES}")
+    for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+        _require(int(m[key]) > 0, f"model.{key}", f"must be positive, got {m[key]}")
+    _require(m.head_dim >= 0, "model.head_dim", "must be >= 0 (0 means d_model // n_heads)")
+    _require(m.head_dim > 0 or m.d_model % m.n_heads == 0, "model.n_heads",
+             f"d_model={m.d_model} is not divisible by n_heads={m.n_heads}")
+    _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
+             f"n_heads={m.n_heads} is not a multiple of n_kv_heads={m.n_kv_heads}")
+    _require(m.rope_theta > 0, "model.rope_theta", "must be positive")
+    _check_rope_scaling(m.rope_scaling)
+
+    d = cfg.data
+    _require(d.seq_len > 0, "data.seq_len", "must be positive")
+    _require(d.seq_len <= m.max_seq_len, "data.seq_len",
+             f"{d.seq_len} is longer than the model's positions (model.max_seq_len={m.max_seq_len})")
+    _require(d.global_batch_size > 0, "data.global_batch_size", "must be positive")
+    for name, _ in parse_mixture(d.dataset):
+        _require(name in BUILTIN_DATASETS or name in d.sources, "data.dataset",
+                 f"source {name!r} is neither built in {BUILTIN_DATASETS} nor defined in data.sources")
+    for name, source in d.sources.items():
+        _check_source(name, source)
+    _require(d.tokenizer in TOKENIZERS, "data.tokenizer", f"{d.tokenizer!r} not in {TOKENIZERS}")
+    _require(d.tokenizer == "byte" or d.tokenizer_path, "data.tokenizer_path",
+             f"tokenizer {d.tokenizer!r} needs a file")
+    _require(d.vocab_multiple >= 1, "data.vocab_multiple", "must be >= 1")
+    _require(d.packing in PACKINGS, "data.packing", f"{d.packing!r} not in {PACKINGS}")
+    _require(d.prefetch >= 1, "data.prefetch", "must be >= 1")
+    _require(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0: the tokenizer's, padded)")
+
+    o = cfg.optim
+    _require(o.schedule in SCHEDULES, "optim.schedule", f"{o.schedule!r} not in {SCHEDULES}")
+    _require(o.learning_rate > 0, "optim.learning_rate", "must be positive")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", "must be in (0, 1]")
+    _require(o.clip_norm >= 0, "optim.clip_norm", "must be >= 0")
+    _require(o.z_loss >= 0, "optim.z_loss", "must be >= 0")
+    _require(o.grad_accum_steps >= 1, "optim.grad_accum_steps", "must be >= 1")
+
+    t = cfg.train
+    _require(t.steps > 0, "train.steps", "must be positive")
+    _require(t.log_every > 0, "train.log_every", "must be positive")
+    _require(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
+    _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    _require(cfg.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "must be >= 0")
+    _require(cfg.checkpoint.keep_period >= 0, "checkpoint.keep_period", "must be >= 0")
+    _require(t.nonfinite in NONFINITE_POLICIES, "train.nonfinite",
+             f"{t.nonfinite!r} not in {NONFINITE_POLICIES}")
+    _require(cfg.metrics.peak_flops >= 0, "metrics.peak_flops", "must be >= 0")
+    finetune_section.validate(cfg.finetune, cfg.checkpoint.init_from)
+
+    shape = mesh_shape(cfg.mesh, num_devices)
+    tensor = shape["tensor"]
+    _require(m.n_heads % tensor == 0, "model.n_heads",
+             f"{m.n_heads} heads are not divisible by the tensor axis ({tensor})")
+    _require(m.n_kv_heads % tensor == 0 or m.n_kv_heads == m.n_heads, "model.n_kv_heads",
+             f"{m.n_kv_heads} kv heads are not divisible by the tensor axis ({tensor})")
+    _require(m.d_ff % tensor == 0, "model.d_ff",
+             f"{m.d_ff} is not divisible by the tensor axis ({tensor})")
+    _require(m.vocab_size % tensor == 0, "model.vocab_size",
+             f"{m.vocab_size} is not divisible by the tensor axis ({tensor})")
+    _require(m.vocab_size or d.vocab_multiple % tensor == 0, "data.vocab_multiple",
+             f"{d.vocab_multiple} is not divisible by the tensor axis ({tensor})")
+    batch_shards = shape["data"] * shape["fsdp"]
+    microbatches = d.global_batch_size // max(o.grad_accum_steps, 1)
+    _require(d.global_batch_size % o.grad_accum_steps == 0, "data.global_batch_size",
+             f"{d.global_batch_size} is not divisible by optim.grad_accum_steps={o.grad_accum_steps}")
+    _require(microbatches % batch_shards == 0, "data.global_batch_size",
+             f"{d.global_batch_size} (microbatch {microbatches}) is not divisible by the "
+             f"{batch_shards} data shards (mesh data x fsdp, DCN factors included)")
+
+
+def _check_rope_scaling(s: ml_collections.ConfigDict) -> None:
+    _require(s.type in ROPE_SCALINGS, "model.rope_scaling.type", f"{s.type!r} not in {ROPE_SCALINGS}")
+    _require(s.factor > 0, "model.rope_scaling.factor", "must be positive")
+    if s.type == "llama3":
+        _require(s.low_freq_factor > 0, "model.rope_scaling.low_freq_factor", "must be positive")
+        _require(s.high_freq_factor > s.low_freq_factor, "model.rope_scaling.high_freq_factor",
+                 "must be larger than low_freq_factor")
+        _require(s.original_max_len > 0, "model.rope_scaling.original_max_len", "must be positive")
+
+
+def _check_source(name: str, source: ml_collections.ConfigDict) -> None:
+    key = f"data.sources.{name}"
+    _require(isinstance(source, ml_collections.ConfigDict), key, "must be a section")
+    _check_known_keys(source_defaults(), source, f"config.{key}")
+    source = ml_collections.ConfigDict({**source_defaults().to_dict(), **source.to_dict()})
+    _require(name not in BUILTIN_DATASETS, key, f"{name!r} is the name of a built-in source")
+    _require(source.kind in SOURCE_KINDS, f"{key}.kind", f"{source.kind!r} not in {SOURCE_KINDS}")
+    if source.kind == "tfds":
+        _require(bool(source.tfds_name), f"{key}.tfds_name", "a tfds source needs a dataset name")
+    else:
+        _require(bool(source.paths), f"{key}.paths", "a local source needs files or globs")
+        _require(0 < source.eval_fraction < 1, f"{key}.eval_fraction", "must be in (0, 1)")
+    _require(source.split_by in ("file", "blank_line"), f"{key}.split_by",
+             f"{source.split_by!r} not in ('file', 'blank_line')")
+
+
+def resolve_vocab(model_cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict,
+                  tokenizer_vocab: int) -> int:
+    """The embedding size: model.vocab_size if set (it must hold every tokenizer id), else
+    the tokenizer's vocabulary rounded up to data.vocab_multiple (so it shards evenly)."""
+    if model_cfg.vocab_size:
+        _require(model_cfg.vocab_size >= tokenizer_vocab, "model.vocab_size",
+                 f"{model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} ids")
+        return model_cfg.vocab_size
+    multiple = data_cfg.vocab_multiple
+    return -(-tokenizer_vocab // multiple) * multiple
+
+
+def resolved(cfg: ml_collections.ConfigDict, tokenizer_vocab: int,
+             num_devices: int) -> ml_collections.ConfigDict:
+    """A validated copy of `cfg` whose model.vocab_size is final (see resolve_vocab)."""
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.model.vocab_size = resolve_vocab(cfg.model, cfg.data, tokenizer_vocab)
+    validate(cfg, num_devices)
+    return cfg
+
+
+def _check_known_keys(reference: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict,
+                      prefix: str) -> None:
+    for key, value in cfg.items():
+        name = f"{prefix}.{key}"
+        if key not in reference:
+            raise ConfigError(f"unknown config key: {name}")
+        if isinstance(reference[key], ml_collections.ConfigDict) and name != "config.data.sources":
+            if not isinstance(value, ml_collections.ConfigDict):
+                raise ConfigError(f"{name} must be a section")
+            _check_known_keys(reference[key], value, name)

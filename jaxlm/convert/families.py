@@ -1,0 +1,71 @@
+"""Which Hugging Face model types each jaxlm model family reads and writes, and the calls
+that go to the family's mapping (llama.py, gpt2.py): config.json in both directions and
+the tensor rules.
+
+Adding a family's Hugging Face mapping: a module with MODEL_TYPES, config_from_hf,
+config_to_hf, rules and ignorable, and its entry in MAPPINGS.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, Iterable
+
+import ml_collections
+
+from jaxlm import config as config_lib
+from jaxlm.convert import gpt2, llama
+from jaxlm.convert.spec import HFConfigError, Rule, get, require
+
+MAPPINGS: dict[str, ModuleType] = {"llama": llama, "gpt2": gpt2}  # jaxlm family -> mapping
+SUPPORTED = tuple(t for mapping in MAPPINGS.values() for t in mapping.MODEL_TYPES)
+
+
+def mapping(family: str) -> ModuleType:
+    if family not in MAPPINGS:
+        raise HFConfigError(f"model family {family!r} has no Hugging Face mapping (jaxlm maps "
+                            f"{', '.join(MAPPINGS)})")
+    return MAPPINGS[family]
+
+
+def model_config(config: dict, where: str = "config.json"
+                 ) -> tuple[ml_collections.ConfigDict, list[str]]:
+    """(jaxlm model config, notes for the user) of a Hugging Face config.json."""
+    model_type = config.get("model_type")
+    family = next((f for f, m in MAPPINGS.items() if model_type in m.MODEL_TYPES), None)
+    if family is None:
+        raise HFConfigError(f"{where}: unsupported architecture model_type={model_type!r} "
+                            f"(architectures {config.get('architectures')}); jaxlm converts "
+                            f"{', '.join(SUPPORTED)}")
+    cfg = config_lib.defaults().model
+    cfg.family = family
+    cfg.dtype = "float32"
+    notes: list[str] = []
+    MAPPINGS[family].config_from_hf(config, cfg, where, notes)
+    cfg.vocab_size = int(get(config, "vocab_size", where))
+    require(cfg.n_heads % cfg.n_kv_heads == 0, where, "num_key_value_heads",
+            f"={cfg.n_kv_heads} does not divide num_attention_heads={cfg.n_heads}")
+    return cfg, notes
+
+
+def hf_config(model_cfg: ml_collections.ConfigDict, dtype: str,
+              special: dict[str, int | None]) -> dict[str, Any]:
+    """The config.json of a jaxlm model (its family writes the architecture's keys)."""
+    m = model_cfg
+    base = {"bos_token_id": special.get("bos_id"), "eos_token_id": special.get("eos_id"),
+            "pad_token_id": special.get("pad_id"), "tie_word_embeddings": bool(m.tie_embeddings),
+            "vocab_size": int(m.vocab_size), "torch_dtype": dtype, "use_cache": True}
+    return mapping(m.family).config_to_hf(m, base)
+
+
+def rules(model_cfg: ml_collections.ConfigDict, tensor_names: Iterable[str] | None = None
+          ) -> list[Rule]:
+    """Every tensor of the model's Hugging Face checkpoint, in the order HF writes them;
+    `tensor_names` (a checkpoint's, on import) tells layouts of one architecture apart."""
+    return mapping(model_cfg.family).rules(model_cfg, tensor_names)
+
+
+def ignorable(model_cfg: ml_collections.ConfigDict, tensor_names: Iterable[str] | None = None
+              ) -> list[str]:
+    """Tensors a checkpoint may hold that carry no parameter."""
+    return mapping(model_cfg.family).ignorable(model_cfg, tensor_names)

@@ -1,0 +1,161 @@
+"""Hugging Face mapping of the llama family: model_type llama, mistral and qwen2.
+
+Config: the config.json layouts of transformers 4.x (`rope_theta` + `rope_scaling`) and
+5.x (`rope_parameters`). Everything jaxlm would compute differently is refused with the key
+named (another activation, biases jaxlm lacks, rope types other than linear/llama3, partial
+rotary). Sliding-window attention (Mistral v0.1, Qwen2 with use_sliding_window): token q
+attends to keys k with q - k < window. For sequences no longer than the window that is
+plain causal attention, so such a model is imported with model.max_seq_len = window: exact
+on every length jaxlm accepts (longer prompts are refused by the length checks), and a note
+says so.
+
+Tensors: LLaMA, Mistral and Qwen2 store q/k projections already in the half-split
+("rotate_half") rotary layout that jaxlm uses, so no permutation is needed; RMSNorm scales
+multiply after normalising in float32 as jaxlm does (the parity tests prove both).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from jaxlm.convert.spec import HFConfigError, Rule, dims, get, require
+from jaxlm.model import counts
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def config_from_hf(config: dict, cfg: ml_collections.ConfigDict, where: str,
+                   notes: list[str]) -> None:
+    """Sets the model config's keys from a llama, mistral or qwen2 config.json."""
+    model_type = config["model_type"]
+    cfg.d_model = int(get(config, "hidden_size", where))
+    cfg.n_layers = int(get(config, "num_hidden_layers", where))
+    cfg.n_heads = int(get(config, "num_attention_heads", where))
+    cfg.n_kv_heads = int(config.get("num_key_value_heads") or cfg.n_heads)
+    cfg.head_dim = int(config.get("head_dim") or cfg.d_model // cfg.n_heads)
+    cfg.d_ff = int(get(config, "intermediate_size", where))
+    cfg.max_seq_len = int(config.get("max_position_embeddings") or 2048)
+    cfg.norm_eps = float(config.get("rms_norm_eps", 1e-6))
+    cfg.tie_embeddings = bool(config.get("tie_word_embeddings", False))
+    act = config.get("hidden_act", "silu")
+    require(act == "silu", where, "hidden_act", f"={act!r} is not supported (SwiGLU uses silu)")
+    require(not config.get("mlp_bias", False), where, "mlp_bias", "=true is not supported")
+    if model_type == "qwen2":
+        cfg.qkv_bias = True  # Qwen2 always has q/k/v biases and no output bias
+    else:
+        require(not config.get("attention_bias", False), where, "attention_bias",
+                 "=true (biases on q, k, v and o) is not supported")
+    _rope(config, cfg, where)
+    window = _sliding_window(config)
+    if window is not None and window < cfg.max_seq_len:
+        notes.append(f"sliding_window={window} < max_position_embeddings={cfg.max_seq_len}: "
+                     f"imported with model.max_seq_len={window}, where windowed and full causal "
+                     f"attention are identical")
+        cfg.max_seq_len = window
+
+
+def _sliding_window(config: dict) -> int | None:
+    window = config.get("sliding_window")
+    if not window:
+        return None
+    if config["model_type"] == "qwen2":
+        layer_types = config.get("layer_types") or []
+        if not config.get("use_sliding_window", False) and "sliding_attention" not in layer_types:
+            return None
+    return int(window)
+
+
+def _rope(config: dict, cfg: ml_collections.ConfigDict, where: str) -> None:
+    """rope_theta and scaling from `rope_parameters` (transformers 5) or `rope_theta` and
+    `rope_scaling` (transformers 4)."""
+    params = config.get("rope_parameters")
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        raise HFConfigError(f"{where}: rope_parameters per layer type are not supported")
+    key = "rope_parameters" if params else "rope_scaling"
+    scaling = dict(params or config.get("rope_scaling") or {})
+    cfg.rope_theta = float(scaling.get("rope_theta") or config.get("rope_theta") or 10_000.0)
+    partial = scaling.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    require(partial in (None, 1, 1.0), where, "partial_rotary_factor",
+             f"={partial} is not supported (rotary embeddings on the whole head)")
+    kind = scaling.get("rope_type", scaling.get("type", "default")) or "default"
+    s = cfg.rope_scaling
+    if kind == "default":
+        return
+    if kind not in ("linear", "llama3"):
+        raise HFConfigError(f"{where}: {key}.rope_type={kind!r} is not supported "
+                            f"(jaxlm has default, linear and llama3)")
+    s.type = kind
+    s.factor = float(get(scaling, "factor", f"{where}: {key}"))
+    if kind == "llama3":
+        s.low_freq_factor = float(get(scaling, "low_freq_factor", f"{where}: {key}"))
+        s.high_freq_factor = float(get(scaling, "high_freq_factor", f"{where}: {key}"))
+        s.original_max_len = int(scaling.get("original_max_position_embeddings")
+                                 or config.get("original_max_position_embeddings")
+                                 or cfg.max_seq_len)
+
+
+def config_to_hf(m: ml_collections.ConfigDict, base: dict[str, Any]) -> dict[str, Any]:
+    """config.json: qwen2 when the model has q/k/v biases, else llama; in the transformers 4
+    layout (rope_theta, rope_scaling), which 5 reads too."""
+    model_type = "qwen2" if m.qkv_bias else "llama"
+    out = {"architectures": [ARCHITECTURES[model_type]], "model_type": model_type, **base,
+           "hidden_size": m.d_model, "num_hidden_layers": m.n_layers,
+           "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads,
+           "head_dim": counts.head_dim(m), "intermediate_size": m.d_ff,
+           "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps,
+           "hidden_act": "silu", "rope_theta": float(m.rope_theta),
+           "rope_scaling": _rope_scaling(m.rope_scaling), "attention_dropout": 0.0}
+    if model_type == "qwen2":
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.n_layers)
+    else:
+        out.update(attention_bias=False, mlp_bias=False)
+    return out
+
+
+def _rope_scaling(s: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    if s.type == "none":
+        return None
+    if s.type == "linear":
+        return {"rope_type": "linear", "factor": float(s.factor)}
+    return {"rope_type": "llama3", "factor": float(s.factor),
+            "low_freq_factor": float(s.low_freq_factor),
+            "high_freq_factor": float(s.high_freq_factor),
+            "original_max_position_embeddings": int(s.original_max_len)}
+
+
+def rules(cfg: ml_collections.ConfigDict, tensor_names: Any = None) -> list[Rule]:
+    """Every tensor of the checkpoint, in the order Hugging Face writes them."""
+    d, h, g, k, f, v = dims(cfg)
+    p = "model.layers.{i}."
+    out = [Rule("model.embed_tokens.weight", (v, d), ("embed",))]
+    out += [
+        Rule(p + "input_layernorm.weight", (d,), ("blocks/attn_norm/scale",)),
+        Rule(p + "self_attn.q_proj.weight", (h * k, d), ("blocks/attn/wq",), transpose=True),
+        Rule(p + "self_attn.k_proj.weight", (g * k, d), ("blocks/attn/wk",), transpose=True),
+        Rule(p + "self_attn.v_proj.weight", (g * k, d), ("blocks/attn/wv",), transpose=True),
+        Rule(p + "self_attn.o_proj.weight", (d, h * k), ("blocks/attn/wo",), transpose=True),
+    ]
+    if cfg.qkv_bias:
+        out += [Rule(p + "self_attn.q_proj.bias", (h * k,), ("blocks/attn/bq",)),
+                Rule(p + "self_attn.k_proj.bias", (g * k,), ("blocks/attn/bk",)),
+                Rule(p + "self_attn.v_proj.bias", (g * k,), ("blocks/attn/bv",))]
+    out += [
+        Rule(p + "post_attention_layernorm.weight", (d,), ("blocks/mlp_norm/scale",)),
+        Rule(p + "mlp.gate_proj.weight", (f, d), ("blocks/mlp/w_gate",), transpose=True),
+        Rule(p + "mlp.up_proj.weight", (f, d), ("blocks/mlp/w_up",), transpose=True),
+        Rule(p + "mlp.down_proj.weight", (d, f), ("blocks/mlp/w_down",), transpose=True),
+        Rule("model.norm.weight", (d,), ("final_norm/scale",)),
+    ]
+    if not cfg.tie_embeddings:
+        out.append(Rule("lm_head.weight", (v, d), ("lm_head",), transpose=True))
+    return out
+
+
+def ignorable(cfg: ml_collections.ConfigDict, tensor_names: Any = None) -> list[str]:
+    """Tensors a checkpoint may hold that carry no parameter: cached rotary tables, and an
+    lm_head saved beside tied embeddings (HF ties it anyway)."""
+    return ["model.layers.{i}.self_attn.rotary_emb.inv_freq"] + (
+        ["lm_head.weight"] if cfg.tie_embeddings else [])

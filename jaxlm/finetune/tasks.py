@@ -1,0 +1,308 @@
+"""The fine-tuning tasks: SFT and classification, each with full fine-tuning or LoRA, run by
+the one training loop (jaxlm.train.loop) like pretraining.
+
+A run starts from `finetune.base` (its parameters, fresh optimizer, step 0) and is then its
+own run: its checkpoints hold the trainable state only (LoRA: the adapters), and the config
+saved with them names the exact base step directory, so a resumed run reloads the same base
+and checks it bit for bit against the fingerprint recorded when the run started.
+
+    state   {"step", "params" | "adapters", ["head"], "opt_state", "nonfinite_steps"}
+    frozen  {"params": the base}   (LoRA only: read by the step, never trained or saved)
+
+SFT's objective is the causal-LM loss over the response tokens (jaxlm.train.lm.loss_sums);
+classification's is cross-entropy over the labels of pooled hidden states (classify.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from jaxlm import config as config_lib
+from jaxlm.model import zoo
+from jaxlm.checkpoint import fingerprint, manager as checkpoint_lib, rundir
+from jaxlm.config import finetune as finetune_section
+from jaxlm.data import tokenizers
+from jaxlm.errors import ConfigError, UserError
+from jaxlm.finetune import classify, classify_data, lora, records as records_lib
+from jaxlm.finetune import rows as rows_lib, sft_data, templates
+from jaxlm.parallel import distributed, rules
+from jaxlm.train import lm, state as state_lib
+from jaxlm.train.step import Objective
+from jaxlm.train.task import Batches, BatchLayout, Say, Task, token_batch_layout, token_figures
+from jaxlm.train.validate import validate
+
+RUNTIME_MODEL_KEYS = ("dtype", "remat", "attention", "scan_layers")  # never change parameters
+
+
+class BaseMismatchError(UserError, ValueError):
+    """A resumed run's base checkpoint is not the one it started from."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Base:
+    step_dir: pathlib.Path  # the exact checkpoint the run starts from
+    config: ml_collections.ConfigDict  # the base run's saved config
+    tokenizer: tokenizers.Tokenizer
+
+
+def resolve_base(path: str | os.PathLike) -> Base:
+    """The base's newest checkpoint (or the step given), its saved config and tokenizer."""
+    saved, step_dir = rundir.saved_config(path)
+    return Base(step_dir, saved, rundir.load_tokenizer(step_dir))
+
+
+def run_config(cfg: ml_collections.ConfigDict, base: Base, num_devices: int
+               ) -> ml_collections.ConfigDict:
+    """The fine-tuning config with the base's model (RUNTIME_MODEL_KEYS from `cfg`) and
+    tokenizer, and finetune.base pinned to the base's step directory; validated."""
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    model = ml_collections.ConfigDict(base.config.model.to_dict())
+    for key in RUNTIME_MODEL_KEYS:
+        model[key] = cfg.model[key]
+    out.model = model
+    out.data.tokenizer = base.config.data.tokenizer
+    out.data.tokenizer_path = base.config.data.tokenizer_path
+    out.finetune.base = str(base.step_dir)
+    validate(out, num_devices)
+    return out
+
+
+def build_model(model_cfg: ml_collections.ConfigDict, ft_cfg: ml_collections.ConfigDict,
+                seed: int, train: bool = True) -> nnx.Module:
+    """The model with adapters attached when the method is LoRA (without dropout unless
+    `train`)."""
+    model = zoo.create(model_cfg, seed)
+    if ft_cfg.method == "lora":
+        lora.attach(model, zoo.family(model_cfg.family), ft_cfg.lora, seed, train=train)
+    return model
+
+
+class FinetuneTask(Task):
+    """`finetune.task` sft or classify, `finetune.method` full or lora."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None,
+                 *, num_devices: int | None = None):
+        """`workdir`: the run; when it has checkpoints, its own base (the one recorded when
+        it started) is used, whatever the config names now."""
+        num_devices = num_devices or jax.device_count()
+        config_lib.validate(cfg, num_devices)  # the finetune keys, before anything is read
+        if not cfg.finetune.task:
+            raise ConfigError(f"config.finetune.task: set one of {finetune_section.TASKS} "
+                              f"(this is a pretraining config: use `jaxlm train`)")
+        base_path = cfg.finetune.base
+        if workdir is not None and rundir.has_checkpoints(workdir):
+            base_path = rundir.saved_config(workdir)[0].finetune.base
+        self.base = resolve_base(base_path)
+        self.cfg = run_config(cfg, self.base, num_devices)
+        self.tokenizer = self.base.tokenizer
+        self.name = self.cfg.finetune.task
+        self.eval_every = self.cfg.finetune.eval_every
+        self.lora = self.cfg.finetune.method == "lora"
+        self.frozen = {}
+        self._rows: tuple[dict, dict] | None = None
+        self._data_fingerprint: str | None = None
+        self.base_fingerprint: str | None = None
+
+    # ---- data ------------------------------------------------------------------------------
+
+    def batch_layout(self) -> BatchLayout:
+        b, length = self.cfg.data.global_batch_size, self.cfg.data.seq_len
+        if self.name == "sft":
+            return token_batch_layout(b, length)
+        tokens = ((b, length), jnp.int32, ("batch", "sequence"))
+        return {"inputs": tokens, "positions": tokens, "segment_ids": tokens,
+                "labels": ((b,), jnp.int32, ("batch",)),
+                "label_weights": ((b,), jnp.float32, ("batch",))}
+
+    def load_data(self, say: Say = lambda *a: None) -> tuple[dict, dict]:
+        """(train rows, eval rows) of the task, every line checked; read once."""
+        if self._rows is not None:
+            return self._rows
+        cfg, ft, seq_len = self.cfg, self.cfg.finetune, self.cfg.data.seq_len
+        train_records = records_lib.read_jsonl(ft.train_file)
+        if ft.eval_file:
+            eval_records = records_lib.read_jsonl(ft.eval_file)
+        else:
+            train_records, eval_records = records_lib.split_eval(
+                train_records, ft.eval_fraction, cfg.data.shuffle_seed)
+        out = []
+        for name, recs in (("train", train_records), ("eval", eval_records)):
+            if self.name == "sft":
+                template = templates.load_template(ft.template)
+                examples, counts = sft_data.load_examples(recs, template, self.tokenizer,
+                                                          seq_len, ft.overlong)
+                rows = sft_data.pack(examples, seq_len, ft.packing)
+                say(f"{name}: {counts.examples:,} examples in {len(rows['inputs']):,} rows of "
+                    f"{seq_len} ({int(rows['weights'].sum()):,} trained tokens); "
+                    f"{counts.skipped_overlong} skipped (prompt longer than seq_len), "
+                    f"{counts.truncated} truncated")
+            else:
+                num_labels = finetune_section.num_labels(ft)
+                rows, skipped = classify_data.load_rows(
+                    recs, self.tokenizer, seq_len, ft.text_field, ft.label_field, num_labels,
+                    finetune_section.label_names(ft), ft.overlong)
+                counts = np.bincount(rows["labels"], minlength=num_labels)
+                say(f"{name}: {len(rows['labels']):,} examples, per label {counts.tolist()}; "
+                    f"{skipped} skipped (longer than seq_len)")
+            out.append(rows)
+        self._rows = (out[0], out[1])
+        return self._rows
+
+    def train_batches(self, rows: list[int], say: Say) -> Batches:
+        train_rows, _ = self.load_data(say)
+        batches = rows_lib.TrainBatches(train_rows, self.cfg.data.global_batch_size,
+                                        self.cfg.data.shuffle_seed, rows)
+        self._data_fingerprint = batches.fingerprint
+        return batches
+
+    # ---- state and objective ---------------------------------------------------------------
+
+    def state_spec(self, tx, mesh) -> state_lib.StateSpec:
+        cfg, ft, seed = self.cfg.model, self.cfg.finetune, self.cfg.train.seed
+        model = nnx.eval_shape(lambda: build_model(cfg, ft, seed))
+        self.graphdef, _ = nnx.split(model)
+        self.eval_graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(cfg, ft, seed,
+                                                                             train=False)))
+        base_state = nnx.state(model, nnx.All(nnx.Param, nnx.Not(lora.LoraParam)))
+        self.base_abstract = rules.abstract_of(base_state, mesh)
+        self.base_axes = rules.axes_of(base_state)
+        trainable, axes, frozen = {}, {}, {}
+        self.key_template = None
+        if self.lora:
+            adapters = nnx.state(model, lora.LoraParam)
+            trainable["adapters"], axes["adapters"] = (rules.abstract_of(adapters, mesh),
+                                                       rules.axes_of(adapters))
+            frozen["params"] = self.base_abstract
+            keys = nnx.to_pure_dict(nnx.state(model, lora.LoraKey))  # dropout, drawn per step
+            self.key_template = keys if jax.tree.leaves(keys) else None
+        else:
+            trainable["params"], axes["params"] = self.base_abstract, self.base_axes
+        if self.name == "classify":
+            c = finetune_section.num_labels(ft)
+            shapes = {"w": (cfg.d_model, c), "b": (c,)}
+            trainable["head"] = {
+                k: jax.ShapeDtypeStruct(shapes[k], jnp.float32, sharding=NamedSharding(
+                    mesh, rules.logical_to_spec(classify.HEAD_AXES[k]))) for k in shapes}
+            axes["head"] = dict(classify.HEAD_AXES)
+        return state_lib.make_spec(trainable, axes, tx, mesh, frozen)
+
+    def objective(self) -> Objective:
+        graphdef, eval_graphdef, key_template = self.graphdef, self.eval_graphdef, self.key_template
+        ft, z_loss, use_lora = self.cfg.finetune, self.cfg.optim.z_loss, self.lora
+
+        def sums(trainable, frozen, batch, key, train):
+            if use_lora:
+                parts = [jax.lax.stop_gradient(frozen["params"]), trainable["adapters"]]
+                if train and key_template is not None:
+                    parts.append(lora.dropout_keys(key_template, key))
+                params = lora.combine(*parts)
+            else:
+                params = trainable["params"]
+            g = graphdef if train else eval_graphdef
+            if ft.task == "sft":
+                return lm.loss_sums(g, params, batch, z_loss if train else 0.0)
+            return classify.loss_sums(g, params, trainable["head"], batch, ft.pooling)
+
+        return Objective(sums, lm.token_metrics if ft.task == "sft" else classify.metrics)
+
+    def _base_params(self) -> Any:
+        return checkpoint_lib.restore_params(self.base.step_dir, self.base_abstract)
+
+    def init_state(self) -> state_lib.TrainState:
+        """The base's parameters (full) or new adapters (LoRA), a new head (classification),
+        a fresh optimizer, step 0."""
+        cfg, ft, seed = self.cfg.model, self.cfg.finetune, self.cfg.train.seed
+        base = self._base_params()
+        self.base_fingerprint = fingerprint.digest(base)
+        lora_method, classify_task = self.lora, self.name == "classify"
+
+        def groups(base):
+            out: dict = {}
+            if lora_method:
+                model = build_model(cfg, ft, seed)
+                out["adapters"] = nnx.to_pure_dict(nnx.state(model, lora.LoraParam))
+            else:
+                out["params"] = base
+            if classify_task:
+                out["head"] = classify.init_head(jax.random.fold_in(jax.random.key(seed), 1),
+                                                 cfg.d_model, finetune_section.num_labels(ft),
+                                                 cfg.init_std)
+            return out
+
+        self.frozen = {"params": base} if self.lora else {}
+        # Full fine-tuning: the base's buffers become the state's (donated, not copied).
+        return state_lib.init_state(self.spec, self.tx, groups, base, donate=not self.lora)
+
+    def resume(self, state: state_lib.TrainState, metadata: dict[str, Any]) -> state_lib.TrainState:
+        """LoRA reloads the frozen base and checks it against the recorded fingerprint."""
+        recorded = metadata.get("finetune", {}).get("base_fingerprint")
+        self.frozen = {}
+        if self.lora:
+            base = self._base_params()
+            found = fingerprint.digest(base)
+            if found != recorded:
+                raise BaseMismatchError(f"base {self.base.step_dir} does not match the one this "
+                                        f"run started from (fingerprint {found} != {recorded})")
+            self.frozen = {"params": base}
+        self.base_fingerprint = recorded
+        return state
+
+    def metadata(self) -> dict[str, Any]:
+        ft = self.cfg.finetune
+        out = checkpoint_lib.run_metadata(self.cfg, self.spec.axes["adapters" if self.lora
+                                                                   else "params"],
+                                          self.tokenizer.name)
+        train_rows = self._rows[0]["inputs"] if self._rows else ()
+        out["finetune"] = {"task": ft.task, "method": ft.method, "base": str(self.base.step_dir),
+                           "base_fingerprint": self.base_fingerprint,
+                           "train_rows": len(train_rows),
+                           "train_rows_fingerprint": self._data_fingerprint,
+                           "groups": list(self.spec.groups)}
+        return out
+
+    def describe(self) -> str:
+        ft = self.cfg.finetune
+        return (f"fine-tuning ({ft.task}, {ft.method}): {self.spec.trainable_count:,} trainable "
+                f"parameters")
+
+    def flops_per_token(self) -> float:
+        adapters = self.spec.trainable_count if self.lora else 0
+        if self.name == "classify":
+            adapters -= sum(int(x.size) for x in jax.tree.leaves(self.spec.abstract["head"]))
+        return zoo.flops_per_token(self.cfg.model, self.cfg.data.seq_len,
+                                         lm_head=self.name == "sft", frozen=self.lora,
+                                         adapter_params=max(adapters, 0))
+
+    # ---- evaluation ------------------------------------------------------------------------
+
+    def evaluate(self, state, split: str = "validation", max_batches: int | None = None
+                 ) -> dict[str, float]:
+        """Loss (classification: and accuracy) over every row of the held-out examples
+        ("validation") or of the training examples ("train"), in order."""
+        if split not in ("train", "validation"):
+            raise UserError(f"split {split!r} is not one of train, validation")
+        train_rows, eval_rows = self.load_data()
+        global_batch = self.cfg.data.global_batch_size
+        local = distributed.local_rows(rules.batch_sharding(self.mesh), global_batch)
+        batches = rows_lib.eval_batches(eval_rows if split == "validation" else train_rows,
+                                        global_batch, local)
+        totals, count = self.sum_batches(state, batches, max_batches)
+        if self.name == "sft":
+            return token_figures(totals, count)
+        return classify.figures(totals, count)
+
+    def eval_label(self, split: str) -> str:
+        ft = self.cfg.finetune
+        where = ft.eval_file if split == "validation" and ft.eval_file else ft.train_file
+        held = " (held-out part)" if split == "validation" and not ft.eval_file else ""
+        return f"{ft.task} {split}: {where}{held}"

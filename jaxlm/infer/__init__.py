@@ -1,0 +1,11 @@
+"""Inference on a trained run: generation, evaluation and scoring.
+
+Owns:
+    generate    prefill and KV-cache decoding under jit, sampling, streaming text; loading
+                a run's parameters for generation
+    evaluate    `jaxlm eval`: a run's checkpoint evaluated by its own task
+    score       log-likelihood of continuations (multiple-choice benchmarks)
+
+May import: jaxlm.errors, config, parallel, model, data, checkpoint, train (a task's
+evaluation). It never imports jaxlm.finetune: the command line hands it the task.
+"""

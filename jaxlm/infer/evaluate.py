@@ -1,0 +1,36 @@
+"""`jaxlm eval`: a run's newest checkpoint evaluated by its own task on a split.
+
+    jaxlm eval --workdir runs/tiny [--split validation] [--config.data.dataset=...]
+
+The run's task (causal-LM pretraining, SFT, classification; built from the config saved
+with the checkpoint) says what evaluation means: for a language model the mean
+cross-entropy per target token and its perplexity over the split read once in stored
+order; for a classifier its loss and accuracy. Only the groups of the state that
+evaluation reads are restored (the parameters, or LoRA's adapters, plus a classifier's
+head; a LoRA base is reloaded and checked against its recorded fingerprint).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from jaxlm.checkpoint import manager as checkpoint_lib, rundir
+from jaxlm.parallel import mesh as mesh_lib
+from jaxlm.train.task import Task
+
+
+def evaluate(task: Task, workdir: str | os.PathLike, split: str = "validation",
+             max_batches: int | None = None) -> dict[str, Any]:
+    """The task's figures for the newest checkpoint of `workdir` on `split`, with the split,
+    what it is (`label`) and the checkpoint's path."""
+    step_dir = rundir.latest_step_dir(workdir)
+    mesh = mesh_lib.make_mesh(task.cfg.mesh)
+    with mesh_lib.use(mesh):
+        task.build(mesh)
+        groups = checkpoint_lib.restore_groups(
+            step_dir, {g: task.spec.abstract[g] for g in task.spec.groups})
+        state = task.resume(groups, rundir.read_metadata(step_dir))
+    figures = task.evaluate(state, split, max_batches)
+    return {**figures, "split": split, "label": task.eval_label(split),
+            "checkpoint": str(step_dir)}

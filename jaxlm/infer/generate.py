@@ -1,0 +1,292 @@
+"""Text generation: prefill and decode under jit with a preallocated KV cache, and sampling.
+
+    gen = Generator(cfg.model, params, mesh)            # or: gen, tok, cfg = load(workdir)
+    outs = gen.generate([[1, 72, 105], [1, 66]], max_new_tokens=32,
+                        sampling=Sampling(temperature=0.8, top_p=0.95), stop_tokens=[2])
+
+Prompts of different lengths are left-padded to a common length (a multiple of
+`prompt_bucket`, so nearby lengths share one compilation) and the batch is padded to a
+multiple of the mesh's batch shards; positions and masks make each row compute exactly
+what it would alone (see jaxlm/model/kv_cache.py). The cache holds prompt + max_new_tokens
+slots. A prompt that does not fit the model's positions (model.max_seq_len) together with
+max_new_tokens is an error before anything compiles; nothing is truncated.
+
+The prefill is one jitted call; each new token is one jitted step with the cache donated, so
+tokens can be streamed as they come. The host reads a step's tokens while the next step
+runs. Sampling order (as Hugging Face): temperature, then top-k, then top-p; temperature 0
+is greedy (argmax). Outputs include the stop token that ended a row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from jaxlm.model import zoo
+from jaxlm.checkpoint import manager as checkpoint_lib, rundir
+from jaxlm.errors import ConfigError, UserError
+from jaxlm.model import kv_cache
+from jaxlm.parallel import mesh as mesh_lib, rules
+
+
+class GenerationError(UserError, ValueError):
+    """Bad generation input (a prompt, a sampling setting); the message names it."""
+
+
+# ---- sampling ------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0: greedy (argmax)
+    top_k: int = 0  # keep only the k most likely tokens (ties at the k-th value kept); 0: off
+    top_p: float = 1.0  # keep the fewest most likely tokens whose probability reaches p; 1: off
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
+        if int(self.top_k) != self.top_k or self.top_k < 0:
+            raise GenerationError(f"top_k must be an integer >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def filter_logits(logits_BxV: jax.Array, sampling: Sampling) -> jax.Array:
+    """float32 logits / temperature with the tokens top-k and top-p remove set to -inf."""
+    logits = logits_BxV.astype(jnp.float32)
+    if sampling.temperature > 0:
+        logits = logits / sampling.temperature
+    vocab = logits.shape[-1]
+    if 0 < sampling.top_k < vocab:
+        kth_Bx1 = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth_Bx1, -jnp.inf, logits)
+    if sampling.top_p < 1:
+        sorted_BxV = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+        mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+        kept = jnp.sum(mass_before_BxV < sampling.top_p, axis=-1, keepdims=True)  # >= 1
+        threshold_Bx1 = jnp.take_along_axis(sorted_BxV, kept - 1, axis=-1)
+        logits = jnp.where(logits < threshold_Bx1, -jnp.inf, logits)
+    return logits
+
+
+def sample(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+    """int32 next tokens of each row."""
+    if sampling.greedy:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    filtered = filter_logits(logits_BxV, sampling)
+    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+
+# ---- the generator -----------------------------------------------------------------------
+
+def check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, vocab_size: int,
+                  max_seq_len: int) -> list[np.ndarray]:
+    """The prompts as int32 arrays; GenerationError naming the first prompt that is empty,
+    holds an id outside the vocabulary, or does not fit max_seq_len with max_new_tokens."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+            or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if len(prompts) == 0:
+        raise GenerationError("no prompts given")
+    arrays = []
+    for i, prompt in enumerate(prompts):
+        ids = np.asarray(prompt)
+        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise GenerationError(f"prompt {i}: expected a non-empty list of token ids, "
+                                  f"got shape {ids.shape} of {ids.dtype}")
+        bad = ids[(ids < 0) | (ids >= vocab_size)]
+        if bad.size:
+            raise GenerationError(f"prompt {i}: token id {int(bad[0])} is outside the "
+                                  f"model's vocabulary [0, {vocab_size})")
+        if ids.size + max_new_tokens > max_seq_len:
+            raise GenerationError(
+                f"prompt {i} has {ids.size} tokens; with max_new_tokens={max_new_tokens} "
+                f"generation needs {ids.size + max_new_tokens} positions, more than the "
+                f"model's {max_seq_len} (model.max_seq_len): shorten the prompt or lower "
+                f"max_new_tokens (nothing is truncated)")
+        arrays.append(ids.astype(np.int32))
+    return arrays
+
+
+@dataclasses.dataclass(frozen=True)
+class _Batch:
+    tokens_BxP: np.ndarray  # left-padded prompts (pad id 0: masked, never attended)
+    start_B: np.ndarray  # first real slot of each row
+    rows: int  # real rows; the rest copy row 0 to fill the batch shards
+    cache_len: int
+
+
+class Generator:
+    """A model's parameters placed on a mesh, and its jitted prefill and decode step."""
+
+    def __init__(self, model_cfg: ml_collections.ConfigDict, params: Any,
+                 mesh: jax.sharding.Mesh | None = None, prompt_bucket: int = 16):
+        self.cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+        self.mesh = mesh if mesh is not None else mesh_lib.single_device_mesh()
+        self.prompt_bucket = max(int(prompt_bucket), 1)
+        self.graphdef, abstract_state = nnx.split(zoo.abstract(self.cfg))
+        self.params = jax.device_put(params, rules.shardings_of(abstract_state, self.mesh))
+        self._batch_sharding = rules.batch_sharding(self.mesh)
+        self._row_sharding = jax.sharding.NamedSharding(
+            self.mesh, rules.logical_to_spec(("batch",)))
+        self._prefill = jax.jit(self._prefill_fn, static_argnames=("sampling", "cache_len"))
+        self._step = jax.jit(self._step_fn, static_argnames=("sampling",), donate_argnums=(1,))
+
+    @property
+    def model(self) -> nnx.Module:
+        """The model as an nnx module (for evaluate.score and other forward passes)."""
+        return nnx.merge(self.graphdef, self.params)
+
+    # -- jitted functions --
+    def _prefill_fn(self, params, tokens_BxP, start_B, key, stop_ids, *, sampling, cache_len):
+        model = nnx.merge(self.graphdef, params)
+        cache = kv_cache.init_cache(self.cfg, start_B, cache_len)
+        logits_Bx1xV, cache = model(tokens_BxP, kv_cache.positions(cache, tokens_BxP.shape[1]),
+                                    cache=cache)
+        token_B = sample(logits_Bx1xV[:, 0], jax.random.fold_in(key, 0), sampling)
+        return cache, token_B, jnp.isin(token_B, stop_ids), logits_Bx1xV[:, 0]
+
+    def _step_fn(self, params, cache, token_B, done_B, key, t, stop_ids, *, sampling):
+        model = nnx.merge(self.graphdef, params)
+        logits_Bx1xV, cache = model(token_B[:, None], kv_cache.positions(cache, 1), cache=cache)
+        new_B = sample(logits_Bx1xV[:, 0], jax.random.fold_in(key, t), sampling)
+        return cache, new_B, done_B | jnp.isin(new_B, stop_ids), logits_Bx1xV[:, 0]
+
+    # -- host side --
+    def _prepare(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> _Batch:
+        """Checks every prompt and pads the batch; raises GenerationError naming the prompt."""
+        arrays = check_prompts(prompts, max_new_tokens, self.cfg.vocab_size,
+                               self.cfg.max_seq_len)
+        longest = max(a.size for a in arrays)
+        length = -(-longest // self.prompt_bucket) * self.prompt_bucket
+        shards = mesh_lib.batch_shards(self.mesh)
+        rows = len(arrays)
+        padded_rows = -(-rows // shards) * shards
+        arrays += [arrays[0]] * (padded_rows - rows)
+        tokens = np.zeros((padded_rows, length), np.int32)
+        start = np.zeros(padded_rows, np.int32)
+        for i, a in enumerate(arrays):
+            start[i] = length - a.size
+            tokens[i, start[i]:] = a
+        return _Batch(tokens, start, rows, length + max_new_tokens)
+
+    def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+               sampling: Sampling = Sampling(), stop_tokens: Sequence[int] = (),
+               seed: int = 0, logits: bool = False) -> Iterator[tuple[np.ndarray, ...]]:
+        """Yields, per new token, (tokens_B, live_B): each prompt's next token and whether it
+        belongs to the output (False once the row has emitted a stop token). With `logits`,
+        also the float32 logits B x V the token was chosen from. Stops when every row has
+        stopped or after max_new_tokens."""
+        batch = self._prepare(prompts, max_new_tokens)
+        rows = batch.rows
+        stop_ids = jnp.asarray(sorted({int(s) for s in stop_tokens}) or [-1], jnp.int32)
+        key = jax.random.key(seed)
+        with mesh_lib.use(self.mesh):
+            tokens = jax.device_put(batch.tokens_BxP, self._batch_sharding)
+            start = jax.device_put(batch.start_B, self._row_sharding)
+            out = self._prefill(self.params, tokens, start, key, stop_ids, sampling=sampling,
+                                cache_len=batch.cache_len)
+        finished = np.zeros(rows, bool)
+        for t in range(1, max_new_tokens + 1):
+            cache, token_B, done_B, logits_BxV = out
+            if t < max_new_tokens:  # dispatch the next step before reading this one
+                with mesh_lib.use(self.mesh):
+                    out = self._step(self.params, cache, token_B, done_B, key, np.int32(t),
+                                     stop_ids, sampling=sampling)
+            host = jax.device_get((token_B, done_B) + ((logits_BxV,) if logits else ()))
+            yield (host[0][:rows], ~finished) + ((host[2][:rows],) if logits else ())
+            finished = finished | host[1][:rows]
+            if finished.all():
+                break
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 sampling: Sampling = Sampling(), stop_tokens: Sequence[int] = (),
+                 seed: int = 0) -> list[np.ndarray]:
+        """The new tokens of each prompt (int32), ending with the stop token if one came."""
+        outs: list[list[int]] = [[] for _ in prompts]
+        for tokens_B, live_B in self.stream(prompts, max_new_tokens, sampling, stop_tokens, seed):
+            for i in np.nonzero(live_B)[0]:
+                outs[i].append(int(tokens_B[i]))
+        return [np.asarray(o, np.int32) for o in outs]
+
+
+# ---- loading a run -----------------------------------------------------------------------
+
+def restore_model_params(model_cfg: ml_collections.ConfigDict, step_dir: str | pathlib.Path,
+                         mesh: jax.sharding.Mesh) -> Any:
+    """The checkpoint's parameters, read straight into their shards on `mesh`."""
+    _, abstract_state = nnx.split(zoo.abstract(model_cfg))
+    return checkpoint_lib.restore_params(step_dir, rules.abstract_of(abstract_state, mesh))
+
+
+def load(workdir: str | pathlib.Path, cfg: ml_collections.ConfigDict | None = None,
+         prompt_bucket: int = 16):
+    """(Generator, tokenizer, config) of a run: the newest checkpoint's parameters, the
+    config saved with it (or `cfg`, e.g. with overrides applied) and WORKDIR/tokenizer."""
+    saved, step_dir = rundir.saved_config(workdir)
+    if not any(name.startswith("params/") for name in checkpoint_lib.saved_arrays(step_dir)):
+        raise GenerationError(f"{step_dir} holds no model parameters (a LoRA run's checkpoints hold "
+                              f"adapters only); "
+                              f"fold them into the base with `jaxlm lora merge "
+                              f"{rundir.locate(workdir).workdir} --out DIR`, then generate "
+                              f"from DIR")
+    cfg = mesh_lib.fit_mesh(cfg if cfg is not None else saved)
+    tokenizer = rundir.load_tokenizer(workdir)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"config.model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
+            f"{tokenizer.vocab_size} ids ({rundir.locate(workdir).workdir / 'tokenizer'})")
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    params = restore_model_params(cfg.model, step_dir, mesh)
+    return Generator(cfg.model, params, mesh, prompt_bucket), tokenizer, cfg
+
+
+def default_stop_ids(tokenizer, step_dir: str | pathlib.Path) -> list[int]:
+    """The tokenizer's EOS and, for a model converted from Hugging Face, every eos id its
+    config named (Llama 3 has several), from the checkpoint's metadata."""
+    stop = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
+    meta = rundir.read_metadata(step_dir)
+    stop.update(int(i) for i in (meta.get("hf_source") or {}).get("eos_token_ids", []))
+    return sorted(stop)
+
+
+def encode_prompt(tokenizer, text: str) -> np.ndarray:
+    """A prompt as the pipeline tokenizes a document's start: [BOS] + ids (no EOS)."""
+    ids = tokenizer.encode(text)
+    return np.concatenate([[tokenizer.bos_id], ids]).astype(np.int32) \
+        if tokenizer.bos_id is not None else np.asarray(ids, np.int32)
+
+
+def stream_text(tokenizer, token_ids: Iterator[int], prefix_ids: Sequence[int] = ()
+                ) -> Iterator[str]:
+    """Text pieces as tokens arrive: what decoding prefix + tokens so far adds to the text
+    already shown (decoding new tokens after the prompt keeps the tokenizer's spacing). A
+    piece is held back while the text ends in an incomplete UTF-8 sequence (decoded as
+    U+FFFD), so multi-byte characters print whole. Should a longer decode change earlier
+    text, the pieces continue after the part both agree on."""
+    ids = [int(t) for t in prefix_ids]
+    shown = text = tokenizer.decode(ids)
+    for token in token_ids:
+        ids.append(int(token))
+        text = tokenizer.decode(ids)
+        if text.endswith("\ufffd"):
+            continue
+        piece = text[len(os.path.commonprefix([shown, text])):]
+        if piece:
+            yield piece
+            shown = text
+    piece = text[len(os.path.commonprefix([shown, text])):]  # a held-back U+FFFD at the end
+    if piece:
+        yield piece

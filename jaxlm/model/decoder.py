@@ -1,0 +1,154 @@
+"""What every decoder-only family shares: a pre-norm residual block, the layer stack under
+a scan, the embedding and the LM head. Nothing here names a family; each family module
+(llama.py, gpt2.py) says which norm, attention and MLP its blocks use and how positions
+enter.
+
+The layer stack is created once with `nnx.vmap` (every parameter gains a leading `layers`
+axis) and applied with `jax.lax.scan`, so compile time does not grow with depth.
+Rematerialisation wraps one layer: "full" recomputes everything in the backward pass,
+"save_matmuls" keeps the outputs of weight matmuls, "none" keeps all activations.
+
+Parameter tree (what checkpoints and the Hugging Face mappings name): `embed`, the family's
+own tables (e.g. `pos_embed`), `blocks/{attn_norm, attn, mlp_norm, mlp}`, `final_norm`, and
+`lm_head` when the head is not tied to the embedding.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from jaxlm.model import attention, kv_cache
+from jaxlm.model.layers import param
+from jaxlm.parallel.rules import constrain
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+ACT_AXES = ("batch", "sequence", "act_embed")
+
+
+class PreNormBlock(nnx.Module):
+    """Pre-norm residual block: x + attn(attn_norm(x)), then x + mlp(mlp_norm(x))."""
+
+    def __init__(self, attn_norm: nnx.Module, attn: attention.Attention, mlp_norm: nnx.Module,
+                 mlp: nnx.Module):
+        self.attn_norm = attn_norm
+        self.attn = attn
+        self.mlp_norm = mlp_norm
+        self.mlp = mlp
+
+    def __call__(self, x_BxLxD, positions_BxL, mask, cache=None):
+        """With `cache` (generation, see kv_cache.py) returns (x, cache updated)."""
+        attn_out = self.attn(self.attn_norm(x_BxLxD), positions_BxL, mask, cache)
+        attn_BxLxD, cache = attn_out if cache is not None else (attn_out, None)
+        x_BxLxD = constrain(x_BxLxD + attn_BxLxD, ACT_AXES)
+        x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+        x_BxLxD = constrain(x_BxLxD, ACT_AXES)
+        return x_BxLxD if cache is None else (x_BxLxD, cache)
+
+
+class DecoderLM(nnx.Module):
+    """A decoder-only language model. A family subclasses it and defines `make_block`
+    (one layer, built with the layer's rngs) and `make_norm`; a family with position
+    tables also overrides `init_positions` and `add_positions`."""
+
+    make_block: Callable[[ml_collections.ConfigDict, nnx.Rngs], PreNormBlock]
+    make_norm: Callable[[ml_collections.ConfigDict], nnx.Module]
+
+    def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+        self.cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: part of the graphdef
+        self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
+        self.init_positions(cfg, rngs)
+        make_block = self.make_block
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs: nnx.Rngs) -> PreNormBlock:
+            return make_block(cfg, rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = self.make_norm(cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                                 cfg.init_std)
+
+    def init_positions(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> None:
+        """Position tables, created between the embedding and the blocks; none by default
+        (positions enter through the attention, e.g. rotary embeddings)."""
+
+    def add_positions(self, x_BxLxD: jax.Array, positions_BxL: jax.Array) -> jax.Array:
+        return x_BxLxD
+
+    def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
+                 segment_ids_BxL: jax.Array | None = None, cache: kv_cache.KVCache | None = None):
+        """Logits (float32, B x L x V). Positions default to 0..L-1; segment ids (documents
+        packed in one row, 0 = padding) restrict attention to the same document.
+        With `cache` (generation): the tokens are written into the KV cache and attend to
+        it; returns (logits of the last position only, B x 1 x V; the updated cache)."""
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        positions_BxL = _positions(tokens_BxL, positions_BxL)
+        x_BxLxD = self._embed(tokens_BxL, positions_BxL)
+
+        if cache is not None:
+            x_BxLxD, cache = kv_cache.run_blocks(self.blocks, cfg, x_BxLxD, positions_BxL, cache)
+            x_BxLxD = x_BxLxD[:, -1:]  # generation needs the next token's logits only
+        else:
+            mask = attention.prepare_mask(cfg.attention, segment_ids_BxL, tokens_BxL.shape[1],
+                                          cfg.n_heads // cfg.n_kv_heads)
+            x_BxLxD = self._run_blocks(x_BxLxD, positions_BxL, mask)
+
+        x_BxLxD = self.final_norm(x_BxLxD)
+        head_DxV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+        logits = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(dtype),
+                            preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "sequence", "act_vocab"))
+        return logits if cache is None else (logits, cache)
+
+    def hidden_states(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
+                      segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+        """The final-normed hidden states (B x L x D, compute dtype) the LM head reads; a
+        classification head pools them (jaxlm/finetune/classify.py)."""
+        cfg = self.cfg
+        positions_BxL = _positions(tokens_BxL, positions_BxL)
+        mask = attention.prepare_mask(cfg.attention, segment_ids_BxL, tokens_BxL.shape[1],
+                                      cfg.n_heads // cfg.n_kv_heads)
+        x_BxLxD = self._run_blocks(self._embed(tokens_BxL, positions_BxL), positions_BxL, mask)
+        return self.final_norm(x_BxLxD)
+
+    def _embed(self, tokens_BxL, positions_BxL):
+        # Gather the table's fsdp shards first (as FSDP does for any weight): a lookup into a
+        # table sharded along embed would come out sharded along embed, not batch.
+        embed_VxD = constrain(self.embed[...], ("vocab", None))
+        x_BxLxD = self.add_positions(jnp.take(embed_VxD, tokens_BxL, axis=0), positions_BxL)
+        return constrain(x_BxLxD.astype(jnp.dtype(self.cfg.dtype)), ACT_AXES)
+
+    def _run_blocks(self, x_BxLxD, positions_BxL, mask):
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def layer(x, layer_state):
+            block = nnx.merge(graphdef, layer_state)
+            return block(x, positions_BxL, mask), None
+
+        if self.cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat],
+                                   prevent_cse=not self.cfg.scan_layers)
+        if self.cfg.scan_layers:
+            x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, stacked)
+            return x_BxLxD
+        for i in range(self.cfg.n_layers):
+            x_BxLxD, _ = layer(x_BxLxD, jax.tree.map(lambda a, i=i: a[i], stacked))
+        return x_BxLxD
+
+
+def _positions(tokens_BxL: jax.Array, positions_BxL: jax.Array | None) -> jax.Array:
+    if positions_BxL is None:
+        return jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+    return positions_BxL

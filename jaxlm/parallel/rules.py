@@ -1,0 +1,117 @@
+"""The logical-axis rules table: the one place model axes meet the mesh axes.
+
+Model code names logical axes only (`("embed", "mlp")`); `RULES` maps each name to mesh
+axes. Parameters use the plain names, activations the `act_*` names, so the two can be
+sharded differently (FSDP shards weights over `fsdp` while activations stay whole along
+`embed`). Axes reserved for later parallelism (`sequence`, `expert`, `stage`) get a rule
+here when their mesh axis exists.
+
+Across TPU slices (multi-slice), the mesh keeps these three axes: its data and fsdp axes
+also span the slices (config mesh.dcn_data, mesh.dcn_fsdp), so "batch" still maps to
+(data, fsdp) and model code is the same on one slice or many.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+from flax import nnx
+from flax.core import spmd as flax_spmd
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MeshAxes = str | tuple[str, ...] | None
+
+# Logical axis -> mesh axes. Order matters only for readability; names are unique.
+RULES: tuple[tuple[str, MeshAxes], ...] = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("positions", None),
+    ("norm", None),
+    ("layers", None),
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("sequence", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], rules=RULES) -> P:
+    """PartitionSpec for a tuple of logical axis names; a mesh axis is used at most once."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name in logical_axes:
+        target = table.get(name) if name is not None else None
+        if name is not None and name not in table:
+            raise KeyError(f"logical axis {name!r} has no rule in jaxlm.parallel.rules.RULES")
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if a not in used)
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*spec)
+
+
+def named_shardings(tree: Any, mesh: Mesh) -> Any:
+    """NamedSharding per leaf of an nnx state tree, from its logical axis names and RULES."""
+    def to_sharding(v):
+        return v.replace(NamedSharding(mesh, logical_to_spec(variable_axes(v))))
+    return jax.tree.map(to_sharding, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def variable_axes(v: nnx.Variable) -> tuple:
+    """A variable's logical axis names (None for each dimension when it has none)."""
+    axes = v.get_metadata().get("out_sharding")
+    return tuple(axes) if axes else (None,) * len(v.shape)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of (batch, sequence) input arrays."""
+    return NamedSharding(mesh, logical_to_spec(("batch", "sequence")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint on an activation by logical names; a no-op outside a mesh."""
+    if not flax_spmd.get_logical_axis_rules() or jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes))
+
+
+def axis_rules():
+    """Context that makes `constrain` active (used together with `jax.set_mesh`)."""
+    return nnx.logical_axis_rules(RULES)
+
+
+def is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def axes_of(state: nnx.State) -> Any:
+    """Each variable's logical axis names, as a nested dict of tuples (checkpoint metadata)."""
+    return nnx.to_pure_dict(jax.tree.map(lambda v: v.replace(variable_axes(v)), state,
+                                         is_leaf=is_variable))
+
+
+def shardings_of(state: nnx.State, mesh: Mesh) -> Any:
+    """Each variable's NamedSharding on `mesh` from RULES, as a nested dict."""
+    return nnx.to_pure_dict(named_shardings(state, mesh))
+
+
+def abstract_of(state: nnx.State, mesh: Mesh) -> Any:
+    """ShapeDtypeStructs carrying their shardings on `mesh`, as a nested dict: what a jit's
+    output shardings and a sharded restore take."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        nnx.to_pure_dict(state), shardings_of(state, mesh))

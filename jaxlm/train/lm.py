@@ -1,0 +1,180 @@
+"""Causal language modelling: the pretraining task of `jaxlm train`.
+
+Loss is cross-entropy averaged over real target tokens (weights 1), never padding, plus an
+optional z-loss (coefficient optim.z_loss on log(Z)^2). The data is the configured corpus
+through the Grain pipeline (jaxlm.data.pipeline); the state is the model's parameters,
+from scratch or from `checkpoint.init_from`. Evaluation reads a split once, in stored
+order, and reports the loss per target token and its perplexity.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from jaxlm import config as config_lib
+from jaxlm.model import zoo
+from jaxlm.checkpoint import manager as checkpoint_lib
+from jaxlm.data import pipeline, sources, tokenizers
+from jaxlm.errors import ConfigError, UserError
+from jaxlm.parallel import rules
+from jaxlm.train import state as state_lib
+from jaxlm.train.step import Objective
+from jaxlm.train.task import Batches, BatchLayout, Say, Task, token_batch_layout, token_figures
+from jaxlm.train.validate import validate
+
+
+def loss_sums(graphdef: Any, params: Any, batch: dict, z_loss: float) -> tuple[jax.Array, dict]:
+    """Summed (not averaged) objective over the batch's weighted tokens, and its parts."""
+    model = nnx.merge(graphdef, params)
+    logits_BxLxV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
+    weights_BxL = batch["weights"].astype(jnp.float32)
+    ce_sum = jnp.sum((log_z_BxL - target_logit_BxL) * weights_BxL)
+    z_sum = jnp.sum(jnp.square(log_z_BxL) * weights_BxL)
+    objective = ce_sum + z_loss * z_sum
+    return objective, {"ce_sum": ce_sum, "z_sum": z_sum, "weight_sum": jnp.sum(weights_BxL)}
+
+
+def token_metrics(sums: dict, denom: jax.Array) -> dict:
+    """What a token-level objective reports: loss per target token, log(Z)^2, targets."""
+    return {"loss": sums["ce_sum"] / denom, "log_z_squared": sums["z_sum"] / denom,
+            "target_tokens": sums["weight_sum"]}
+
+
+def model_state_spec(model_cfg: ml_collections.ConfigDict, tx, mesh, seed: int
+                     ) -> tuple[Any, state_lib.StateSpec]:
+    """(graphdef, the state layout) of a task that trains every parameter of the model."""
+    graphdef, params = nnx.split(zoo.abstract(model_cfg, seed))
+    spec = state_lib.make_spec({"params": rules.abstract_of(params, mesh)},
+                               {"params": rules.axes_of(params)}, tx, mesh)
+    return graphdef, spec
+
+
+class CausalLM(Task):
+    name = "causal_lm"
+
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None,
+                 *, tokenizer: tokenizers.Tokenizer | None = None, num_devices: int | None = None):
+        """`tokenizer`: the one a run saved (evaluating it); default: data.tokenizer's.
+        `workdir` is not read: a pretraining run's config says everything.
+        `num_devices`: the devices the config is checked for (default: JAX's)."""
+        num_devices = num_devices or jax.device_count()
+        validate(cfg, num_devices)
+        if cfg.finetune.task:
+            raise ConfigError(f"config.finetune.task={cfg.finetune.task!r}: this is a "
+                              f"fine-tuning config; run `jaxlm finetune`")
+        self._tokenizer = tokenizer
+        if tokenizer is None and not cfg.model.vocab_size:  # the vocabulary comes from it
+            self._tokenizer = tokenizers.load_tokenizer(cfg.data)
+        vocab = self._tokenizer.vocab_size if self._tokenizer is not None else 0
+        self.cfg = config_lib.resolved(cfg, vocab, num_devices)
+        self.frozen = {}
+
+    @property
+    def tokenizer(self) -> tokenizers.Tokenizer:
+        """data.tokenizer's, read when first needed (compiling for a topology never does),
+        and checked to fit model.vocab_size."""
+        if self._tokenizer is None:
+            tokenizer = tokenizers.load_tokenizer(self.cfg.data)
+            config_lib.resolve_vocab(self.cfg.model, self.cfg.data, tokenizer.vocab_size)
+            self._tokenizer = tokenizer
+        return self._tokenizer
+
+    # ---- data ------------------------------------------------------------------------------
+
+    def batch_layout(self) -> BatchLayout:
+        return token_batch_layout(self.cfg.data.global_batch_size, self.cfg.data.seq_len)
+
+    def train_batches(self, rows: list[int], say: Say) -> Batches:
+        for name, stats in sources.prepare_all(self.cfg.data).items():
+            say(f"source {name}: {stats['train_documents']:,} train / "
+                f"{stats['validation_documents']:,} validation documents; "
+                f"{stats['empty_skipped']:,} empty skipped; "
+                f"{stats['invalid_utf8_replaced']:,} with invalid UTF-8 replaced")
+        return pipeline.make_iterator(self.cfg.data, split="train", rows=rows,
+                                      tokenizer=self.tokenizer)
+
+    # ---- state and objective ---------------------------------------------------------------
+
+    def state_spec(self, tx, mesh) -> state_lib.StateSpec:
+        self.graphdef, spec = model_state_spec(self.cfg.model, tx, mesh, self.cfg.train.seed)
+        return spec
+
+    def objective(self) -> Objective:
+        graphdef, z_loss = self.graphdef, self.cfg.optim.z_loss
+
+        def sums(trainable, frozen, batch, key, train):
+            return loss_sums(graphdef, trainable["params"], batch, z_loss if train else 0.0)
+
+        return Objective(sums, token_metrics)
+
+    def init_state(self) -> state_lib.TrainState:
+        """Fresh parameters drawn from train.seed, or those of checkpoint.init_from."""
+        self.frozen = {}
+        model_cfg, seed = self.cfg.model, self.cfg.train.seed
+
+        def params():
+            return {"params": nnx.to_pure_dict(nnx.state(zoo.create(model_cfg, seed)))}
+
+        state = state_lib.init_state(self.spec, self.tx, params)
+        if self.cfg.checkpoint.init_from:
+            state["params"] = checkpoint_lib.restore_params(self.cfg.checkpoint.init_from,
+                                                            self.spec.abstract["params"])
+        return state
+
+    def metadata(self) -> dict[str, Any]:
+        return checkpoint_lib.run_metadata(self.cfg, self.spec.axes["params"], self.tokenizer.name)
+
+    def describe(self) -> str:
+        return (f"model: {self.cfg.model.family}, {zoo.param_count(self.cfg.model):,} "
+                f"parameters")
+
+    def flops_per_token(self) -> float:
+        return zoo.flops_per_token(self.cfg.model, self.cfg.data.seq_len)
+
+    # ---- evaluation ------------------------------------------------------------------------
+
+    def evaluate(self, state, split: str = "validation", max_batches: int | None = None
+                 ) -> dict[str, float]:
+        """Loss and perplexity over `split` of the dataset, read once in stored order
+        through the training pipeline (same packing and tokenizer)."""
+        if split not in sources.SPLITS:
+            raise UserError(f"split {split!r} is not one of {', '.join(sources.SPLITS)}")
+        sources.prepare_all(self.cfg.data)
+        data_iter = pipeline.make_iterator(
+            self.cfg.data, split=split, process_index=jax.process_index(),
+            process_count=jax.process_count(), tokenizer=self.tokenizer)
+        try:
+            totals, batches = self.sum_batches(state, _in_step(data_iter), max_batches)
+        finally:
+            data_iter.close()
+        return token_figures(totals, batches)
+
+    def eval_label(self, split: str) -> str:
+        return f"{self.cfg.data.dataset} {split}"
+
+
+def _in_step(data_iter) -> Iterator[dict[str, np.ndarray]]:
+    """The iterator's batches; with several processes, every process yields until all are
+    done (a process that ran out contributes all-padding batches, weight 0)."""
+    if jax.process_count() == 1:
+        yield from data_iter
+        return
+    last = None
+    while True:
+        batch = next(data_iter, None)
+        has = multihost_utils.process_allgather(np.asarray(batch is not None))
+        if not np.any(has):
+            return
+        if batch is not None:
+            last = batch
+        yield batch if batch is not None else {k: np.zeros_like(v) for k, v in last.items()}

@@ -1,0 +1,118 @@
+"""What a run reports: MFU's peak FLOP/s, the metrics writers (JSONL, TensorBoard) and the
+progress line.
+
+MFU = model FLOPs per step (the task's analytic count, jaxlm.model.counts) / step time /
+the devices' peak FLOP/s: the chip table's data-sheet figure (jaxlm.parallel.topology),
+`metrics.peak_flops` if set, or on CPU the host's float32 matmul throughput measured once
+at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import time
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm.errors import UserError
+from jaxlm.parallel import topology
+
+
+def measure_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+    """Float32 matmul FLOP/s of this host, the best of `repeats` n x n x n products."""
+    device = jax.local_devices(backend="cpu")[0]
+    a = jax.device_put(jnp.ones((n, n), jnp.float32), device)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best
+
+
+def peak_flops(configured_per_device: float = 0.0) -> tuple[float, str]:
+    """Total peak FLOP/s of all devices and where the figure comes from.
+
+    On CPU the simulated devices share one host, so the peak is the host's measured matmul
+    throughput, whatever the device count."""
+    devices = jax.devices()
+    if configured_per_device > 0:
+        per_device = configured_per_device
+        if devices[0].platform == "cpu":
+            return per_device, "config (host total)"
+        return per_device * len(devices), "config"
+    if devices[0].platform == "cpu":
+        return measure_matmul_flops(), "measured float32 matmul"
+    kind = devices[0].device_kind
+    chip = topology.chip_of(kind)
+    if chip is None:
+        raise UserError(f"no peak FLOP/s known for device kind {kind!r}: set "
+                        f"config.metrics.peak_flops")
+    return chip.peak_flops * len(devices), f"{kind} data sheet"
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to metrics.jsonl and the same scalars to
+    TensorBoard. Only the writing process (process 0) creates files."""
+
+    def __init__(self, workdir: str | pathlib.Path, tensorboard: bool, active: bool):
+        self.active = active
+        self._jsonl = None
+        self._tb = None
+        if not active:
+            return
+        workdir = pathlib.Path(workdir)
+        self._jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self.active:
+            return
+        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def progress_line(step: int, total: int, scalars: Mapping[str, float], eta_s: float) -> str:
+    """One line per logged step, the same for every task: loss (and accuracy where the
+    task reports it), throughput, MFU, learning rate (and epoch where the data has one)."""
+    parts = [f"step {step}/{total}", f"loss {scalars['loss']:.4f}"]
+    if "accuracy" in scalars:
+        parts.append(f"acc {scalars['accuracy']:.3f}")
+    parts += [f"tok/s {scalars['tokens_per_sec']:,.0f}", f"MFU {100 * scalars['mfu']:.1f}%",
+              f"lr {scalars['learning_rate']:.2e}"]
+    if "epoch" in scalars:
+        parts.append(f"epoch {scalars['epoch']:.2f}")
+    parts.append(f"ETA {format_duration(eta_s)}")
+    return "  ".join(parts)
+
+
+def print_progress(line: str, active: bool) -> None:
+    """A live line on a terminal; one line per log otherwise (files, CI)."""
+    if not active:
+        return
+    if sys.stdout.isatty():
+        print("\r\033[K" + line, end="", flush=True)
+    else:
+        print(line, flush=True)

@@ -1,0 +1,301 @@
+"""Generation with the KV cache against no-cache references: cached greedy decoding equals the
+argmax of the full forward pass over the growing sequence, padded batches equal each prompt
+alone, sharded equals unsharded; sampling filters against NumPy; stop tokens; bad input;
+the `jaxlm generate` command."""
+
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlm import config as config_lib
+from jaxlm.parallel import mesh as mesh_lib, rules
+from jaxlm.infer.generate import GenerationError, Generator, Sampling, filter_logits, sample
+from jaxlm.model import zoo
+
+_spec = importlib.util.spec_from_file_location(
+    "jaxlm_tests_run_fixture", pathlib.Path(__file__).parents[1] / "run_fixture.py")
+run_fixture = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(run_fixture)
+
+REPO = pathlib.Path(__file__).parents[2]
+VOCAB = 128
+NEW = 10
+PROMPTS = [[5, 9, 17, 3, 44], [7, 8], [int(t) for t in np.arange(1, 21) * 5 % VOCAB]]
+
+
+def model_cfg(family="llama"):
+    cfg = config_lib.defaults().model
+    cfg.update(dict(family=family, vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4,
+                    n_kv_heads=2 if family == "llama" else 4, d_ff=48, max_seq_len=64,
+                    remat="none"))
+    return cfg
+
+
+def make_params(cfg, seed=1):
+    return run_fixture.random_params(nnx.to_pure_dict(nnx.state(zoo.create(cfg))), seed)
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def family_gen(request):
+    cfg = model_cfg(request.param)
+    return Generator(cfg, make_params(cfg))
+
+
+@pytest.fixture(scope="module")
+def gen():
+    cfg = model_cfg()
+    return Generator(cfg, make_params(cfg))
+
+
+def full_forward_fn(generator):
+    """Logits of every position of one right-padded row, without any cache (causal: the
+    logits at position i do not depend on what follows i)."""
+    fwd = jax.jit(lambda p, t: nnx.merge(generator.graphdef, p)(t)[0])
+    return lambda ids: np.asarray(fwd(generator.params, jnp.asarray(
+        [list(ids) + [0] * (48 - len(ids))])))[len(ids) - 1]
+
+
+def stream_all(generator, prompts, new=NEW, **kwargs):
+    tokens, logits = [], []
+    for tok_B, live_B, logits_BxV in generator.stream(prompts, new, logits=True, **kwargs):
+        tokens.append(tok_B)
+        logits.append(logits_BxV)
+    return np.stack(tokens, 1), np.stack(logits, 1)
+
+
+def test_cached_greedy_equals_argmax_of_full_forward(family_gen):
+    last_logits = full_forward_fn(family_gen)
+    generated = set()
+    for prompt in PROMPTS:
+        tokens, logits = stream_all(family_gen, [prompt])
+        seq = list(prompt)
+        for t in range(NEW):
+            ref = last_logits(seq)
+            np.testing.assert_allclose(logits[0, t], ref, rtol=1e-4, atol=1e-4)
+            seq.append(int(np.argmax(ref)))
+        assert tokens[0].tolist() == seq[len(prompt):]
+        generated |= set(seq[len(prompt):])
+    assert len(generated) >= 5  # outputs vary: a wrong cache would show
+
+
+def test_padded_batch_equals_each_prompt_alone(family_gen):
+    # Lengths 5, 2 and 20 pad to 32 slots together, to 16, 16 and 32 alone.
+    tokens, logits = stream_all(family_gen, PROMPTS)
+    for i, prompt in enumerate(PROMPTS):
+        alone_tokens, alone_logits = stream_all(family_gen, [prompt])
+        assert tokens[i].tolist() == alone_tokens[0].tolist()
+        np.testing.assert_allclose(logits[i], alone_logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_sharded_generation_equals_unsharded(gen):
+    mesh_cfg = config_lib.defaults().mesh
+    mesh_cfg.update(fsdp=4, tensor=2)
+    mesh = mesh_lib.make_mesh(mesh_cfg)
+    sharded = Generator(gen.cfg, gen.params, mesh)
+    assert sharded.params["embed"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    tokens, logits = stream_all(sharded, PROMPTS)  # 3 rows, padded to the 4 batch shards
+    ref_tokens, ref_logits = stream_all(gen, PROMPTS)
+    assert tokens.tolist() == ref_tokens.tolist()
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-4)
+
+    # The cache is sharded like activations (rows over fsdp, kv heads over tensor) and the
+    # decode step reuses its buffer (donated).
+    batch = sharded._prepare(PROMPTS, NEW)
+    stop = jnp.asarray([-1])
+    with mesh_lib.use(sharded.mesh):
+        cache, token, done, _ = sharded._prefill(
+            sharded.params, jax.device_put(batch.tokens_BxP, sharded._batch_sharding),
+            jax.device_put(batch.start_B, sharded._row_sharding), jax.random.key(0), stop,
+            sampling=Sampling(), cache_len=batch.cache_len)
+        assert cache.k.shape == (2, 4, 2, 32 + NEW, 8)
+        assert cache.k.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+        new_cache = sharded._step(sharded.params, cache, token, done, jax.random.key(0),
+                                  np.int32(1), stop, sampling=Sampling())[0]
+    assert cache.k.is_deleted() and new_cache.k.sharding == cache.k.sharding
+
+
+def test_top_k_1_sampling_equals_greedy(gen):
+    greedy = gen.generate(PROMPTS, NEW)
+    for seed in (0, 1):
+        sampled = gen.generate(PROMPTS, NEW, Sampling(temperature=1.3, top_k=1), seed=seed)
+        assert [s.tolist() for s in sampled] == [g.tolist() for g in greedy]
+
+
+def test_sampling_is_reproducible_and_varies_with_seed(gen):
+    hot = Sampling(temperature=2.0)
+    a = gen.generate(PROMPTS, NEW, hot, seed=3)
+    b = gen.generate(PROMPTS, NEW, hot, seed=3)
+    c = gen.generate(PROMPTS, NEW, hot, seed=4)
+    assert [x.tolist() for x in a] == [x.tolist() for x in b]
+    assert [x.tolist() for x in a] != [x.tolist() for x in c]
+
+
+def test_stop_tokens_end_their_row_only(gen):
+    greedy = gen.generate(PROMPTS, NEW)
+    stop = int(greedy[0][3])
+    outs = gen.generate(PROMPTS, NEW, stop_tokens=[stop])
+    for g, out in zip(greedy, outs):
+        g = g.tolist()
+        expected = g[:g.index(stop) + 1] if stop in g else g
+        assert out.tolist() == expected
+    assert len(outs[0]) <= 4
+
+
+def reference_filtered_probs(logits, temperature, top_k, top_p):
+    """float64 NumPy: temperature, then keep the top k, then the smallest prefix of the
+    remaining tokens (by probability) whose mass reaches top_p."""
+    x = logits.astype(np.float64) / (temperature or 1.0)
+    out = np.zeros_like(x)
+    for r, row in enumerate(x):
+        keep = np.ones(row.size, bool)
+        if 0 < top_k < row.size:
+            keep &= row >= np.sort(row)[-top_k]
+        probs = np.where(keep, np.exp(row - row.max()), 0.0)
+        probs /= probs.sum()
+        if top_p < 1:
+            order = np.argsort(-probs, kind="stable")
+            before = np.cumsum(probs[order]) - probs[order]
+            kept = np.zeros(row.size, bool)
+            kept[order[before < top_p]] = True
+            probs = np.where(kept, probs, 0.0)
+            probs /= probs.sum()
+        out[r] = probs
+    return out
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (1.0, 0, 1.0), (0.7, 5, 1.0), (1.0, 0, 0.6), (1.5, 12, 0.8), (0.5, 3, 0.9), (1.0, 40, 0.3)])
+def test_filtered_distribution_against_numpy(temperature, top_k, top_p):
+    logits = np.random.default_rng(0).normal(size=(4, 40)).astype(np.float32) * 2.0
+    sampling = Sampling(temperature, top_k, top_p)
+    probs = np.asarray(jax.nn.softmax(filter_logits(jnp.asarray(logits), sampling), axis=-1))
+    ref = reference_filtered_probs(logits, temperature, top_k, top_p)
+    np.testing.assert_allclose(probs, ref, atol=1e-6)
+    assert ((probs > 0) == (ref > 0)).all()
+
+
+@pytest.mark.parametrize("sampling", [Sampling(temperature=0.8), Sampling(1.2, top_k=4, top_p=0.9)])
+def test_sample_frequencies_follow_the_filtered_distribution(sampling):
+    logits = jnp.asarray([[1.0, 0.5, -0.2, 0.0, 2.0, -1.0, 0.3, 1.5]])
+    n = 40_000
+    keys = jax.random.split(jax.random.key(0), n)
+    draws = np.asarray(jax.jit(jax.vmap(lambda k: sample(logits, k, sampling)[0]))(keys))
+    freq = np.bincount(draws, minlength=8) / n
+    ref = reference_filtered_probs(np.asarray(logits), sampling.temperature, sampling.top_k,
+                                   sampling.top_p)[0]
+    assert np.all(freq[ref == 0] == 0)
+    # 5 standard deviations of a frequency estimated from n draws
+    np.testing.assert_array_less(np.abs(freq - ref), 5 * np.sqrt(ref * (1 - ref) / n) + 1e-9)
+
+
+def test_bad_input_is_reported_before_compiling(gen):
+    with pytest.raises(GenerationError, match=r"prompt 1 has 60 tokens; with max_new_tokens=10 .*"
+                                              r"70 positions.*64 \(model.max_seq_len\)"):
+        gen.generate([[1, 2], [3] * 60], NEW)
+    with pytest.raises(GenerationError, match="prompt 0: token id 128 is outside"):
+        gen.generate([[1, 128]], NEW)
+    with pytest.raises(GenerationError, match="prompt 1: expected a non-empty list"):
+        gen.generate([[1], []], NEW)
+    with pytest.raises(GenerationError, match="max_new_tokens must be a positive integer"):
+        gen.generate([[1]], 0)
+    with pytest.raises(GenerationError, match="top_p must be in"):
+        Sampling(top_p=0.0)
+    with pytest.raises(GenerationError, match="temperature must be >= 0"):
+        Sampling(temperature=-1.0)
+
+
+@pytest.mark.slow
+def test_generate_command_streams_the_greedy_text(stdlib_data_dir, tmp_path, capsys):
+    cfg = run_fixture.tiny_run_config(stdlib_data_dir)
+    workdir = tmp_path / "run"
+    params = run_fixture.write_run(workdir, cfg)
+    from jaxlm.data.tokenizers import ByteTokenizer
+    from jaxlm.infer.generate import encode_prompt
+    tok = ByteTokenizer()
+    expected = Generator(cfg.model, params).generate(
+        [encode_prompt(tok, "def f(")], 20, stop_tokens=[tok.eos_id])[0]
+    expected = tok.decode([t for t in expected if t != tok.eos_id])
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxlm.cli", "generate", "--workdir", str(workdir), "--prompt",
+         "def f(", "--max-new-tokens", "20"], capture_output=True, text=True, timeout=300,
+        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == "def f(" + expected + "\n"
+
+    from jaxlm import cli
+    assert cli.main(["generate", "--workdir", str(workdir), "--prompt", "x" * 60]) == 2
+    err = capsys.readouterr().err
+    assert "prompt 0 has 61 tokens" in err and "model.max_seq_len" in err
+
+
+def load_hf_models():
+    """tests/convert/hf_models.py (tiny random transformers models), loaded by path."""
+    spec = importlib.util.spec_from_file_location(
+        "jaxlm_tests_convert_hf_models", pathlib.Path(__file__).parents[1] / "convert" / "hf_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("case", ["llama_gqa_untied", "llama_tied_llama3", "qwen2_bias_tied",
+                                  "gpt2_tied"])
+def test_greedy_equals_hugging_face_generate(case, tmp_path):
+    """A tiny random transformers model, saved as safetensors and imported with jaxlm's
+    converter: greedy generation matches `model.generate` token for token, alone and in a
+    padded batch."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from jaxlm.convert import hf_import
+    from jaxlm.convert import params as params_lib
+
+    hf_models = load_hf_models()
+    hf_model = hf_models.build_hf(case, seed=5)
+    hf_models.save_hf(hf_model, tmp_path / "hf", tokenizer=False)
+    ckpt = hf_import.open_checkpoint(tmp_path / "hf")
+    generator = Generator(ckpt.model_cfg, params_lib.unflatten(hf_import.read_params(ckpt)))
+    eos = hf_model.config.eos_token_id
+    prompts = [[1, 5, 9, 17, 3, 44], [1, 7, 8], [1] + [int(t) for t in np.arange(2, 22) * 5 % 128]]
+    ours = generator.generate(prompts, 12, stop_tokens=[eos])
+    for prompt, out in zip(prompts, ours):
+        ids = torch.as_tensor([prompt])
+        with torch.no_grad():
+            theirs = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                       do_sample=False, eos_token_id=eos, pad_token_id=0)
+        assert out.tolist() == theirs[0, len(prompt):].tolist()
+    assert sum(len(o) for o in ours) >= 18 and len({t for o in ours for t in o.tolist()}) >= 5
+
+
+def test_generate_command_on_a_converted_hugging_face_model(tmp_path, capsys):
+    """`jaxlm convert from-hf` then `jaxlm generate`: the streamed text is the tokenizer's
+    text of what transformers' greedy `generate` gives."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from jaxlm import cli
+    from jaxlm.convert.hf_import import import_hf
+    from jaxlm.data.tokenizers import load_saved
+    from jaxlm.infer.generate import encode_prompt, stream_text
+
+    hf_models = load_hf_models()
+    hf_model = hf_models.build_hf("llama_gqa_untied", seed=7)
+    hf_models.save_hf(hf_model, tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "run", log=lambda line: None)
+    prompt = "w5 w9 w17 w40"
+    assert cli.main(["generate", "--workdir", str(tmp_path / "run"), "--prompt", prompt,
+                     "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr().out
+
+    tok = load_saved(tmp_path / "run" / "tokenizer")
+    ids = encode_prompt(tok, prompt)
+    with torch.no_grad():
+        theirs = hf_model.generate(torch.as_tensor([ids.tolist()]), max_new_tokens=8,
+                                   do_sample=False, eos_token_id=tok.eos_id, pad_token_id=0)
+    new = [t for t in theirs[0, len(ids):].tolist() if t != tok.eos_id]
+    assert printed == prompt + "".join(stream_text(tok, new, prefix_ids=ids)) + "\n"
+    assert len(printed) > len(prompt) + 4

@@ -1,0 +1,212 @@
+"""`jaxlm compile`: the real train step compiled for TPU topologies on this CPU host, its
+per-chip memory checked against the state layout, its FLOPs against an independent count.
+
+The compiled models here are wider than the other tests' (d_model 512, head_dim 128): they are
+compiled for a TPU, never run, and TPU tiles pad dimensions under 128, which would blur the
+comparison of XLA's argument bytes with the unpadded shard sizes."""
+
+import math
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxlm import cli
+from jaxlm import config as config_lib
+from jaxlm.parallel import topology
+from jaxlm.parallel.topology import GiB
+from jaxlm.train.lm import CausalLM
+from jaxlm.train.validate import validate
+
+REPO = pathlib.Path(__file__).parents[2]
+
+
+# ---- topology names (no libtpu needed) ---------------------------------------------------
+
+@pytest.mark.parametrize("name, chips, shape, wrap", [
+    ("v5p-8", 4, (2, 2, 1), (False,) * 3),
+    ("v5p-128", 64, (4, 4, 4), (True,) * 3),
+    ("v5p-256", 128, (4, 4, 8), (True,) * 3),
+    ("v5p-1024", 512, (8, 8, 8), (True,) * 3),
+    ("v5p-1536", 768, (8, 8, 12), (True,) * 3),
+    ("v4-32", 16, (2, 2, 4), (False,) * 3),
+    ("v5e-16", 16, (4, 4), (False,) * 3),
+    ("v5litepod-256", 256, (16, 16), (True, True, False)),
+    ("v6e-1", 1, (1, 1), (False,) * 3),
+    ("v5p:4x4x8", 128, (4, 4, 8), (True,) * 3),
+])
+def test_topology_names_map_to_chips(name, chips, shape, wrap):
+    t = topology.parse(name)
+    assert (t.chips, t.shape, t.wrap) == (chips, shape, wrap)
+
+
+@pytest.mark.parametrize("name, says", [
+    ("v5p-7", "must be even"),  # v5p names count 2 TensorCores per chip
+    ("v5p-96", "whole 4x4x4 cubes"),  # 48 chips: neither a small slice nor whole cubes
+    ("v5e-12", "slices have 1, 4, 8"),
+    ("v9-8", "unknown TPU generation"),
+    ("tpu", "is not a TPU slice"),
+    ("v5e:2x2x2", "2-D chip grids"),
+])
+def test_bad_topology_names_are_one_clear_error(name, says):
+    with pytest.raises(topology.TopologyError, match=re.escape(says)):
+        topology.parse(name)
+
+
+def test_bad_topology_is_rejected_before_compiling(capsys, monkeypatch):
+    def no_devices(*args, **kwargs):
+        raise AssertionError("libtpu was asked for devices")
+    monkeypatch.setattr(topology, "compile_only_devices", no_devices)
+    code = cli.main(["compile", "--config", str(REPO / "configs" / "tiny.py"), "--topology", "v5p-7"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "--topology" in err and "v5p-7" in err
+    cfg = config_lib.load_config_file(REPO / "configs" / "tiny.py")
+    cfg.model.vocab_size = 384
+    cfg.mesh.topology = "v5p-7"
+    with pytest.raises(config_lib.ConfigError, match=r"config\.mesh\.topology"):
+        validate(cfg, 8)
+
+
+# ---- compiled for a TPU (skipped only without libtpu) ------------------------------------
+
+def wide_config(**mesh):
+    cfg = config_lib.defaults()
+    cfg.model.update(d_model=512, n_layers=2, n_heads=16, n_kv_heads=16, head_dim=128,
+                     d_ff=1024, vocab_size=1024, max_seq_len=128, dtype="bfloat16",
+                     remat="none", scan_layers=False, tie_embeddings=False)
+    cfg.data.update(seq_len=128, global_batch_size=16)
+    cfg.mesh.update(**mesh)
+    return cfg
+
+
+def independent_bytes(cfg, chips_per_axis):
+    """(train state, batch) bytes on one chip from the RULES table's placements, by hand:
+    float32 parameters and two Adam moments, int32/float32 batch rows."""
+    m = cfg.model
+    d, f, v, n, h, k = m.d_model, m.d_ff, m.vocab_size, m.n_layers, m.n_heads, m.head_dim
+    fsdp, tensor = chips_per_axis["fsdp"], chips_per_axis["tensor"]
+    params_per_chip = (
+        2 * v * d / (tensor * fsdp)  # embedding (vocab/tensor, embed/fsdp) and lm_head
+        + n * 4 * d * h * k / (fsdp * tensor)  # wq, wk, wv, wo
+        + n * 3 * d * f / (fsdp * tensor)  # SwiGLU
+        + (2 * n + 1) * d)  # norms, replicated
+    state = 3 * 4 * params_per_chip + 2 * 4  # + step and non-finite counters
+    rows = cfg.data.global_batch_size / (chips_per_axis["data"] * fsdp)
+    batch = 5 * 4 * rows * cfg.data.seq_len
+    params = 2 * v * d + n * (4 * d * h * k + 3 * d * f + 2 * d) + d
+    return state, batch, params
+
+
+@pytest.fixture(scope="module")
+def aot():
+    pytest.importorskip("libtpu", reason="compiling for a TPU topology needs libtpu")
+    from jaxlm.train import aot
+    return aot
+
+
+COMPILES = {
+    # one v5p-8 slice (4 chips): FSDP and tensor parallelism
+    "v5p-8": ("v5p-8", dict(data=1, fsdp=2, tensor=2), dict(data=1, fsdp=2, tensor=2)),
+    # two v5p-8 slices over DCN: data parallel across them, FSDP inside each
+    "2xv5p-8": ("v5p-8", dict(data=1, fsdp=4, tensor=1, dcn_data=2),
+                dict(data=2, fsdp=4, tensor=1)),
+}
+
+
+@pytest.fixture(scope="module", params=list(COMPILES))
+def compiled(request, aot):
+    name, mesh, sizes = COMPILES[request.param]
+    cfg = wide_config(**mesh)
+    return cfg, sizes, aot.compile_for_topology(lambda n: CausalLM(cfg, num_devices=n), cfg,
+                                                name, mfu=0.4)
+
+
+def test_memory_figures_match_the_state_layout(compiled):
+    cfg, sizes, report = compiled
+    state, batch, params = independent_bytes(cfg, sizes)
+    m = report.memory
+    assert report.mesh_shape == sizes and report.chips == math.prod(sizes.values())
+    assert report.params == params
+    # XLA's arguments are this chip's state and batch shards; TPU tiles pad the replicated
+    # norm vectors a little, hence the tolerance.
+    np.testing.assert_allclose(m.arguments, state + batch, rtol=2e-3)
+    np.testing.assert_allclose(report.argument_bytes, state + batch, rtol=1e-5)
+    # The donated state is reused for the new one: aliased = the state; outputs add metrics.
+    np.testing.assert_allclose(m.aliased, state, rtol=2e-3)
+    assert m.aliased <= m.outputs < m.aliased + 4096
+    assert m.temporaries > 0 and m.generated_code > 0
+    assert report.required_bytes == m.arguments + m.outputs - m.aliased + m.temporaries + m.generated_code
+    assert report.fits and report.usable_hbm_bytes == int(95.74 * GiB)
+
+
+def test_flops_match_an_independent_count(compiled):
+    from jaxlm.model import attention
+    cfg, _, report = compiled
+    m = cfg.model
+    d, f, v, n, h, k = m.d_model, m.d_ff, m.vocab_size, m.n_layers, m.n_heads, m.head_dim
+    tokens, seq = cfg.data.global_batch_size * cfg.data.seq_len, cfg.data.seq_len
+    matmul_params = n * (4 * d * h * k + 3 * d * f) + d * v
+    # Causal attention: half of QK^T and PV (the model FLOPs); the XLA kernel computes
+    # chunk i of c query chunks against i + 1 key chunks, (c + 1) / 2c of the full square.
+    full_attention = 12 * n * seq * h * k
+    assert report.model_flops == pytest.approx(tokens * (6 * matmul_params + full_attention / 2))
+    chunks = attention.QUERY_CHUNKS
+    executed = tokens * (6 * matmul_params + full_attention * (chunks + 1) / (2 * chunks))
+    # scan_layers=False, remat none: XLA counts every executed FLOP, elementwise ones included.
+    assert 1.0 <= report.xla_flops / executed < 1.06
+    peak = 459e12  # v5p bf16 per chip
+    assert report.step_time_s == pytest.approx(report.model_flops / (0.4 * peak * report.chips))
+
+
+def test_a_step_that_does_not_fit_exits_nonzero_with_the_figures(aot, capsys):
+    # The Llama-3-8B shape cut to 2 layers on one v5e chip (16 GiB): 1.49B parameters with
+    # their two Adam moments alone take 16.6 GiB.
+    code = cli.main(["compile", "--config", str(REPO / "configs" / "llama3_8b.py"),
+                     "--topology", "v5e-1", "--config.model.n_layers=2",
+                     "--config.data.seq_len=512", "--config.data.global_batch_size=8"])
+    out = capsys.readouterr().out
+    assert code == aot.DOES_NOT_FIT_EXIT_CODE
+    assert "DOES NOT FIT" in out
+    d, f, v, h, g, k = 4096, 14336, 128256, 32, 8, 128
+    params = 2 * v * d + 2 * (d * (2 * h * k + 2 * g * k) + 3 * d * f + 2 * d) + d
+    assert f"{params:,} parameters" in out
+    arguments = float(re.search(r"arguments\s+([\d.]+) GiB", out).group(1))
+    total = float(re.search(r"total\s+([\d.]+) GiB\s+of 15.75 GiB", out).group(1))
+    assert arguments == pytest.approx((12 * params + 5 * 4 * 8 * 512) / GiB, abs=0.006)
+    assert total > 15.75 and total >= arguments
+    assert re.search(r"step time\s+[\d.]+ ms at 50% MFU \(197 TFLOP/s", out)
+
+
+@pytest.mark.slow
+def test_llama3_8b_compiles_for_its_topology_within_hbm(aot):
+    """The shipped 8B config on the slice it names (v5p-128), as a user runs it."""
+    cfg = config_lib.load_config_file(REPO / "configs" / "llama3_8b.py")
+    assert cfg.mesh.topology == "v5p-128"
+    run = subprocess.run([sys.executable, "-m", "jaxlm.cli", "compile", "--config",
+                          str(REPO / "configs" / "llama3_8b.py")],
+                         capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    out = run.stdout
+    assert "64 chips of TPU v5" in out and "fsdp 64" in out
+    params = 8_030_261_248
+    assert f"{params:,} parameters" in out
+    arguments = float(re.search(r"arguments\s+([\d.]+) GiB", out).group(1))
+    batch = 5 * 4 * (256 // 64) * 8192
+    assert arguments == pytest.approx((12 * params / 64 + batch) / GiB, abs=0.01)
+    total = float(re.search(r"total\s+([\d.]+) GiB\s+of 95.74 GiB", out).group(1))
+    assert arguments < total < 95.74
+
+
+@pytest.mark.parametrize("name", ["gpt2_124m", "llama_1b", "llama3_8b"])
+def test_accelerator_configs_name_a_topology_their_mesh_fits(name):
+    """Each shipped accelerator config names its slice; its mesh and batch divide it. (The
+    memory check is `jaxlm compile`: the 8B one runs above, the figures of all three are in
+    their docstrings.)"""
+    cfg = config_lib.load_config_file(REPO / "configs" / f"{name}.py")
+    t = topology.parse(cfg.mesh.topology)
+    validate(cfg, t.chips * config_lib.num_slices(cfg.mesh))
+    assert f"jaxlm compile --config configs/{name}.py" in (REPO / "configs" / f"{name}.py").read_text()
