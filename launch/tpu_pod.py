@@ -9,7 +9,7 @@ worker, run the same `jaxlm train` on all of them, stream worker 0's log, delete
     python launch/tpu_pod.py --name llama8b --zone us-east5-a --attach   # stream again
     python launch/tpu_pod.py --name llama8b --zone us-east5-a --delete   # tear down
 
-Each worker runs plain `jaxlm train`: jaxlm.distributed finds the other workers from the TPU
+Each worker runs plain `jaxlm train`: jaxlm.parallel.distributed finds the other workers from the TPU
 VM's metadata. The run is started with nohup, so it survives this machine disconnecting;
 `--attach` streams worker 0's log again and exits with the run's exit code (75: preempted
 after a checkpoint; run the same command again to resume on the same slice).
@@ -97,23 +97,18 @@ def ensure_slice(args: argparse.Namespace, tpu: launchers.TpuSlice, run: launche
     runtime = args.runtime_version or tpu.default_runtime
     spot = ["--spot"] if args.spot else []
     if args.queued:
-        state = run.query([*gcloud(args, "queued-resources", "describe"),
-                           "--format=value(state.state)"], dry_run_answer=None)
-        if state is None:
-            run.comment(f"{'if that finds' if run.dry_run else 'found'} no queued resource "
-                        f"named {args.name}: request one")
-            run.run([*gcloud(args, "queued-resources", "create"), f"--node-id={args.name}",
-                     f"--accelerator-type={tpu.accelerator_type}",
-                     f"--runtime-version={runtime}", *spot])
+        _create_unless_described(
+            args, run, "queued-resources", "state.state", f"no queued resource named "
+            f"{args.name}: request one", [f"--node-id={args.name}",
+                                          f"--accelerator-type={tpu.accelerator_type}",
+                                          f"--runtime-version={runtime}", *spot])
         wait_until_active(args, run)
         return
-    described = run.query([*gcloud(args, "tpu-vm", "describe"),
-                           "--format=value(state,acceleratorType)"], dry_run_answer=None)
+    described = _create_unless_described(
+        args, run, "tpu-vm", "state,acceleratorType", f"no TPU named {args.name}: create it "
+        f"(an existing READY {tpu.accelerator_type} is reused)",
+        [f"--accelerator-type={tpu.accelerator_type}", f"--version={runtime}", *spot])
     if described is None:
-        run.comment(f"{'if that finds' if run.dry_run else 'found'} no TPU named {args.name}: "
-                    f"create it (an existing READY {tpu.accelerator_type} is reused)")
-        run.run([*gcloud(args, "tpu-vm", "create"), f"--accelerator-type={tpu.accelerator_type}",
-                 f"--version={runtime}", *spot])
         return
     state, _, existing_type = described.partition("\t")
     existing_type = existing_type.strip().lower()
@@ -124,6 +119,18 @@ def ensure_slice(args: argparse.Namespace, tpu: launchers.TpuSlice, run: launche
         raise LaunchError(f"--name {args.name}: the existing TPU is {state}, not {READY}; "
                           f"wait, or --delete it and launch again")
     run.comment(f"reusing TPU {args.name} ({existing_type}, {state})")
+
+
+def _create_unless_described(args: argparse.Namespace, run: launchers.Runner, kind: str,
+                             fields: str, missing: str, create: list[str]) -> str | None:
+    """`gcloud ... <kind> describe` (its `fields`), or, when nothing of that name exists,
+    `gcloud ... <kind> create <create...>` and None."""
+    described = run.query([*gcloud(args, kind, "describe"), f"--format=value({fields})"],
+                          dry_run_answer=None)
+    if described is None:
+        run.comment(f"{'if that finds' if run.dry_run else 'found'} {missing}")
+        run.run([*gcloud(args, kind, "create"), *create])
+    return described
 
 
 def wait_until_active(args: argparse.Namespace, run: launchers.Runner) -> None:

@@ -60,3 +60,12 @@ def test_readme_map_matches_the_tree():
         assert f"jaxlm/{package.name}/" in section, f"README does not place jaxlm/{package.name}/"
     for path in re.findall(r"`(jaxlm/[\w/.]+)`", section):
         assert (REPO / path).exists(), f"README names {path}, which does not exist"
+
+
+def test_readme_exit_codes_are_the_table_the_commands_exit_by():
+    from jaxlm import errors
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("**Exit codes**", 1)[1].split("\n\n", 2)[1]
+    rows = dict(re.findall(r"^\| (\d+)(?: \(\w+\))? \| (.+) \|$", table, re.M))
+    for code, (_, meaning) in errors.EXIT_CODES.items():
+        assert meaning in rows.get(str(code), ""), (code, meaning)

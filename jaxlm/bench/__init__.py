@@ -7,7 +7,7 @@ Owns:
     checkpoint  `jaxlm bench checkpoint`: throughput with a save every step, restore time
     lora        `jaxlm bench lora`: a LoRA step against a full fine-tuning step
     generate    `jaxlm bench generate`: decoding against transformers and recomputation
-    convert     `jaxlm convert bench`: peak memory of a Hugging Face conversion
+    convert     `jaxlm bench convert`: peak memory of a Hugging Face conversion
     table       how figures are printed
 
 May import every package below the command line (errors, config, parallel, model, data,

@@ -1,4 +1,4 @@
-"""`jaxlm convert bench`: peak resident memory of a conversion against the model's size.
+"""`jaxlm bench convert`: peak resident memory of a conversion against the model's size.
 
 A random LLaMA-style model of about --size-mb float32 megabytes is written as a sharded
 Hugging Face checkpoint (streamed: this process never holds it whole). Then three fresh
@@ -24,10 +24,9 @@ import time
 import numpy as np
 
 from jaxlm import config as config_lib
-from jaxlm.model import zoo
 from jaxlm.convert import families
-from jaxlm.convert.spec import HFConfigError, Rule, expand
 from jaxlm.convert import safetensors_io as st
+from jaxlm.model import zoo
 
 _CHILD = r"""
 import json, sys, time

@@ -23,9 +23,15 @@ import tempfile
 import time
 from typing import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxlm.bench.table import print_table
+from jaxlm.convert import hf_import
+from jaxlm.convert import params as params_lib
+from jaxlm.infer.generate import Generator
 
 MODEL = dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8,
              intermediate_size=1408, vocab_size=32_000, max_position_embeddings=1024,
@@ -47,9 +53,6 @@ def _hf_and_jaxlm_models(seed: int):
     import torch
     import transformers
 
-    from jaxlm.convert import hf_import
-    from jaxlm.convert import params as params_lib
-    from jaxlm.infer.generate import Generator
 
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(**MODEL)
@@ -65,10 +68,7 @@ def _hf_and_jaxlm_models(seed: int):
 
 def bench_generate(prompt_len: int = 32, new_tokens: int = 128, context: int = 512,
                    context_tokens: int = 16, repeats: int = 3, seed: int = 0) -> dict[str, float]:
-    import jax
-    import jax.numpy as jnp
     import torch
-    from flax import nnx
 
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)

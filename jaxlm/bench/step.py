@@ -13,8 +13,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxlm.model import zoo
 from jaxlm.bench.table import print_table
+from jaxlm.model import zoo
 from jaxlm.parallel import mesh as mesh_lib
 from jaxlm.train import metrics as metrics_lib
 from jaxlm.train.lm import CausalLM

@@ -14,8 +14,19 @@ import pathlib
 import shutil
 from typing import Any
 
-from jaxlm.checkpoint.rundir import (RunDirError, locate, open_readonly, quiet_orbax, reading,
-                                     resolve_step)
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from jaxlm import __version__
+from jaxlm.checkpoint.rundir import (
+    RunDirError,
+    locate,
+    open_readonly,
+    quiet_orbax,
+    reading,
+    resolve_step,
+)
 
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 EXPORT_INFO_FILE = "jaxlm_params.json"
@@ -25,8 +36,6 @@ EXPORT_FORMAT = "jaxlm.params/1"
 def read_params(path: str | os.PathLike, step: int | None = None) -> tuple[Any, dict, int]:
     """(params on one CPU device in their saved dtype, the run metadata, the step). Only the
     parameters are read, not the optimizer state."""
-    import jax
-    import orbax.checkpoint as ocp
 
     location = locate(path, step)
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
@@ -51,8 +60,6 @@ def read_params(path: str | os.PathLike, step: int | None = None) -> tuple[Any, 
 
 def cast_params(params: Any, dtype: str) -> Any:
     """Floating-point leaves cast to `dtype` (round to nearest even); others unchanged."""
-    import jax
-    import jax.numpy as jnp
 
     target = jnp.dtype(dtype)
     return jax.tree.map(
@@ -64,8 +71,6 @@ def export_params(path: str | os.PathLike, out: str | os.PathLike, dtype: str = 
     """Writes the parameters of one checkpoint, cast to `dtype`, as an Orbax checkpoint at
     `out` (StandardSave of the parameter tree), with `jaxlm_params.json` and the run's
     tokenizer files beside it. Returns what jaxlm_params.json says."""
-    import jax
-    import orbax.checkpoint as ocp
 
     if dtype not in EXPORT_DTYPES:
         raise RunDirError(
@@ -83,7 +88,6 @@ def export_params(path: str | os.PathLike, out: str | os.PathLike, dtype: str = 
         checkpointer.save(out, params)
         checkpointer.wait_until_finished()
 
-    from jaxlm import __version__
     leaves = jax.tree.leaves(params)
     info = {
         "format": EXPORT_FORMAT,
@@ -107,8 +111,6 @@ def export_params(path: str | os.PathLike, out: str | os.PathLike, dtype: str = 
 
 def load_exported_params(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     """(params on one CPU device, jaxlm_params.json) of an `export-params` directory."""
-    import jax
-    import orbax.checkpoint as ocp
 
     directory = pathlib.Path(directory).expanduser().absolute()
     info_file = directory / EXPORT_INFO_FILE

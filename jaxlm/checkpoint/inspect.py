@@ -27,9 +27,16 @@ import time
 from typing import Any, Iterator
 
 import numpy as np
+import orbax.checkpoint as ocp
 
-from jaxlm.checkpoint.rundir import (ITEMS, RunDirError, locate, open_readonly, quiet_orbax,
-                                     reading, resolve_step)
+from jaxlm.checkpoint.rundir import (
+    ITEMS,
+    locate,
+    open_readonly,
+    quiet_orbax,
+    reading,
+    resolve_step,
+)
 
 # ---- ls ---------------------------------------------------------------------------------
 
@@ -78,7 +85,6 @@ def disk_bytes(path: pathlib.Path) -> int:
 
 def list_checkpoints(path: str | os.PathLike) -> Listing:
     """The finalized steps of a run (what a resume would see) and any unfinished saves."""
-    import orbax.checkpoint as ocp
 
     location = locate(path)
     with open_readonly(location.checkpoints) as manager:
@@ -188,7 +194,6 @@ def _nbytes(shape: tuple[int, ...], dtype: Any) -> int:
 
 def inspect_checkpoint(path: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
     """What one checkpoint holds, from metadata only (no array is read)."""
-    import orbax.checkpoint as ocp
 
     location = locate(path, step)
     with open_readonly(location.checkpoints) as manager:

@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from jaxlm import __version__
 from jaxlm.checkpoint.fingerprint import checksums, flat_names
 from jaxlm.errors import UserError
 
@@ -292,7 +293,6 @@ def _warn(message: str) -> None:
 def run_metadata(cfg: ml_collections.ConfigDict, param_axes: Any, tokenizer: str) -> dict[str, Any]:
     """What a checkpoint says about itself: config, parameter layout, jaxlm version and
     tokenizer (its files are in the run's `tokenizer/` directory)."""
-    from jaxlm import __version__
     return {"jaxlm_version": __version__, "config": cfg.to_dict(), "tokenizer": tokenizer,
             "layout": {"scan_layers": cfg.model.scan_layers, "param_axes": _listify(param_axes)}}
 

@@ -23,6 +23,7 @@ import pathlib
 from typing import Any, Iterator
 
 import ml_collections
+import orbax.checkpoint as ocp
 
 from jaxlm import config as config_lib
 from jaxlm.data import tokenizers
@@ -85,7 +86,6 @@ def open_readonly(checkpoints: pathlib.Path):
     cleans up anything. The state is read with the PyTree handler (the format
     StandardSave writes), which can restore a part of the tree. `checksums` (array
     fingerprints) is registered so that steps which have it open cleanly; it is not read."""
-    import orbax.checkpoint as ocp
 
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
     handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
@@ -139,7 +139,6 @@ def latest_step_dir(path: str | os.PathLike, step: int | None = None) -> pathlib
 
 def read_metadata(step_dir: str | os.PathLike) -> dict[str, Any]:
     """The `metadata` item of one step (config, layout, tokenizer, what the run recorded)."""
-    import orbax.checkpoint as ocp
 
     step_dir = pathlib.Path(step_dir)
     with reading(step_dir), quiet_orbax():

@@ -15,9 +15,19 @@
 Configs follow the ml_collections convention: `--config FILE` names a config file and
 `--config.section.key=value` overrides one value (jaxlm.config.overrides).
 
-Owns: the verbs' arguments, the one table from errors to exit codes (jaxlm.errors) applied
-to every verb, multi-host start-up before a verb touches a device, and which task a config
-runs (tasks.py). May import every package; nothing imports it.
+Owns: the verbs' arguments and the one place errors become exit codes (jaxlm.errors' table,
+applied to every verb), one module per verb group:
+    train       train, finetune (multi-host start-up before a verb touches a device)
+    aot         compile
+    infer       generate, eval
+    checkpoint  checkpoint ls|inspect|export-params, lora merge
+    convert     convert from-hf|to-hf
+    tokenizer   tokenizer train
+    bench       bench step|data|checkpoint|lora|generate|convert
+    launch      launch local
+    tasks       which task a config (or a run) runs
+
+May import every package; nothing imports it.
 """
 
 from __future__ import annotations
@@ -25,7 +35,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxlm import config as config_lib, errors
+from jaxlm import config as config_lib
+from jaxlm import errors
 from jaxlm.cli import aot, bench, checkpoint, convert, infer, launch, tokenizer, train
 
 # Each group: add_parsers(verbs) and run(args, overrides) -> exit code, for its VERBS.

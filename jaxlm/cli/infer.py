@@ -16,7 +16,8 @@ import argparse
 import json
 import sys
 
-from jaxlm import config as config_lib, errors
+from jaxlm import config as config_lib
+from jaxlm import errors
 from jaxlm.checkpoint import rundir
 from jaxlm.cli import tasks
 from jaxlm.cli.train import add_multihost_arguments, on_every_process

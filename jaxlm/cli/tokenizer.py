@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from jaxlm import config as config_lib, errors
+from jaxlm import config as config_lib
+from jaxlm import errors
 from jaxlm.cli.train import DEFAULT_CONFIG
 
 VERBS = ("tokenizer",)

@@ -16,7 +16,8 @@ import pathlib
 import sys
 from typing import Callable
 
-from jaxlm import config as config_lib, errors
+from jaxlm import config as config_lib
+from jaxlm import errors
 from jaxlm.cli import tasks
 
 VERBS = ("train", "finetune")

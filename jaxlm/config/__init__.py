@@ -15,14 +15,41 @@ and checking a config is cheap and has no side effects.
 The names below are the package's API: `from jaxlm import config; config.validate(...)`.
 """
 
-from jaxlm.config.overrides import (apply_override, apply_overrides, load, load_config_file,
-                                    merge_overrides, parse_value, split_overrides)
-from jaxlm.config.schema import (ATTENTION_BACKENDS, BUILTIN_DATASETS, DCN_KEYS, DTYPES,
-                                 MESH_AXES, NONFINITE_POLICIES, PACKINGS, REMAT_POLICIES,
-                                 ROPE_SCALINGS, SCHEDULES, SOURCE_KINDS, TOKENIZERS, defaults,
-                                 require, source_defaults)
-from jaxlm.config.validate import (ici_mesh_shape, mesh_shape, num_slices, parse_mixture,
-                                   resolve_vocab, resolved, validate)
+from jaxlm.config.overrides import (
+                                    apply_override,
+                                    apply_overrides,
+                                    load,
+                                    load_config_file,
+                                    merge_overrides,
+                                    parse_value,
+                                    split_overrides,
+)
+from jaxlm.config.schema import (
+                                    ATTENTION_BACKENDS,
+                                    BUILTIN_DATASETS,
+                                    DCN_KEYS,
+                                    DTYPES,
+                                    MESH_AXES,
+                                    NONFINITE_POLICIES,
+                                    PACKINGS,
+                                    REMAT_POLICIES,
+                                    ROPE_SCALINGS,
+                                    SCHEDULES,
+                                    SOURCE_KINDS,
+                                    TOKENIZERS,
+                                    defaults,
+                                    require,
+                                    source_defaults,
+)
+from jaxlm.config.validate import (
+                                    ici_mesh_shape,
+                                    mesh_shape,
+                                    num_slices,
+                                    parse_mixture,
+                                    resolve_vocab,
+                                    resolved,
+                                    validate,
+)
 from jaxlm.errors import ConfigError
 
 __all__ = [

@@ -13,10 +13,23 @@ from __future__ import annotations
 import ml_collections
 
 from jaxlm.config import finetune as finetune_section
-from jaxlm.config.schema import (ATTENTION_BACKENDS, BUILTIN_DATASETS, DCN_KEYS, DTYPES,
-                                 MESH_AXES, NONFINITE_POLICIES, PACKINGS, REMAT_POLICIES,
-                                 ROPE_SCALINGS, SCHEDULES, SOURCE_KINDS, TOKENIZERS,
-                                 defaults, require, source_defaults)
+from jaxlm.config.schema import (
+    ATTENTION_BACKENDS,
+    BUILTIN_DATASETS,
+    DCN_KEYS,
+    DTYPES,
+    MESH_AXES,
+    NONFINITE_POLICIES,
+    PACKINGS,
+    REMAT_POLICIES,
+    ROPE_SCALINGS,
+    SCHEDULES,
+    SOURCE_KINDS,
+    TOKENIZERS,
+    defaults,
+    require,
+    source_defaults,
+)
 from jaxlm.errors import ConfigError
 
 _require = require

@@ -11,8 +11,8 @@ Owns:
     params          parameter trees and the converted run directory
     hf_import, hf_export   the two conversions
 
-May import: jaxlm.errors, config, parallel, model, data, checkpoint. (`jaxlm convert bench`
-lives in jaxlm.bench.) Nothing is unpickled, no code from a checkpoint runs and nothing is
+May import: jaxlm.errors, config, parallel, model, data, checkpoint, and jaxlm.train.validate
+(the config of a converted run). (`jaxlm bench convert` lives in jaxlm.bench.) Nothing is unpickled, no code from a checkpoint runs and nothing is
 fetched from the network.
 
 In-memory use (tests, generation parity): `hf_import.open_checkpoint(dir)` then

@@ -24,13 +24,14 @@ import shutil
 from typing import Any, Callable
 
 import numpy as np
+import orbax.checkpoint as ocp
 
 from jaxlm.checkpoint import rundir
 from jaxlm.convert import families
-from jaxlm.convert.spec import HFConfigError, Rule, expand
 from jaxlm.convert import params as params_lib
 from jaxlm.convert import safetensors_io as st
 from jaxlm.convert.hf_import import ConversionError
+from jaxlm.data import tokenizers
 from jaxlm.errors import ConfigError
 
 EXPORT_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
@@ -78,7 +79,6 @@ class ParamReader:
     export holds about one parameter, not the model."""
 
     def __init__(self, workdir: str | pathlib.Path, step: int | None = None, keep: int = 3):
-        import orbax.checkpoint as ocp
 
         try:
             location = rundir.locate(workdir, step)
@@ -108,7 +108,6 @@ class ParamReader:
         return self._cache[name]
 
     def _restore(self, name: str) -> np.ndarray:
-        import orbax.checkpoint as ocp
 
         shape, dtype = self.saved[name]
         item = {"params": params_lib.unflatten({name: np.empty((0,), dtype)})}
@@ -168,7 +167,6 @@ def _bytes_to_unicode() -> dict[int, str]:
 def write_tokenizer(tokenizer_dir: pathlib.Path, out: pathlib.Path, max_len: int,
                     log: Callable[[str], None]) -> dict[str, int | None]:
     """Tokenizer files for transformers; returns the pad/bos/eos ids."""
-    from jaxlm.data import tokenizers
 
     if not (tokenizer_dir / tokenizers.SAVED_CONFIG).is_file():
         log(f"note: no tokenizer in {tokenizer_dir}; the export has none")

@@ -6,7 +6,7 @@ unexpected tensor, a shape or dtype that does not fit: one error naming it, befo
 is read). Then each stacked parameter is allocated once as float32 and filled tensor by
 tensor (one HF tensor in memory at a time, read with plain file reads), and the result is
 saved as an Orbax checkpoint. Peak memory: one copy of the model plus Orbax's write buffers
-(`jaxlm convert bench` measures it). Nothing is unpickled, no code from the checkpoint runs,
+(`jaxlm bench convert` measures it). Nothing is unpickled, no code from the checkpoint runs,
 and nothing is fetched from the network.
 
 The run directory holds `checkpoints/0/` (parameters only, no optimizer state),
@@ -26,9 +26,10 @@ import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm.convert import families
-from jaxlm.convert.spec import HFConfigError, Rule, expand
 from jaxlm.convert import params as params_lib
 from jaxlm.convert import safetensors_io as st
+from jaxlm.convert.spec import HFConfigError, Rule, expand
+from jaxlm.data import tokenizers
 from jaxlm.errors import UserError
 
 
@@ -143,7 +144,6 @@ def _fill(info: st.TensorInfo, rule: Rule, targets: list[np.ndarray]) -> None:
 def load_tokenizer(ckpt: HFCheckpoint):
     """The checkpoint's tokenizer (tokenizer.json, else a SentencePiece tokenizer.model) with
     the bos/eos/pad ids config.json names, checked against the model's vocabulary."""
-    from jaxlm.data import tokenizers
 
     directory, config = ckpt.directory, ckpt.config
     path = directory / "tokenizer.json"

@@ -15,11 +15,15 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
 
 from jaxlm import config as config_lib
-from jaxlm.checkpoint import fingerprint as fingerprint_lib, manager as checkpoint_lib
+from jaxlm.checkpoint import fingerprint as fingerprint_lib
+from jaxlm.checkpoint import manager as checkpoint_lib
 from jaxlm.checkpoint.rundir import quiet_orbax
 from jaxlm.model import zoo
+from jaxlm.parallel import rules
 from jaxlm.train.validate import validate
 
 CONFIG_FILE = "config.py"
@@ -28,9 +32,7 @@ STEP = 0
 
 def abstract_params(model_cfg: ml_collections.ConfigDict) -> tuple[dict[str, Any], dict]:
     """({path: ShapeDtypeStruct} of every parameter, nested logical axes) without allocating."""
-    from flax import nnx
 
-    from jaxlm.parallel import rules
 
     _, state = nnx.split(zoo.abstract(model_cfg))
     return flatten(nnx.to_pure_dict(state)), rules.axes_of(state)
@@ -112,7 +114,6 @@ def write_checkpoint(workdir: pathlib.Path, cfg: ml_collections.ConfigDict,
     """Saves `flat_params` (float32 NumPy) as step 0 of `workdir/checkpoints` with the items
     every jaxlm checkpoint has: state {"params"}, data, metadata (run_metadata) and
     checksums (computed here unless given). Returns the step directory."""
-    import orbax.checkpoint as ocp
 
     metadata = checkpoint_lib.run_metadata(cfg, param_axes, tokenizer_name)
     metadata.update(extra_metadata or {})

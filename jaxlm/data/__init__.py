@@ -6,6 +6,8 @@ Owns:
     tokenizers  byte, SentencePiece and Hugging Face tokenizers; saving them with a run
     packing     documents -> rows (concatenate-and-split, first-fit), with segment ids
     pipeline    the batch iterator: deterministic global order, exact resume state
+    jsonl       JSON Lines read a line at a time, errors naming file:line (corpora and
+                fine-tuning examples)
 
 May import: jaxlm.errors, jaxlm.config, and JAX only to coordinate processes (building a
 corpus once). A task's own data (fine-tuning JSONL) lives with the task.

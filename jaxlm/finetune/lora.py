@@ -37,8 +37,8 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.config import finetune as finetune_section
-from jaxlm.model.zoo import Family
 from jaxlm.model.layers import dense
+from jaxlm.model.zoo import Family
 from jaxlm.parallel import rules
 
 

@@ -20,7 +20,8 @@ from typing import Any
 import jax
 
 from jaxlm import config as config_lib
-from jaxlm.checkpoint import manager as checkpoint_lib, rundir
+from jaxlm.checkpoint import manager as checkpoint_lib
+from jaxlm.checkpoint import rundir
 from jaxlm.finetune import lora
 from jaxlm.finetune.tasks import FinetuneTask
 from jaxlm.parallel import mesh as mesh_lib

@@ -8,12 +8,12 @@ naming the file and line, raised before the model is built.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import Any
 
 import numpy as np
 
+from jaxlm.data import jsonl
 from jaxlm.errors import UserError
 
 
@@ -28,26 +28,12 @@ class Record:
 
 
 def read_jsonl(path: str | pathlib.Path) -> list[Record]:
+    """Every record of a JSONL file (jaxlm.data.jsonl: invalid UTF-8 is an error here)."""
     path = pathlib.Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path}: no such file (config.finetune.train_file / eval_file)")
-    records = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(value, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(value).__name__}")
-            records.append(Record(where, value))
+    records = [Record(f"{path}:{lineno}", value) for lineno, value, _ in jsonl.objects(
+        path, DataError, lambda lineno: f"{path}:{lineno}", strict_utf8=True)]
     if not records:
         raise DataError(f"{path}: no records (empty file)")
     return records

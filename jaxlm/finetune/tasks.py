@@ -28,15 +28,18 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from jaxlm import config as config_lib
-from jaxlm.model import zoo
-from jaxlm.checkpoint import fingerprint, manager as checkpoint_lib, rundir
+from jaxlm.checkpoint import fingerprint, rundir
+from jaxlm.checkpoint import manager as checkpoint_lib
 from jaxlm.config import finetune as finetune_section
 from jaxlm.data import tokenizers
 from jaxlm.errors import ConfigError, UserError
-from jaxlm.finetune import classify, classify_data, lora, records as records_lib
-from jaxlm.finetune import rows as rows_lib, sft_data, templates
+from jaxlm.finetune import classify, classify_data, lora, sft_data, templates
+from jaxlm.finetune import records as records_lib
+from jaxlm.finetune import rows as rows_lib
+from jaxlm.model import zoo
 from jaxlm.parallel import distributed, rules
-from jaxlm.train import lm, state as state_lib
+from jaxlm.train import lm
+from jaxlm.train import state as state_lib
 from jaxlm.train.step import Objective
 from jaxlm.train.task import Batches, BatchLayout, Say, Task, token_batch_layout, token_figures
 from jaxlm.train.validate import validate

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from jaxlm.checkpoint import manager as checkpoint_lib, rundir
+from jaxlm.checkpoint import manager as checkpoint_lib
+from jaxlm.checkpoint import rundir
 from jaxlm.parallel import mesh as mesh_lib
 from jaxlm.train.task import Task
 

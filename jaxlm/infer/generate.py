@@ -30,11 +30,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxlm.model import zoo
-from jaxlm.checkpoint import manager as checkpoint_lib, rundir
+from jaxlm.checkpoint import manager as checkpoint_lib
+from jaxlm.checkpoint import rundir
 from jaxlm.errors import ConfigError, UserError
-from jaxlm.model import kv_cache
-from jaxlm.parallel import mesh as mesh_lib, rules
+from jaxlm.model import kv_cache, zoo
+from jaxlm.parallel import mesh as mesh_lib
+from jaxlm.parallel import rules
 
 
 class GenerationError(UserError, ValueError):

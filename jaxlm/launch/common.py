@@ -38,7 +38,7 @@ class CommandFailed(RuntimeError):
 
 # ----------------------------------------------------------------------------- TPU shapes
 
-# Per generation (jaxlm.topology's names): gcloud's accelerator-type prefix, the GKE node
+# Per generation (jaxlm.parallel.topology's names): gcloud's accelerator-type prefix, the GKE node
 # label cloud.google.com/gke-tpu-accelerator, and a TPU VM runtime image.
 GCLOUD_PREFIX = {"v4": "v4", "v5p": "v5p", "v5e": "v5litepod", "v6e": "v6e"}
 GKE_ACCELERATOR = {"v4": "tpu-v4-podslice", "v5p": "tpu-v5p-slice",
@@ -96,7 +96,7 @@ class TpuSlice:
 
 def tpu_slice(name: str, flag: str, topology: str | None = None) -> TpuSlice:
     """A slice from an accelerator type (`v5p-128`: 64 chips in 4x4x4 on 16 hosts), parsed
-    by jaxlm.topology as `jaxlm compile` does; `topology` (`2x4x8`) overrides the chip grid
+    by jaxlm.parallel.topology as `jaxlm compile` does; `topology` (`2x4x8`) overrides the chip grid
     and must hold the same number of chips."""
     try:
         parsed = topology_lib.parse(name)

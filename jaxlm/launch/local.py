@@ -10,7 +10,7 @@ pod, where every host runs the same command. Each line a process prints is shown
 
 Exit code: the first non-zero exit code of a process (a process killed by signal S counts
 as 128 + S), else 0. When a process fails, the others stop by themselves within JAX's
-heartbeat timeout (jaxlm.distributed); any still running `--grace` seconds after the first
+heartbeat timeout (jaxlm.parallel.distributed); any still running `--grace` seconds after the first
 failure is killed, so nothing hangs. SIGINT/SIGTERM to the launcher is passed on to every
 process (a preemption: they agree on a step, save it and exit 75); a second one kills them.
 """
@@ -43,7 +43,7 @@ def free_port() -> int:
 
 def child_env(base: dict[str, str], *, process_id: int, num_processes: int,
               devices_per_process: int, coordinator: str) -> dict[str, str]:
-    """`base` plus what makes a process one of the rehearsal's (read by jaxlm.distributed)."""
+    """`base` plus what makes a process one of the rehearsal's (read by jaxlm.parallel.distributed)."""
     env = dict(base)
     flags = [f for f in env.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from jaxlm.model import attention, kv_cache
+from jaxlm.model import attention, counts, kv_cache
 from jaxlm.model.layers import param
 from jaxlm.parallel.rules import constrain
 
@@ -55,12 +55,32 @@ class PreNormBlock(nnx.Module):
 
 
 class DecoderLM(nnx.Module):
-    """A decoder-only language model. A family subclasses it and defines `make_block`
-    (one layer, built with the layer's rngs) and `make_norm`; a family with position
-    tables also overrides `init_positions` and `add_positions`."""
+    """A decoder-only language model. A family subclasses it and says what differs: its
+    norm class (`norm`), its MLP class (`mlp`), its attention's options
+    (`attention_options`: biases, rotary embeddings), and, with position tables,
+    `init_positions` and `add_positions`."""
 
-    make_block: Callable[[ml_collections.ConfigDict, nnx.Rngs], PreNormBlock]
-    make_norm: Callable[[ml_collections.ConfigDict], nnx.Module]
+    norm: type  # (dim, eps) -> nnx.Module
+    mlp: type  # (d_model, d_ff, std, out_std, dtype, rngs) -> nnx.Module
+    attention_options: Callable[[ml_collections.ConfigDict], dict]
+
+    @classmethod
+    def make_norm(cls, cfg: ml_collections.ConfigDict) -> nnx.Module:
+        return cls.norm(cfg.d_model, cfg.norm_eps)
+
+    @classmethod
+    def make_block(cls, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> PreNormBlock:
+        """One layer, its parameters drawn from the layer's rngs."""
+        dtype = jnp.dtype(cfg.dtype)
+        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5  # residual projections, as GPT-2
+        return PreNormBlock(
+            attn_norm=cls.make_norm(cfg),
+            attn=attention.Attention(
+                d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                head_dim=counts.head_dim(cfg), std=cfg.init_std, out_std=out_std, dtype=dtype,
+                backend=cfg.attention, rngs=rngs, **cls.attention_options(cfg)),
+            mlp_norm=cls.make_norm(cfg),
+            mlp=cls.mlp(cfg.d_model, cfg.d_ff, cfg.init_std, out_std, dtype, rngs))
 
     def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
         self.cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: part of the graphdef

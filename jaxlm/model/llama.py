@@ -1,33 +1,20 @@
-"""The LLaMA family: RMSNorm, rotary position embeddings (theta and linear / llama3
+"""The LLaMA network: RMSNorm, rotary position embeddings (theta and linear / llama3
 rescaling as configured), grouped-query attention, SwiGLU MLP, no biases except optional
-q/k/v biases (Qwen2). Mistral and Qwen2 checkpoints have this shape too."""
+q/k/v biases (Qwen2). Mistral and Qwen2 checkpoints have this shape too. (Its checks and
+counts: the llama record of jaxlm.model.zoo.)"""
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import ml_collections
-from flax import nnx
 
-from jaxlm.model import counts
-from jaxlm.model.attention import Attention
-from jaxlm.model.decoder import DecoderLM, PreNormBlock
+from jaxlm.model.decoder import DecoderLM
 from jaxlm.model.layers import RMSNorm, SwiGLU, rope_spec
 
 
 class Llama(DecoderLM):
-    @staticmethod
-    def make_norm(cfg: ml_collections.ConfigDict) -> RMSNorm:
-        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    norm = RMSNorm
+    mlp = SwiGLU
 
     @staticmethod
-    def make_block(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> PreNormBlock:
-        dtype = jnp.dtype(cfg.dtype)
-        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5  # residual projections, as GPT-2
-        return PreNormBlock(
-            attn_norm=Llama.make_norm(cfg),
-            attn=Attention(d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                           head_dim=counts.head_dim(cfg), use_bias=False,
-                           rope_theta=rope_spec(cfg), std=cfg.init_std, out_std=out_std,
-                           dtype=dtype, backend=cfg.attention, rngs=rngs, qkv_bias=cfg.qkv_bias),
-            mlp_norm=Llama.make_norm(cfg),
-            mlp=SwiGLU(cfg.d_model, cfg.d_ff, cfg.init_std, out_std, dtype, rngs))
+    def attention_options(cfg: ml_collections.ConfigDict) -> dict:
+        return dict(use_bias=False, rope_theta=rope_spec(cfg), qkv_bias=cfg.qkv_bias)

@@ -18,7 +18,8 @@ from typing import Any, Sequence
 import jax
 from flax import nnx
 from flax.core import spmd as flax_spmd
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MeshAxes = str | tuple[str, ...] | None
 

@@ -36,7 +36,8 @@ import numpy as np
 from jaxlm import config as config_lib
 from jaxlm.errors import ConfigError
 from jaxlm.model import zoo
-from jaxlm.parallel import mesh as mesh_lib, topology as topology_lib
+from jaxlm.parallel import mesh as mesh_lib
+from jaxlm.parallel import topology as topology_lib
 from jaxlm.parallel.topology import GiB
 from jaxlm.train.task import Task
 

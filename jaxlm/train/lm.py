@@ -20,10 +20,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from jaxlm import config as config_lib
-from jaxlm.model import zoo
 from jaxlm.checkpoint import manager as checkpoint_lib
 from jaxlm.data import pipeline, sources, tokenizers
 from jaxlm.errors import ConfigError, UserError
+from jaxlm.model import zoo
 from jaxlm.parallel import rules
 from jaxlm.train import state as state_lib
 from jaxlm.train.step import Objective

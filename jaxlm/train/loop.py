@@ -30,8 +30,10 @@ from jax.experimental import multihost_utils
 
 from jaxlm.checkpoint import manager as checkpoint_lib
 from jaxlm.errors import NonFiniteLoss, Preempted
-from jaxlm.parallel import distributed, mesh as mesh_lib, rules
-from jaxlm.train import metrics as metrics_lib, preemption
+from jaxlm.parallel import distributed, rules
+from jaxlm.parallel import mesh as mesh_lib
+from jaxlm.train import metrics as metrics_lib
+from jaxlm.train import preemption
 from jaxlm.train.task import Task, check_workdir
 
 

@@ -25,7 +25,6 @@ from jax.experimental import multihost_utils
 from jaxlm import errors
 
 
-
 class PreemptionWatch:
     """Installs the handlers for the duration of a `with` block."""
 

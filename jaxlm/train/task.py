@@ -37,8 +37,10 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxlm.checkpoint.manager import CheckpointStorageError
 from jaxlm.data import tokenizers
-from jaxlm.parallel import mesh as mesh_lib, rules
-from jaxlm.train import optimizer as optimizer_lib, step as step_lib
+from jaxlm.parallel import mesh as mesh_lib
+from jaxlm.parallel import rules
+from jaxlm.train import optimizer as optimizer_lib
+from jaxlm.train import step as step_lib
 from jaxlm.train.state import StateSpec, TrainState
 
 Say = Callable[[str], None]

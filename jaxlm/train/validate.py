@@ -8,8 +8,8 @@ from __future__ import annotations
 import ml_collections
 
 from jaxlm import config as config_lib
-from jaxlm.model import zoo
 from jaxlm.errors import ConfigError
+from jaxlm.model import zoo
 from jaxlm.parallel import topology
 
 

@@ -15,12 +15,14 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxlm import config as config_lib
 from jaxlm.checkpoint import manager as ckpt
 from jaxlm.parallel import rules
-from jaxlm.train import lm, optimizer as optimizer_lib
+from jaxlm.train import lm
+from jaxlm.train import optimizer as optimizer_lib
 
 REPO = pathlib.Path(__file__).parents[2]
 KERNEL = (256, 64)  # big enough that its random data is the largest file of a step

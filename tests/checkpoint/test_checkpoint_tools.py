@@ -15,10 +15,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxlm.checkpoint import export
-from jaxlm.checkpoint import inspect as tools, rundir
 from jaxlm import cli
 from jaxlm import config as config_lib
+from jaxlm.checkpoint import export
+from jaxlm.checkpoint import inspect as tools
 from jaxlm.train import loop
 from jaxlm.train.lm import CausalLM
 

@@ -10,6 +10,7 @@ import pytest
 from jaxlm.convert import families, hf_import
 from jaxlm.convert import safetensors_io as st
 
+
 def read(hf_dir):
     ckpt = hf_import.open_checkpoint(hf_dir)
     return ckpt, hf_import.read_params(ckpt)

@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm.checkpoint import manager as checkpoint
 from jaxlm import cli
+from jaxlm.checkpoint import manager as checkpoint
 from jaxlm.checkpoint import rundir
 from jaxlm.checkpoint.inspect import inspect_checkpoint
 from jaxlm.convert import hf_export, hf_import

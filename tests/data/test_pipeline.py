@@ -3,8 +3,8 @@ import itertools
 import json
 
 import grain
-import numpy as np
 import ml_collections
+import numpy as np
 import pytest
 
 from jaxlm import config

@@ -14,9 +14,17 @@ try:
     from jaxlm.data.sources import stdlib_files
 except ImportError:  # sources as a package that does not re-export it
     from jaxlm.data.sources.stdlib import stdlib_files
-from jaxlm.data.tokenizers import (ByteTokenizer, HFTokenizer, SentencePieceTokenizer,
-                                   Tokenizer, get_tokenizer, load_saved, load_tokenizer,
-                                   padded_vocab_size, train_sentencepiece)
+from jaxlm.data.tokenizers import (
+    ByteTokenizer,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    get_tokenizer,
+    load_saved,
+    load_tokenizer,
+    padded_vocab_size,
+    train_sentencepiece,
+)
 
 # Text that a normalizing or whitespace-collapsing tokenizer would change.
 ODD_TEXTS = [
@@ -217,7 +225,8 @@ def test_train_sentencepiece_rejects_bad_arguments(tmp_path):
 
 
 def _hf_bpe(specials=("<pad>", "<s>", "</s>")):
-    from tokenizers import Tokenizer as HFLib, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFLib
+    from tokenizers import decoders, models, pre_tokenizers, trainers
     tok = HFLib(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -289,7 +298,8 @@ def test_hf_special_token_rules(tmp_path, specials, expected):
 
 
 def test_hf_plain_vocabulary_entries_are_not_specials(tmp_path):
-    from tokenizers import Tokenizer as HFLib, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFLib
+    from tokenizers import models, pre_tokenizers
     lib = HFLib(models.WordLevel({"<s>": 0, "</s>": 1, "hi": 2, "[UNK]": 3}, unk_token="[UNK]"))
     lib.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     lib.save(str(tmp_path / "tokenizer.json"))

@@ -4,7 +4,6 @@ leaves one), small JSONL files, and a config factory."""
 from __future__ import annotations
 
 import pytest
-
 from ft_helpers import TESTS, load_test_module, sft_lines, write_jsonl
 
 run_fixture = load_test_module("jaxlm_tests_run_fixture", TESTS / "run_fixture.py")

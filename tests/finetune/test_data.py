@@ -8,8 +8,8 @@ import json
 
 import numpy as np
 import pytest
-
 from ft_helpers import sft_lines, write_jsonl
+
 from jaxlm import config as config_lib
 from jaxlm.data.tokenizers import ByteTokenizer
 from jaxlm.finetune import classify_data, records, rows, sft_data, templates
@@ -130,7 +130,7 @@ def test_classification_rows_and_labels(tmp_path):
 
 BAD_SFT = [
     ('{"prompt": "a", "response": "b"}\n\n{"prompt": "a", "response": "b"\n',
-     r"bad\.jsonl:3: malformed JSON"),
+     r"bad\.jsonl:3: not valid JSON"),
     ('{"prompt": "a", "response": "b"}\n[1, 2]\n', r"bad\.jsonl:2: expected a JSON object"),
     ('{"messages": [{"role": "robot", "content": "x"}]}\n',
      r"bad\.jsonl:1: messages\[0\] has unknown role 'robot'"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pathlib
 
 from ft_helpers import write_jsonl
+
 from jaxlm import cli
 
 CONFIGS = pathlib.Path(__file__).parents[2] / "configs"
@@ -21,7 +22,7 @@ def test_malformed_jsonl_line_is_named(base_run, tmp_path, capsys):
     code, err = run(capsys, "finetune", "--config", CONFIGS / "sft_tiny.py", "--workdir",
                     tmp_path / "run", f"--config.finetune.base={base_run[0]}",
                     f"--config.finetune.train_file={bad}", "--config.data.seq_len=64")
-    assert code == 2 and f"{bad}:2: malformed JSON" in err, err
+    assert code == 2 and f"{bad}:2: not valid JSON" in err, err
 
 
 def test_missing_label_is_named(base_run, tmp_path, capsys):

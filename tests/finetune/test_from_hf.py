@@ -8,9 +8,10 @@ import random
 import jax
 import numpy as np
 import pytest
-
 from ft_helpers import TESTS, finetune, load_test_module, write_jsonl
-from jaxlm.checkpoint import manager as checkpoint_lib, rundir
+
+from jaxlm.checkpoint import manager as checkpoint_lib
+from jaxlm.checkpoint import rundir
 from jaxlm.finetune import tasks
 
 hf_models = load_test_module("jaxlm_tests_convert_hf_models_ft",
@@ -64,5 +65,6 @@ def test_sft_lora_from_a_converted_hf_model(converted, make_cfg, tmp_path):
 
 def _abstract(model_cfg):
     from flax import nnx
+
     from jaxlm.model import zoo
     return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: zoo.create(model_cfg))))

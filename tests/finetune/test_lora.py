@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
-
 from ft_helpers import TESTS, load_test_module
-from jaxlm.parallel import mesh as mesh_lib, rules
+
 from jaxlm.config import finetune as options
 from jaxlm.finetune import lora, tasks
+from jaxlm.parallel import mesh as mesh_lib
 
 reference = load_test_module("jaxlm_tests_reference", TESTS / "model" / "reference.py")
 

@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
 from ft_helpers import TESTS, load_test_module, sft_lines, write_jsonl
+
 from jaxlm.data.tokenizers import ByteTokenizer
 from jaxlm.finetune import records, sft_data, templates
 from jaxlm.model import zoo

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from ft_helpers import finetune, write_jsonl
+
 from jaxlm import cli
 from jaxlm.checkpoint import manager as checkpoint_lib
 from jaxlm.finetune import classify, lora, merge

@@ -12,13 +12,13 @@ import ml_collections
 import numpy as np
 import pytest
 
+from jaxlm.cli import tasks
 from jaxlm.data import pipeline, sources
 from jaxlm.data.tokenizers import ByteTokenizer
-from jaxlm.cli import tasks
 from jaxlm.errors import UserError
 from jaxlm.infer import evaluate as evaluate_lib
-from jaxlm.infer.score import ScoringError, score, score_tokens
 from jaxlm.infer.generate import encode_prompt
+from jaxlm.infer.score import ScoringError, score, score_tokens
 
 
 def _load(name, file):

@@ -15,9 +15,9 @@ import pytest
 from flax import nnx
 
 from jaxlm import config as config_lib
-from jaxlm.parallel import mesh as mesh_lib, rules
 from jaxlm.infer.generate import GenerationError, Generator, Sampling, filter_logits, sample
 from jaxlm.model import zoo
+from jaxlm.parallel import mesh as mesh_lib
 
 _spec = importlib.util.spec_from_file_location(
     "jaxlm_tests_run_fixture", pathlib.Path(__file__).parents[1] / "run_fixture.py")

@@ -12,10 +12,15 @@ import sys
 
 import pytest
 import yaml
-
-from launch_fakes import REPO, TPU_ARGS, commands, gke, slurm, with_changes
-from launch_fakes import fakes  # noqa: F401 - a fixture
-
+from launch_fakes import (
+    REPO,
+    TPU_ARGS,
+    commands,
+    fakes,  # noqa: F401 - a fixture
+    gke,
+    slurm,
+    with_changes,
+)
 
 # ----------------------------------------------------------------------------- GKE
 
@@ -76,7 +81,7 @@ def test_gke_tpu_dry_run_manifest(fakes, capsys, tmp_path):
         "train", "--config", "configs/llama3_8b.py", "--workdir", "gs://bucket/runs/llama",
         "--coordinator", "llama8b-slice-0-0.llama8b:8476", "--num-processes", "16",
         "--process-id", "5", "--config.train.steps=1000"]
-    # jaxlm's own parser takes them, and jaxlm.distributed starts process 5 of 16 from them.
+    # jaxlm's own parser takes them, and jaxlm.parallel.distributed starts process 5 of 16 from them.
     from jaxlm import cli, config
     from jaxlm.parallel import distributed
     parsed = cli.build_parser().parse_args(config.split_overrides(argv)[0])
@@ -199,7 +204,7 @@ def test_slurm_submits_the_script_which_runs_jaxlm_under_srun(fakes, capfd, monk
 
 
 def test_slurm_layout_gives_each_process_all_gpus_of_its_node(monkeypatch):
-    """What srun sets for task 2 of the 4 one-per-node tasks: jaxlm.distributed makes it
+    """What srun sets for task 2 of the 4 one-per-node tasks: jaxlm.parallel.distributed makes it
     process 2 of 4, coordinated by the first node, with every GPU of its node."""
     from jax._src.clusters import slurm_cluster
 

@@ -10,11 +10,17 @@ import subprocess
 import tempfile
 
 import pytest
+from launch_fakes import (
+    REPO,
+    TPU_ARGS,
+    commands,
+    fakes,  # noqa: F401 - a fixture
+    ssh_command,
+    tpu_pod,
+    with_changes,
+)
 
 from jaxlm.launch import common as launchers
-from launch_fakes import REPO, TPU_ARGS, commands, ssh_command, tpu_pod, with_changes
-from launch_fakes import fakes  # noqa: F401 - a fixture
-
 
 # ----------------------------------------------------------------------------- TPU shapes
 

@@ -15,13 +15,17 @@ from jax import ad_checkpoint
 
 from jaxlm import config
 from jaxlm.model import counts, zoo
-from jaxlm.parallel import mesh as mesh_lib, rules
+from jaxlm.parallel import rules
 
 # Loaded by path under a unique name, so it cannot clash with another test directory's module.
 _spec = importlib.util.spec_from_file_location(
     "jaxlm_tests_model_reference", pathlib.Path(__file__).with_name("reference.py"))
 reference = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(reference)
+_spec = importlib.util.spec_from_file_location(
+    "jaxlm_tests_run_fixture", pathlib.Path(__file__).parents[1] / "run_fixture.py")
+run_fixture = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(run_fixture)
 
 VOCAB = 384
 
@@ -41,28 +45,10 @@ def split_params(model):
 
 
 def random_params(params, seed):
-    """Random values for every parameter of the nested dict `params` (only shapes are
-    read): nonzero biases and non-unit norm scales (jaxlm initialises them to 0 and 1), and
-    weights large enough that attention is far from uniform, so every term matters."""
-    rng = np.random.default_rng(seed)
-
-    def walk(tree):
-        out = {}
-        for k, v in tree.items():
-            if isinstance(v, dict):
-                out[k] = walk(v)
-                continue
-            noise = rng.standard_normal(v.shape)
-            if k == "scale":
-                value = 1.0 + 0.3 * noise
-            elif k.startswith("b"):  # bias, bq / bk / bv / bo, b_in / b_out
-                value = 0.2 * noise
-            else:  # weights and embeddings
-                value = 0.16 * noise
-            out[k] = jnp.asarray(value, jnp.float32)
-        return out
-
-    return walk(params)
+    """Random values for every parameter (only shapes are read): nonzero biases and
+    non-unit norm scales (jaxlm initialises them to 0 and 1), and weights large enough that
+    attention is far from uniform, so every term matters (tests/run_fixture.py)."""
+    return run_fixture.random_params(params, seed)
 
 
 def fast_jit(fn):

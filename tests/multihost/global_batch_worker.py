@@ -34,7 +34,8 @@ def main(data_dir: str, out_dir: str) -> None:
 
     from jaxlm import config
     from jaxlm.data import pipeline
-    from jaxlm.parallel import mesh as mesh_lib, rules
+    from jaxlm.parallel import mesh as mesh_lib
+    from jaxlm.parallel import rules
 
     assert plan.kind == "local" and jax.process_count() == 2, plan
     data_cfg = config.defaults().data

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 
 from jaxlm import config
-from jaxlm.launch import local as launch_local
 from jaxlm.data import pipeline
+from jaxlm.launch import local as launch_local
 
 WORKER = pathlib.Path(__file__).with_name("global_batch_worker.py")
 sys.path.insert(0, str(WORKER.parent))

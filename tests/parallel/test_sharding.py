@@ -7,8 +7,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxlm import config as config_lib
-from jaxlm.parallel import mesh as mesh_lib, rules
 from jaxlm.bench.step import synthetic_batch
+from jaxlm.parallel import mesh as mesh_lib
+from jaxlm.parallel import rules
 from jaxlm.train import lm
 from jaxlm.train.lm import CausalLM
 

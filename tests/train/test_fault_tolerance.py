@@ -15,9 +15,11 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxlm import config as config_lib, errors
+from jaxlm import config as config_lib
+from jaxlm import errors
 from jaxlm.model import zoo
-from jaxlm.train import lm, loop, step as step_lib
+from jaxlm.train import lm, loop
+from jaxlm.train import step as step_lib
 from jaxlm.train.lm import CausalLM
 from jaxlm.train.task import Task
 

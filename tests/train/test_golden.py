@@ -14,9 +14,6 @@ intended, paste them into GOLDEN and say why in the commit message.
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import jax
 import ml_collections
 import numpy as np
@@ -106,7 +103,7 @@ def run_case(case: dict) -> tuple[str, list[tuple[float, float]]]:
     from jaxlm.data.tokenizers import ByteTokenizer
     from jaxlm.finetune.tasks import FinetuneTask
     from jaxlm.model import zoo
-    from jaxlm.parallel import mesh as mesh_lib, rules
+    from jaxlm.parallel import mesh as mesh_lib
     from jaxlm.train.lm import CausalLM
 
     cfg = case_config(case)

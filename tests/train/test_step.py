@@ -9,7 +9,9 @@ from flax import nnx
 
 from jaxlm import config as config_lib
 from jaxlm.model import zoo
-from jaxlm.train import lm, optimizer as optimizer_lib, step as step_lib
+from jaxlm.train import lm
+from jaxlm.train import optimizer as optimizer_lib
+from jaxlm.train import step as step_lib
 
 
 def small_model_config():

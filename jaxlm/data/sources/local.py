@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxlm.data import jsonl
 from jaxlm.data.sources._common import SourceError, stats
 
 # Bump when the same files and settings would now build different records.
 _BUILD_FORMAT = 1
-_BOM = b"\xef\xbb\xbf"
 _GLOB_MAGIC = re.compile(r"[*?[]")
 _STATS_KEY = "jaxlm_build_stats"
 
@@ -202,7 +202,7 @@ def documents(cfg: LocalConfig, relpath: str, path: str) -> Iterator[Document]:
 
 def _text_documents(path: str, split_by: str) -> Iterator[Document]:
     with open(path, "rb") as f:
-        data = f.read().removeprefix(_BOM)
+        data = f.read().removeprefix(jsonl.BOM)
     if split_by == "file":
         yield (0, *_decode(data))
         return
@@ -218,36 +218,28 @@ def _text_documents(path: str, split_by: str) -> Iterator[Document]:
 
 
 def _jsonl_documents(cfg: LocalConfig, path: str) -> Iterator[Document]:
-    field, index = cfg.text_field, 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):  # binary lines: split on b"\n" only
-            line, replaced = _decode(raw.removeprefix(_BOM) if lineno == 1 else raw)
-            if not line.strip():
-                continue
-            where = f"{path}, line {lineno} (data.sources.{cfg.source})"
+    field = cfg.text_field
+
+    def where(lineno: int) -> str:
+        return f"{path}, line {lineno} (data.sources.{cfg.source})"
+
+    for index, (lineno, record, replaced) in enumerate(jsonl.objects(path, SourceError, where)):
+        if field not in record:
+            raise SourceError(f"{where(lineno)}: no field {field!r} "
+                              f"(data.sources.{cfg.source}.text_field)")
+        value = record[field]
+        if value is None:
+            yield index, None, replaced
+        elif not isinstance(value, str):
+            raise SourceError(f"{where(lineno)}: field {field!r} is a {type(value).__name__}, "
+                              f"not a string")
+        else:
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SourceError(f"{where}: not valid JSON: {e.msg} at column {e.colno}") from None
-            if not isinstance(record, dict):
-                raise SourceError(f"{where}: not a JSON object")
-            if field not in record:
-                raise SourceError(f"{where}: no field {field!r} "
-                                  f"(data.sources.{cfg.source}.text_field)")
-            value = record[field]
-            if value is None:
-                yield index, None, replaced
-            elif not isinstance(value, str):
-                raise SourceError(f"{where}: field {field!r} is a {type(value).__name__}, "
-                                  f"not a string")
-            else:
-                try:
-                    value.encode("utf-8")
-                except UnicodeEncodeError:  # lone surrogates from \ud800-style escapes
-                    value = value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-                    replaced = True
-                yield index, value, replaced
-            index += 1
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # lone surrogates from \ud800-style escapes
+                value = value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+                replaced = True
+            yield index, value, replaced
 
 
 def _parquet_documents(cfg: LocalConfig, path: str) -> Iterator[Document]:

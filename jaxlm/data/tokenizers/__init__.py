@@ -41,21 +41,43 @@ import os
 from pathlib import Path
 from typing import Any
 
-from jaxlm.data.tokenizers.base import (SAVED_CONFIG, Tokenizer, _FileTokenizer, _SAVED_FORMAT,
-                                        padded_vocab_size)
-from jaxlm.data.tokenizers.byte import ByteTokenizer
-from jaxlm.data.tokenizers.hf import HFTokenizer
-from jaxlm.data.tokenizers.spm import (SP_BOS_ID, SP_EOS_ID, SP_PAD_ID, SP_UNK_ID,
-                                       SentencePieceTokenizer, train_sentencepiece)
-
 # Private names of the former single module jaxlm/data/tokenizers.py, still reachable here
 # (tests use _chunks and _training_sentences; pickles made before the split name _rebuild).
-from jaxlm.data.tokenizers.base import _atomic_write, _json_bytes, _rebuild  # noqa: F401
-from jaxlm.data.tokenizers.hf import (_HF_BOS, _HF_EOS, _HF_FILE, _HF_PAD,  # noqa: F401
-                                      _import_tokenizers)
-from jaxlm.data.tokenizers.spm import (_CHUNK_BYTES, _LONG_LINE_CHARS,  # noqa: F401
-                                       _MAX_SENTENCE_BYTES, _SP_FILE, _SP_TRAIN_THREADS,
-                                       _chunks, _import_sentencepiece, _training_sentences)
+from jaxlm.data.tokenizers.base import (  # noqa: F401
+    _SAVED_FORMAT,
+    SAVED_CONFIG,
+    Tokenizer,
+    _atomic_write,
+    _FileTokenizer,
+    _json_bytes,
+    _rebuild,
+    padded_vocab_size,
+)
+from jaxlm.data.tokenizers.byte import ByteTokenizer
+from jaxlm.data.tokenizers.hf import (  # noqa: F401
+    _HF_BOS,
+    _HF_EOS,
+    _HF_FILE,
+    _HF_PAD,
+    HFTokenizer,
+    _import_tokenizers,
+)
+from jaxlm.data.tokenizers.spm import (  # noqa: F401
+    _CHUNK_BYTES,
+    _LONG_LINE_CHARS,
+    _MAX_SENTENCE_BYTES,
+    _SP_FILE,
+    _SP_TRAIN_THREADS,
+    SP_BOS_ID,
+    SP_EOS_ID,
+    SP_PAD_ID,
+    SP_UNK_ID,
+    SentencePieceTokenizer,
+    _chunks,
+    _import_sentencepiece,
+    _training_sentences,
+    train_sentencepiece,
+)
 
 _FILE_TOKENIZERS: dict[str, type[_FileTokenizer]] = {
     "sentencepiece": SentencePieceTokenizer, "hf": HFTokenizer}

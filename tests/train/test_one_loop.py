@@ -1,0 +1,125 @@
+"""Every task runs through the one training loop, and gets its guarantees without code of its
+own (the import contracts forbid jaxlm.finetune from importing the loop or the preemption
+handler): a SIGTERM in the middle of any task's run finishes that step, saves it and stops
+with exit code 75, and running again resumes to the uninterrupted run's losses, bit for bit.
+
+The signal is sent by the process to itself when the loop has read step 3's batch, so the
+preemption lands at the same step every time."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+import signal
+
+import pytest
+
+from jaxlm import config as config_lib
+from jaxlm import errors
+from jaxlm.finetune.tasks import FinetuneTask
+from jaxlm.train import loop
+from jaxlm.train.lm import CausalLM
+from jaxlm.train.task import Task
+
+TESTS = pathlib.Path(__file__).parents[1]
+CONFIGS = TESTS.parent / "configs"
+STEPS, PREEMPT_AT = 6, 3
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+run_fixture = _load("jaxlm_tests_run_fixture", TESTS / "run_fixture.py")
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny pretraining run (random parameters at step 1) to fine-tune."""
+    workdir = tmp_path_factory.mktemp("one_loop_base")
+    run_fixture.write_run(workdir, run_fixture.tiny_run_config(str(workdir / "tfds")), seed=5)
+    return workdir
+
+
+def task_config(name, data_dir, base):
+    """Each task's shipped config (tiny.py, lora_tiny.py, classify_tiny.py) cut to test size."""
+    if name == "causal_lm":
+        cfg = config_lib.load_config_file(CONFIGS / "tiny.py")
+        cfg.model.update(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                         max_seq_len=64)
+        cfg.data.update(data_dir=data_dir, seq_len=32, global_batch_size=8)
+    else:
+        cfg = config_lib.load_config_file(CONFIGS / f"{name}.py")
+        cfg.finetune.update(base=str(base), overlong="skip", eval_every=0)
+        cfg.data.update(seq_len=64, global_batch_size=8)
+        if name == "classify_tiny":
+            cfg.finetune.method = "full"  # the shipped config is LoRA: cover both methods
+    cfg.train.update(steps=STEPS, log_every=1)
+    cfg.checkpoint.update(every=1000, keep=3)  # only the preemption and the last step save
+    cfg.metrics.update(peak_flops=1e11, tensorboard=False)
+    return cfg
+
+
+def make_task(cfg, workdir) -> Task:
+    return FinetuneTask(cfg, workdir) if cfg.finetune.task else CausalLM(cfg)
+
+
+def metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", ["causal_lm", "lora_tiny", "classify_tiny"])
+def test_every_task_is_preempted_and_resumes_exactly_in_the_one_loop(
+        name, stdlib_data_dir, base_dir, tmp_path, monkeypatch):
+    cfg = task_config(name, stdlib_data_dir, base_dir)
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    full = loop.train(make_task(cfg, full_dir), full_dir)
+
+    read = {"batches": 0}
+    real = loop.batch_stats
+
+    def preempting(batch, bos_id):  # the loop counts every training batch it reads
+        read["batches"] += 1
+        if read["batches"] == PREEMPT_AT:
+            os.kill(os.getpid(), signal.SIGTERM)  # a preemption notice, during step 3
+        return real(batch, bos_id)
+
+    monkeypatch.setattr(loop, "batch_stats", preempting)
+    with pytest.raises(errors.Preempted) as stopped:
+        loop.train(make_task(cfg, cut_dir), cut_dir)
+    assert stopped.value.step == PREEMPT_AT
+    assert errors.exit_code(stopped.value) == errors.PREEMPTED == 75  # what the command exits
+    assert sorted(p.name for p in (cut_dir / "checkpoints").iterdir()) == [str(PREEMPT_AT)]
+    monkeypatch.undo()
+
+    resumed = loop.train(make_task(cfg, cut_dir), cut_dir)
+    train = [m for m in resumed if "loss" in m]
+    assert [m["step"] for m in train] == list(range(PREEMPT_AT + 1, STEPS + 1))
+    for key in ("loss", "grad_norm", "learning_rate"):
+        assert [m[key] for m in train] == [m[key] for m in full if "loss" in m][PREEMPT_AT:], key
+    if cfg.finetune.task:  # the evaluation after the last step, on the same state
+        final_eval = [m for m in resumed if "eval_loss" in m][-1]
+        assert final_eval == [m for m in full if "eval_loss" in m][-1]
+    # metrics.jsonl holds the preempted run's steps and the resumed ones, in order.
+    steps = [m["step"] for m in metrics(cut_dir) if "loss" in m]
+    assert steps == list(range(1, PREEMPT_AT + 1)) + list(range(PREEMPT_AT + 1, STEPS + 1))
+
+
+def test_progress_line_is_the_same_for_every_task(stdlib_data_dir, base_dir, tmp_path, capsys):
+    """One progress line for every task: step, loss (and accuracy when the task has it),
+    tokens/s, MFU, learning rate (and epoch when the data has one), ETA."""
+    import re
+    for name in ("causal_lm", "classify_tiny"):
+        cfg = task_config(name, stdlib_data_dir, base_dir)
+        cfg.train.steps = 1
+        loop.train(make_task(cfg, tmp_path / name), tmp_path / name)
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("step 1/1"))
+        acc = r"  acc [\d.]+" if name == "classify_tiny" else ""
+        epoch = r"  epoch [\d.]+" if name == "classify_tiny" else ""
+        assert re.fullmatch(rf"step 1/1  loss [\d.]+{acc}  tok/s [\d,]+  MFU [\d.]+%  "
+                            rf"lr [\d.e+-]+{epoch}  ETA \d+:\d\d", line), line
+    shutil.rmtree(tmp_path)
