@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxlm import __version__
+from jaxlm.checkpoint import rundir
 from jaxlm.checkpoint.fingerprint import checksums, flat_names
 from jaxlm.errors import UserError
 
@@ -163,14 +164,17 @@ def restore_groups(path: str | os.PathLike, abstract: dict[str, Any]) -> dict[st
     read. `path` is a run directory or its `checkpoints/` directory (the newest step that
     restores cleanly) or one step directory `.../checkpoints/<step>`."""
     path = pathlib.Path(path).absolute()
-    base = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    if (path / "state").is_dir():
-        candidates = [path]
-    elif base.is_dir():
-        candidates = sorted((p for p in base.iterdir() if p.name.isdigit()
-                             and (p / "state").is_dir()), key=lambda p: -int(p.name))
-    else:
+    try:
+        location = rundir.locate(path)
+    except rundir.RunDirError:
+        location = None
+    if location is None:
         candidates = []
+    elif location.step is not None:
+        candidates = [location.checkpoints / str(location.step)]
+    else:
+        candidates = [location.checkpoints / str(s)
+                      for s in rundir.finalized_steps(location.checkpoints)]
     if not candidates:
         raise CheckpointNotFoundError(f"no checkpoint at {path}: expected a run directory, its "
                                       f"checkpoints/ directory or a step directory in it")

@@ -130,6 +130,12 @@ def has_checkpoints(workdir: str | os.PathLike) -> bool:
     return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
+def finalized_steps(checkpoints: pathlib.Path) -> list[int]:
+    """The finalized steps of a `checkpoints/` directory, newest first (what a resume sees)."""
+    with open_readonly(checkpoints) as manager:
+        return sorted(manager.all_steps(), reverse=True)
+
+
 def latest_step_dir(path: str | os.PathLike, step: int | None = None) -> pathlib.Path:
     """The step directory of `path` (its newest finalized step, or `step`)."""
     location = locate(path, step)

@@ -32,8 +32,6 @@ from jaxlm.config.schema import (
 )
 from jaxlm.errors import ConfigError
 
-_require = require
-
 
 def parse_mixture(dataset: str) -> list[tuple[str, float]]:
     """'a:3,b:1' -> [('a', 0.75), ('b', 0.25)]; a bare name has weight 1."""
@@ -117,104 +115,104 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     _check_known_keys(reference, cfg, "config")
 
     m = cfg.model
-    _require(m.remat in REMAT_POLICIES, "model.remat", f"{m.remat!r} not in {REMAT_POLICIES}")
-    _require(m.attention in ATTENTION_BACKENDS, "model.attention",
+    require(m.remat in REMAT_POLICIES, "model.remat", f"{m.remat!r} not in {REMAT_POLICIES}")
+    require(m.attention in ATTENTION_BACKENDS, "model.attention",
              f"{m.attention!r} not in {ATTENTION_BACKENDS}")
-    _require(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r} not in {DTYPES}")
+    require(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r} not in {DTYPES}")
     for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
-        _require(int(m[key]) > 0, f"model.{key}", f"must be positive, got {m[key]}")
-    _require(m.head_dim >= 0, "model.head_dim", "must be >= 0 (0 means d_model // n_heads)")
-    _require(m.head_dim > 0 or m.d_model % m.n_heads == 0, "model.n_heads",
+        require(int(m[key]) > 0, f"model.{key}", f"must be positive, got {m[key]}")
+    require(m.head_dim >= 0, "model.head_dim", "must be >= 0 (0 means d_model // n_heads)")
+    require(m.head_dim > 0 or m.d_model % m.n_heads == 0, "model.n_heads",
              f"d_model={m.d_model} is not divisible by n_heads={m.n_heads}")
-    _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
+    require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
              f"n_heads={m.n_heads} is not a multiple of n_kv_heads={m.n_kv_heads}")
-    _require(m.rope_theta > 0, "model.rope_theta", "must be positive")
+    require(m.rope_theta > 0, "model.rope_theta", "must be positive")
     _check_rope_scaling(m.rope_scaling)
 
     d = cfg.data
-    _require(d.seq_len > 0, "data.seq_len", "must be positive")
-    _require(d.seq_len <= m.max_seq_len, "data.seq_len",
+    require(d.seq_len > 0, "data.seq_len", "must be positive")
+    require(d.seq_len <= m.max_seq_len, "data.seq_len",
              f"{d.seq_len} is longer than the model's positions (model.max_seq_len={m.max_seq_len})")
-    _require(d.global_batch_size > 0, "data.global_batch_size", "must be positive")
+    require(d.global_batch_size > 0, "data.global_batch_size", "must be positive")
     for name, _ in parse_mixture(d.dataset):
-        _require(name in BUILTIN_DATASETS or name in d.sources, "data.dataset",
+        require(name in BUILTIN_DATASETS or name in d.sources, "data.dataset",
                  f"source {name!r} is neither built in {BUILTIN_DATASETS} nor defined in data.sources")
     for name, source in d.sources.items():
         _check_source(name, source)
-    _require(d.tokenizer in TOKENIZERS, "data.tokenizer", f"{d.tokenizer!r} not in {TOKENIZERS}")
-    _require(d.tokenizer == "byte" or d.tokenizer_path, "data.tokenizer_path",
+    require(d.tokenizer in TOKENIZERS, "data.tokenizer", f"{d.tokenizer!r} not in {TOKENIZERS}")
+    require(d.tokenizer == "byte" or d.tokenizer_path, "data.tokenizer_path",
              f"tokenizer {d.tokenizer!r} needs a file")
-    _require(d.vocab_multiple >= 1, "data.vocab_multiple", "must be >= 1")
-    _require(d.packing in PACKINGS, "data.packing", f"{d.packing!r} not in {PACKINGS}")
-    _require(d.prefetch >= 1, "data.prefetch", "must be >= 1")
-    _require(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0: the tokenizer's, padded)")
+    require(d.vocab_multiple >= 1, "data.vocab_multiple", "must be >= 1")
+    require(d.packing in PACKINGS, "data.packing", f"{d.packing!r} not in {PACKINGS}")
+    require(d.prefetch >= 1, "data.prefetch", "must be >= 1")
+    require(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0: the tokenizer's, padded)")
 
     o = cfg.optim
-    _require(o.schedule in SCHEDULES, "optim.schedule", f"{o.schedule!r} not in {SCHEDULES}")
-    _require(o.learning_rate > 0, "optim.learning_rate", "must be positive")
-    _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
-    _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", "must be in (0, 1]")
-    _require(o.clip_norm >= 0, "optim.clip_norm", "must be >= 0")
-    _require(o.z_loss >= 0, "optim.z_loss", "must be >= 0")
-    _require(o.grad_accum_steps >= 1, "optim.grad_accum_steps", "must be >= 1")
+    require(o.schedule in SCHEDULES, "optim.schedule", f"{o.schedule!r} not in {SCHEDULES}")
+    require(o.learning_rate > 0, "optim.learning_rate", "must be positive")
+    require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    require(0 < o.decay_fraction <= 1, "optim.decay_fraction", "must be in (0, 1]")
+    require(o.clip_norm >= 0, "optim.clip_norm", "must be >= 0")
+    require(o.z_loss >= 0, "optim.z_loss", "must be >= 0")
+    require(o.grad_accum_steps >= 1, "optim.grad_accum_steps", "must be >= 1")
 
     t = cfg.train
-    _require(t.steps > 0, "train.steps", "must be positive")
-    _require(t.log_every > 0, "train.log_every", "must be positive")
-    _require(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
-    _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
-    _require(cfg.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "must be >= 0")
-    _require(cfg.checkpoint.keep_period >= 0, "checkpoint.keep_period", "must be >= 0")
-    _require(t.nonfinite in NONFINITE_POLICIES, "train.nonfinite",
+    require(t.steps > 0, "train.steps", "must be positive")
+    require(t.log_every > 0, "train.log_every", "must be positive")
+    require(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
+    require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    require(cfg.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "must be >= 0")
+    require(cfg.checkpoint.keep_period >= 0, "checkpoint.keep_period", "must be >= 0")
+    require(t.nonfinite in NONFINITE_POLICIES, "train.nonfinite",
              f"{t.nonfinite!r} not in {NONFINITE_POLICIES}")
-    _require(cfg.metrics.peak_flops >= 0, "metrics.peak_flops", "must be >= 0")
+    require(cfg.metrics.peak_flops >= 0, "metrics.peak_flops", "must be >= 0")
     finetune_section.validate(cfg.finetune, cfg.checkpoint.init_from)
 
     shape = mesh_shape(cfg.mesh, num_devices)
     tensor = shape["tensor"]
-    _require(m.n_heads % tensor == 0, "model.n_heads",
+    require(m.n_heads % tensor == 0, "model.n_heads",
              f"{m.n_heads} heads are not divisible by the tensor axis ({tensor})")
-    _require(m.n_kv_heads % tensor == 0 or m.n_kv_heads == m.n_heads, "model.n_kv_heads",
+    require(m.n_kv_heads % tensor == 0 or m.n_kv_heads == m.n_heads, "model.n_kv_heads",
              f"{m.n_kv_heads} kv heads are not divisible by the tensor axis ({tensor})")
-    _require(m.d_ff % tensor == 0, "model.d_ff",
+    require(m.d_ff % tensor == 0, "model.d_ff",
              f"{m.d_ff} is not divisible by the tensor axis ({tensor})")
-    _require(m.vocab_size % tensor == 0, "model.vocab_size",
+    require(m.vocab_size % tensor == 0, "model.vocab_size",
              f"{m.vocab_size} is not divisible by the tensor axis ({tensor})")
-    _require(m.vocab_size or d.vocab_multiple % tensor == 0, "data.vocab_multiple",
+    require(m.vocab_size or d.vocab_multiple % tensor == 0, "data.vocab_multiple",
              f"{d.vocab_multiple} is not divisible by the tensor axis ({tensor})")
     batch_shards = shape["data"] * shape["fsdp"]
     microbatches = d.global_batch_size // max(o.grad_accum_steps, 1)
-    _require(d.global_batch_size % o.grad_accum_steps == 0, "data.global_batch_size",
+    require(d.global_batch_size % o.grad_accum_steps == 0, "data.global_batch_size",
              f"{d.global_batch_size} is not divisible by optim.grad_accum_steps={o.grad_accum_steps}")
-    _require(microbatches % batch_shards == 0, "data.global_batch_size",
+    require(microbatches % batch_shards == 0, "data.global_batch_size",
              f"{d.global_batch_size} (microbatch {microbatches}) is not divisible by the "
              f"{batch_shards} data shards (mesh data x fsdp, DCN factors included)")
 
 
 def _check_rope_scaling(s: ml_collections.ConfigDict) -> None:
-    _require(s.type in ROPE_SCALINGS, "model.rope_scaling.type", f"{s.type!r} not in {ROPE_SCALINGS}")
-    _require(s.factor > 0, "model.rope_scaling.factor", "must be positive")
+    require(s.type in ROPE_SCALINGS, "model.rope_scaling.type", f"{s.type!r} not in {ROPE_SCALINGS}")
+    require(s.factor > 0, "model.rope_scaling.factor", "must be positive")
     if s.type == "llama3":
-        _require(s.low_freq_factor > 0, "model.rope_scaling.low_freq_factor", "must be positive")
-        _require(s.high_freq_factor > s.low_freq_factor, "model.rope_scaling.high_freq_factor",
+        require(s.low_freq_factor > 0, "model.rope_scaling.low_freq_factor", "must be positive")
+        require(s.high_freq_factor > s.low_freq_factor, "model.rope_scaling.high_freq_factor",
                  "must be larger than low_freq_factor")
-        _require(s.original_max_len > 0, "model.rope_scaling.original_max_len", "must be positive")
+        require(s.original_max_len > 0, "model.rope_scaling.original_max_len", "must be positive")
 
 
 def _check_source(name: str, source: ml_collections.ConfigDict) -> None:
     key = f"data.sources.{name}"
-    _require(isinstance(source, ml_collections.ConfigDict), key, "must be a section")
+    require(isinstance(source, ml_collections.ConfigDict), key, "must be a section")
     _check_known_keys(source_defaults(), source, f"config.{key}")
     source = ml_collections.ConfigDict({**source_defaults().to_dict(), **source.to_dict()})
-    _require(name not in BUILTIN_DATASETS, key, f"{name!r} is the name of a built-in source")
-    _require(source.kind in SOURCE_KINDS, f"{key}.kind", f"{source.kind!r} not in {SOURCE_KINDS}")
+    require(name not in BUILTIN_DATASETS, key, f"{name!r} is the name of a built-in source")
+    require(source.kind in SOURCE_KINDS, f"{key}.kind", f"{source.kind!r} not in {SOURCE_KINDS}")
     if source.kind == "tfds":
-        _require(bool(source.tfds_name), f"{key}.tfds_name", "a tfds source needs a dataset name")
+        require(bool(source.tfds_name), f"{key}.tfds_name", "a tfds source needs a dataset name")
     else:
-        _require(bool(source.paths), f"{key}.paths", "a local source needs files or globs")
-        _require(0 < source.eval_fraction < 1, f"{key}.eval_fraction", "must be in (0, 1)")
-    _require(source.split_by in ("file", "blank_line"), f"{key}.split_by",
+        require(bool(source.paths), f"{key}.paths", "a local source needs files or globs")
+        require(0 < source.eval_fraction < 1, f"{key}.eval_fraction", "must be in (0, 1)")
+    require(source.split_by in ("file", "blank_line"), f"{key}.split_by",
              f"{source.split_by!r} not in ('file', 'blank_line')")
 
 
@@ -223,7 +221,7 @@ def resolve_vocab(model_cfg: ml_collections.ConfigDict, data_cfg: ml_collections
     """The embedding size: model.vocab_size if set (it must hold every tokenizer id), else
     the tokenizer's vocabulary rounded up to data.vocab_multiple (so it shards evenly)."""
     if model_cfg.vocab_size:
-        _require(model_cfg.vocab_size >= tokenizer_vocab, "model.vocab_size",
+        require(model_cfg.vocab_size >= tokenizer_vocab, "model.vocab_size",
                  f"{model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} ids")
         return model_cfg.vocab_size
     multiple = data_cfg.vocab_multiple

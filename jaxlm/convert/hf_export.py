@@ -177,7 +177,7 @@ def write_tokenizer(tokenizer_dir: pathlib.Path, out: pathlib.Path, max_len: int
     if tok.name == "sentencepiece":
         import sentencepiece
 
-        model_path = tokenizer_dir / tokenizers.SentencePieceTokenizer._file_name
+        model_path = tokenizer_dir / tokenizers.SentencePieceTokenizer.file_name
         shutil.copyfile(model_path, out / "tokenizer.model")
         # LlamaTokenizer prepends "▁" unless told the model does not (jaxlm trains without
         # SentencePiece's dummy prefix): probe the model itself.
@@ -189,7 +189,7 @@ def write_tokenizer(tokenizer_dir: pathlib.Path, out: pathlib.Path, max_len: int
         return special
     from tokenizers import Tokenizer
     text = (byte_tokenizer_json() if tok.name == "byte"
-            else (tokenizer_dir / tokenizers.HFTokenizer._file_name).read_text(encoding="utf-8"))
+            else (tokenizer_dir / tokenizers.HFTokenizer.file_name).read_text(encoding="utf-8"))
     (out / "tokenizer.json").write_text(text, encoding="utf-8")
     backend = Tokenizer.from_str(text)
     for key in ("bos", "eos", "pad"):

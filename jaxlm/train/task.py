@@ -101,7 +101,7 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def state_spec(self, tx, mesh: Mesh) -> StateSpec:
-        """The state layout on `mesh` (inside `mesh_lib.use(mesh)`); allocates nothing."""
+        """The state layout on `mesh` (no mesh context needed); allocates nothing."""
 
     @abc.abstractmethod
     def train_batches(self, rows: list[int], say: Say) -> Batches:

@@ -112,7 +112,7 @@ def load_tokenizer(data_cfg: Any) -> Tokenizer:
                 raise ValueError(f"config.data.tokenizer_path: {path} holds a {tok.name!r} "
                                  f"tokenizer, not {name!r} (config.data.tokenizer)")
             return tok
-        path = path / _FILE_TOKENIZERS[name]._file_name
+        path = path / _FILE_TOKENIZERS[name].file_name
     if not path.is_file():
         raise FileNotFoundError(f"config.data.tokenizer_path: {path} does not exist "
                                 f"(tokenizer {name!r} needs {kind})")

@@ -71,7 +71,7 @@ class Tokenizer(abc.ABC):
 class _FileTokenizer(Tokenizer):
     """A tokenizer rebuilt from the bytes of one model file (kept for `save` and pickling)."""
 
-    _file_name: str
+    file_name: str
 
     def __init__(self, model: bytes, *, source: str = "<bytes>",
                  special_ids: dict[str, int | None] | None = None):
@@ -112,8 +112,8 @@ class _FileTokenizer(Tokenizer):
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(directory / self._file_name, self._model)
-        config = self._saved_config(file=self._file_name, sha256=self.fingerprint,
+        _atomic_write(directory / self.file_name, self._model)
+        config = self._saved_config(file=self.file_name, sha256=self.fingerprint,
                                     pad_is_special=self._pad_is_special)
         _atomic_write(directory / SAVED_CONFIG, _json_bytes(config))  # last: marks complete
 

@@ -19,7 +19,7 @@ class HFTokenizer(_FileTokenizer):
     """A Hugging Face `tokenizers` tokenizer.json (no `transformers`, no remote code)."""
 
     name = "hf"
-    _file_name = _HF_FILE
+    file_name = _HF_FILE
 
     def _load(self, model: bytes, source: str) -> None:
         hf = _import_tokenizers()

@@ -35,7 +35,7 @@ class SentencePieceTokenizer(_FileTokenizer):
     """A SentencePiece model (the serialized `.model` protobuf)."""
 
     name = "sentencepiece"
-    _file_name = _SP_FILE
+    file_name = _SP_FILE
 
     def _load(self, model: bytes, source: str) -> None:
         spm = _import_sentencepiece()
