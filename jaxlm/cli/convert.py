@@ -19,7 +19,8 @@ def add_parsers(verbs) -> None:
                               "config)")
     actions = parser.add_subparsers(dest="action", required=True)
     imp = actions.add_parser("from-hf", help="a local Hugging Face checkpoint (safetensors) -> "
-                             "a jaxlm run directory (Orbax checkpoint, tokenizer, config.py)")
+                             "a jaxlm run directory (Orbax checkpoint, tokenizer, config.py "
+                             "reading config_values.json)")
     imp.add_argument("hf_dir", metavar="HF_DIR", help="directory with config.json, "
                      "model.safetensors (or shards and their index) and tokenizer.json")
     imp.add_argument("--out", required=True, metavar="WORKDIR", help="run directory to create")

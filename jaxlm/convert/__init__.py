@@ -5,10 +5,12 @@
 
 Owns:
     safetensors_io  the streaming safetensors reader and writer (no mmap, no pickle)
-    spec            tensor rules, config.json helpers and their error, shared by the families
+    spec            tensor rules, typed config.json readers, ConversionError and
+                    HFConfigError, shared by the families
     families        which Hugging Face model types each jaxlm family maps, and dispatch
     llama, gpt2     each family's mapping: config.json both ways, tensor rules
-    params          parameter trees and the converted run directory
+    params          parameter trees and the converted run directory (its config.py is
+                    fixed code; its values are JSON data)
     hf_import, hf_export   the two conversions
 
 May import: jaxlm.errors, config, parallel, model, data, checkpoint, and jaxlm.train.validate

@@ -15,7 +15,7 @@ import ml_collections
 
 from jaxlm import config as config_lib
 from jaxlm.convert import gpt2, llama
-from jaxlm.convert.spec import HFConfigError, Rule, get, require
+from jaxlm.convert.spec import HFConfigError, Rule, integer, require
 
 MAPPINGS: dict[str, ModuleType] = {"llama": llama, "gpt2": gpt2}  # jaxlm family -> mapping
 SUPPORTED = tuple(t for mapping in MAPPINGS.values() for t in mapping.MODEL_TYPES)
@@ -30,7 +30,10 @@ def mapping(family: str) -> ModuleType:
 
 def model_config(config: dict, where: str = "config.json"
                  ) -> tuple[ml_collections.ConfigDict, list[str]]:
-    """(jaxlm model config, notes for the user) of a Hugging Face config.json."""
+    """(jaxlm model config, notes for the user) of a Hugging Face config.json (parsed);
+    `where` (its path) starts every error message."""
+    if not isinstance(config, dict):
+        raise HFConfigError(f"{where}: not a JSON object (got {type(config).__name__})")
     model_type = config.get("model_type")
     family = next((f for f, m in MAPPINGS.items() if model_type in m.MODEL_TYPES), None)
     if family is None:
@@ -42,7 +45,7 @@ def model_config(config: dict, where: str = "config.json"
     cfg.dtype = "float32"
     notes: list[str] = []
     MAPPINGS[family].config_from_hf(config, cfg, where, notes)
-    cfg.vocab_size = int(get(config, "vocab_size", where))
+    cfg.vocab_size = integer(config, "vocab_size", where)
     require(cfg.n_heads % cfg.n_kv_heads == 0, where, "num_key_value_heads",
             f"={cfg.n_kv_heads} does not divide num_attention_heads={cfg.n_heads}")
     return cfg, notes

@@ -11,7 +11,7 @@ from typing import Any
 
 import ml_collections
 
-from jaxlm.convert.spec import Rule, dims, get, require
+from jaxlm.convert.spec import Rule, dims, flag, integer, number, require, text
 
 MODEL_TYPES = ("gpt2",)
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all the tanh approximation
@@ -25,25 +25,26 @@ def _prefix(tensor_names: Any) -> str:
 
 def config_from_hf(config: dict, cfg: ml_collections.ConfigDict, where: str,
                    notes: list[str]) -> None:
-    """Sets the model config's keys from a gpt2 config.json."""
-    cfg.d_model = int(get(config, "n_embd", where))
-    cfg.n_layers = int(get(config, "n_layer", where))
-    cfg.n_heads = cfg.n_kv_heads = int(get(config, "n_head", where))
+    """Sets the model config's keys from a gpt2 config.json (n_inner: null means 4 x n_embd,
+    as in transformers; any other null is an error naming the key)."""
+    cfg.d_model = integer(config, "n_embd", where)
+    cfg.n_layers = integer(config, "n_layer", where)
+    cfg.n_heads = cfg.n_kv_heads = integer(config, "n_head", where)
     require(cfg.d_model % cfg.n_heads == 0, where, "n_embd", "is not divisible by n_head")
     cfg.head_dim = cfg.d_model // cfg.n_heads
-    cfg.d_ff = int(config.get("n_inner") or 4 * cfg.d_model)
-    cfg.max_seq_len = int(get(config, "n_positions", where))
-    cfg.norm_eps = float(config.get("layer_norm_epsilon", 1e-5))
-    cfg.tie_embeddings = bool(config.get("tie_word_embeddings", True))
-    act = config.get("activation_function", "gelu_new")
+    cfg.d_ff = integer(config, "n_inner", where, 4 * cfg.d_model, null=4 * cfg.d_model)
+    cfg.max_seq_len = integer(config, "n_positions", where)
+    cfg.norm_eps = number(config, "layer_norm_epsilon", where, 1e-5)
+    cfg.tie_embeddings = flag(config, "tie_word_embeddings", where, True)
+    act = text(config, "activation_function", where, "gelu_new")
     require(act in GELU_TANH, where, "activation_function",
-             f"={act!r} is not supported (jaxlm's GPT-2 MLP uses the tanh GELU: {GELU_TANH})")
-    require(config.get("scale_attn_weights", True), where, "scale_attn_weights",
-             "=false is not supported")
-    require(not config.get("scale_attn_by_inverse_layer_idx", False), where,
-             "scale_attn_by_inverse_layer_idx", "=true is not supported")
-    require(not config.get("add_cross_attention", False), where, "add_cross_attention",
-             "=true is not supported")
+            f"={act!r} is not supported (jaxlm's GPT-2 MLP uses the tanh GELU: {GELU_TANH})")
+    require(flag(config, "scale_attn_weights", where, True), where, "scale_attn_weights",
+            "=false is not supported")
+    require(not flag(config, "scale_attn_by_inverse_layer_idx", where, False), where,
+            "scale_attn_by_inverse_layer_idx", "=true is not supported")
+    require(not flag(config, "add_cross_attention", where, False), where, "add_cross_attention",
+            "=true is not supported")
 
 
 def config_to_hf(m: ml_collections.ConfigDict, base: dict[str, Any]) -> dict[str, Any]:

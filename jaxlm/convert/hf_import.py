@@ -1,17 +1,20 @@
 """`jaxlm convert from-hf HF_DIR --out WORKDIR`: a local Hugging Face checkpoint -> a jaxlm run.
 
 Order of work: config.json, every safetensors header, the tokenizer and the output
-directory are checked first (an unsupported architecture, a missing shard, a missing or
-unexpected tensor, a shape or dtype that does not fit: one error naming it, before any weight
-is read). Then each stacked parameter is allocated once as float32 and filled tensor by
-tensor (one HF tensor in memory at a time, read with plain file reads), and the result is
-saved as an Orbax checkpoint. Peak memory: one copy of the model plus Orbax's write buffers
-(`jaxlm bench convert` measures it). Nothing is unpickled, no code from the checkpoint runs,
-and nothing is fetched from the network.
+directory are checked first (an unsupported architecture, a null or ill-typed config.json
+value, a missing shard, a missing or unexpected tensor, overlapping byte ranges, a shape or
+dtype that does not fit, a symbolic link loop: one error naming it, before any weight is
+read). Then each stacked parameter is allocated once as float32 and filled tensor by tensor
+(one HF tensor in memory at a time, read with plain file reads; each is checked for NaN and
+Inf as it lands, a chunk at a time), and the result is saved as an Orbax checkpoint. Peak
+memory: one copy of the model plus Orbax's write buffers (`jaxlm bench convert` measures
+it). Nothing is unpickled, no code from the checkpoint runs, and nothing is fetched from the
+network.
 
 The run directory holds `checkpoints/0/` (parameters only, no optimizer state),
-`tokenizer/` (jaxlm's saved-tokenizer format) and `config.py` (a config whose runs start from
-these parameters).
+`tokenizer/` (jaxlm's saved-tokenizer format), and `config.py` with `config_values.json`: a
+config whose runs start from these parameters, fixed code reading its values as JSON data
+(params.CONFIG_TEXT), so no path or name of the user's is ever Python source.
 """
 
 from __future__ import annotations
@@ -25,16 +28,11 @@ import ml_collections
 import numpy as np
 
 from jaxlm import config as config_lib
-from jaxlm.convert import families
+from jaxlm.convert import families, spec
 from jaxlm.convert import params as params_lib
 from jaxlm.convert import safetensors_io as st
-from jaxlm.convert.spec import HFConfigError, Rule, expand
+from jaxlm.convert.spec import ConversionError, HFConfigError, Rule, expand
 from jaxlm.data import tokenizers
-from jaxlm.errors import UserError
-
-
-class ConversionError(UserError, ValueError):
-    """Bad input to a conversion; the message names the file, key or tensor."""
 
 
 @dataclasses.dataclass
@@ -57,15 +55,14 @@ def open_checkpoint(hf_dir: str | pathlib.Path) -> HFCheckpoint:
     """Reads config.json and the safetensors headers and checks that every tensor the model
     needs is there, with the right shape and a floating-point dtype, and nothing else is."""
     directory = pathlib.Path(hf_dir).expanduser().absolute()
-    if not directory.is_dir():
-        raise ConversionError(f"no such directory: {directory}")
+    kind = _kind(directory)
+    if kind != "dir":
+        raise ConversionError(f"no such directory: {directory}" if kind is None
+                              else f"{directory} is not a directory")
     config_path = directory / "config.json"
-    if not config_path.is_file():
+    if _kind(config_path) != "file":
         raise ConversionError(f"{config_path} does not exist: not a Hugging Face model directory")
-    try:
-        config = json.loads(config_path.read_text())
-    except ValueError as e:
-        raise ConversionError(f"{config_path} is not valid JSON: {e}") from None
+    config = _read_json(config_path)
     try:
         model_cfg, notes = families.model_config(config, str(config_path))
         params_lib.run_config(model_cfg, directory, "byte")  # validates the model keys
@@ -131,14 +128,44 @@ def read_params(ckpt: HFCheckpoint, on_complete: Callable[[str, np.ndarray], Non
 
 
 def _fill(info: st.TensorInfo, rule: Rule, targets: list[np.ndarray]) -> None:
-    """Copies one HF tensor into its parameter slices (transposed, split, cast to float32)."""
-    if len(targets) == 1 and not rule.transpose and info.dtype == "F32":
-        st.read_tensor(info, out=targets[0].reshape(info.shape))  # straight into place
-        return
-    raw = st.read_tensor(info)
-    array = raw.T if rule.transpose else raw
-    for target, part in zip(targets, np.split(array, len(targets), axis=-1)):
-        np.copyto(target.reshape(part.shape), part, casting="unsafe")
+    """Copies one HF tensor into its parameter slices (transposed, split, cast to float32),
+    then checks that every value is finite as float32 (NaN, Inf or, from F64, beyond
+    float32's range: refused naming the tensor). The check reads the slices just written a
+    chunk at a time, so it adds no copy of the tensor."""
+    try:
+        if len(targets) == 1 and not rule.transpose and info.dtype == "F32":
+            raw = st.read_tensor(info, out=targets[0].reshape(info.shape))  # straight into place
+        else:
+            raw = st.read_tensor(info)
+            array = raw.T if rule.transpose else raw
+            with np.errstate(over="ignore", invalid="ignore"):  # F64 beyond float32: found below
+                for target, part in zip(targets, np.split(array, len(targets), axis=-1)):
+                    np.copyto(target.reshape(part.shape), part, casting="unsafe")
+    except st.SafetensorsError as e:
+        raise ConversionError(str(e)) from None
+    if not all(_all_finite(t) for t in targets):
+        _refuse_nonfinite(info, raw)
+
+
+_CHECK_CHUNK = 2**20  # elements: a 1 MiB boolean temporary
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    flat = array.reshape(-1)  # a view: the targets are contiguous slices of a parameter
+    return all(np.isfinite(flat[i:i + _CHECK_CHUNK]).all()
+               for i in range(0, flat.size, _CHECK_CHUNK))
+
+
+def _refuse_nonfinite(info: st.TensorInfo, raw: np.ndarray) -> None:
+    """The error for a tensor with a value that is not finite as float32, with its index
+    (only runs when the check failed, so it may copy)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        bad = ~np.isfinite(np.asarray(raw, np.float32))
+    index = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), raw.shape))
+    value = float(raw[index])
+    shown = repr(value) if not np.isfinite(value) else f"{value!r}, beyond float32's range"
+    raise ConversionError(f"tensor {info.name!r} in {info.path.name} holds a non-finite value "
+                          f"({shown}) at index {index}: NaN and Inf weights are refused")
 
 
 def load_tokenizer(ckpt: HFCheckpoint):
@@ -146,22 +173,23 @@ def load_tokenizer(ckpt: HFCheckpoint):
     the bos/eos/pad ids config.json names, checked against the model's vocabulary."""
 
     directory, config = ckpt.directory, ckpt.config
+    where = str(directory / "config.json")
+    wanted = {key: spec.token_ids(config, hf_key, where)[:1]
+              for key, hf_key in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id"),
+                                  ("pad_id", "pad_token_id"))}
     path = directory / "tokenizer.json"
     kind = tokenizers.HFTokenizer
-    if not path.is_file():
+    if _kind(path) != "file":
         path, kind = directory / "tokenizer.model", tokenizers.SentencePieceTokenizer
-    if not path.is_file():
+    if _kind(path) != "file":
         raise ConversionError(f"no tokenizer in {directory}: expected tokenizer.json (or a "
                               f"SentencePiece tokenizer.model)")
     try:
         tok = kind.from_file(path)
         special = {"pad_id": tok.pad_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id}
-        for key, hf_key in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id"),
-                            ("pad_id", "pad_token_id")):
-            value = config.get(hf_key)
-            value = value[0] if isinstance(value, list) and value else value
-            if isinstance(value, int) and 0 <= value < tok.vocab_size:
-                special[key] = value
+        for key, ids in wanted.items():
+            if ids and ids[0] < tok.vocab_size:
+                special[key] = ids[0]
         if special != {"pad_id": tok.pad_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id}:
             tok = kind(path.read_bytes(), source=str(path), special_ids=special)
     except (ValueError, ImportError) as e:
@@ -174,24 +202,50 @@ def load_tokenizer(ckpt: HFCheckpoint):
 
 def hf_metadata(ckpt: HFCheckpoint) -> dict[str, Any]:
     """What the run remembers of its source: stop ids for generation, notes."""
-    eos = ckpt.config.get("eos_token_id")
+    eos = spec.token_ids(ckpt.config, "eos_token_id", str(ckpt.directory / "config.json"))
     gen_path = ckpt.directory / "generation_config.json"
-    if gen_path.is_file():
-        try:
-            eos = json.loads(gen_path.read_text()).get("eos_token_id", eos)
-        except ValueError:
-            pass
+    if _kind(gen_path) == "file":
+        generation = _read_json(gen_path)
+        if "eos_token_id" in generation:
+            eos = spec.token_ids(generation, "eos_token_id", str(gen_path))
     return {"hf_source": {
         "path": str(ckpt.directory), "model_type": ckpt.config.get("model_type"),
-        "architectures": ckpt.config.get("architectures"),
-        "eos_token_ids": [e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int)],
+        "architectures": ckpt.config.get("architectures"), "eos_token_ids": eos,
         "notes": ckpt.notes}}
 
 
+def _kind(path: pathlib.Path) -> str | None:
+    """st.path_kind, its errors (a symbolic link loop) as ConversionError."""
+    try:
+        return st.path_kind(path)
+    except st.SafetensorsError as e:
+        raise ConversionError(str(e)) from None
+
+
+def _read_json(path: pathlib.Path) -> dict[str, Any]:
+    """A JSON object from a file; ConversionError naming the file otherwise."""
+    try:
+        value = json.loads(path.read_text())
+    except OSError as e:
+        raise ConversionError(f"cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ConversionError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ConversionError(f"{path}: not a JSON object (got {type(value).__name__})")
+    return value
+
+
 def _check_out(workdir: pathlib.Path) -> None:
-    if workdir.exists() and (not workdir.is_dir() or (workdir / "checkpoints").exists()
-                             or (workdir / params_lib.CONFIG_FILE).exists()):
-        raise ConversionError(f"{workdir} already holds a run (checkpoints/ or config.py): "
+    if "\\" in str(workdir):  # TensorStore would write the parameters somewhere else
+        raise ConversionError(f"--out {str(workdir)!r}: a run directory's path cannot contain a "
+                              f"backslash (TensorStore, which writes the checkpoint, reads it "
+                              f"as a directory separator)")
+    kind = _kind(workdir)
+    if kind is not None and (kind != "dir" or any(
+            _kind(workdir / name) is not None
+            for name in ("checkpoints", params_lib.CONFIG_FILE, params_lib.VALUES_FILE))):
+        raise ConversionError(f"{workdir} already holds a run (checkpoints/, "
+                              f"{params_lib.CONFIG_FILE} or {params_lib.VALUES_FILE}): "
                               f"choose a new --out directory")
 
 
@@ -202,6 +256,7 @@ def import_hf(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path,
     workdir = pathlib.Path(workdir).expanduser().absolute()
     ckpt = open_checkpoint(hf_dir)
     tok = load_tokenizer(ckpt)
+    metadata = hf_metadata(ckpt)
     _check_out(workdir)
     cfg = params_lib.run_config(ckpt.model_cfg, workdir, tok.name)
     for note in ckpt.notes:
@@ -211,15 +266,13 @@ def import_hf(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path,
     flat = read_params(ckpt, lambda name, value: sums.update(params_lib.fingerprint(name, value)))
     _, axes = params_lib.abstract_params(ckpt.model_cfg)
     workdir.mkdir(parents=True, exist_ok=True)
-    step_dir = params_lib.write_checkpoint(workdir, cfg, flat, axes, tok.name, hf_metadata(ckpt),
+    step_dir = params_lib.write_checkpoint(workdir, cfg, flat, axes, tok.name, metadata,
                                            checksums=sums)
     count = sum(a.size for a in flat.values())
     nbytes = sum(a.nbytes for a in flat.values())
     del flat
     tok.save(workdir / "tokenizer")
-    params_lib.write_config_file(
-        workdir, cfg, f"A {ckpt.config['model_type']} model converted from Hugging Face "
-                      f"({ckpt.directory}) by `jaxlm convert from-hf`.")
+    params_lib.write_config_file(workdir, cfg)
     log(f"wrote {count:,} parameters (float32, {nbytes / 2**20:,.1f} MiB) to {step_dir}; "
         f"tokenizer ({tok.name}, {tok.vocab_size} ids) to {workdir / 'tokenizer'}; "
         f"config {workdir / params_lib.CONFIG_FILE}")

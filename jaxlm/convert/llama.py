@@ -20,7 +20,17 @@ from typing import Any
 
 import ml_collections
 
-from jaxlm.convert.spec import HFConfigError, Rule, dims, get, require
+from jaxlm.convert.spec import (
+    HFConfigError,
+    Rule,
+    dims,
+    flag,
+    integer,
+    number,
+    require,
+    table,
+    text,
+)
 from jaxlm.model import counts
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -29,27 +39,29 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 def config_from_hf(config: dict, cfg: ml_collections.ConfigDict, where: str,
                    notes: list[str]) -> None:
-    """Sets the model config's keys from a llama, mistral or qwen2 config.json."""
+    """Sets the model config's keys from a llama, mistral or qwen2 config.json. null means
+    what it means to transformers where it means anything (num_key_value_heads, head_dim,
+    rope_scaling, sliding_window); elsewhere it is an error naming the key."""
     model_type = config["model_type"]
-    cfg.d_model = int(get(config, "hidden_size", where))
-    cfg.n_layers = int(get(config, "num_hidden_layers", where))
-    cfg.n_heads = int(get(config, "num_attention_heads", where))
-    cfg.n_kv_heads = int(config.get("num_key_value_heads") or cfg.n_heads)
-    cfg.head_dim = int(config.get("head_dim") or cfg.d_model // cfg.n_heads)
-    cfg.d_ff = int(get(config, "intermediate_size", where))
-    cfg.max_seq_len = int(config.get("max_position_embeddings") or 2048)
-    cfg.norm_eps = float(config.get("rms_norm_eps", 1e-6))
-    cfg.tie_embeddings = bool(config.get("tie_word_embeddings", False))
-    act = config.get("hidden_act", "silu")
+    cfg.d_model = integer(config, "hidden_size", where)
+    cfg.n_layers = integer(config, "num_hidden_layers", where)
+    cfg.n_heads = integer(config, "num_attention_heads", where)
+    cfg.n_kv_heads = integer(config, "num_key_value_heads", where, cfg.n_heads, null=cfg.n_heads)
+    cfg.head_dim = integer(config, "head_dim", where, 0, null=0) or cfg.d_model // cfg.n_heads
+    cfg.d_ff = integer(config, "intermediate_size", where)
+    cfg.max_seq_len = integer(config, "max_position_embeddings", where, 2048)
+    cfg.norm_eps = number(config, "rms_norm_eps", where, 1e-6)
+    cfg.tie_embeddings = flag(config, "tie_word_embeddings", where, False)
+    act = text(config, "hidden_act", where, "silu")
     require(act == "silu", where, "hidden_act", f"={act!r} is not supported (SwiGLU uses silu)")
-    require(not config.get("mlp_bias", False), where, "mlp_bias", "=true is not supported")
+    require(not flag(config, "mlp_bias", where, False), where, "mlp_bias", "=true is not supported")
     if model_type == "qwen2":
         cfg.qkv_bias = True  # Qwen2 always has q/k/v biases and no output bias
     else:
-        require(not config.get("attention_bias", False), where, "attention_bias",
-                 "=true (biases on q, k, v and o) is not supported")
+        require(not flag(config, "attention_bias", where, False), where, "attention_bias",
+                "=true (biases on q, k, v and o) is not supported")
     _rope(config, cfg, where)
-    window = _sliding_window(config)
+    window = _sliding_window(config, where)
     if window is not None and window < cfg.max_seq_len:
         notes.append(f"sliding_window={window} < max_position_embeddings={cfg.max_seq_len}: "
                      f"imported with model.max_seq_len={window}, where windowed and full causal "
@@ -57,30 +69,34 @@ def config_from_hf(config: dict, cfg: ml_collections.ConfigDict, where: str,
         cfg.max_seq_len = window
 
 
-def _sliding_window(config: dict) -> int | None:
-    window = config.get("sliding_window")
-    if not window:
-        return None
+def _sliding_window(config: dict, where: str) -> int | None:
+    """The attention window, or None (absent, null, or a Qwen2 model that does not use it)."""
     if config["model_type"] == "qwen2":
         layer_types = config.get("layer_types") or []
-        if not config.get("use_sliding_window", False) and "sliding_attention" not in layer_types:
+        if not isinstance(layer_types, list):
+            raise HFConfigError(f"{where}: layer_types={layer_types!r:.60} is not a list")
+        if (not flag(config, "use_sliding_window", where, False)
+                and "sliding_attention" not in layer_types):
             return None
-    return int(window)
+    return integer(config, "sliding_window", where, None, null=None)
 
 
 def _rope(config: dict, cfg: ml_collections.ConfigDict, where: str) -> None:
     """rope_theta and scaling from `rope_parameters` (transformers 5) or `rope_theta` and
     `rope_scaling` (transformers 4)."""
-    params = config.get("rope_parameters")
-    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+    params = table(config, "rope_parameters", where)
+    if params and all(isinstance(v, dict) for v in params.values()):
         raise HFConfigError(f"{where}: rope_parameters per layer type are not supported")
     key = "rope_parameters" if params else "rope_scaling"
-    scaling = dict(params or config.get("rope_scaling") or {})
-    cfg.rope_theta = float(scaling.get("rope_theta") or config.get("rope_theta") or 10_000.0)
-    partial = scaling.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
-    require(partial in (None, 1, 1.0), where, "partial_rotary_factor",
-             f"={partial} is not supported (rotary embeddings on the whole head)")
-    kind = scaling.get("rope_type", scaling.get("type", "default")) or "default"
+    scaling = params or table(config, "rope_scaling", where) or {}
+    theta = number(config, "rope_theta", where, 10_000.0)
+    cfg.rope_theta = number(scaling, "rope_theta", where, theta, section=key)
+    partial = number(config, "partial_rotary_factor", where, 1.0, null=1.0)
+    partial = number(scaling, "partial_rotary_factor", where, partial, null=1.0, section=key)
+    require(partial == 1.0, where, "partial_rotary_factor",
+            f"={partial} is not supported (rotary embeddings on the whole head)")
+    kind = text(scaling, "type", where, "default", null="default", section=key)
+    kind = text(scaling, "rope_type", where, kind, null="default", section=key)
     s = cfg.rope_scaling
     if kind == "default":
         return
@@ -88,13 +104,14 @@ def _rope(config: dict, cfg: ml_collections.ConfigDict, where: str) -> None:
         raise HFConfigError(f"{where}: {key}.rope_type={kind!r} is not supported "
                             f"(jaxlm has default, linear and llama3)")
     s.type = kind
-    s.factor = float(get(scaling, "factor", f"{where}: {key}"))
+    s.factor = number(scaling, "factor", where, section=key)
     if kind == "llama3":
-        s.low_freq_factor = float(get(scaling, "low_freq_factor", f"{where}: {key}"))
-        s.high_freq_factor = float(get(scaling, "high_freq_factor", f"{where}: {key}"))
-        s.original_max_len = int(scaling.get("original_max_position_embeddings")
-                                 or config.get("original_max_position_embeddings")
-                                 or cfg.max_seq_len)
+        s.low_freq_factor = number(scaling, "low_freq_factor", where, section=key)
+        s.high_freq_factor = number(scaling, "high_freq_factor", where, section=key)
+        original = integer(config, "original_max_position_embeddings", where, cfg.max_seq_len,
+                           null=cfg.max_seq_len)
+        s.original_max_len = integer(scaling, "original_max_position_embeddings", where,
+                                     original, null=original, section=key)
 
 
 def config_to_hf(m: ml_collections.ConfigDict, base: dict[str, Any]) -> dict[str, Any]:

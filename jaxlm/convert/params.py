@@ -9,8 +9,8 @@ OCDBT data files are kept small so TensorStore does not buffer the whole checkpo
 
 from __future__ import annotations
 
+import json
 import pathlib
-import pprint
 from typing import Any
 
 import ml_collections
@@ -74,23 +74,61 @@ def run_config(model_cfg: ml_collections.ConfigDict, workdir: pathlib.Path,
     return cfg
 
 
-def write_config_file(workdir: pathlib.Path, cfg: ml_collections.ConfigDict, title: str) -> None:
-    """`workdir/config.py`: the overrides of `run_config` as a jaxlm config file."""
+# The config file of a converted run: fixed code, the same for every run, that reads the
+# run's values (model, tokenizer, where the parameters are) as data from VALUES_FILE beside
+# it. No path, name or other string of the user's is ever part of Python source, so no
+# directory name can inject code; loading it parses JSON and runs nothing else.
+CONFIG_TEXT = '''"""A model converted from Hugging Face by `jaxlm convert from-hf`: a config
+whose runs start from the parameters of this directory (checkpoint.init_from), with its model
+and tokenizer. The values are data in config_values.json beside this file; this file holds
+none.
+
+Fine-tune (parameters from this directory, fresh optimizer):
+    jaxlm train --config THIS_DIRECTORY/config.py --workdir runs/finetune --config.data.dataset=...
+"""
+
+import json
+import pathlib
+
+import ml_collections
+
+from jaxlm import config as config_lib
+
+VALUES = pathlib.Path(__file__).with_name("config_values.json")
+
+
+def get_config() -> ml_collections.ConfigDict:
+    try:
+        values = json.loads(VALUES.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise config_lib.ConfigError(f"{VALUES}: cannot read the converted run's values "
+                                     f"({e})") from None
+    if not isinstance(values, dict):
+        raise config_lib.ConfigError(f"{VALUES}: not a JSON object")
+    cfg = config_lib.defaults()
+    config_lib.merge_overrides(cfg, ml_collections.ConfigDict(values))
+    return cfg
+'''
+VALUES_FILE = "config_values.json"
+
+
+def config_values(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What the converted run's config sets over the defaults (VALUES_FILE's content)."""
     defaults = config_lib.defaults()
-    overrides = {"model": cfg.model.to_dict(),
-                 "data": {k: cfg.data[k] for k in ("tokenizer", "tokenizer_path", "seq_len")
-                          if cfg.data[k] != defaults.data[k]},
-                 "checkpoint": {"init_from": cfg.checkpoint.init_from}}
-    text = (f'"""{title}\n\nFine-tune (parameters from this directory, fresh optimizer):\n'
-            f'    jaxlm train --config {workdir / CONFIG_FILE} --workdir runs/finetune '
-            f'--config.data.dataset=...\n"""\n\n'
-            "import ml_collections\n\nfrom jaxlm import config as config_lib\n\n"
-            f"OVERRIDES = {pprint.pformat(overrides, width=96, sort_dicts=True)}\n\n\n"
-            "def get_config() -> ml_collections.ConfigDict:\n"
-            "    cfg = config_lib.defaults()\n"
-            "    config_lib.merge_overrides(cfg, ml_collections.ConfigDict(OVERRIDES))\n"
-            "    return cfg\n")
-    (workdir / CONFIG_FILE).write_text(text)
+    return {"model": cfg.model.to_dict(),
+            "data": {k: cfg.data[k] for k in ("tokenizer", "tokenizer_path", "seq_len")
+                     if cfg.data[k] != defaults.data[k]},
+            "checkpoint": {"init_from": cfg.checkpoint.init_from}}
+
+
+def write_config_file(workdir: pathlib.Path, cfg: ml_collections.ConfigDict) -> None:
+    """`workdir/config.py` (CONFIG_TEXT, fixed) and `workdir/config_values.json` (the
+    overrides of `run_config`, as JSON: paths with quotes, backslashes or newlines are
+    plain strings there). The values are written first, so a config.py is never without
+    them."""
+    text = json.dumps(config_values(cfg), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    (workdir / VALUES_FILE).write_text(text, encoding="utf-8")
+    (workdir / CONFIG_FILE).write_text(CONFIG_TEXT, encoding="utf-8")
 
 
 def _ocdbt_file_bytes(total: int) -> int:

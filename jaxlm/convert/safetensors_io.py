@@ -19,10 +19,12 @@ directions against the `safetensors` package (a test dependency only).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
 import pathlib
+import stat
 import struct
 from typing import Callable, Iterable, Iterator
 
@@ -56,21 +58,41 @@ class TensorInfo:
     nbytes: int
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        twice = next(k for k in keys if keys.count(k) > 1)
+        raise SafetensorsError(f"key {twice!r} appears twice in the header")
+    return dict(pairs)
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
-    """The tensors of one file by name (only the header is read), checked for consistency."""
+    """The tensors of one file by name (only the header is read), checked for consistency:
+    each tensor's byte range has the size its dtype and shape need, lies inside the file
+    and shares no byte with another tensor's."""
     path = pathlib.Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise SafetensorsError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > _MAX_HEADER_BYTES or 8 + n > size:
-            raise SafetensorsError(f"{path}: not a safetensors file (header length {n})")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise SafetensorsError(f"{path}: not a safetensors file (header: {e})") from None
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise SafetensorsError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > _MAX_HEADER_BYTES or 8 + n > size:
+                raise SafetensorsError(f"{path}: not a safetensors file (header length {n})")
+            text = f.read(n)
+    except OSError as e:
+        raise SafetensorsError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        header = json.loads(text, object_pairs_hook=_unique_keys)
+    except SafetensorsError as e:
+        raise SafetensorsError(f"{path}: {e}") from None
+    except ValueError as e:
+        raise SafetensorsError(f"{path}: not a safetensors file (header: {e})") from None
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path}: not a safetensors file (header is not an object)")
     tensors = {}
@@ -78,19 +100,55 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape = entry["dtype"], tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            ok = (isinstance(dtype, str) and isinstance(shape, list)
+                  and all(_count(d) for d in shape) and _count(begin) and _count(end))
         except (KeyError, TypeError, ValueError):
-            raise SafetensorsError(f"{path}: tensor {name!r} has a malformed header entry") from None
+            ok = False
+        if not ok:
+            raise SafetensorsError(f"{path}: tensor {name!r} has a malformed header entry")
+        shape = tuple(shape)
         itemsize = DTYPES[dtype].itemsize if dtype in DTYPES else None
         if itemsize is not None and end - begin != math.prod(shape) * itemsize:
             raise SafetensorsError(f"{path}: tensor {name!r} has {end - begin} bytes, "
                                    f"{dtype} {shape} needs {math.prod(shape) * itemsize}")
-        if not 0 <= begin <= end or 8 + n + end > size:
+        if not begin <= end or 8 + n + end > size:
             raise SafetensorsError(f"{path}: tensor {name!r} lies outside the file "
                                    f"(truncated download?)")
         tensors[name] = TensorInfo(name, path, dtype, shape, 8 + n + begin, end - begin)
+    _check_disjoint(path, tensors)
     return tensors
+
+
+def _check_disjoint(path: pathlib.Path, tensors: dict[str, TensorInfo]) -> None:
+    """Two tensors reading the same bytes: a crafted or corrupted header (safetensors lays
+    tensors end to end)."""
+    last: TensorInfo | None = None  # of the tensors so far, the one that ends last
+    for info in sorted((t for t in tensors.values() if t.nbytes), key=lambda t: t.offset):
+        if last is not None and info.offset < last.offset + last.nbytes:
+            raise SafetensorsError(f"{path}: tensor {info.name!r} overlaps tensor {last.name!r} "
+                                   f"(both claim bytes {info.offset} to "
+                                   f"{min(last.offset + last.nbytes, info.offset + info.nbytes)}"
+                                   f" of the file)")
+        if last is None or info.offset + info.nbytes > last.offset + last.nbytes:
+            last = info
+
+
+def path_kind(path: pathlib.Path) -> str | None:
+    """"file", "dir", "other", or None when nothing is there. A symbolic link loop (the path
+    itself, or a link on the way to it, leads back to itself) is a SafetensorsError saying
+    so, as is a path that cannot be looked at: pathlib's is_file/is_dir would answer False,
+    which reads as "not found"."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SafetensorsError(f"{path}: symbolic link loop (the path, or a link on the way "
+                                   f"to it, leads back to itself)") from None
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return None
+        raise SafetensorsError(f"cannot look at {path}: {e.strerror or e}") from None
+    return "file" if stat.S_ISREG(mode) else "dir" if stat.S_ISDIR(mode) else "other"
 
 
 def read_tensor(info: TensorInfo, out: np.ndarray | None = None) -> np.ndarray:
@@ -104,14 +162,18 @@ def read_tensor(info: TensorInfo, out: np.ndarray | None = None) -> np.ndarray:
         out = np.empty(info.shape, dtype)
     assert out.dtype == dtype and out.shape == info.shape and out.flags.c_contiguous
     view = memoryview(out.reshape(-1).view(np.uint8))
-    with open(info.path, "rb", buffering=0) as f:
-        f.seek(info.offset)
-        done = 0
-        while done < info.nbytes:  # readinto may return less than asked
-            got = f.readinto(view[done:])
-            if not got:
-                raise SafetensorsError(f"{info.path}: tensor {info.name!r} is truncated")
-            done += got
+    try:
+        with open(info.path, "rb", buffering=0) as f:
+            f.seek(info.offset)
+            done = 0
+            while done < info.nbytes:  # readinto may return less than asked
+                got = f.readinto(view[done:])
+                if not got:
+                    raise SafetensorsError(f"{info.path}: tensor {info.name!r} is truncated")
+                done += got
+    except OSError as e:
+        raise SafetensorsError(f"{info.path}: cannot read tensor {info.name!r}: "
+                               f"{e.strerror or e}") from None
     return out
 
 
@@ -120,19 +182,21 @@ def checkpoint_files(hf_dir: pathlib.Path) -> list[pathlib.Path]:
     model.safetensors.index.json names (every one must exist) or model.safetensors.
     Pickled PyTorch weights are refused: loading them would run arbitrary code."""
     index = hf_dir / INDEX_FILE
-    if index.is_file():
+    if path_kind(index) == "file":
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
             names = sorted(set(weight_map.values()))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise SafetensorsError(f"{index}: not a safetensors index ({e!r})") from None
+        except OSError as e:
+            raise SafetensorsError(f"cannot read {index}: {e.strerror or e}") from None
         for name in names:
-            if pathlib.Path(name).name != name:
+            if not isinstance(name, str) or not name or pathlib.Path(name).name != name:
                 raise SafetensorsError(f"{index}: shard name {name!r} is not a file name")
-            if not (hf_dir / name).is_file():
+            if path_kind(hf_dir / name) != "file":
                 raise SafetensorsError(f"missing shard {hf_dir / name} (named by {index})")
         return [hf_dir / name for name in names]
-    if (hf_dir / SINGLE_FILE).is_file():
+    if path_kind(hf_dir / SINGLE_FILE) == "file":
         return [hf_dir / SINGLE_FILE]
     pickles = sorted(p.name for p in hf_dir.glob("*.bin")) + sorted(
         p.name for p in hf_dir.glob("*.pt")) + sorted(p.name for p in hf_dir.glob("*.pth"))

@@ -1,6 +1,13 @@
 """What every family's Hugging Face mapping is made of: tensor rules, the config.json
 reading helpers and its error.
 
+config.json is read key by key with a type: `integer` (sizes: a JSON integer >= 1),
+`number` (eps, theta, factors: positive and finite; NaN and Infinity, which Python's json
+accepts, are refused), `flag` (true or false), `text`, `table`. A missing key takes its
+default (or is an error when REQUIRED); null is an error unless transformers gives it a
+meaning (e.g. num_key_value_heads: null = num_attention_heads), which the caller passes as
+`null=`. Every error is one HFConfigError naming the file and the key.
+
 A `Rule` ties one HF tensor (per layer when its name has `{i}`) to one or more jaxlm
 parameters. Import: the HF array, transposed when `transpose` (torch Linear weights are
 stored out x in; jaxlm's are in x out), is split into equal parts along its last axis (GPT-2's
@@ -11,6 +18,7 @@ index h*K + k is jaxlm's (h, k)). Export does the reverse.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import ml_collections
@@ -19,20 +27,120 @@ from jaxlm.errors import UserError
 from jaxlm.model import counts
 
 
-class HFConfigError(UserError, ValueError):
-    """config.json describes a model jaxlm cannot reproduce exactly; the message names the key."""
+class ConversionError(UserError, ValueError):
+    """Bad input to a conversion; the message names the file, key or tensor."""
 
 
-def get(config: dict, key: str, where: str) -> Any:
-    """config[key]; HFConfigError naming it when it is missing or null."""
-    if key not in config or config[key] is None:
-        raise HFConfigError(f"{where}: missing key {key!r}")
-    return config[key]
+class HFConfigError(ConversionError):
+    """config.json describes a model jaxlm cannot reproduce exactly, or holds a value of the
+    wrong type; the message names the file and the key."""
+
+
+class _Marker:
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+REQUIRED = _Marker("REQUIRED")  # default=REQUIRED: the key must be present
+REFUSED = _Marker("REFUSED")  # null=REFUSED: null is an error (transformers gives it no meaning)
+
+
+def _shown(value: Any) -> str:
+    text = "null" if value is None else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _read(config: dict, key: str, where: str, default: Any, null: Any, expected: str,
+          section: str | None) -> tuple[bool, Any]:
+    """(True, value) when config[key] is there and not null; else (False, the value to use:
+    `default` when absent, `null` when null), or HFConfigError naming the key."""
+    name = f"{section}.{key}" if section else key
+    if key not in config:
+        if default is REQUIRED:
+            raise HFConfigError(f"{where}: missing key {name!r} ({expected})")
+        return False, default
+    if config[key] is None:
+        if null is REFUSED:
+            raise HFConfigError(f"{where}: {name} is null; {expected} is expected")
+        return False, null
+    return True, config[key]
+
+
+def _bad(where: str, key: str, section: str | None, value: Any, expected: str) -> HFConfigError:
+    name = f"{section}.{key}" if section else key
+    return HFConfigError(f"{where}: {name}={_shown(value)} is not {expected}")
+
+
+def integer(config: dict, key: str, where: str, default: Any = REQUIRED, null: Any = REFUSED,
+            minimum: int = 1, section: str | None = None) -> Any:
+    """config[key] as an int >= minimum (a JSON integer: not a bool, a float or a string);
+    `default` when absent, `null` when null (REQUIRED, REFUSED: an error naming the key)."""
+    expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    present, value = _read(config, key, where, default, null, expected, section)
+    if not present:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _bad(where, key, section, value, expected)
+    return value
+
+
+def number(config: dict, key: str, where: str, default: Any = REQUIRED, null: Any = REFUSED,
+           section: str | None = None) -> Any:
+    """config[key] as a positive finite float (a JSON number, not a bool or a string)."""
+    expected = "a positive finite number"
+    present, value = _read(config, key, where, default, null, expected, section)
+    if not present:
+        return value
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value <= 0):
+        raise _bad(where, key, section, value, expected)
+    return float(value)
+
+
+def flag(config: dict, key: str, where: str, default: bool) -> bool:
+    """config[key] as a bool: JSON true or false (null, 0, "false" are errors)."""
+    present, value = _read(config, key, where, default, REFUSED, "true or false", None)
+    if present and not isinstance(value, bool):
+        raise _bad(where, key, None, value, "true or false")
+    return value
+
+
+def text(config: dict, key: str, where: str, default: Any = REQUIRED, null: Any = REFUSED,
+         section: str | None = None) -> Any:
+    """config[key] as a string."""
+    present, value = _read(config, key, where, default, null, "a string", section)
+    if present and not isinstance(value, str):
+        raise _bad(where, key, section, value, "a string")
+    return value
+
+
+def table(config: dict, key: str, where: str) -> dict | None:
+    """config[key] as a JSON object; None when absent or null."""
+    present, value = _read(config, key, where, None, None, "an object", None)
+    if present and not isinstance(value, dict):
+        raise _bad(where, key, None, value, "an object (or null)")
+    return value
+
+
+def token_ids(config: dict, key: str, where: str) -> list[int]:
+    """A special-token id key (bos_token_id, eos_token_id, ...): null or absent (no id), an
+    integer >= 0, or a list of them."""
+    present, value = _read(config, key, where, None, None, "a token id", None)
+    if not present:
+        return []
+    ids = value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise _bad(where, key, None, value, "a token id (an integer >= 0) or a list of them")
+    return ids
 
 
 def require(ok: bool, where: str, key: str, message: str) -> None:
+    """HFConfigError "where: key message" ("where: key=value ..." when message starts "=")."""
     if not ok:
-        raise HFConfigError(f"{where}: {key} {message}")
+        raise HFConfigError(f"{where}: {key}{'' if message.startswith('=') else ' '}{message}")
 
 
 @dataclasses.dataclass(frozen=True)
