@@ -2,6 +2,7 @@
 
     jaxlm bench step --config configs/bench_cpu.py [--steps 5]
     jaxlm bench data --config configs/bench_cpu.py [--batches 2000]
+    jaxlm bench data --config configs/bench_cpu.py --huge-document-mb 1024 [--dir DIR]
     jaxlm bench checkpoint --config configs/bench_cpu.py [--steps 5]
     jaxlm bench lora --config configs/bench_cpu.py [--steps 2] [--rounds 5]
     jaxlm bench generate
@@ -31,10 +32,16 @@ def add_parsers(verbs) -> None:
     bench.add_argument("--rounds", type=int, default=5,
                        help="lora: alternating rounds of full and LoRA steps (default 5)")
     bench.add_argument("--batches", type=int, default=2000, help="data: timed batches")
+    bench.add_argument("--huge-document-mb", type=float, default=None,
+                       help="data: instead, the loader's peak memory on a source that is one "
+                            "document of this many MB (10^6 bytes)")
+    bench.add_argument("--huge-document-kind", choices=["text", "jsonl"], default="text",
+                       help="data: the huge document as a text file or one JSONL line")
     bench.add_argument("--size-mb", type=float, default=300.0,
                        help="convert: approximate float32 size of the model (MB, 10^6 bytes)")
     bench.add_argument("--dir", default=None,
-                       help="convert: scratch directory (default: a temporary one)")
+                       help="convert, data --huge-document-mb: scratch directory (default: a "
+                            "temporary one)")
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -53,8 +60,15 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         from jaxlm.bench.step import bench_step
         bench_step(cfg, steps=args.steps or 5)
     elif args.what == "data":
-        from jaxlm.bench.data import bench_data
-        bench_data(cfg, batches=args.batches)
+        from jaxlm.bench.data import bench_data, bench_huge_document
+        if args.huge_document_mb is None:
+            bench_data(cfg, batches=args.batches)
+        elif not args.huge_document_mb > 0:
+            raise config_lib.ConfigError(f"--huge-document-mb: must be positive, got "
+                                         f"{args.huge_document_mb}")
+        else:
+            bench_huge_document(cfg, args.huge_document_mb, kind=args.huge_document_kind,
+                                batches=args.batches, directory=args.dir)
     elif args.what == "checkpoint":
         from jaxlm.bench.checkpoint import bench_checkpoint
         bench_checkpoint(cfg, steps=args.steps or 5)

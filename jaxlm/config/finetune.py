@@ -67,8 +67,16 @@ def num_labels(ft_cfg: ml_collections.ConfigDict) -> int:
     return len(names) if names else int(ft_cfg.num_labels)
 
 
+# Bounds of the section's numeric keys (see jaxlm.config.schema for the others').
+MAX_LABELS = 2**20  # a classifier head of num_labels x d_model
+MAX_LORA_RANK = 2**16
+MAX_EVAL_EVERY = 2**31 - 1  # steps (int32)
+
+
 def validate(ft_cfg: ml_collections.ConfigDict, init_from: str = "") -> None:
-    """Raises ConfigError naming the key; nothing is checked for a pretraining config."""
+    """Raises ConfigError naming the key; nothing is checked for a pretraining config. (The
+    numeric keys are range-checked in every config by jaxlm.config.validate, with the
+    bounds above.)"""
     if not ft_cfg.task:
         return
     _require(ft_cfg.task in TASKS, "task", f"{ft_cfg.task!r} not in {TASKS} (or '' to pretrain)")
@@ -80,8 +88,7 @@ def validate(ft_cfg: ml_collections.ConfigDict, init_from: str = "") -> None:
                           "config.finetune.base; leave init_from empty")
     _require(bool(ft_cfg.train_file), "train_file", "a fine-tuning run needs a JSONL file")
     _require(bool(ft_cfg.eval_file) or 0 < ft_cfg.eval_fraction < 1, "eval_fraction",
-             "must be in (0, 1) when no eval_file is given")
-    _require(ft_cfg.eval_every >= 0, "eval_every", "must be >= 0")
+             f"must be in (0, 1) when no eval_file is given, got {ft_cfg.eval_fraction!r}")
     _require(ft_cfg.overlong in OVERLONG, "overlong", f"{ft_cfg.overlong!r} not in {OVERLONG}")
     _require(bool(ft_cfg.template), "template",
              f"one of {BUILTIN_TEMPLATES} or the path of a JSON template")
@@ -90,6 +97,8 @@ def validate(ft_cfg: ml_collections.ConfigDict, init_from: str = "") -> None:
         _require(len(set(names)) == len(names), "label_names", f"a name appears twice: {names}")
         _require(num_labels(ft_cfg) >= 2, "num_labels" if not names else "label_names",
                  f"a classifier needs at least 2 labels, got {num_labels(ft_cfg)}")
+        _require(len(names) <= MAX_LABELS, "label_names",
+                 f"{len(names)} names, more than {MAX_LABELS}")
         _require(not names or int(ft_cfg.num_labels) in (2, len(names)), "num_labels",
                  f"{ft_cfg.num_labels} contradicts the {len(names)} label_names")
         _require(ft_cfg.pooling in POOLINGS, "pooling", f"{ft_cfg.pooling!r} not in {POOLINGS}")
@@ -97,10 +106,6 @@ def validate(ft_cfg: ml_collections.ConfigDict, init_from: str = "") -> None:
         _require(bool(ft_cfg.label_field), "label_field", "must name a JSON field")
     lora = ft_cfg.lora
     if ft_cfg.method == "lora":
-        _require(isinstance(lora.rank, int) and lora.rank >= 1, "lora.rank",
-                 f"must be a positive integer, got {lora.rank!r}")
-        _require(lora.alpha > 0, "lora.alpha", "must be positive")
-        _require(0 <= lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
         targets = lora_targets(lora)
         _require(bool(targets), "lora.targets", f"name at least one of {LORA_TARGETS}")
         unknown = [t for t in targets if t not in LORA_TARGETS]

@@ -19,6 +19,9 @@ Config files in `configs/` start from `defaults()` and change what they need.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import ml_collections
 
 from jaxlm.config import finetune as finetune_section
@@ -38,11 +41,57 @@ PACKINGS = ("concat", "first_fit")
 NONFINITE_POLICIES = ("stop", "skip", "continue")
 SOURCE_KINDS = ("text", "jsonl", "parquet", "tfds")
 
+# Upper bounds of the keys that scale memory or time (validate.py checks every numeric key).
+# Each lies far above any real run, so only a typo reaches it, and low enough that the typo
+# is refused in a line instead of by an allocation that fails, or swaps, minutes later.
+MAX_VOCAB = 2**24  # 64 x the largest vocabulary in use (262,144); a logits row is 64 MiB
+MAX_WIDTH = 2**17  # d_model, d_ff, head_dim (the widest published model: d_ff 73,728)
+MAX_LAYERS = 2**12
+MAX_HEADS = 2**12
+MAX_SEQ_LEN = 2**24  # positions (model.max_seq_len, data.seq_len, rope original_max_len)
+MAX_GLOBAL_BATCH = 2**16  # rows; each row of the global batch is one document stream
+MAX_BATCH_TOKENS = 2**30  # global_batch_size x seq_len: one batch's int32 arrays are ~20 GiB
+MAX_PREFETCH = 64  # batches the loader's thread holds ready (each one batch of memory)
+MAX_STEPS = 2**31 - 1  # the step counter is int32
+MAX_SEED = 2**32 - 1  # jax.random.PRNGKey and grain keep 32 bits: larger seeds collide
+MAX_SHUFFLE_SEED = 2**31 - 1  # + 7919 per source of a mixture must stay below 2**32 (grain)
+# data.max_document_bytes: by default 8 MiB, ~2M tokens of a subword tokenizer, far longer
+# than any row, so a cut costs no context a row could hold, and rare enough in real corpora
+# that they build as before; a row stream then holds at most 32 MiB of int32 tokens of it.
+DEFAULT_MAX_DOCUMENT_BYTES = 8 * 2**20
+MIN_DOCUMENT_BYTES = 2**10  # pieces of at least 1 KiB ...
+MAX_DOCUMENT_BYTES = 2**28  # ... and at most 256 MiB (a piece is tokenized whole: ~4-16
+#                             bytes of memory per byte of text while it is)
+
 
 def require(condition: bool, key: str, message: str) -> None:
     """ConfigError "config.<key>: <message>" unless `condition`."""
     if not condition:
         raise ConfigError(f"config.{key}: {message}")
+
+
+def require_int(value, key: str, low: int, high: int) -> None:
+    """ConfigError naming `key` unless `value` is an integer in [low, high] (not a bool)."""
+    is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    require(is_int, key, f"must be an integer, got {value!r}")
+    require(low <= value <= high, key, f"must be in [{low}, {high}], got {value}")
+
+
+def require_real(value, key: str, low: float, high: float = math.inf, *,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """ConfigError naming `key` unless `value` is a finite number in the interval from `low`
+    to `high` (closed unless `low_open` / `high_open`); NaN and infinities are refused."""
+    is_real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    require(is_real, key, f"must be a number, got {value!r}")
+    value = float(value)
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if high == math.inf:
+        bound = f"{'>' if low_open else '>='} {low:g}"
+        require(math.isfinite(value) and above, key, f"must be finite and {bound}, got {value!r}")
+    else:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        require(above and below, key, f"must be in {interval}, got {value!r}")
 
 
 def source_defaults() -> ml_collections.ConfigDict:
@@ -107,6 +156,10 @@ def defaults() -> ml_collections.ConfigDict:
             global_batch_size=16,
             shuffle_seed=0,
             prefetch=2,  # batches prepared ahead of the step by a background thread
+            # A document longer than this many UTF-8 bytes is split into pieces of at most
+            # this size, each its own document (BOS ... EOS): no document needs more memory
+            # than one piece (jaxlm/data/longdocs.py). Shorter ones are never touched.
+            max_document_bytes=DEFAULT_MAX_DOCUMENT_BYTES,
         )
     )
 

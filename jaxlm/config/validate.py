@@ -18,7 +18,20 @@ from jaxlm.config.schema import (
     BUILTIN_DATASETS,
     DCN_KEYS,
     DTYPES,
+    MAX_BATCH_TOKENS,
+    MAX_DOCUMENT_BYTES,
+    MAX_GLOBAL_BATCH,
+    MAX_HEADS,
+    MAX_LAYERS,
+    MAX_PREFETCH,
+    MAX_SEED,
+    MAX_SEQ_LEN,
+    MAX_SHUFFLE_SEED,
+    MAX_STEPS,
+    MAX_VOCAB,
+    MAX_WIDTH,
     MESH_AXES,
+    MIN_DOCUMENT_BYTES,
     NONFINITE_POLICIES,
     PACKINGS,
     REMAT_POLICIES,
@@ -28,6 +41,8 @@ from jaxlm.config.schema import (
     TOKENIZERS,
     defaults,
     require,
+    require_int,
+    require_real,
     source_defaults,
 )
 from jaxlm.errors import ConfigError
@@ -55,15 +70,12 @@ def parse_mixture(dataset: str) -> list[tuple[str, float]]:
     return [(n, w / total) for n, w in mixture]
 
 
-
-
-
 def num_slices(mesh_cfg: ml_collections.ConfigDict) -> int:
     """Slices the mesh spans: the product of its DCN factors (validated)."""
     count = 1
     for key in DCN_KEYS.values():
         size = mesh_cfg[key]
-        if not isinstance(size, int) or size < 1:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ConfigError(f"config.mesh.{key}={size!r}: must be a positive integer "
                               "(slices along this axis; 1 for a single slice)")
         count *= size
@@ -80,11 +92,12 @@ def ici_mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> dic
     per_slice = num_devices // slices
     where = f"the {per_slice} devices of each of {slices} slices" if slices > 1 else \
         f"the {num_devices} devices"
+    for axis in MESH_AXES:
+        size = mesh_cfg[axis]
+        if isinstance(size, bool) or not isinstance(size, int) or size == 0 or size < -1:
+            raise ConfigError(f"config.mesh.{axis}={size!r}: must be a positive size or -1")
     sizes = {axis: int(mesh_cfg[axis]) for axis in MESH_AXES}
     unknown = [axis for axis, size in sizes.items() if size == -1]
-    for axis, size in sizes.items():
-        if size == 0 or size < -1:
-            raise ConfigError(f"config.mesh.{axis}={size}: must be a positive size or -1")
     if len(unknown) > 1:
         raise ConfigError(f"config.mesh: only one axis may be -1, got {unknown}")
     known = 1
@@ -110,63 +123,17 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> dict[st
 
 def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     """Checks every section's values for `num_devices` devices; raises ConfigError naming
-    the key. (The model family's own constraints: `jaxlm.model.validate`.)"""
+    the key. Every numeric key has a range (NaN and infinities are refused), and the keys
+    that scale memory an upper bound (schema.MAX_*). (The model family's own constraints:
+    `jaxlm.model.validate`.)"""
     reference = defaults()
     _check_known_keys(reference, cfg, "config")
-
-    m = cfg.model
-    require(m.remat in REMAT_POLICIES, "model.remat", f"{m.remat!r} not in {REMAT_POLICIES}")
-    require(m.attention in ATTENTION_BACKENDS, "model.attention",
-             f"{m.attention!r} not in {ATTENTION_BACKENDS}")
-    require(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r} not in {DTYPES}")
-    for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
-        require(int(m[key]) > 0, f"model.{key}", f"must be positive, got {m[key]}")
-    require(m.head_dim >= 0, "model.head_dim", "must be >= 0 (0 means d_model // n_heads)")
-    require(m.head_dim > 0 or m.d_model % m.n_heads == 0, "model.n_heads",
-             f"d_model={m.d_model} is not divisible by n_heads={m.n_heads}")
-    require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
-             f"n_heads={m.n_heads} is not a multiple of n_kv_heads={m.n_kv_heads}")
-    require(m.rope_theta > 0, "model.rope_theta", "must be positive")
-    _check_rope_scaling(m.rope_scaling)
-
-    d = cfg.data
-    require(d.seq_len > 0, "data.seq_len", "must be positive")
-    require(d.seq_len <= m.max_seq_len, "data.seq_len",
-             f"{d.seq_len} is longer than the model's positions (model.max_seq_len={m.max_seq_len})")
-    require(d.global_batch_size > 0, "data.global_batch_size", "must be positive")
-    for name, _ in parse_mixture(d.dataset):
-        require(name in BUILTIN_DATASETS or name in d.sources, "data.dataset",
-                 f"source {name!r} is neither built in {BUILTIN_DATASETS} nor defined in data.sources")
-    for name, source in d.sources.items():
-        _check_source(name, source)
-    require(d.tokenizer in TOKENIZERS, "data.tokenizer", f"{d.tokenizer!r} not in {TOKENIZERS}")
-    require(d.tokenizer == "byte" or d.tokenizer_path, "data.tokenizer_path",
-             f"tokenizer {d.tokenizer!r} needs a file")
-    require(d.vocab_multiple >= 1, "data.vocab_multiple", "must be >= 1")
-    require(d.packing in PACKINGS, "data.packing", f"{d.packing!r} not in {PACKINGS}")
-    require(d.prefetch >= 1, "data.prefetch", "must be >= 1")
-    require(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0: the tokenizer's, padded)")
-
-    o = cfg.optim
-    require(o.schedule in SCHEDULES, "optim.schedule", f"{o.schedule!r} not in {SCHEDULES}")
-    require(o.learning_rate > 0, "optim.learning_rate", "must be positive")
-    require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-    require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
-    require(0 < o.decay_fraction <= 1, "optim.decay_fraction", "must be in (0, 1]")
-    require(o.clip_norm >= 0, "optim.clip_norm", "must be >= 0")
-    require(o.z_loss >= 0, "optim.z_loss", "must be >= 0")
-    require(o.grad_accum_steps >= 1, "optim.grad_accum_steps", "must be >= 1")
-
-    t = cfg.train
-    require(t.steps > 0, "train.steps", "must be positive")
-    require(t.log_every > 0, "train.log_every", "must be positive")
-    require(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
-    require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
-    require(cfg.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "must be >= 0")
-    require(cfg.checkpoint.keep_period >= 0, "checkpoint.keep_period", "must be >= 0")
-    require(t.nonfinite in NONFINITE_POLICIES, "train.nonfinite",
-             f"{t.nonfinite!r} not in {NONFINITE_POLICIES}")
-    require(cfg.metrics.peak_flops >= 0, "metrics.peak_flops", "must be >= 0")
+    m, d, o = cfg.model, cfg.data, cfg.optim
+    _check_model(m)
+    _check_data(d, m)
+    _check_optim(o, d)
+    _check_run(cfg)
+    _check_finetune_numbers(cfg.finetune)
     finetune_section.validate(cfg.finetune, cfg.checkpoint.init_from)
 
     shape = mesh_shape(cfg.mesh, num_devices)
@@ -190,14 +157,104 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
              f"{batch_shards} data shards (mesh data x fsdp, DCN factors included)")
 
 
+def _check_model(m: ml_collections.ConfigDict) -> None:
+    require(m.remat in REMAT_POLICIES, "model.remat", f"{m.remat!r} not in {REMAT_POLICIES}")
+    require(m.attention in ATTENTION_BACKENDS, "model.attention",
+             f"{m.attention!r} not in {ATTENTION_BACKENDS}")
+    require(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r} not in {DTYPES}")
+    for key in ("d_model", "d_ff"):
+        require_int(m[key], f"model.{key}", 1, MAX_WIDTH)
+    require_int(m.n_layers, "model.n_layers", 1, MAX_LAYERS)
+    require_int(m.n_heads, "model.n_heads", 1, MAX_HEADS)
+    require_int(m.n_kv_heads, "model.n_kv_heads", 1, MAX_HEADS)
+    require_int(m.max_seq_len, "model.max_seq_len", 1, MAX_SEQ_LEN)
+    require_int(m.head_dim, "model.head_dim", 0, MAX_WIDTH)  # 0: d_model // n_heads
+    require(m.head_dim > 0 or m.d_model % m.n_heads == 0, "model.n_heads",
+             f"d_model={m.d_model} is not divisible by n_heads={m.n_heads}")
+    require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
+             f"n_heads={m.n_heads} is not a multiple of n_kv_heads={m.n_kv_heads}")
+    # 0: the tokenizer's vocabulary, padded to data.vocab_multiple
+    require_int(m.vocab_size, "model.vocab_size", 0, MAX_VOCAB)
+    require_real(m.rope_theta, "model.rope_theta", 0, low_open=True)
+    require_real(m.norm_eps, "model.norm_eps", 0, 1, low_open=True, high_open=True)
+    require_real(m.init_std, "model.init_std", 0, low_open=True)
+    _check_rope_scaling(m.rope_scaling)
+
+
+def _check_data(d: ml_collections.ConfigDict, m: ml_collections.ConfigDict) -> None:
+    require_int(d.seq_len, "data.seq_len", 1, MAX_SEQ_LEN)
+    require(d.seq_len <= m.max_seq_len, "data.seq_len",
+             f"{d.seq_len} is longer than the model's positions (model.max_seq_len={m.max_seq_len})")
+    require_int(d.global_batch_size, "data.global_batch_size", 1, MAX_GLOBAL_BATCH)
+    require(d.global_batch_size * d.seq_len <= MAX_BATCH_TOKENS, "data.global_batch_size",
+            f"{d.global_batch_size} rows of data.seq_len={d.seq_len} are "
+            f"{d.global_batch_size * d.seq_len} tokens per batch, more than {MAX_BATCH_TOKENS}")
+    require_int(d.shuffle_seed, "data.shuffle_seed", 0, MAX_SHUFFLE_SEED)
+    require_int(d.prefetch, "data.prefetch", 1, MAX_PREFETCH)
+    require_int(d.max_document_bytes, "data.max_document_bytes", MIN_DOCUMENT_BYTES,
+                MAX_DOCUMENT_BYTES)
+    require_int(d.vocab_multiple, "data.vocab_multiple", 1, MAX_WIDTH)
+    for name, _ in parse_mixture(d.dataset):
+        require(name in BUILTIN_DATASETS or name in d.sources, "data.dataset",
+                 f"source {name!r} is neither built in {BUILTIN_DATASETS} nor defined in data.sources")
+    for name, source in d.sources.items():
+        _check_source(name, source)
+    require(d.tokenizer in TOKENIZERS, "data.tokenizer", f"{d.tokenizer!r} not in {TOKENIZERS}")
+    require(d.tokenizer == "byte" or d.tokenizer_path, "data.tokenizer_path",
+             f"tokenizer {d.tokenizer!r} needs a file")
+    require(d.packing in PACKINGS, "data.packing", f"{d.packing!r} not in {PACKINGS}")
+
+
+def _check_optim(o: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> None:
+    require(o.schedule in SCHEDULES, "optim.schedule", f"{o.schedule!r} not in {SCHEDULES}")
+    require_real(o.learning_rate, "optim.learning_rate", 0, low_open=True)
+    require_int(o.warmup_steps, "optim.warmup_steps", 0, MAX_STEPS)
+    require_real(o.min_lr_ratio, "optim.min_lr_ratio", 0, 1)
+    require_real(o.decay_fraction, "optim.decay_fraction", 0, 1, low_open=True)
+    require_real(o.b1, "optim.b1", 0, 1, high_open=True)
+    require_real(o.b2, "optim.b2", 0, 1, high_open=True)
+    require_real(o.eps, "optim.eps", 0, low_open=True)
+    require_real(o.weight_decay, "optim.weight_decay", 0)
+    require_real(o.clip_norm, "optim.clip_norm", 0)  # 0 disables
+    require_real(o.z_loss, "optim.z_loss", 0)  # 0 disables
+    require_int(o.grad_accum_steps, "optim.grad_accum_steps", 1, d.global_batch_size)
+
+
+def _check_run(cfg: ml_collections.ConfigDict) -> None:
+    """train, checkpoint and metrics."""
+    t, c = cfg.train, cfg.checkpoint
+    require_int(t.steps, "train.steps", 1, MAX_STEPS)
+    require_int(t.seed, "train.seed", 0, MAX_SEED)
+    require_int(t.log_every, "train.log_every", 1, MAX_STEPS)
+    require(t.nonfinite in NONFINITE_POLICIES, "train.nonfinite",
+             f"{t.nonfinite!r} not in {NONFINITE_POLICIES}")
+    require_int(c.every, "checkpoint.every", 0, MAX_STEPS)  # 0: no step cadence
+    require_real(c.every_minutes, "checkpoint.every_minutes", 0)
+    require_int(c.keep, "checkpoint.keep", 1, MAX_STEPS)
+    require_int(c.keep_period, "checkpoint.keep_period", 0, MAX_STEPS)
+    require_real(cfg.metrics.peak_flops, "metrics.peak_flops", 0)  # 0: chip table or probe
+
+
+def _check_finetune_numbers(f: ml_collections.ConfigDict) -> None:
+    """The finetune section's numeric keys, in every config (the section's other checks, for
+    a fine-tuning config: jaxlm.config.finetune)."""
+    require_real(f.eval_fraction, "finetune.eval_fraction", 0, 1, high_open=True)
+    require_int(f.eval_every, "finetune.eval_every", 0, finetune_section.MAX_EVAL_EVERY)
+    require_int(f.num_labels, "finetune.num_labels", 2, finetune_section.MAX_LABELS)
+    require_int(f.lora.rank, "finetune.lora.rank", 1, finetune_section.MAX_LORA_RANK)
+    require_real(f.lora.alpha, "finetune.lora.alpha", 0, low_open=True)
+    require_real(f.lora.dropout, "finetune.lora.dropout", 0, 1, high_open=True)
+
+
 def _check_rope_scaling(s: ml_collections.ConfigDict) -> None:
     require(s.type in ROPE_SCALINGS, "model.rope_scaling.type", f"{s.type!r} not in {ROPE_SCALINGS}")
-    require(s.factor > 0, "model.rope_scaling.factor", "must be positive")
+    require_real(s.factor, "model.rope_scaling.factor", 0, low_open=True)
+    require_real(s.low_freq_factor, "model.rope_scaling.low_freq_factor", 0, low_open=True)
+    require_real(s.high_freq_factor, "model.rope_scaling.high_freq_factor", 0, low_open=True)
+    require_int(s.original_max_len, "model.rope_scaling.original_max_len", 1, MAX_SEQ_LEN)
     if s.type == "llama3":
-        require(s.low_freq_factor > 0, "model.rope_scaling.low_freq_factor", "must be positive")
         require(s.high_freq_factor > s.low_freq_factor, "model.rope_scaling.high_freq_factor",
                  "must be larger than low_freq_factor")
-        require(s.original_max_len > 0, "model.rope_scaling.original_max_len", "must be positive")
 
 
 def _check_source(name: str, source: ml_collections.ConfigDict) -> None:

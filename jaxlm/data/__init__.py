@@ -6,6 +6,8 @@ Owns:
     tokenizers  byte, SentencePiece and Hugging Face tokenizers; saving them with a run
     packing     documents -> rows (concatenate-and-split, first-fit), with segment ids
     pipeline    the batch iterator: deterministic global order, exact resume state
+    longdocs    documents longer than data.max_document_bytes: where they are cut into
+                pieces, and reading them in bounded memory
     jsonl       JSON Lines read a line at a time, errors naming file:line (corpora and
                 fine-tuning examples)
 

@@ -9,6 +9,10 @@ document longer than a row is split into pieces, never dropped.
 - `ConcatPacker` concatenates documents and cuts rows (no padding but at the end of a
   finite stream). Its state is the parent's state before the current document plus an
   offset into it: restoring re-reads one document.
+
+A record longer than data.max_document_bytes reaches a packer as a `longdocs.SplitRecord`:
+its pieces are documents one after the other. `ConcatPacker` tokenizes one piece at a time
+(its state then also names the piece); `FirstFitPacker` takes every piece into its window.
 - `FirstFitPacker` splits documents into pieces of at most `row_len`, then packs a window of
   `window` documents at a time first-fit-decreasing (longest piece first, into the first
   row with room) and emits the window's rows in a seeded random order (so full rows and
@@ -22,6 +26,8 @@ from typing import Any
 
 import grain
 import numpy as np
+
+from jaxlm.data.longdocs import SplitRecord
 
 Row = tuple[np.ndarray, np.ndarray, np.ndarray]  # tokens, segment ids, positions
 
@@ -55,18 +61,37 @@ class ConcatPacker(grain.DatasetIterator):
         self._doc: np.ndarray | None = None  # the document the next row starts in
         self._doc_state: dict[str, Any] | None = None  # parent state just before _doc
         self._offset = 0  # tokens of _doc already emitted
+        self._split: SplitRecord | None = None  # the record _doc is a piece of, if split
+        self._piece = 0  # which piece
 
-    def _next_doc(self) -> bool:
-        """Loads the next non-empty document; False at the end of the stream."""
+    def _next_doc(self, piece: int = 0) -> bool:
+        """Loads the next non-empty document (from `piece` on, when it is a split record);
+        False at the end of the stream."""
         while True:
             state = self._parent.get_state()
             try:
                 doc = next(self._parent)
             except StopIteration:
                 return False
-            if len(doc):
+            if isinstance(doc, SplitRecord):
+                self._split, self._doc_state = doc, state
+                if self._open_piece(piece):
+                    return True
+            elif len(doc):
                 self._doc, self._doc_state, self._offset = doc, state, 0
                 return True
+
+    def _open_piece(self, piece: int) -> bool:
+        """The first non-empty piece from `piece` on of the split record as _doc; False
+        (and no split record) when none is left."""
+        while piece < len(self._split):
+            doc = self._split.tokens(piece)
+            if len(doc):
+                self._doc, self._piece, self._offset = doc, piece, 0
+                return True
+            piece += 1
+        self._split = None
+        return False
 
     def __next__(self) -> Row:
         pieces, filled = [], 0
@@ -78,7 +103,9 @@ class ConcatPacker(grain.DatasetIterator):
             filled += take
             self._offset += take
             if self._offset == len(self._doc):
-                self._doc = None
+                self._doc = None  # (and the next piece of a split record, if any)
+                if self._split is not None:
+                    self._open_piece(self._piece + 1)
         if not pieces:
             raise StopIteration
         return _assemble(pieces, self._row_len)
@@ -86,13 +113,17 @@ class ConcatPacker(grain.DatasetIterator):
     def get_state(self) -> dict[str, Any]:
         if self._doc is None:
             return {"parent": self._parent.get_state(), "offset": 0, "in_doc": False}
-        return {"parent": self._doc_state, "offset": self._offset, "in_doc": True}
+        state = {"parent": self._doc_state, "offset": self._offset, "in_doc": True}
+        if self._split is not None:
+            state["piece"] = self._piece
+        return state
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
-        self._doc, self._doc_state, self._offset = None, None, 0
+        self._doc, self._doc_state, self._offset, self._split = None, None, 0, None
         if state["in_doc"]:
-            if not self._next_doc():
+            piece = int(state.get("piece", 0))
+            if not self._next_doc(piece) or piece != (self._piece if self._split else 0):
                 raise ValueError("pipeline state points past the end of the data")
             self._offset = int(state["offset"])
 
@@ -136,7 +167,10 @@ class FirstFitPacker(grain.DatasetIterator):
                 doc = next(self._parent)
             except StopIteration:
                 break
-            pieces.extend(doc[i:i + self._row_len] for i in range(0, len(doc), self._row_len))
+            parts = (doc.tokens(k) for k in range(len(doc))) if isinstance(doc, SplitRecord) \
+                else (doc,)
+            for part in parts:
+                pieces.extend(part[i:i + self._row_len] for i in range(0, len(part), self._row_len))
         # Pieces filling a whole row need no search; only the remainders are packed.
         full = [[p] for p in pieces if len(p) == self._row_len]
         rows = full + first_fit_decreasing([p for p in pieces if len(p) < self._row_len],

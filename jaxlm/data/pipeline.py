@@ -13,6 +13,11 @@ feeds (by default rows [p*B/P, (p+1)*B/P)), so the global batch at step k is the
 for any number of processes. Everything before packing is index based (grain
 MapDataset), so the pipeline state is a few integers per stream, and the batch at step k
 is a pure function of (seed, k, data config).
+
+A record longer than data.max_document_bytes (only a TFDS catalog dataset's can be: local
+sources are cut when built) is read whole, then cut into pieces that are tokenized and packed
+one at a time, each its own document (jaxlm.data.longdocs); shorter records are tokenized
+whole, as always.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import ml_collections
 import numpy as np
 
 from jaxlm import config as config_lib
-from jaxlm.data import sources, tokenizers
+from jaxlm.config.schema import DEFAULT_MAX_DOCUMENT_BYTES
+from jaxlm.data import longdocs, sources, tokenizers
 from jaxlm.data.packing import PackedRows, shift_row
 
 Batch = dict[str, np.ndarray]
@@ -38,20 +44,40 @@ _STATE_VERSION = 3
 
 
 class _Tokenize:
-    """Record -> [BOS] text [EOS] int32 (the marks the tokenizer has); empty -> empty array."""
+    """Record -> [BOS] text [EOS] int32 (the marks the tokenizer has); empty -> empty array.
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer):
+    A record longer than `max_document_bytes` (UTF-8) becomes a `longdocs.SplitRecord`: its
+    pieces, each tokenized so only when the packer reaches it. (Local sources are split when
+    built; only a catalog dataset's records can be this long here.)"""
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer,
+                 max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES):
         self._tok = tokenizer
         self._bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
         self._eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+        self._limit = max_document_bytes
 
-    def __call__(self, record: dict[str, Any]) -> np.ndarray:
-        text = record["text"]
+    def __call__(self, record: dict[str, Any]) -> np.ndarray | longdocs.SplitRecord:
+        text = data = record["text"]
+        if isinstance(text, str) and len(text) > self._limit // 4:  # may be too long
+            data = text.encode("utf-8", "surrogatepass")
+        if isinstance(data, bytes) and len(data) > self._limit:
+            return longdocs.SplitRecord(data, self._limit, self._wrap_bytes)
         # TFDS decodes Text features to bytes without TensorFlow: skip a decode/encode trip.
-        ids = self._tok.encode_bytes(text) if isinstance(text, bytes) else self._tok.encode(text)
+        return self._wrap_bytes(text) if isinstance(text, bytes) else \
+            self._wrap(self._tok.encode(text))
+
+    def _wrap_bytes(self, text: bytes) -> np.ndarray:
+        return self._wrap(self._tok.encode_bytes(text))
+
+    def _wrap(self, ids: np.ndarray) -> np.ndarray:
         if not len(ids):
             return np.zeros(0, np.int32)
-        return np.concatenate([self._bos, ids, self._eos]).astype(np.int32)
+        tokens = np.empty(len(self._bos) + len(ids) + len(self._eos), np.int32)
+        tokens[:len(self._bos)] = self._bos
+        tokens[len(self._bos):len(self._bos) + len(ids)] = ids
+        tokens[len(self._bos) + len(ids):] = self._eos
+        return tokens
 
 
 class _RowBatchIterator(grain.DatasetIterator):
@@ -143,7 +169,8 @@ class BatchIterator:
                 f"data-order function (this jaxlm has version {_STATE_VERSION}): resuming would "
                 f"read the data in a different order; use the jaxlm that wrote it or a new workdir")
         saved = state.get("meta", {})
-        changed = {k: (saved.get(k), v) for k, v in self._meta.items() if saved.get(k) != v}
+        changed = {k: (saved.get(k), self._meta.get(k)) for k in {**saved, **self._meta}
+                   if saved.get(k) != self._meta.get(k)}
         if changed:
             raise ValueError(f"data pipeline state was saved with different settings "
                              f"(saved, now): {changed}")
@@ -243,7 +270,8 @@ def make_iterator(data_cfg: ml_collections.ConfigDict, *, split: str = "train",
             # process shuffles the whole source alike: the order is global.
             ds = ds.shuffle(seed=data_cfg.shuffle_seed + 7919 * i).repeat(None)
         parts.append(ds)
-    tokenize = _Tokenize(tokenizer)
+    limit = sources.max_document_bytes(data_cfg)
+    tokenize = _Tokenize(tokenizer, limit)
     weights = [w for _, w in mixture]
 
     def stream_documents(j: int) -> grain.MapDataset:
@@ -271,4 +299,8 @@ def make_iterator(data_cfg: ml_collections.ConfigDict, *, split: str = "train",
     meta = {"dataset": data_cfg.dataset, "split": split, "tokenizer": tokenizer.fingerprint,
             "packing": data_cfg.packing, "seq_len": int(data_cfg.seq_len),
             "global_batch": int(global_batch), "shuffle_seed": int(data_cfg.shuffle_seed)}
+    if limit != DEFAULT_MAX_DOCUMENT_BYTES:
+        # Recorded only when it differs from the default: states saved before the key
+        # existed (read with the default) stay valid.
+        meta["max_document_bytes"] = limit
     return BatchIterator(it_ds, meta, rows)

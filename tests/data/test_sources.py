@@ -69,7 +69,7 @@ def test_text_one_document_per_file(tmp_path):
     train, validation = both_splits(cfg, "mine")
     assert sorted(train + validation) == sorted(docs.values())
     assert stats == {"train_documents": len(train), "validation_documents": len(validation),
-                     "empty_skipped": 2, "invalid_utf8_replaced": 0}
+                     "empty_skipped": 2, "invalid_utf8_replaced": 0, "long_documents_split": 0}
     record = sources.load(cfg, "mine", "train")[0]
     assert record["path"].decode() in docs  # relative to the files' common directory
     json.dumps(stats)
@@ -340,7 +340,8 @@ def tfds_cfg(data_dir, **keys):
 def test_tfds_source(catalog_dir, tfds_name):
     cfg = tfds_cfg(catalog_dir, tfds_name=tfds_name)
     assert sources.prepare(cfg, "cat") == {"train_documents": 7, "validation_documents": 2,
-                                           "empty_skipped": 0, "invalid_utf8_replaced": 0}
+                                           "empty_skipped": 0, "invalid_utf8_replaced": 0,
+                                           "long_documents_split": 0}
     assert sorted(texts(cfg, "cat", "train")) == sorted(TINY["train"])
     assert sorted(texts(cfg, "cat", "validation")) == sorted(TINY["test"])
     source = sources.load(cfg, "cat", "train")

@@ -24,14 +24,20 @@ from typing import Any, Iterator
 import ml_collections
 
 from jaxlm import config as config_lib
+from jaxlm.config.schema import DEFAULT_MAX_DOCUMENT_BYTES
 from jaxlm.data.sources import catalog, local, stdlib
 from jaxlm.data.sources._common import SPLITS, NotPreparedError, SourceError
 from jaxlm.data.sources.stdlib import Stdlib, stdlib_files
 
-__all__ = ["NotPreparedError", "SourceError", "Stdlib", "documents", "load", "prepare",
-           "prepare_all", "stdlib_files"]
+__all__ = ["NotPreparedError", "SourceError", "Stdlib", "documents", "load",
+           "max_document_bytes", "prepare", "prepare_all", "stdlib_files"]
 
 _BUILDERS = {"stdlib": Stdlib}  # the built-in sources (config.BUILTIN_DATASETS)
+
+
+def max_document_bytes(data_cfg: ml_collections.ConfigDict) -> int:
+    """data.max_document_bytes (its default for a config from before the key existed)."""
+    return int(data_cfg.get("max_document_bytes", DEFAULT_MAX_DOCUMENT_BYTES))
 
 
 def _data_dir(data_cfg: ml_collections.ConfigDict) -> str:
@@ -66,7 +72,10 @@ def _spec(data_cfg: ml_collections.ConfigDict, name: str) -> ml_collections.Conf
 def prepare(data_cfg: ml_collections.ConfigDict, name: str) -> dict[str, int]:
     """Builds source `name` under `data_cfg.data_dir` unless already built, and returns its
     build statistics: {"train_documents", "validation_documents", "empty_skipped",
-    "invalid_utf8_replaced"} (ints; the same on later calls, which do not rebuild).
+    "invalid_utf8_replaced", "long_documents_split"} (ints; the same on later calls, which
+    do not rebuild). Records are counted: a document longer than data.max_document_bytes
+    is split into pieces (jaxlm.data.longdocs), each a record; `long_documents_split`
+    counts such documents (local sources; a catalog's are split as the pipeline reads them).
 
     Raises ValueError for an unknown name, SourceError (a ValueError) for unusable files or
     settings, NotPreparedError (a ValueError) for a TFDS dataset not prepared in data_dir.
@@ -76,7 +85,7 @@ def prepare(data_cfg: ml_collections.ConfigDict, name: str) -> dict[str, int]:
         return stdlib.prepare(data_dir)
     if spec.kind == "tfds":
         return catalog.prepare(name, spec, data_dir)
-    return local.prepare(name, spec, data_dir)
+    return local.prepare(name, spec, data_dir, max_document_bytes(data_cfg))
 
 
 def load(data_cfg: ml_collections.ConfigDict, name: str, split: str) -> Any:
@@ -90,7 +99,7 @@ def load(data_cfg: ml_collections.ConfigDict, name: str, split: str) -> Any:
         return stdlib.load(data_dir, split)
     if spec.kind == "tfds":
         return catalog.load(name, spec, data_dir, split)
-    return local.load(name, spec, data_dir, split)
+    return local.load(name, spec, data_dir, split, max_document_bytes(data_cfg))
 
 
 def prepare_all(data_cfg: ml_collections.ConfigDict) -> dict[str, dict[str, int]]:

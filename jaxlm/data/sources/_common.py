@@ -19,11 +19,12 @@ class NotPreparedError(UserError, FileNotFoundError, ValueError):
 
 
 def stats(info: Any, train_split: str, eval_split: str, *, empty_skipped: int = 0,
-          invalid_utf8_replaced: int = 0) -> dict[str, int]:
+          invalid_utf8_replaced: int = 0, long_documents_split: int = 0) -> dict[str, int]:
     """The JSON-safe build statistics `prepare` returns."""
     return {
         "train_documents": int(info.splits[train_split].num_examples),
         "validation_documents": int(info.splits[eval_split].num_examples),
         "empty_skipped": int(empty_skipped),
         "invalid_utf8_replaced": int(invalid_utf8_replaced),
+        "long_documents_split": int(long_documents_split),
     }

@@ -7,6 +7,13 @@ config gives a fresh build, and two sources never share one. Older builds are le
 Documents are keyed by (file path relative to the files' common directory, index within the
 file); `validation` holds those whose stable hash falls under `eval_fraction`, plus one
 document chosen by hash if that would leave it empty (and symmetrically for `train`).
+
+A document longer than `data.max_document_bytes` (UTF-8 bytes) is stored as pieces of at most
+that size (jaxlm.data.longdocs), each a record keyed "<path>#<index>.<piece>" (the first
+"<path>#<index>") with the document's path and index; all pieces go to the document's split.
+Files are read in bounded memory: a text file or block in parts, an over-long JSONL line as a
+stream, a Parquet value from Arrow's buffer. The limit counts in the digest only when a file
+could hold a longer document, so builds of other corpora are the ones made before it existed.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxlm.data import jsonl
+from jaxlm.config.schema import DEFAULT_MAX_DOCUMENT_BYTES
+from jaxlm.data import jsonl, longdocs
 from jaxlm.data.sources._common import SourceError, stats
 
 # Bump when the same files and settings would now build different records.
@@ -31,8 +39,9 @@ _BUILD_FORMAT = 1
 _GLOB_MAGIC = re.compile(r"[*?[]")
 _STATS_KEY = "jaxlm_build_stats"
 
-# (index within file, text or None for a null value, whether invalid UTF-8 was replaced)
-Document = tuple[int, "str | None", bool]
+# (index within file, piece of the document (0 unless it was split), text or None for a null
+# value, whether invalid UTF-8 was replaced)
+Document = tuple[int, int, "str | None", bool]
 
 
 @dataclasses.dataclass(eq=False)
@@ -45,6 +54,7 @@ class LocalConfig(tfds.core.BuilderConfig):
     text_field: str = "text"
     split_by: str = "file"
     eval_fraction: float = 0.01
+    max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES  # data.max_document_bytes
     plan: Any = dataclasses.field(default=None, repr=False)  # a _Plan once scanned
 
 
@@ -55,6 +65,7 @@ class _Plan:
     documents: int  # non-empty
     empty_skipped: int
     invalid_utf8_replaced: int
+    long_documents_split: int
     validation_files: frozenset[str]
     to_validation: tuple[str, int] | None  # the fallback when no hash falls under the fraction
     to_train: tuple[str, int] | None  # the fallback when every hash does
@@ -98,6 +109,7 @@ class LocalCorpus(tfds.core.GeneratorBasedBuilder):
         self.info.metadata[_STATS_KEY] = {
             "empty_skipped": plan.empty_skipped,
             "invalid_utf8_replaced": plan.invalid_utf8_replaced,
+            "long_documents_split": plan.long_documents_split,
         }
         return {"train": self._generate_examples(plan, validation=False),
                 "validation": self._generate_examples(plan, validation=True)}
@@ -107,16 +119,17 @@ class LocalCorpus(tfds.core.GeneratorBasedBuilder):
         for relpath, path in cfg.files:
             if validation and relpath not in plan.validation_files:
                 continue
-            for index, text, _ in documents(cfg, relpath, path):
+            for index, piece, text, _ in documents(cfg, relpath, path):
                 if text is None or not text.strip():
                     continue
                 if _in_validation(cfg, plan, relpath, index) == validation:
-                    yield f"{relpath}#{index}", {"text": text, "path": relpath, "index": index}
+                    key = f"{relpath}#{index}" + (f".{piece}" if piece else "")
+                    yield key, {"text": text, "path": relpath, "index": index}
 
 
 # ---- resolving a source's files -------------------------------------------------------------
 
-def resolve(name: str, spec: Any) -> LocalConfig:
+def resolve(name: str, spec: Any, max_document_bytes: int) -> LocalConfig:
     """The source's files (checked readable) and the config naming its build."""
     files = _expand(name, spec.paths)
     root = os.path.commonpath([os.path.dirname(p) for p in files])
@@ -131,12 +144,15 @@ def resolve(name: str, spec: Any) -> LocalConfig:
     for relpath, path in entries:
         st = os.stat(path)
         payload["files"].append([relpath, path, st.st_size, st.st_mtime_ns])
+    if any(_may_exceed(spec, path, max_document_bytes) for _, path in entries):
+        payload["max_document_bytes"] = int(max_document_bytes)
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
     safe = re.sub(r"[^A-Za-z0-9_.]+", "_", name)[:48] or "source"
     cfg = LocalConfig(
         name=f"{safe}-{digest}", description=f"data.sources.{name}", source=name,
         kind=spec.kind, files=tuple(entries), text_field=spec.text_field,
-        split_by=spec.split_by, eval_fraction=float(spec.eval_fraction))
+        split_by=spec.split_by, eval_fraction=float(spec.eval_fraction),
+        max_document_bytes=int(max_document_bytes))
     _CONFIGS[cfg.name] = cfg
     return cfg
 
@@ -180,16 +196,12 @@ def _decode(data: bytes) -> tuple[str, bool]:
         return data.decode("utf-8", errors="replace"), True
 
 
-def _is_blank(line: bytes) -> bool:
-    stripped = line.strip()
-    return not stripped or (not stripped.isascii() and not _decode(stripped)[0].strip())
-
-
 def documents(cfg: LocalConfig, relpath: str, path: str) -> Iterator[Document]:
-    """Every document of one file, empty ones included, in file order."""
+    """Every document of one file, empty ones included, in file order; one longer than
+    cfg.max_document_bytes as its pieces."""
     try:
         if cfg.kind == "text":
-            yield from _text_documents(path, cfg.split_by)
+            yield from _text_documents(path, cfg.split_by, cfg.max_document_bytes)
         elif cfg.kind == "jsonl":
             yield from _jsonl_documents(cfg, path)
         elif cfg.kind == "parquet":
@@ -200,53 +212,99 @@ def documents(cfg: LocalConfig, relpath: str, path: str) -> Iterator[Document]:
         raise SourceError(f"data.sources.{cfg.source}: cannot read {path}: {e}") from e
 
 
-def _text_documents(path: str, split_by: str) -> Iterator[Document]:
+def _text_documents(path: str, split_by: str, limit: int) -> Iterator[Document]:
     with open(path, "rb") as f:
-        data = f.read().removeprefix(jsonl.BOM)
-    if split_by == "file":
-        yield (0, *_decode(data))
-        return
-    # Blocks of non-blank lines; a line holding only whitespace is blank.
-    index, block = 0, []
-    for line in data.split(b"\n") + [b""]:
-        if not _is_blank(line):
-            block.append(line)
-        elif block:
-            block[-1] = block[-1].removesuffix(b"\r")
-            yield (index, *_decode(b"\n".join(block)))
-            index, block = index + 1, []
+        start = len(jsonl.BOM) if f.read(len(jsonl.BOM)) == jsonl.BOM else 0
+        f.seek(start)
+        if split_by == "file":
+            count = 0
+            for count, data in enumerate(longdocs.read_pieces(f, limit), start=1):
+                yield (0, count - 1, *_decode(data))
+            if not count:
+                yield 0, 0, "", False  # an empty file: one empty document
+            return
+
+        def reread(begin: int, end: int) -> Iterator[bytes]:
+            """Bytes [begin, end) after the BOM, in parts."""
+            with open(path, "rb") as again:
+                again.seek(start + begin)
+                while begin < end:
+                    part = again.read(min(longdocs.READ_BYTES, end - begin))
+                    if not part:
+                        raise OSError(f"{path} became shorter while it was read")
+                    begin += len(part)
+                    yield part
+
+        # Blocks of non-blank lines; a line holding only whitespace is blank.
+        for index, piece, data in longdocs.blank_line_blocks(f, reread, limit):
+            yield (index, piece, *_decode(data))
 
 
 def _jsonl_documents(cfg: LocalConfig, path: str) -> Iterator[Document]:
-    field = cfg.text_field
+    field, limit = cfg.text_field, cfg.max_document_bytes
 
     def where(lineno: int) -> str:
         return f"{path}, line {lineno} (data.sources.{cfg.source})"
 
-    for index, (lineno, record, replaced) in enumerate(jsonl.objects(path, SourceError, where)):
-        if field not in record:
-            raise SourceError(f"{where(lineno)}: no field {field!r} "
-                              f"(data.sources.{cfg.source}.text_field)")
-        value = record[field]
-        if value is None:
-            yield index, None, replaced
-        elif not isinstance(value, str):
-            raise SourceError(f"{where(lineno)}: field {field!r} is a {type(value).__name__}, "
-                              f"not a string")
-        else:
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:  # lone surrogates from \ud800-style escapes
-                value = value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-                replaced = True
-            yield index, value, replaced
+    with open(path, "rb") as f:
+        index = lineno = 0
+        while raw := f.readline(limit + 1):  # a line, or its first limit + 1 bytes
+            lineno += 1
+            if not raw.endswith(b"\n") and len(raw) > limit:
+                found = False  # a blank line is no document
+                for document in _long_jsonl_line(cfg, f, raw, lineno, index, where(lineno)):
+                    found = True
+                    yield document
+                index += found
+                continue
+            parsed = jsonl.parse_line(raw, lineno, SourceError, where)
+            if parsed is None:
+                continue
+            record, replaced = parsed
+            if field not in record:
+                raise SourceError(f"{where(lineno)}: no field {field!r} "
+                                  f"(data.sources.{cfg.source}.text_field)")
+            value = record[field]
+            if value is None:
+                yield index, 0, None, replaced
+            elif not isinstance(value, str):
+                raise SourceError(f"{where(lineno)}: field {field!r} is a "
+                                  f"{type(value).__name__}, not a string")
+            else:
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:  # lone surrogates from \ud800-style escapes
+                    value = value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+                    replaced = True
+                yield index, 0, value, replaced
+            index += 1
+
+
+def _long_jsonl_line(cfg: LocalConfig, f: Any, head: bytes, lineno: int, index: int,
+                     where: str) -> Iterator[Document]:
+    """The document (its pieces) of one JSONL line longer than the limit, whose first bytes
+    `head` were read from `f`: read as a stream. Nothing for a blank line."""
+    head = head.removeprefix(jsonl.BOM) if lineno == 1 else head
+    line = longdocs.LongJsonLine(f, head, cfg.text_field, cfg.max_document_bytes)
+    piece = -1
+    try:
+        for piece, text in enumerate(line.pieces()):
+            yield index, piece, text, line.replaced
+    except longdocs.DocumentError as e:
+        detail = f" (data.sources.{cfg.source}.text_field)" if "no field" in str(e) else ""
+        raise SourceError(f"{where}: {e}{detail}") from None
+    if line.null:
+        yield index, 0, None, line.replaced
+    elif piece < 0 and not line.blank:  # an empty string
+        yield index, 0, "", line.replaced
 
 
 def _parquet_documents(cfg: LocalConfig, path: str) -> Iterator[Document]:
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    field = cfg.text_field
+    field, limit = cfg.text_field, cfg.max_document_bytes
     try:
         parquet = pq.ParquetFile(path)
         schema = parquet.schema_arrow
@@ -267,16 +325,60 @@ def _parquet_documents(cfg: LocalConfig, path: str) -> Iterator[Document]:
     try:
         for batch in parquet.iter_batches(columns=[field], batch_size=4096):
             # As bytes: decoded here, so invalid UTF-8 is replaced and counted like elsewhere.
-            for value in batch.column(0).cast(as_bytes).to_pylist():
-                yield (index, None, False) if value is None else (index, *_decode(value))
+            column = batch.column(0).cast(as_bytes)
+            if (pc.max(pc.binary_length(column)).as_py() or 0) <= limit:  # the common case
+                for value in column.to_pylist():
+                    yield (index, 0, None, False) if value is None else (index, 0, *_decode(value))
+                    index += 1
+                continue
+            for value in column:
+                if not value.is_valid:
+                    yield index, 0, None, False
+                else:  # from Arrow's buffer, a part at a time: never a whole second copy
+                    for piece, data in enumerate(_buffer_pieces(value.as_buffer(), limit)):
+                        yield (index, piece, *_decode(data))
                 index += 1
     except pa.ArrowException as e:
         raise SourceError(f"data.sources.{cfg.source}: cannot read {path} as Parquet: {e}") from e
 
 
+def _buffer_pieces(buffer: Any, limit: int) -> Iterator[bytes]:
+    view = memoryview(buffer)
+    if len(view) <= limit:
+        yield view.tobytes()
+        return
+    cutter = longdocs.Cutter(limit)
+    for start in range(0, len(view), longdocs.READ_BYTES):
+        yield from cutter.feed(view[start:start + longdocs.READ_BYTES].tobytes())
+    yield from cutter.finish()
+
+
+def _may_exceed(spec: Any, path: str, limit: int) -> bool:
+    """Whether a file could hold a document longer than `limit` bytes: a text or JSONL file
+    longer than that (JSON's escapes only shorten text), a Parquet file whose text column
+    takes more than that uncompressed in one row group (or that cannot be read as Parquet:
+    then the build's scan names the problem)."""
+    if spec.kind != "parquet":
+        return os.path.getsize(path) > limit
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(path).metadata
+        return any(column.path_in_schema == spec.text_field
+                   and column.total_uncompressed_size > limit
+                   for group in range(meta.num_row_groups)
+                   for column in (meta.row_group(group).column(j)
+                                  for j in range(meta.num_columns)))
+    except (pa.ArrowException, OSError):
+        return True
+
+
 # ---- the held-out split -----------------------------------------------------------------------
 
-def _hash(relpath: str, index: int) -> float:
+def document_hash(relpath: str, index: int) -> float:
+    """The stable hash in [0, 1) of a document that the held-out split compares with
+    eval_fraction (the lowest goes to validation when none falls under it)."""
     digest = hashlib.sha256(f"{relpath}\0{index}".encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
@@ -285,22 +387,31 @@ def _in_validation(cfg: LocalConfig, plan: _Plan, relpath: str, index: int) -> b
     key = (relpath, index)
     if key == plan.to_train:
         return False
-    return key == plan.to_validation or _hash(relpath, index) < cfg.eval_fraction
+    return key == plan.to_validation or document_hash(relpath, index) < cfg.eval_fraction
 
 
 def scan(cfg: LocalConfig) -> _Plan:
-    """Reads every document once: input errors surface before anything is written."""
-    count = empty = replaced_docs = held_out = 0
+    """Reads every document once: input errors surface before anything is written. Counts
+    are of documents, but `empty_skipped` counts records (a blank piece of a split document
+    too); the held-out split is decided per document, so a split one's pieces stay together."""
+    count = empty = replaced_docs = split = held_out = 0
     validation_files: set[str] = set()
     lowest = highest = None  # (hash, relpath, index) of the non-empty documents
+    last = last_split = last_replaced = None  # (relpath, index) of the latest such document
     for relpath, path in cfg.files:
-        for index, text, replaced in documents(cfg, relpath, path):
+        for index, piece, text, replaced in documents(cfg, relpath, path):
             if text is None or not text.strip():
                 empty += 1
                 continue
-            count += 1
-            replaced_docs += replaced
-            h = (_hash(relpath, index), relpath, index)
+            key = (relpath, index)
+            if piece and key != last_split:
+                split, last_split = split + 1, key
+            if replaced and key != last_replaced:
+                replaced_docs, last_replaced = replaced_docs + 1, key
+            if key == last:
+                continue  # another piece of the same document
+            count, last = count + 1, key
+            h = (document_hash(relpath, index), relpath, index)
             lowest = h if lowest is None else min(lowest, h)
             highest = h if highest is None else max(highest, h)
             if h[0] < cfg.eval_fraction:
@@ -317,7 +428,7 @@ def scan(cfg: LocalConfig) -> _Plan:
         validation_files.add(lowest[1])
     elif held_out == count:
         to_train = highest[1:]
-    return _Plan(count, empty, replaced_docs, frozenset(validation_files),
+    return _Plan(count, empty, replaced_docs, split, frozenset(validation_files),
                  to_validation, to_train)
 
 
@@ -327,8 +438,8 @@ def _builder(cfg: LocalConfig, data_dir: str) -> LocalCorpus:
     return LocalCorpus(config=cfg.name, data_dir=data_dir, file_format="array_record")
 
 
-def prepare(name: str, spec: Any, data_dir: str) -> dict[str, int]:
-    cfg = resolve(name, spec)
+def prepare(name: str, spec: Any, data_dir: str, max_document_bytes: int) -> dict[str, int]:
+    cfg = resolve(name, spec, max_document_bytes)
     builder = _builder(cfg, data_dir)
     if not builder.is_prepared():
         cfg.plan = scan(cfg)
@@ -337,12 +448,13 @@ def prepare(name: str, spec: Any, data_dir: str) -> dict[str, int]:
     saved = builder.info.metadata.get(_STATS_KEY, {})
     return stats(builder.info, "train", "validation",
                  empty_skipped=saved.get("empty_skipped", 0),
-                 invalid_utf8_replaced=saved.get("invalid_utf8_replaced", 0))
+                 invalid_utf8_replaced=saved.get("invalid_utf8_replaced", 0),
+                 long_documents_split=saved.get("long_documents_split", 0))
 
 
-def load(name: str, spec: Any, data_dir: str, split: str) -> Any:
+def load(name: str, spec: Any, data_dir: str, split: str, max_document_bytes: int) -> Any:
     """Records {"text": bytes, "path": bytes, "index": int}."""
-    cfg = resolve(name, spec)
+    cfg = resolve(name, spec, max_document_bytes)
     builder = _builder(cfg, data_dir)
     if not builder.is_prepared():
         raise FileNotFoundError(

@@ -27,7 +27,9 @@ class ByteTokenizer(Tokenizer):
 
     def encode_bytes(self, data: bytes) -> np.ndarray:
         """Ids of the bytes themselves (no UTF-8 decoding: every byte string round-trips)."""
-        return np.frombuffer(data, dtype=np.uint8).astype(np.int32) + self._offset
+        ids = np.frombuffer(data, dtype=np.uint8).astype(np.int32)
+        ids += self._offset  # in place: one int32 copy of the text, not two
+        return ids
 
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
         """Text of `ids`; special ids are skipped, invalid UTF-8 becomes U+FFFD."""
