@@ -1,8 +1,9 @@
 """User errors and the exit-code table: the one place a failure becomes an exit status.
 
 Owns: `UserError` (the base of every "bad input" error: a config key, a file, a flag, a
-checkpoint that does not fit) and `ConfigError` (a config key), the outcomes a run reports by exit code (`NonFiniteLoss`,
-`Preempted`), `EXIT_CODES` and `exit_code()`. Imports nothing (neither jaxlm nor JAX), so
+checkpoint that does not fit) and `ConfigError` (a config key), the outcomes a run reports
+by exit code (`NonFiniteLoss`, `StorageFailure`, `Preempted`), `EXIT_CODES` and
+`exit_code()`. Imports nothing (neither jaxlm nor JAX), so
 every package may raise these.
 
 A bad input is reported as one line naming what is wrong, and the command exits 2 before
@@ -19,6 +20,7 @@ DONE = 0
 PYTHON_ERROR = 1
 BAD_INPUT = 2
 NONFINITE = 3
+STORAGE = 74  # EX_IOERR: checkpoint storage failed mid-run
 PREEMPTED = 75  # EX_TEMPFAIL: "try again" - the run resumes from its checkpoint
 ABORTED = 130  # a second signal: no checkpoint was written
 LOST_PEER = 134  # SIGABRT: JAX's coordination service ended this process (another was lost)
@@ -30,12 +32,16 @@ EXIT_CODES = {
     PYTHON_ERROR: ("error", "a Python error (multi-host: this process left at once; the others "
                             "stop within the heartbeat timeout)"),
     BAD_INPUT: ("bad input", "bad input (config, data source, start-up flags, checkpoint, "
-                             "unwritable directory)"),
+                             "unwritable directory, another run holding the workdir, a resume "
+                             "the run's config or tokenizer forbids)"),
     NONFINITE: ("non-finite loss", "non-finite loss under `train.nonfinite=stop` (the last "
                                    "good checkpoint is kept)"),
+    STORAGE: ("storage failed", "checkpoint storage failed mid-run: no space left, or reads "
+                                "that kept failing after retries; every complete checkpoint "
+                                "is kept: fix the storage and run the same command again"),
     PREEMPTED: ("preempted, checkpoint saved", "preempted (SIGTERM/SIGINT): the checkpoint of "
-                "the step all processes agreed on was saved; run the same command again to "
-                "resume"),
+                "the step all processes agreed on was saved (before the first step: nothing "
+                "to save); run the same command again to resume"),
     ABORTED: ("aborted by a second signal", "a second signal aborted without a checkpoint"),
     LOST_PEER: ("lost a peer", "JAX's coordination service ended this process because "
                                "another process was lost"),
@@ -54,13 +60,24 @@ class NonFiniteLoss(Exception):
     """A non-finite loss or gradient under train.nonfinite="stop"; exits NONFINITE."""
 
 
-class Preempted(Exception):
-    """Training stopped on SIGTERM/SIGINT after saving `step`; exits PREEMPTED, and running
-    the same command again resumes."""
+class StorageFailure(Exception):
+    """Checkpoint storage failed mid-run (no space left, or reads kept failing); exits
+    STORAGE. Every complete checkpoint is kept."""
 
-    def __init__(self, step: int, path: pathlib.Path | str):
-        super().__init__(f"preempted: checkpoint of step {step} saved at {path}; "
-                         f"run the same command again to resume")
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM/SIGINT after saving `step` (None: during start-up, with
+    nothing to save); exits PREEMPTED, and running the same command again resumes."""
+
+    def __init__(self, step: int | None, path: pathlib.Path | str | None = None,
+                 signal_name: str = "SIGTERM"):
+        if step is None:
+            message = (f"preempted ({signal_name}) during start-up, before the first step: "
+                       f"nothing to save; run the same command again to start")
+        else:
+            message = (f"preempted: checkpoint of step {step} saved at {path}; run the same "
+                       f"command again to resume")
+        super().__init__(message)
         self.step = step
 
 
@@ -73,6 +90,8 @@ def exit_code(error: BaseException) -> int | None:
         return NONFINITE
     if isinstance(error, Preempted):
         return PREEMPTED
+    if isinstance(error, StorageFailure):
+        return STORAGE
     return None
 
 

@@ -51,12 +51,16 @@ def tiny_run_config(data_dir: str, data: dict | None = None, **model):
     return config_lib.resolved(cfg, ByteTokenizer.vocab_size, jax.device_count())
 
 
-def write_run(workdir: pathlib.Path, cfg, seed: int = 0, step: int = 1) -> dict:
+def write_run(workdir: pathlib.Path, cfg, seed: int = 0, step: int = 1,
+              poisoned: bool = False) -> dict:
     """Writes checkpoints/<step> (params, metadata with the config) and tokenizer/ as
     `jaxlm train` leaves them; returns the parameters (nested dict of float32 arrays). The
-    shapes come from eval_shape: nothing is initialised eagerly."""
+    shapes come from eval_shape: nothing is initialised eagerly. `poisoned`: the embedding
+    holds a NaN (a diverged run)."""
     state = nnx.state(zoo.abstract(cfg.model))
     params = random_params(nnx.to_pure_dict(state), seed)
+    if poisoned:
+        params["embed"] = params["embed"].at[:, 0].set(jnp.nan)
     ByteTokenizer().save(workdir / "tokenizer")
     checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.checkpoint)
     metadata = checkpoint_lib.run_metadata(cfg, rules.axes_of(state), "byte")

@@ -7,6 +7,8 @@ Owns:
                 restoring some groups of any run's checkpoint (parameters for init_from,
                 a fine-tuning base), the run metadata written with every step
     fingerprint the one array fingerprint saved with every checkpoint and checked on restore
+    damage      a damaged checkpoint told from a read that may pass and from a full disk
+    lock        one writer per run: the workdir's lock.json, its heartbeat and takeover
     inspect     what `jaxlm checkpoint ls|inspect` shows
     export      `jaxlm checkpoint export-params`: parameters alone, in a chosen dtype
 

@@ -11,14 +11,13 @@ restore compares them.
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import math
 import os
 import pathlib
 import shutil
-import sys
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import ml_collections
@@ -28,8 +27,15 @@ from jax.experimental import multihost_utils
 
 from jaxlm import __version__
 from jaxlm.checkpoint import rundir
+from jaxlm.checkpoint.damage import (
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+    is_out_of_space,
+    newest_good,
+    warn,
+)
 from jaxlm.checkpoint.fingerprint import checksums, flat_names
-from jaxlm.errors import UserError
+from jaxlm.errors import StorageFailure, UserError
 
 ITEMS = ("state", "data", "metadata", "checksums")
 
@@ -42,12 +48,10 @@ class CheckpointNotFoundError(UserError, FileNotFoundError):
     """Nothing that looks like a checkpoint at the path given."""
 
 
-class CheckpointMismatchError(UserError, ValueError):
-    """The saved tree or shapes differ from what the run expects."""
+class AllCheckpointsDamagedError(UserError):
+    """Every checkpoint of a run is damaged, and starting over was not asked for."""
 
 
-class CorruptCheckpointError(UserError, ValueError):
-    """Files missing or damaged."""
 
 
 class Checkpointer:
@@ -56,6 +60,7 @@ class Checkpointer:
         self.cfg = ckpt_cfg
         self._manager: ocp.CheckpointManager | None = None
         self._last_save_start = time.monotonic()
+        self._failed = False  # a save failed for lack of space (already reported)
 
     @property
     def manager(self) -> ocp.CheckpointManager:
@@ -72,8 +77,13 @@ class Checkpointer:
                 item_handlers={"state": ocp.PyTreeCheckpointHandler(use_compression=False)})
         return self._manager
 
-    def check_capacity(self, state_bytes: int) -> None:  # see the module-level function
-        check_capacity(self.directory, state_bytes)
+    def check_capacity(self, state_bytes: int) -> None:
+        """`check_capacity` for `keep` checkpoints plus the one being written before the
+        oldest is deleted; opens the manager first, which removes the leftovers of killed
+        saves (their space counts as free)."""
+        check_capacity(self.directory, 0)  # writable, before Orbax touches it
+        _ = self.manager
+        check_capacity(self.directory, state_bytes, count=self.cfg.keep + 1)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -96,13 +106,16 @@ class Checkpointer:
         return due
 
     def save(self, step: int, state: Any, data_state: dict, metadata: dict) -> bool:
-        """Starts an asynchronous save; False (with a warning) if Orbax declined the step."""
+        """Starts an asynchronous save; False (with a warning) if Orbax declined the step.
+        A previous save that failed for lack of space raises StorageFailure here."""
         self._last_save_start = time.monotonic()
-        saved = self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state),
-            metadata=ocp.args.JsonSave(metadata), checksums=ocp.args.JsonSave(checksums(state))))
+        with self._storage_errors(step):
+            saved = self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state),
+                metadata=ocp.args.JsonSave(metadata),
+                checksums=ocp.args.JsonSave(checksums(state))))
         if not saved:
-            _warn(f"step {step} not saved: {self.directory} has step {self.latest_step()}")
+            warn(f"step {step} not saved: {self.directory} has step {self.latest_step()}")
         return saved
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
@@ -123,14 +136,35 @@ class Checkpointer:
         _verify(restored["state"], restored["checksums"] if has_sums else None, saved, path)
         return restored["state"], restored["data"], restored["metadata"]
 
+    def latest_metadata(self) -> tuple[int, dict] | None:
+        """(step, metadata) of the newest finalized step whose metadata reads, or None:
+        what a resume will be checked against, read before anything is written."""
+        if not self.directory.is_dir():
+            return None
+        for step in rundir.finalized_steps(self.directory):  # read-only: nothing cleaned up
+            try:
+                return step, rundir.read_metadata(self.directory / str(step))
+            except rundir.RunDirError:
+                continue
+        return None
+
     def restore_latest(self, abstract_state: Any
                        ) -> tuple[int, Any, dict, dict] | None:
         """(step, state, data_state, metadata) of the newest checkpoint that restores cleanly,
-        or None. Damaged newer ones are reported, skipped and renamed `<step>.corrupt`."""
+        or None when there is none. Damaged newer ones are reported, skipped and renamed
+        `<step>.corrupt`. When every checkpoint is damaged nothing is touched and
+        AllCheckpointsDamagedError is raised, unless checkpoint.on_all_corrupt="restart"
+        (they are set aside and None is returned: the run starts again)."""
         self.manager.reload()
-        result, failed = _newest_good(
+        result, failed = newest_good(
             [self.directory / str(s) for s in sorted(self.manager.all_steps(), reverse=True)],
             lambda d: (int(d.name), *self.restore(int(d.name), abstract_state)))
+        if failed and result is None and self.cfg.on_all_corrupt != "restart":
+            raise AllCheckpointsDamagedError(
+                f"every checkpoint in {self.directory} is damaged; nothing was changed:\n"
+                + "\n".join(f"  step {d.name}: {why}" for d, why in failed)
+                + "\nto start again from step 0, setting them aside as <step>.corrupt, add "
+                  "--config.checkpoint.on_all_corrupt=restart")
         if failed:
             if jax.process_index() == 0:
                 for step_dir, _ in failed:
@@ -138,17 +172,42 @@ class Checkpointer:
                     if target.exists():
                         target = step_dir.with_name(f"{step_dir.name}.corrupt-{time.time_ns()}")
                     step_dir.rename(target)
-                    _warn(f"moved damaged checkpoint {step_dir} to {target}")
+                    warn(f"moved damaged checkpoint {step_dir} to {target}")
+            if result is None:
+                warn(f"every checkpoint in {self.directory} was damaged: starting again from "
+                      f"step 0 (checkpoint.on_all_corrupt=restart)")
             if jax.process_count() > 1:
                 multihost_utils.sync_global_devices("jaxlm: damaged checkpoints set aside")
             self.manager.reload()
         return result
 
+    @contextlib.contextmanager
+    def _storage_errors(self, step: int | None = None) -> Iterator[None]:
+        """A write that failed for lack of space (here or in the background save it
+        waits for) as StorageFailure, naming what is kept."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types
+            if not is_out_of_space(e):
+                raise
+            self._failed = True
+            kept = ", ".join(str(s) for s in sorted(self.manager.all_steps())) or "none"
+            raise StorageFailure(
+                f"no space left in {self.directory} while saving"
+                + (f" (before step {step})" if step is not None else "")
+                + f"; the complete checkpoints are kept (steps: {kept}); free space and run "
+                  f"the same command again") from None
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        if self._failed:
+            return
+        with self._storage_errors():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        if self._manager is not None:
+        # After a failed save Orbax's threads are still failing; closing its event loops
+        # under them only adds errors (the failure was reported by save/wait).
+        if self._manager is not None and not self._failed:
             self._manager.close()
 
 
@@ -192,15 +251,15 @@ def restore_groups(path: str | os.PathLike, abstract: dict[str, Any]) -> dict[st
         _verify(restored, sums, saved, step_dir)
         return restored
 
-    groups, failed = _newest_good(candidates, restore_one)
+    groups, failed = newest_good(candidates, restore_one)
     if groups is None:
         raise CorruptCheckpointError(f"no checkpoint at {path} restores cleanly: "
                                      + "; ".join(f"{d}: {why}" for d, why in failed))
     return groups
 
-def check_capacity(directory: str | os.PathLike, state_bytes: int) -> None:
+def check_capacity(directory: str | os.PathLike, state_bytes: int, count: int = 2) -> None:
     """Fails now, not at the first save, when `directory` cannot be written (a probe file
-    is written, fsynced and deleted) or has less free space than two checkpoints."""
+    is written, fsynced and deleted) or has less free space than `count` checkpoints."""
     directory = pathlib.Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -213,11 +272,12 @@ def check_capacity(directory: str | os.PathLike, state_bytes: int) -> None:
     except OSError as e:
         raise CheckpointStorageError(
             f"checkpoint directory {directory} is not writable: {e}") from e
-    free, needed = shutil.disk_usage(directory).free, 2 * state_bytes
+    free, needed = shutil.disk_usage(directory).free, count * state_bytes
     if free < needed:
-        raise CheckpointStorageError(f"checkpoint directory {directory} has {free:,} bytes free; "
-                                     f"{needed:,} bytes are needed (2 checkpoints of "
-                                     f"{state_bytes:,} bytes)")
+        raise CheckpointStorageError(
+            f"checkpoint directory {directory} has {free:,} bytes free; {needed:,} bytes are "
+            f"needed ({count} checkpoints of {state_bytes:,} bytes: checkpoint.keep and the "
+            f"one being written)")
 
 
 def state_nbytes(abstract_state: Any) -> int:
@@ -259,39 +319,6 @@ def _verify(restored: Any, expected: dict[str, int] | None, saved: dict[str, Any
         if name in expected and expected[name] != value:
             raise CorruptCheckpointError(f"checkpoint {where}: {name!r} does not match the "
                                          f"fingerprint saved with it (damaged data)")
-
-
-def _newest_good(step_dirs: list[pathlib.Path], restore_one) -> tuple[Any, list]:
-    """`restore_one` of the first step directory that restores on every process, and the
-    (directory, reason) of those that failed before it. A model mismatch or running out of
-    memory is raised: neither means the files are damaged."""
-    failed = []
-    for step_dir in step_dirs:
-        error, result = None, None
-        try:
-            result = restore_one(step_dir)
-        except CheckpointMismatchError:
-            raise
-        except Exception as e:  # noqa: BLE001 - anything else: missing or damaged files
-            if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
-                raise
-            error = e
-        ok = error is None  # every process must agree, or they would resume different steps
-        if jax.process_count() > 1:
-            ok = bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
-        if ok:
-            return result, failed
-        reason = (f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"
-                  if error else "failed on another process")
-        _warn(f"checkpoint {step_dir} cannot be restored ({reason}); trying the one before")
-        failed.append((step_dir, reason))
-    return None, failed
-
-
-def _warn(message: str) -> None:
-    logging.warning(message)
-    if jax.process_index() == 0:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def run_metadata(cfg: ml_collections.ConfigDict, param_axes: Any, tokenizer: str) -> dict[str, Any]:

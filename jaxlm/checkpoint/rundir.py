@@ -73,7 +73,7 @@ def quiet_orbax() -> Iterator[None]:
     """Orbax logs a warning for every read-only manager; the tools print their own lines."""
     logger = logging.getLogger("absl")
     level = logger.level
-    logger.setLevel(logging.ERROR)
+    logger.setLevel(max(logger.getEffectiveLevel(), logging.ERROR))
     try:
         yield
     finally:

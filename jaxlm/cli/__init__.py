@@ -33,22 +33,41 @@ May import every package; nothing imports it.
 from __future__ import annotations
 
 import argparse
+import importlib
+import logging
+import os
+import signal
 import sys
+import traceback
 
 from jaxlm import config as config_lib
 from jaxlm import errors
-from jaxlm.cli import aot, bench, checkpoint, convert, infer, launch, tokenizer, train
 
 # Each group: add_parsers(verbs) and run(args, overrides) -> exit code, for its VERBS.
-GROUPS = (train, aot, infer, checkpoint, convert, tokenizer, bench, launch)
+# Imported when the command line is parsed, after `main` has set up what must come first.
+GROUP_NAMES = ("train", "aot", "infer", "checkpoint", "convert", "tokenizer", "bench", "launch")
+TRAINING_VERBS = ("train", "finetune")
+
+
+def groups() -> list:
+    return [importlib.import_module(f"jaxlm.cli.{name}") for name in GROUP_NAMES]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxlm", description=__doc__.split("\n")[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
-    for group in GROUPS:
+    for group in groups():
         group.add_parsers(verbs)
     return parser
+
+
+def _preempted_during_startup(signum: int, frame) -> None:
+    """A training command's first handler, until its watch (jaxlm.train.preemption) takes
+    over: a signal while the command still imports and reads its config ends it with the
+    preemption code, as a signal later in its start-up does."""
+    name = signal.Signals(signum).name
+    print(f"jaxlm: {errors.Preempted(None, signal_name=name)}", file=sys.stderr, flush=True)
+    os._exit(errors.PREEMPTED)
 
 
 def report(error: BaseException) -> int:
@@ -58,16 +77,52 @@ def report(error: BaseException) -> int:
     if code is None:
         raise error
     print(f"jaxlm: {error}", file=sys.stderr, flush=True)
+    if code == errors.STORAGE:
+        # The failed write's library threads are still winding down; a normal interpreter
+        # exit would print their errors after this line. Everything jaxlm writes is closed.
+        sys.stdout.flush()
+        os._exit(code)
     return code
+
+
+def quiet_libraries() -> None:
+    """Library logs (absl's: Orbax's background-thread errors with their tracebacks, its
+    notices) stay out of a command's output: what they report reaches the user as jaxlm's
+    own line (a storage failure, a damaged checkpoint). JAXLM_LIBRARY_LOGS=1 shows them."""
+    if not os.environ.get("JAXLM_LIBRARY_LOGS"):
+        for name in ("absl", "asyncio"):  # asyncio: Orbax's failed background writes
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        sys.unraisablehook = _without_closed_loop_callbacks(sys.unraisablehook)
+
+
+def _without_closed_loop_callbacks(hook):
+    """TensorStore completes the writes of a save that already failed on other threads;
+    each callback's "Event loop is closed" (asyncio) reaches sys.unraisablehook. Those,
+    and only those, are dropped."""
+
+    def unraisablehook(unraisable):
+        frames = traceback.extract_tb(unraisable.exc_traceback)
+        if unraisable.exc_type is RuntimeError and \
+                str(unraisable.exc_value) == "Event loop is closed" and frames and \
+                frames[0].name == "call_soon_threadsafe":
+            return
+        hook(unraisable)
+
+    return unraisablehook
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] and argv[0] in TRAINING_VERBS:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _preempted_during_startup)
+    quiet_libraries()
     if argv[:1] == ["launch"]:  # its arguments after `--` are a whole jaxlm command line
+        from jaxlm.cli import launch
         return launch.run_launcher(argv[1:])
     plain, overrides = config_lib.split_overrides(argv)
     args = build_parser().parse_args(plain)
-    group = next(g for g in GROUPS if args.verb in g.VERBS)
+    group = next(g for g in groups() if args.verb in g.VERBS)
     try:
         return group.run(args, overrides)
     except Exception as e:  # noqa: BLE001 - the exit-code table decides; bugs propagate

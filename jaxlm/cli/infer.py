@@ -54,6 +54,10 @@ def run_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     sampling = generate.Sampling(args.temperature, args.top_k, args.top_p)
     cfg, step_dir = rundir.saved_config(args.workdir)
     config_lib.apply_overrides(cfg, overrides)
+    for stop_id in args.stop_id:
+        if not 0 <= stop_id < cfg.model.vocab_size:
+            raise errors.UserError(f"--stop-id {stop_id}: not an id of this model's vocabulary "
+                                   f"[0, {cfg.model.vocab_size})")
     tokenizer = rundir.load_tokenizer(args.workdir)
     prompts = [generate.encode_prompt(tokenizer, p) for p in args.prompt]
     # Before the parameters are read: a prompt that does not fit is reported now.

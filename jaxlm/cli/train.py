@@ -4,9 +4,11 @@
     jaxlm finetune --config configs/sft_tiny.py [--workdir runs/sft_tiny] [--config.k=v ...]
 
 Both resume from the workdir's latest checkpoint. Exit codes (jaxlm.errors): 0 done; 2 bad
-input (the message names the key, file:line or checkpoint); 3 non-finite loss
-(train.nonfinite=stop); 75 preempted by SIGTERM/SIGINT after saving a checkpoint (run again
-to resume); 130 a second signal aborted without saving.
+input (the message names the key, file:line or checkpoint; another run holds the workdir;
+a resume the run's config or tokenizer forbids); 3 non-finite loss (train.nonfinite=stop);
+74 checkpoint storage failed mid-run; 75 preempted by SIGTERM/SIGINT (after saving a
+checkpoint, or during start-up with nothing to save; run again to resume); 130 a second
+signal aborted without saving.
 """
 
 from __future__ import annotations
@@ -63,15 +65,16 @@ def on_every_process(args: argparse.Namespace, body: Callable[[], int]) -> int:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from jaxlm.train import loop, preemption
     config_path = args.config or DEFAULT_CONFIG
     cfg = config_lib.load(config_path, overrides)
     workdir = args.workdir or f"runs/{pathlib.Path(config_path).stem}"
 
     def body() -> int:
-        from jaxlm.train import loop
         task = tasks.finetuning(cfg, workdir) if args.verb == "finetune" else \
             tasks.pretraining(cfg)
         loop.train(task, workdir)
         return errors.DONE
 
-    return on_every_process(args, body)
+    with preemption.watch():  # a signal in the start-up exits 75 (nothing to save), not 143
+        return on_every_process(args, body)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import pathlib
+import traceback
 from typing import Sequence
 
 import ml_collections
@@ -22,16 +23,48 @@ PREFIX = "--config."
 
 
 def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """Imports a config file and returns its `get_config()`. No other side effects."""
+    """Imports a config file and returns its `get_config()`. No other side effects. Any
+    failure inside the file (a syntax error, a value of the wrong type for its key, a
+    name it lacks) is a ConfigError naming the file and line."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     spec = importlib.util.spec_from_file_location(f"jaxlm_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"{path} defines no get_config()")
-    return module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"{path} defines no get_config()")
+        cfg = module.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the file is input: whatever it raises is bad input
+        raise ConfigError(f"{path}{_line_in(e, path)}: {_summary(e)}") from None
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config() returned a {type(cfg).__name__}, not an "
+                          f"ml_collections.ConfigDict")
+    return cfg
+
+
+def _line_in(error: BaseException, path: pathlib.Path) -> str:
+    """":<line>" of the innermost place in `path` the error passed through, or ""."""
+    if isinstance(error, SyntaxError) and error.lineno and \
+            pathlib.Path(error.filename or "").resolve() == path.resolve():
+        return f":{error.lineno}"
+    line = None
+    for frame in traceback.extract_tb(error.__traceback__):
+        if pathlib.Path(frame.filename).resolve() == path.resolve():
+            line = frame.lineno
+    return f":{line}" if line else ""
+
+
+def _summary(error: BaseException) -> str:
+    if isinstance(error, SyntaxError):
+        return f"SyntaxError: {error.msg}"
+    text = " ".join(str(error).split())
+    # ml_collections: "Could not override field 'steps' (reference). ten is of original
+    # type <class 'str'> and cannot be casted to type <class 'int'>"
+    return f"{type(error).__name__}: {text}"
 
 
 def merge_overrides(base: ml_collections.ConfigDict, overrides: ml_collections.ConfigDict,

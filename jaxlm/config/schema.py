@@ -39,6 +39,7 @@ BUILTIN_DATASETS = ("stdlib",)
 TOKENIZERS = ("byte", "sentencepiece", "hf")
 PACKINGS = ("concat", "first_fit")
 NONFINITE_POLICIES = ("stop", "skip", "continue")
+ON_ALL_CORRUPT = ("error", "restart")  # checkpoint.on_all_corrupt
 SOURCE_KINDS = ("text", "jsonl", "parquet", "tfds")
 
 # Upper bounds of the keys that scale memory or time (validate.py checks every numeric key).
@@ -199,6 +200,9 @@ def defaults() -> ml_collections.ConfigDict:
             # A non-finite loss or gradient: "stop" (keep the last good checkpoint, exit),
             # "skip" (drop that update, go on) or "continue" (apply it anyway).
             nonfinite="stop",
+            # Resuming with other optimizer or schedule values (optim.*, train.steps, ...) is
+            # refused unless this is true; accepted changes are printed and recorded.
+            allow_config_change=False,
         )
     )
 
@@ -209,6 +213,12 @@ def defaults() -> ml_collections.ConfigDict:
             keep=3,  # keep the newest K checkpoints ...
             keep_period=0,  # ... plus, permanently, every step that is a multiple of M (0: none)
             init_from="",  # a checkpoint (run dir or step dir) whose parameters start a new run
+            # Every checkpoint of the workdir damaged: "error" (exit 2, nothing touched) or
+            # "restart" (set them aside as <step>.corrupt and start again from step 0).
+            on_all_corrupt="error",
+            # A run owns its workdir through <workdir>/lock.json, refreshed every minute; a
+            # lock of another host that was not refreshed for this long is taken over.
+            lock_lease_minutes=10.0,
         )
     )
 

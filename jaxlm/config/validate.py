@@ -33,6 +33,7 @@ from jaxlm.config.schema import (
     MESH_AXES,
     MIN_DOCUMENT_BYTES,
     NONFINITE_POLICIES,
+    ON_ALL_CORRUPT,
     PACKINGS,
     REMAT_POLICIES,
     ROPE_SCALINGS,
@@ -232,6 +233,12 @@ def _check_run(cfg: ml_collections.ConfigDict) -> None:
     require_real(c.every_minutes, "checkpoint.every_minutes", 0)
     require_int(c.keep, "checkpoint.keep", 1, MAX_STEPS)
     require_int(c.keep_period, "checkpoint.keep_period", 0, MAX_STEPS)
+    require(c.on_all_corrupt in ON_ALL_CORRUPT, "checkpoint.on_all_corrupt",
+            f"{c.on_all_corrupt!r} not in {ON_ALL_CORRUPT}")
+    require_real(c.lock_lease_minutes, "checkpoint.lock_lease_minutes", 0, 7 * 24 * 60,
+                 low_open=True)
+    require(isinstance(t.allow_config_change, bool), "train.allow_config_change",
+            f"must be true or false, got {t.allow_config_change!r}")
     require_real(cfg.metrics.peak_flops, "metrics.peak_flops", 0)  # 0: chip table or probe
 
 

@@ -13,10 +13,12 @@ head; a LoRA base is reloaded and checked against its recorded fingerprint).
 from __future__ import annotations
 
 import os
+import math
 from typing import Any
 
 from jaxlm.checkpoint import manager as checkpoint_lib
 from jaxlm.checkpoint import rundir
+from jaxlm.errors import NonFiniteLoss, UserError
 from jaxlm.parallel import mesh as mesh_lib
 from jaxlm.train.task import Task
 
@@ -33,5 +35,19 @@ def evaluate(task: Task, workdir: str | os.PathLike, split: str = "validation",
             step_dir, {g: task.spec.abstract[g] for g in task.spec.groups})
         state = task.resume(groups, rundir.read_metadata(step_dir))
     figures = task.evaluate(state, split, max_batches)
+    check_figures(figures, task.eval_label(split), step_dir)
     return {**figures, "split": split, "label": task.eval_label(split),
             "checkpoint": str(step_dir)}
+
+
+def check_figures(figures: dict[str, Any], label: str, step_dir: os.PathLike) -> None:
+    """Never a NaN loss printed as if it were a figure: an empty split is bad input, a
+    non-finite loss over real targets is reported as such (exit 3)."""
+    counted = figures.get("tokens", figures.get("examples"))
+    if counted == 0:
+        raise UserError(f"{label}: nothing to evaluate (0 targets in {figures['batches']} "
+                        f"batches)")
+    loss = figures.get("loss")
+    if loss is not None and not math.isfinite(loss):
+        raise NonFiniteLoss(f"{label}: the loss of {step_dir} is {loss} over {counted:,.0f} "
+                            f"targets: its parameters give non-finite logits")

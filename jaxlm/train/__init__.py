@@ -10,9 +10,12 @@ Owns:
     step        the train step of every task (gradients, accumulation, update) and the
                 evaluation sums
     optimizer   AdamW, schedules, clipping, masked weight decay
-    preemption  SIGTERM/SIGINT handling, agreed across processes
+    preemption  SIGTERM/SIGINT handling from start-up to the last step, agreed across
+                processes
     metrics     peak FLOP/s for MFU, metrics.jsonl and TensorBoard, the progress line
     validate    the whole config of a run, checked before anything expensive
+    compat      what a resume may change: fixed, guarded and free config keys; the
+                run's tokenizer
     aot         `jaxlm compile`: a task's step compiled for a TPU topology on any host
 
 May import: jaxlm.errors, config, parallel, model, data, checkpoint. Fine-tuning tasks

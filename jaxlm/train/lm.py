@@ -27,7 +27,14 @@ from jaxlm.model import zoo
 from jaxlm.parallel import rules
 from jaxlm.train import state as state_lib
 from jaxlm.train.step import Objective
-from jaxlm.train.task import Batches, BatchLayout, Say, Task, token_batch_layout, token_figures
+from jaxlm.train.task import (
+    Batches,
+    BatchLayout,
+    Say,
+    Task,
+    token_batch_layout,
+    token_figures,
+)
 from jaxlm.train.validate import validate
 
 
@@ -99,7 +106,9 @@ class CausalLM(Task):
             say(f"source {name}: {stats['train_documents']:,} train / "
                 f"{stats['validation_documents']:,} validation documents; "
                 f"{stats['empty_skipped']:,} empty skipped; "
-                f"{stats['invalid_utf8_replaced']:,} with invalid UTF-8 replaced")
+                f"{stats['invalid_utf8_replaced']:,} with invalid UTF-8 replaced"
+                + (f"; {stats['long_documents_split']:,} longer than data.max_document_bytes "
+                   f"split" if stats.get("long_documents_split") else ""))
         return pipeline.make_iterator(self.cfg.data, split="train", rows=rows,
                                       tokenizer=self.tokenizer)
 

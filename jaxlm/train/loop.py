@@ -28,13 +28,21 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxlm.checkpoint import lock as lock_lib
 from jaxlm.checkpoint import manager as checkpoint_lib
-from jaxlm.errors import NonFiniteLoss, Preempted
+from jaxlm.checkpoint import rundir
+from jaxlm.checkpoint.manager import CheckpointStorageError
+from jaxlm.data import tokenizers
+from jaxlm.errors import NonFiniteLoss, Preempted, UserError
 from jaxlm.parallel import distributed, rules
 from jaxlm.parallel import mesh as mesh_lib
+from jaxlm.train import compat, preemption
 from jaxlm.train import metrics as metrics_lib
-from jaxlm.train import preemption
-from jaxlm.train.task import Task, check_workdir
+from jaxlm.train.task import Task
+
+
+class TokenizerMismatchError(UserError):
+    """The config's tokenizer is not the one the run was trained with."""
 
 
 def batch_stats(batch: dict[str, np.ndarray], bos_id: int | None) -> np.ndarray:
@@ -70,9 +78,72 @@ def check_finite(state: dict, seen: int, since_step: int, step: int, policy: str
     return count
 
 
+def take_workdir(workdir: pathlib.Path, lease_minutes: float, say) -> lock_lib.RunLock | None:
+    """Process 0 takes the run's lock (jaxlm.checkpoint.lock); every process learns the
+    outcome, so all stop alike when another run holds it."""
+    lock, refusal = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = lock_lib.RunLock(workdir, lease_minutes, say).acquire()
+        except lock_lib.WorkdirLockedError as e:
+            refusal = str(e)
+        except OSError as e:
+            raise CheckpointStorageError(f"workdir {workdir} is not writable: {e}") from e
+    if jax.process_count() > 1:
+        refusal = distributed.allgather_json(refusal)[0]
+    if refusal is not None:
+        raise lock_lib.WorkdirLockedError(refusal)
+    return lock
+
+
+def config_changes(task: Task, where: pathlib.Path, step: int, metadata: dict[str, Any]
+                   ) -> list[dict[str, Any]]:
+    """The run's recorded config changes, with those accepted now (jaxlm.train.compat);
+    raises for changes the run forbids."""
+    saved = rundir.config_of(metadata, where)
+    return metadata.get("config_changes", []) + compat.check(saved, task.cfg, str(where), step)
+
+
+def check_resume(task: Task, checkpointer: checkpoint_lib.Checkpointer,
+                 workdir: pathlib.Path) -> None:
+    """Before anything is written: the config and tokenizer now against the run's newest
+    checkpoint (JSON only; the one restored later is checked again)."""
+    latest = checkpointer.latest_metadata()
+    if latest is None:
+        return
+    step, metadata = latest
+    config_changes(task, checkpointer.directory / str(step), step, metadata)
+    saved_dir = workdir / "tokenizer"
+    if saved_dir.is_dir():
+        saved = tokenizers.load_saved(saved_dir)
+        now = task.tokenizer
+        if compat.tokenizer_identity(saved) != compat.tokenizer_identity(now):
+            raise TokenizerMismatchError(
+                f"cannot resume {workdir}: it was trained with the tokenizer in {saved_dir} "
+                f"({compat.describe_tokenizer(saved)}); this config's is "
+                f"{compat.describe_tokenizer(now)}. "
+                f"A run keeps its tokenizer: use the same one, or another --workdir")
+
+
 def train(task: Task, workdir: str | os.PathLike) -> list[dict[str, Any]]:
     """Trains `task` to its config's train.steps, resuming from the workdir's latest
     checkpoint. Returns the logged metrics (train steps; evaluations as eval_* keys)."""
+    with preemption.watch() as watch:
+        lock = None
+        try:
+            with watch.critical():
+                lock = take_workdir(pathlib.Path(workdir), task.cfg.checkpoint.lock_lease_minutes,
+                                    print if jax.process_index() == 0 else (lambda *a: None))
+                if lock is not None:
+                    watch.on_startup_exit(lock.release)
+            return _train(task, pathlib.Path(workdir), watch)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def _train(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch
+           ) -> list[dict[str, Any]]:
     # ---- mesh -------------------------------------------------------------------------
     cfg = task.cfg
     mesh = mesh_lib.make_mesh(cfg.mesh)
@@ -81,11 +152,11 @@ def train(task: Task, workdir: str | os.PathLike) -> list[dict[str, Any]]:
     # Before any loader thread starts: on CPU the peak is measured on this host's cores.
     peak, peak_source = metrics_lib.peak_flops(cfg.metrics.peak_flops)
 
-    # ---- workdir ----------------------------------------------------------------------
-    workdir = pathlib.Path(workdir)
-    check_workdir(workdir)
-    if is_writer:
-        task.tokenizer.save(workdir / "tokenizer")  # the run describes itself
+    # ---- the run: may it resume here? (read only) --------------------------------------
+    checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.checkpoint)
+    check_resume(task, checkpointer, workdir)
+    task.build(mesh)  # the state layout: abstract, nothing compiled or allocated
+    checkpointer.check_capacity(checkpoint_lib.state_nbytes(task.spec.abstract))
 
     # ---- input ------------------------------------------------------------------------
     # This process reads the rows of the global batch its devices hold: the batch does not
@@ -94,37 +165,50 @@ def train(task: Task, workdir: str | os.PathLike) -> list[dict[str, Any]]:
     rows = distributed.local_rows(rules.batch_sharding(mesh), global_batch)
     batches = task.train_batches(rows, say)
 
-    # ---- state layout, compile (ahead of time: step timings never include it) ---------
+    # ---- compile (ahead of time: step timings never include it), restore or initialise -
     total_steps = cfg.train.steps
     try:
-        with mesh_lib.use(mesh):
-            task.build(mesh)
-            start = time.perf_counter()
-            compiled_step = task.lower().compile()
-            compile_s = time.perf_counter() - start
+        def compile_step():
+            with mesh_lib.use(mesh):
+                return task.lower().compile()
 
-            # ---- restore or initialise ------------------------------------------------
-            checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.checkpoint)
-            checkpointer.check_capacity(checkpoint_lib.state_nbytes(task.spec.abstract))
+        start = time.perf_counter()
+        compiled_step = preemption.responsive(compile_step)
+        compile_s = time.perf_counter() - start
+        with mesh_lib.use(mesh):
             restored = checkpointer.restore_latest(task.spec.abstract)
+            changes: list[dict[str, Any]] = []
             if restored is not None:
                 step0, state, data_state, saved_metadata = restored
+                changes = config_changes(task, checkpointer.directory / str(step0), step0,
+                                         saved_metadata)
                 state = task.resume(state, saved_metadata)
                 batches.set_state(data_state)
                 say(f"resumed from {checkpointer.directory / str(step0)}")
             else:
-                state = task.init_state()
+                step0, state = None, task.init_state()
     except BaseException:
         batches.close()
+        checkpointer.close()
         raise
-    metadata = task.metadata()
+    accepted = [(c["key"], c["saved"], c["now"]) for c in changes if c["step"] == step0]
+    if accepted:
+        say("resuming with changed settings (train.allow_config_change):\n"
+            + compat.table(accepted))
+    metadata = {**task.metadata(), "config_changes": changes}
     tokens_per_step = global_batch * cfg.data.seq_len
     flops_per_step = task.flops_per_token() * tokens_per_step
     say(f"{task.describe()}; mesh {dict(mesh.shape)}; {tokens_per_step:,} tokens/step; "
         f"compiled in {compile_s:.1f}s; peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
 
+    # ---- the first writes: the run is known to be this one -----------------------------
+    with watch.critical():
+        if is_writer and (step0 is None or not (workdir / "tokenizer").is_dir()):
+            task.tokenizer.save(workdir / "tokenizer")  # the run describes itself
+        writer = metrics_lib.MetricsWriter(workdir, cfg.metrics.tensorboard, active=is_writer,
+                                           resumed_step=step0)
+
     # ---- loop -------------------------------------------------------------------------
-    writer = metrics_lib.MetricsWriter(workdir, cfg.metrics.tensorboard, active=is_writer)
     logged: list[dict[str, Any]] = []
 
     def evaluate(step: int) -> None:
@@ -137,56 +221,57 @@ def train(task: Task, workdir: str | os.PathLike) -> list[dict[str, Any]]:
     first_step = int(jax.device_get(state["step"])) + 1
     nonfinite_seen = int(jax.device_get(state["nonfinite_steps"]))
     evaluating = task.eval_every is not None
-    if evaluating and first_step == 1:
-        evaluate(0)
-    last_log_time, last_log_step = time.perf_counter(), first_step - 1
-    run_start = last_log_time
     try:
-        with preemption.PreemptionWatch() as watch:
-            for step in range(first_step, total_steps + 1):
-                host_batch = next(batches)
-                window += batch_stats(host_batch, task.tokenizer.bos_id)
-                state, step_metrics = compiled_step(state, task.frozen,
-                                                    task.to_global(host_batch))
+        if evaluating and first_step == 1:
+            evaluate(0)
+        last_log_time, last_log_step = time.perf_counter(), first_step - 1
+        run_start = last_log_time
+        watch.start_loop(first_step, total_steps)
+        for step in range(first_step, total_steps + 1):
+            host_batch = next(batches)
+            window += batch_stats(host_batch, task.tokenizer.bos_id)
+            state, step_metrics = compiled_step(state, task.frozen, task.to_global(host_batch))
 
-                is_log = step % cfg.train.log_every == 0 or step == total_steps
-                is_eval = evaluating and (step == total_steps or (
-                    task.eval_every > 0 and step % task.eval_every == 0))
-                stop = watch.should_stop(step)
-                is_save = checkpointer.should_save(step, total_steps, check_clock=is_log) or stop
-                if is_log or is_save or is_eval:  # the only places the host waits for the device
-                    nonfinite_seen = check_finite(state, nonfinite_seen, last_log_step, step,
-                                                  cfg.train.nonfinite, checkpointer, say)
-                if is_log:
-                    scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                    now = time.perf_counter()
-                    step_time = (now - last_log_time) / (step - last_log_step)
-                    documents, real, slots = summed_over_processes(window)
-                    window[:] = 0
-                    scalars.update(
-                        step_time_s=step_time, tokens_per_sec=tokens_per_step / step_time,
-                        mfu=flops_per_step / step_time / peak, nonfinite_steps=nonfinite_seen,
-                        # Data figures of every process's rows, over the steps since the log.
-                        data_documents=int(documents), data_tokens=int(real),
-                        packing_efficiency=real / max(slots, 1), **batches.progress(step))
-                    writer.write(step, scalars)
-                    logged.append({"step": step, **scalars})
-                    eta = (now - run_start) / (step - first_step + 1) * (total_steps - step)
-                    metrics_lib.print_progress(
-                        metrics_lib.progress_line(step, total_steps, scalars, eta), is_writer)
-                    last_log_time, last_log_step = time.perf_counter(), step
-                if is_eval:
-                    evaluate(step)
-                if is_save:  # every process's data position: one state for any process count
-                    data_states = distributed.allgather_json(batches.get_state())
-                    checkpointer.save(step, state, batches.merge_states(data_states), metadata)
-                if stop:
-                    checkpointer.wait()
-                    raise Preempted(step, checkpointer.directory / str(step))
+            is_log = step % cfg.train.log_every == 0 or step == total_steps
+            is_eval = evaluating and (step == total_steps or (
+                task.eval_every > 0 and step % task.eval_every == 0))
+            stop = watch.should_stop(step)
+            is_save = checkpointer.should_save(step, total_steps, check_clock=is_log) or stop
+            if is_log or is_save or is_eval:  # the only places the host waits for the device
+                nonfinite_seen = check_finite(state, nonfinite_seen, last_log_step, step,
+                                              cfg.train.nonfinite, checkpointer, say)
+            if is_log:
+                scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                now = time.perf_counter()
+                step_time = (now - last_log_time) / (step - last_log_step)
+                documents, real, slots = summed_over_processes(window)
+                window[:] = 0
+                scalars.update(
+                    step_time_s=step_time, tokens_per_sec=tokens_per_step / step_time,
+                    mfu=flops_per_step / step_time / peak, nonfinite_steps=nonfinite_seen,
+                    # Data figures of every process's rows, over the steps since the log.
+                    data_documents=int(documents), data_tokens=int(real),
+                    packing_efficiency=real / max(slots, 1), **batches.progress(step))
+                writer.write(step, scalars)
+                logged.append({"step": step, **scalars})
+                eta = (now - run_start) / (step - first_step + 1) * (total_steps - step)
+                metrics_lib.print_progress(
+                    metrics_lib.progress_line(step, total_steps, scalars, eta), is_writer)
+                last_log_time, last_log_step = time.perf_counter(), step
+            if is_eval:
+                evaluate(step)
+            if is_save:  # every process's data position: one state for any process count
+                data_states = distributed.allgather_json(batches.get_state())
+                checkpointer.save(step, state, batches.merge_states(data_states), metadata)
+            if stop:
+                checkpointer.wait()
+                raise Preempted(step, checkpointer.directory / str(step))
     finally:
-        checkpointer.wait()
-        checkpointer.close()
-        writer.close()
-        batches.close()
+        try:
+            checkpointer.wait()
+        finally:
+            checkpointer.close()
+            writer.close()
+            batches.close()
     say(f"\ndone: {total_steps} steps; checkpoints in {checkpointer.directory}")
     return logged

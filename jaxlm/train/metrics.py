@@ -10,6 +10,7 @@ at start-up.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import sys
 import time
@@ -59,19 +60,30 @@ def peak_flops(configured_per_device: float = 0.0) -> tuple[float, str]:
 
 class MetricsWriter:
     """Appends one JSON object per logged step to metrics.jsonl and the same scalars to
-    TensorBoard. Only the writing process (process 0) creates files."""
+    TensorBoard. Only the writing process (process 0) creates files.
 
-    def __init__(self, workdir: str | pathlib.Path, tensorboard: bool, active: bool):
+    One row per step, whatever was interrupted: a run resumed from step S first moves the
+    rows past S (logged after the checkpoint it resumes from) to metrics.superseded.jsonl,
+    each marked with the step the run went back to, and TensorBoard hides events from
+    step S + 1 on (its purge_step); a run starting from scratch supersedes every row."""
+
+    def __init__(self, workdir: str | pathlib.Path, tensorboard: bool, active: bool,
+                 resumed_step: int | None = None):
         self.active = active
         self._jsonl = None
         self._tb = None
         if not active:
             return
         workdir = pathlib.Path(workdir)
-        self._jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)
+        path = workdir / "metrics.jsonl"
+        supersede_rows(path, resumed_step)
+        self._jsonl = open(path, "a", buffering=1)
         if tensorboard:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(workdir / "tensorboard"))
+            purge = None if resumed_step is None else resumed_step + 1
+            if purge is None and (workdir / "tensorboard").is_dir():
+                purge = 0  # a fresh start over an earlier attempt's events
+            self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge)
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.active:
@@ -86,6 +98,39 @@ class MetricsWriter:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def supersede_rows(path: pathlib.Path, resumed_step: int | None) -> int:
+    """Moves the rows of `path` logged after `resumed_step` (all rows when None) to
+    `<name>.superseded.jsonl` beside it; returns how many. The superseded rows are
+    appended and synced before `path` is atomically replaced, so a crash in between at
+    worst copies them twice."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            step = None  # a torn last line (a kill mid-write): superseded
+        keep = resumed_step is not None and isinstance(step, int) and step <= resumed_step
+        (kept if keep else dropped).append(line if line.endswith("\n") else line + "\n")
+    if not dropped:
+        return 0
+    backup = path.with_suffix(".superseded.jsonl")
+    with open(backup, "a", encoding="utf-8") as f:
+        for line in dropped:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = {"unparsed": line.rstrip("\n")}
+            f.write(json.dumps({**row, "superseded_by_resume_from": resumed_step or 0}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return len(dropped)
 
 
 def format_duration(seconds: float) -> str:

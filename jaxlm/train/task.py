@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import abc
 import math
-import pathlib
 from typing import Any, Callable, Iterator, Protocol
 
 import jax
@@ -35,7 +34,6 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from jaxlm.checkpoint.manager import CheckpointStorageError
 from jaxlm.data import tokenizers
 from jaxlm.parallel import mesh as mesh_lib
 from jaxlm.parallel import rules
@@ -204,14 +202,3 @@ def token_figures(totals: dict[str, float], batches: int) -> dict[str, float]:
     loss = totals["ce_sum"] / tokens if tokens else float("nan")
     return {"loss": loss, "perplexity": math.exp(loss) if tokens else float("nan"),
             "tokens": tokens, "batches": batches}
-
-
-def check_workdir(workdir: pathlib.Path) -> None:
-    """Fails now, not at the first checkpoint, if the workdir cannot be written."""
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / f".write_probe_{jax.process_index()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise CheckpointStorageError(f"workdir {workdir} is not writable: {e}") from e

@@ -2,6 +2,7 @@
 restores, capacity checks and restoring onto another mesh."""
 
 import collections
+import errno
 import os
 import pathlib
 import signal
@@ -19,6 +20,8 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxlm import config as config_lib
+from jaxlm import errors
+from jaxlm.checkpoint import damage
 from jaxlm.checkpoint import manager as ckpt
 from jaxlm.parallel import rules
 from jaxlm.train import lm
@@ -194,7 +197,7 @@ def _corrupt(step_dir, how):
 
 @pytest.mark.parametrize("how", ["deleted_array_file", "garbage_in_array_chunk",
                                  "broken_metadata_json", "broken_tree_metadata", "truncated_files"])
-def test_damaged_latest_falls_back_to_the_previous_step(tmp_path, capsys, caplog, how):
+def test_damaged_latest_falls_back_to_the_previous_step(tmp_path, capsys, how):
     save_steps(tmp_path, [1, 2], keep=3)
     step_dir = tmp_path / "checkpoints" / "2"
     _corrupt(step_dir, how)
@@ -204,8 +207,10 @@ def test_damaged_latest_falls_back_to_the_previous_step(tmp_path, capsys, caplog
     step, state, data_state, _ = checkpointer.restore_latest(abstract)
     assert step == 1 and data_state == {"position": 1}
     assert_same(state, make_state(1))
-    assert str(step_dir) in capsys.readouterr().err
-    assert any(str(step_dir) in r.getMessage() for r in caplog.records)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(line.startswith("warning: ") for line in err)
+    assert f"checkpoint {step_dir} is damaged" in err[0] and f"moved damaged checkpoint " \
+        f"{step_dir} to {step_dir}.corrupt" in err[1]
     # Set aside, so the resumed run can save step 2 again.
     assert checkpointer.all_steps() == [1] and (tmp_path / "checkpoints" / "2.corrupt").is_dir()
     assert checkpointer.save(2, make_state(2), {"position": 2}, {})
@@ -214,12 +219,68 @@ def test_damaged_latest_falls_back_to_the_previous_step(tmp_path, capsys, caplog
     checkpointer.close()
 
 
-def test_every_checkpoint_damaged_gives_none(tmp_path, capsys):
-    save_steps(tmp_path, [1], keep=3)
+def test_every_checkpoint_damaged_stops_and_touches_nothing_unless_asked(tmp_path, capsys):
+    save_steps(tmp_path, [1, 2], keep=3)
     _corrupt(tmp_path / "checkpoints" / "1", "broken_tree_metadata")
+    _corrupt(tmp_path / "checkpoints" / "2", "garbage_in_array_chunk")
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    abstract = abstract_of(make_state(1), make_mesh(8))
     checkpointer = ckpt.Checkpointer(tmp_path, ckpt_cfg())
-    assert checkpointer.restore_latest(abstract_of(make_state(1), make_mesh(8))) is None
-    assert str(tmp_path / "checkpoints" / "1") in capsys.readouterr().err
+    with pytest.raises(ckpt.AllCheckpointsDamagedError) as raised:
+        checkpointer.restore_latest(abstract)
+    message = str(raised.value)
+    assert message.startswith(f"every checkpoint in {tmp_path / 'checkpoints'} is damaged; "
+                              f"nothing was changed")
+    assert "step 2: CorruptCheckpointError" in message and "step 1: JSONDecodeError" in message
+    assert message.endswith("--config.checkpoint.on_all_corrupt=restart")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    checkpointer.close()
+
+    # Asked for: set aside, and the run starts again.
+    checkpointer = ckpt.Checkpointer(tmp_path, ckpt_cfg(on_all_corrupt="restart"))
+    assert checkpointer.restore_latest(abstract) is None
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1.corrupt",
+                                                                            "2.corrupt"]
+    assert "starting again from step 0" in capsys.readouterr().err
+    checkpointer.close()
+
+
+def test_transient_read_errors_are_retried_not_taken_for_damage(tmp_path, monkeypatch, capsys):
+    save_steps(tmp_path, [1, 2], keep=3)
+    monkeypatch.setattr(damage, "RETRY_DELAYS_S", (0.0, 0.0, 0.0))
+    real = ckpt.Checkpointer.restore
+    failures = {"left": 2}
+
+    def flaky(self, step, abstract):  # an NFS hiccup: two EIOs, then the read works
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        return real(self, step, abstract)
+
+    monkeypatch.setattr(ckpt.Checkpointer, "restore", flaky)
+    abstract = abstract_of(make_state(2), make_mesh(8))
+    checkpointer = ckpt.Checkpointer(tmp_path, ckpt_cfg(keep=3))
+    step, state, _, _ = checkpointer.restore_latest(abstract)
+    assert step == 2 and failures["left"] == 0
+    assert_same(state, make_state(2))
+    assert capsys.readouterr().err.count("retrying in 0 s") == 2
+    assert checkpointer.all_steps() == [1, 2]
+
+    # An error that never passes: the run stops, the (maybe sound) checkpoint is untouched.
+    failures["left"] = 10**6
+    with pytest.raises(errors.StorageFailure, match=r"cannot read checkpoint .*/checkpoints/2 "
+                       r"after 4 tries \(OSError: \[Errno 5\] Input/output error\); nothing "
+                       r"was changed"):
+        checkpointer.restore_latest(abstract)
+    assert checkpointer.all_steps() == [1, 2]
+
+    # An error that proves nothing about the files (a bug): raised, nothing renamed.
+    monkeypatch.setattr(ckpt.Checkpointer, "restore",
+                        lambda *a: (_ for _ in ()).throw(TypeError("a bug")))
+    with pytest.raises(TypeError, match="a bug"):
+        checkpointer.restore_latest(abstract)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
+    checkpointer.close()
 
 
 KILLED_SAVER = """
@@ -345,9 +406,10 @@ def test_check_capacity_unwritable_directory(tmp_path):
 def test_check_capacity_full_disk(tmp_path, monkeypatch):
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 1000, 1000))
-    checkpointer = ckpt.Checkpointer(tmp_path, ckpt_cfg())
+    # keep=3 checkpoints, and the new one is written before the oldest is deleted: 4.
+    checkpointer = ckpt.Checkpointer(tmp_path, ckpt_cfg(keep=3))
     with pytest.raises(OSError, match=f"{tmp_path / 'checkpoints'} has 1,000 bytes free; "
-                                      f"20,000 bytes are needed"):
+                                      f"40,000 bytes are needed \\(4 checkpoints"):
         checkpointer.check_capacity(10_000)
 
 

@@ -37,7 +37,11 @@ def test_train_writes_metrics_events_checkpoints_and_resumes(stdlib_data_dir, tm
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "3"]
 
-    second = run_cli(*small_args(stdlib_data_dir, workdir, steps=5), cwd=tmp_path)
+    longer = small_args(stdlib_data_dir, workdir, steps=5)
+    refused = run_cli(*longer, cwd=tmp_path)  # train.steps is the schedule's: not silently
+    assert refused.returncode == 2 and refused.stderr.splitlines()[-1].startswith(
+        "to resume with the new values, add --config.train.allow_config_change=true")
+    second = run_cli(*longer, "--config.train.allow_config_change=true", cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"resumed from {workdir / 'checkpoints' / '3'}" in second.stdout
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

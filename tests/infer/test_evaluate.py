@@ -12,10 +12,11 @@ import ml_collections
 import numpy as np
 import pytest
 
+from jaxlm import errors
 from jaxlm.cli import tasks
 from jaxlm.data import pipeline, sources
 from jaxlm.data.tokenizers import ByteTokenizer
-from jaxlm.errors import UserError
+from jaxlm.errors import NonFiniteLoss, UserError
 from jaxlm.infer import evaluate as evaluate_lib
 from jaxlm.infer.generate import encode_prompt
 from jaxlm.infer.score import ScoringError, score, score_tokens
@@ -103,6 +104,22 @@ def test_eval_command_prints_the_same_figures(run):
                           "--config.data.seq_len=4096"], capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 2 and "config.data.seq_len" in bad.stderr
+
+
+def test_a_nan_loss_is_never_printed_as_a_figure(run, tmp_path):
+    _, cfg, _ = run
+    workdir = tmp_path / "diverged"
+    run_fixture.write_run(workdir, cfg, seed=3, poisoned=True)
+    with pytest.raises(NonFiniteLoss) as raised:
+        evaluate(workdir)
+    assert str(raised.value).startswith(
+        f"small validation: the loss of {workdir / 'checkpoints' / '1'} is nan over ")
+    assert str(raised.value).endswith(" targets: its parameters give non-finite logits")
+    assert errors.exit_code(raised.value) == errors.NONFINITE
+    with pytest.raises(UserError, match=r"small validation: nothing to evaluate \(0 targets "
+                                        r"in 0 batches\)"):
+        evaluate_lib.check_figures({"loss": float("nan"), "tokens": 0.0, "batches": 0},
+                                   "small validation", workdir)
 
 
 def log_softmax64(logits):

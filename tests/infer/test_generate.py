@@ -15,7 +15,13 @@ import pytest
 from flax import nnx
 
 from jaxlm import config as config_lib
-from jaxlm.infer.generate import GenerationError, Generator, Sampling, filter_logits, sample
+from jaxlm.infer.generate import (
+    GenerationError,
+    Generator,
+    Sampling,
+    filter_logits,
+    sample,
+)
 from jaxlm.model import zoo
 from jaxlm.parallel import mesh as mesh_lib
 
@@ -233,6 +239,11 @@ def test_generate_command_streams_the_greedy_text(stdlib_data_dir, tmp_path, cap
     assert cli.main(["generate", "--workdir", str(workdir), "--prompt", "x" * 60]) == 2
     err = capsys.readouterr().err
     assert "prompt 0 has 61 tokens" in err and "model.max_seq_len" in err
+    vocab = cfg.model.vocab_size
+    assert cli.main(["generate", "--workdir", str(workdir), "--prompt", "x", "--stop-id",
+                     str(vocab)]) == 2
+    assert capsys.readouterr().err == (f"jaxlm: --stop-id {vocab}: not an id of this model's "
+                                       f"vocabulary [0, {vocab})\n")
 
 
 def load_hf_models():

@@ -62,11 +62,14 @@ def reference(stdlib_data_dir, tmp_path_factory):
     return {m["step"]: m["loss"] for m in logged}
 
 
-def command(data_dir, workdir, steps, every):
+def command(data_dir, workdir, steps, every, *extra):
     return [sys.executable, "-m", "jaxlm.cli", "launch", "local", "--processes", "2",
             "--devices-per-process", "4", "--", "train", "--config",
             str(REPO / "configs" / "tiny.py"), "--workdir", str(workdir),
-            *overrides(data_dir, steps, every)]
+            *overrides(data_dir, steps, every), *extra]
+
+
+LONGER = "--config.train.allow_config_change=true"  # resumed with more train.steps
 
 
 def run(*args, **kwargs):
@@ -110,8 +113,11 @@ def test_train_checkpoint_preempt_and_resume_like_one_process(reference, stdlib_
     assert_losses_match(workdir, reference, 4)
 
     # ---- resumed towards STEPS; a preemption notice to process 1 only -----------------
-    proc = start(log, stdlib_data_dir, workdir, steps=STEPS, every=1000)
+    proc = start(log, stdlib_data_dir, workdir, STEPS, 1000, LONGER)
     pid = wait_for_steps(proc, workdir, log, 7)
+    # One lock for the run, held by process 0.
+    p0 = int(re.search(r"\[launch\] process 0: pid (\d+)", log.read_text())[1])
+    assert json.loads((workdir / "lock.json").read_text())["pid"] == p0
     os.kill(pid, signal.SIGTERM)
     assert proc.wait(timeout=120) == 75, log.read_text()[-3000:]
     out = log.read_text()
@@ -124,7 +130,7 @@ def test_train_checkpoint_preempt_and_resume_like_one_process(reference, stdlib_
     assert "[launch] exit codes: p0=75, p1=75" in out
 
     # ---- resumed to STEPS: every loss as in the single-process run ---------------------
-    code, out = run(stdlib_data_dir, workdir, steps=STEPS, every=1000)
+    code, out = run(stdlib_data_dir, workdir, STEPS, 1000, LONGER)
     assert code == 0, out[-3000:]
     assert f"[p0] resumed from {workdir / 'checkpoints' / str(step)}" in out
     assert_losses_match(workdir, reference, STEPS)

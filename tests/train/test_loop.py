@@ -36,5 +36,11 @@ def test_resumed_run_equals_uninterrupted_run(run_config, tmp_path):
     assert [m["step"] for m in resumed] == [5, 6]
     for key in ("loss", "grad_norm", "learning_rate"):
         assert [m[key] for m in resumed] == [m[key] for m in full[4:]], key  # bit for bit
+    # One row per step: the rows logged after the checkpoint it resumed from are moved
+    # aside, marked with the step the run went back to.
     lines = [json.loads(line) for line in (cut_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6, 5, 6]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
+    assert [m["loss"] for m in lines] == [m["loss"] for m in full]
+    superseded = [json.loads(line) for line in
+                  (cut_dir / "metrics.superseded.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["superseded_by_resume_from"]) for m in superseded] == [(5, 4), (6, 4)]
