@@ -19,6 +19,7 @@ every task by construction:
 
 from __future__ import annotations
 
+import errno
 import os
 import pathlib
 import time
@@ -84,16 +85,27 @@ def take_workdir(workdir: pathlib.Path, lease_minutes: float, say) -> lock_lib.R
     lock, refusal = None, None
     if jax.process_index() == 0:
         try:
+            check_writable(workdir)
             lock = lock_lib.RunLock(workdir, lease_minutes, say).acquire()
         except lock_lib.WorkdirLockedError as e:
-            refusal = str(e)
+            refusal = ("locked", str(e))
         except OSError as e:
-            raise CheckpointStorageError(f"workdir {workdir} is not writable: {e}") from e
+            refusal = ("unwritable", f"workdir {workdir} is not writable: {e}")
     if jax.process_count() > 1:
         refusal = distributed.allgather_json(refusal)[0]
     if refusal is not None:
-        raise lock_lib.WorkdirLockedError(refusal)
+        kind, message = refusal
+        raise (lock_lib.WorkdirLockedError if kind == "locked" else CheckpointStorageError)(message)
     return lock
+
+
+def check_writable(workdir: pathlib.Path) -> None:
+    """What a resumed run appends to later (metrics, TensorBoard events) is writable now,
+    before anything is compiled: raises PermissionError naming it."""
+    for name in ("metrics.jsonl", "metrics.superseded.jsonl", "tensorboard"):
+        path = workdir / name
+        if path.exists() and not os.access(path, os.W_OK | (os.X_OK if path.is_dir() else 0)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
 
 def config_changes(task: Task, where: pathlib.Path, step: int, metadata: dict[str, Any]
@@ -203,10 +215,15 @@ def _train(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch
 
     # ---- the first writes: the run is known to be this one -----------------------------
     with watch.critical():
-        if is_writer and (step0 is None or not (workdir / "tokenizer").is_dir()):
-            task.tokenizer.save(workdir / "tokenizer")  # the run describes itself
-        writer = metrics_lib.MetricsWriter(workdir, cfg.metrics.tensorboard, active=is_writer,
-                                           resumed_step=step0)
+        try:
+            if is_writer and (step0 is None or not (workdir / "tokenizer").is_dir()):
+                task.tokenizer.save(workdir / "tokenizer")  # the run describes itself
+            writer = metrics_lib.MetricsWriter(workdir, cfg.metrics.tensorboard,
+                                               active=is_writer, resumed_step=step0)
+        except OSError as e:
+            batches.close()
+            checkpointer.close()
+            raise CheckpointStorageError(f"workdir {workdir} is not writable: {e}") from e
 
     # ---- loop -------------------------------------------------------------------------
     logged: list[dict[str, Any]] = []

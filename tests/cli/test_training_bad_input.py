@@ -1,7 +1,12 @@
 """Bad input to a training command is one line and exit 2, before anything starts."""
 
+import os
+import shlex
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 
 def jaxlm(*args, cwd):
@@ -25,3 +30,25 @@ def test_an_unwritable_workdir(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr == (f"jaxlm: workdir {workdir} is not writable: [Errno 20] Not a "
                            f"directory: '{workdir}'\n")
+
+
+def test_a_read_only_metrics_file_is_refused_before_anything_starts(tmp_path):
+    """Found writable on the surface (the lock could be written) but not what a resumed run
+    appends to: refused before compiling, not a PermissionError traceback at the first write."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    metrics = workdir / "metrics.jsonl"
+    metrics.write_text('{"step": 5, "loss": 3.0}\n')
+    metrics.chmod(0o444)
+    command = [sys.executable, "-m", "jaxlm.cli", "train", "--workdir", str(workdir),
+               "--config.train.steps=1"]
+    if os.geteuid() == 0:  # root writes anywhere unless it drops the capability
+        if shutil.which("capsh") is None:
+            pytest.skip("running as root without capsh: a read-only file is writable")
+        command = ["capsh", "--drop=cap_dac_override,cap_dac_read_search", "--", "-c",
+                   shlex.join(command)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr == (f"jaxlm: workdir {workdir} is not writable: [Errno 13] Permission "
+                           f"denied: '{metrics}'\n")
+    assert sorted(p.name for p in workdir.iterdir()) == ["metrics.jsonl"]
