@@ -87,7 +87,10 @@ def open_readonly(checkpoints: pathlib.Path):
     StandardSave writes), which can restore a part of the tree. `checksums` (array
     fingerprints) is registered so that steps which have it open cleanly; it is not read."""
 
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    # No root metadata: writing it is a barrier across processes, and a read-only look
+    # may happen on one process only (or on each at its own moment).
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
+                                           save_root_metadata=False)
     handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                 "metadata": ocp.JsonCheckpointHandler(), "checksums": ocp.JsonCheckpointHandler()}
     with quiet_orbax():

@@ -297,3 +297,21 @@ def test_missing_or_unfinished_steps_exit_2(run_dir, tmp_path, capsys):
 def test_checkpoint_verb_rejects_config_overrides(run_dir, capsys):
     assert cli.main(["checkpoint", "ls", str(run_dir), "--config.train.steps=5"]) == 2
     assert "config overrides" in capsys.readouterr().err
+
+
+def test_a_read_only_look_at_a_run_is_no_barrier_between_processes(run_dir, monkeypatch):
+    """Reading a run's steps (the resume check, ls, inspect) may happen on one process only,
+    or on each at its own moment: it must never wait for the others. (A read-only Orbax
+    manager wrote root metadata behind a barrier: in a 2-process run whose processes looked
+    at checkpoints/ before and after process 0 created it, the barriers mismatched.)"""
+    from orbax.checkpoint._src.multihost import multihost
+
+    from jaxlm.checkpoint import rundir
+
+    def barrier(*args, **kwargs):
+        raise AssertionError(f"a read-only look waited for the other processes: {args}")
+
+    monkeypatch.setattr(multihost, "sync_global_processes", barrier)
+    assert rundir.finalized_steps(run_dir / "checkpoints") == sorted(
+        (int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()),
+        reverse=True)
