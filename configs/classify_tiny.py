@@ -5,6 +5,7 @@ adapters on the body.
 
     jaxlm train                                         # the base: runs/tiny
     jaxlm finetune --config configs/classify_tiny.py    # -> runs/classify_tiny
+    jaxlm classify --workdir runs/classify_tiny --text "import os" --text "for x in y:"
 
 Expect on a 2-core CPU: about 0.3 s per step, under a minute; held-out accuracy from 0.27
 (chance: 0.25) to 0.96 at step 20 and 1.00 at step 40, with eval_loss and eval_accuracy in

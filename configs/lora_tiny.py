@@ -4,15 +4,15 @@ only the adapters (and their optimizer state).
 
     jaxlm train                                         # the base: runs/tiny
     jaxlm finetune --config configs/lora_tiny.py        # -> runs/lora_tiny
-    jaxlm lora merge runs/lora_tiny --out runs/lora_tiny-merged
-    jaxlm generate --workdir runs/lora_tiny-merged --max-new-tokens 16 \
+    jaxlm generate --workdir runs/lora_tiny --max-new-tokens 16 \
         --prompt $'<|user|>\nWhat is the type of None?\n<|assistant|>\n'
+    jaxlm lora merge runs/lora_tiny --out runs/lora_tiny-merged   # for export; optional
 
 Expect on a 2-core CPU: about 1 s per step, 3 minutes; 157,696 trained parameters (4.8% of
 the base's 3.3M); held-out loss from 4.30 to 0.72 at step 50, 0.30 at 100 and 0.19 at 150.
-The merged model answers the type questions ("NoneType"); the identifier task ("Uppercase:
-parser_key") needs full fine-tuning (configs/sft_tiny.py) or more steps. Checkpoints are
-2.0 MB, against 39 MB for sft_tiny's.
+The adapted model (read directly, or merged) answers the type questions ("NoneType"); the
+identifier task ("Uppercase: parser_key") needs full fine-tuning (configs/sft_tiny.py) or
+more steps. Checkpoints are 2.0 MB, against 39 MB for sft_tiny's.
 """
 
 from jaxlm.config import defaults

@@ -5,12 +5,16 @@
     jaxlm compile --config configs/llama3_8b.py [--topology v5p-128] [--mfu 0.5]
     jaxlm generate --workdir runs/tiny --prompt "import os"
     jaxlm eval --workdir runs/tiny [--split validation]
+    jaxlm classify --workdir runs/classify_tiny --text "import os" [--jsonl FILE] [--json]
     jaxlm checkpoint ls|inspect|export-params WORKDIR ...
     jaxlm lora merge runs/lora_tiny --out runs/lora_tiny-merged
     jaxlm convert from-hf|to-hf ...
     jaxlm tokenizer train --config configs/tiny.py --vocab-size 8000 --out tok.model
     jaxlm bench step|data|checkpoint|generate|lora|convert --config configs/bench_cpu.py
     jaxlm launch local --processes 2 --devices-per-process 4 -- train --config configs/tiny.py
+    jaxlm config show --config configs/tiny.py [--config.train.steps=100] [--json]
+    jaxlm config show --workdir runs/tiny
+    jaxlm --version;  jaxlm VERB --help (every option with its default)
 
 Configs follow the ml_collections convention: `--config FILE` names a config file and
 `--config.section.key=value` overrides one value (jaxlm.config.overrides).
@@ -19,13 +23,17 @@ Owns: the verbs' arguments and the one place errors become exit codes (jaxlm.err
 applied to every verb), one module per verb group:
     train       train, finetune (multi-host start-up before a verb touches a device)
     aot         compile
-    infer       generate, eval
+    infer       generate, eval, classify
     checkpoint  checkpoint ls|inspect|export-params, lora merge
     convert     convert from-hf|to-hf
     tokenizer   tokenizer train
     bench       bench step|data|checkpoint|lora|generate|convert
     launch      launch local
+    config      config show (the resolved, validated config of a file or of a run)
     tasks       which task a config (or a run) runs
+    helptext    what every --help shares: defaults shown, override syntax, --version
+
+Every verb takes --verbose (jaxlm.console): library output shows too.
 
 May import every package; nothing imports it.
 """
@@ -34,19 +42,22 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import signal
 import sys
-import traceback
 
 from jaxlm import config as config_lib
-from jaxlm import errors
+from jaxlm import console, errors
+from jaxlm.cli import helptext
 
 # Each group: add_parsers(verbs) and run(args, overrides) -> exit code, for its VERBS.
 # Imported when the command line is parsed, after `main` has set up what must come first.
-GROUP_NAMES = ("train", "aot", "infer", "checkpoint", "convert", "tokenizer", "bench", "launch")
+GROUP_NAMES = ("train", "aot", "infer", "checkpoint", "convert", "tokenizer", "bench", "launch",
+               "config")
 TRAINING_VERBS = ("train", "finetune")
+# Verbs on one process that use a device: their backends start before the verb runs
+# (train, finetune and eval start theirs after the multi-host runtime).
+BACKEND_VERBS = ("generate", "classify", "compile", "bench", "convert", "lora")
 
 
 def groups() -> list:
@@ -54,10 +65,18 @@ def groups() -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxlm", description=__doc__.split("\n")[0])
-    verbs = parser.add_subparsers(dest="verb", required=True)
+    parser = argparse.ArgumentParser(
+        prog="jaxlm", description=sys.modules["jaxlm"].__doc__,
+        epilog="`jaxlm VERB --help` lists a verb's options with their defaults.\n\n" +
+        helptext.overrides_epilog())
+    parser.add_argument("--version", action=helptext.VersionAction)
+    parser.add_argument("--verbose", action="store_true",
+                        help="show library output too (libtpu, TFDS, absl, Orbax, Gloo); "
+                             "accepted anywhere on the command line (default: off)")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for group in groups():
         group.add_parsers(verbs)
+    helptext.use_formatter(parser)
     return parser
 
 
@@ -85,38 +104,23 @@ def report(error: BaseException) -> int:
     return code
 
 
-def quiet_libraries() -> None:
-    """Library logs (absl's: Orbax's background-thread errors with their tracebacks, its
-    notices) stay out of a command's output: what they report reaches the user as jaxlm's
-    own line (a storage failure, a damaged checkpoint). JAXLM_LIBRARY_LOGS=1 shows them."""
-    if not os.environ.get("JAXLM_LIBRARY_LOGS"):
-        for name in ("absl", "asyncio"):  # asyncio: Orbax's failed background writes
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-        sys.unraisablehook = _without_closed_loop_callbacks(sys.unraisablehook)
-
-
-def _without_closed_loop_callbacks(hook):
-    """TensorStore completes the writes of a save that already failed on other threads;
-    each callback's "Event loop is closed" (asyncio) reaches sys.unraisablehook. Those,
-    and only those, are dropped."""
-
-    def unraisablehook(unraisable):
-        frames = traceback.extract_tb(unraisable.exc_traceback)
-        if unraisable.exc_type is RuntimeError and \
-                str(unraisable.exc_value) == "Event loop is closed" and frames and \
-                frames[0].name == "call_soon_threadsafe":
-            return
-        hook(unraisable)
-
-    return unraisablehook
+def verbosity(argv: list[str]) -> list[str]:
+    """`--verbose` anywhere before a `--` (jaxlm --verbose train ..., jaxlm train ... --verbose)
+    lets library output through, in this process and every process it starts
+    (jaxlm.console); the rest of the command line is returned."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    if "--verbose" in argv[:cut]:
+        console.set_verbose()
+        argv = [a for a in argv[:cut] if a != "--verbose"] + argv[cut:]
+    return argv
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = verbosity(list(sys.argv[1:] if argv is None else argv))
     if argv[:1] and argv[0] in TRAINING_VERBS:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _preempted_during_startup)
-    quiet_libraries()
+    console.quiet_libraries()
     if argv[:1] == ["launch"]:  # its arguments after `--` are a whole jaxlm command line
         from jaxlm.cli import launch
         return launch.run_launcher(argv[1:])
@@ -124,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(plain)
     group = next(g for g in groups() if args.verb in g.VERBS)
     try:
+        if args.verb in BACKEND_VERBS:
+            from jaxlm.parallel import distributed
+            distributed.start_backends()  # quietly; the multi-host verbs start theirs later
         return group.run(args, overrides)
     except Exception as e:  # noqa: BLE001 - the exit-code table decides; bugs propagate
         return report(e)

@@ -12,16 +12,17 @@ import argparse
 import os
 
 from jaxlm import config as config_lib
-from jaxlm.cli import tasks
-from jaxlm.cli.train import DEFAULT_CONFIG
+from jaxlm.cli import helptext
+from jaxlm.cli.train import DEFAULT_CONFIG, add_config_argument
 
 VERBS = ("compile",)
 
 
 def add_parsers(verbs) -> None:
     comp = verbs.add_parser("compile", help="compile the train step for a TPU topology (on any "
-                            "host) and print per-chip memory, FLOPs and step time")
-    comp.add_argument("--config", default=None)
+                            "host) and print per-chip memory, FLOPs and step time",
+                            description=__doc__, epilog=helptext.overrides_epilog())
+    add_config_argument(comp)
     comp.add_argument("--topology", default="",
                       help="TPU slice, e.g. v5p-128, v5e-16, v5p:4x4x8 (default: config.mesh.topology)")
     comp.add_argument("--mfu", type=float, default=0.5,
@@ -32,6 +33,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     # This host's own computations run on its CPU: with libtpu installed but no TPU here,
     # JAX would otherwise try to start a TPU backend. (Before JAX is imported.)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from jaxlm.cli import tasks
     from jaxlm.train import aot
 
     cfg = config_lib.load(args.config or DEFAULT_CONFIG, overrides)

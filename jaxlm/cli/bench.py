@@ -15,16 +15,19 @@ import argparse
 
 from jaxlm import config as config_lib
 from jaxlm import errors
-from jaxlm.cli.train import DEFAULT_CONFIG
+from jaxlm.cli import helptext
+from jaxlm.cli.train import DEFAULT_CONFIG, add_config_argument
 
 VERBS = ("bench",)
 
 
 def add_parsers(verbs) -> None:
-    bench = verbs.add_parser("bench", help="benchmarks that print figures")
+    bench = verbs.add_parser("bench", help="benchmarks that print figures", description=__doc__,
+                             epilog=helptext.overrides_epilog() + " (step, data, checkpoint, "
+                             "lora; generate and convert take no config)")
     bench.add_argument("what", choices=["step", "data", "checkpoint", "generate", "lora",
-                                        "convert"])
-    bench.add_argument("--config", default=None)
+                                        "convert"], help="the benchmark")
+    add_config_argument(bench)
     bench.add_argument("--steps", type=int, default=None,
                        help="step: timed steps after compilation (default 5); checkpoint: "
                             "steps per timed round (default 5); lora: steps per round "

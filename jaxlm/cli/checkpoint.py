@@ -15,10 +15,11 @@ import argparse
 import pathlib
 
 from jaxlm import errors
-from jaxlm.checkpoint.export import EXPORT_DTYPES
-from jaxlm.checkpoint.rundir import RunDirError
 
 VERBS = ("checkpoint", "lora")
+# jaxlm.checkpoint.export.EXPORT_DTYPES (a test checks they agree), named here so that
+# `--help` does not import JAX.
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_parsers(verbs) -> None:
@@ -38,7 +39,8 @@ def add_parsers(verbs) -> None:
     exp.add_argument("path", metavar="PATH", help=where)
     exp.add_argument("--out", required=True,
                      help="directory to create (must not exist, or be empty)")
-    exp.add_argument("--dtype", default="float32", choices=EXPORT_DTYPES)
+    exp.add_argument("--dtype", default="float32", choices=EXPORT_DTYPES,
+                     help="dtype of the exported parameters")
     exp.add_argument("--step", type=int, default=None, help="step (default: the latest)")
 
     lora = verbs.add_parser("lora", help="LoRA tools: merge a run's adapters into its base")
@@ -51,6 +53,7 @@ def add_parsers(verbs) -> None:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from jaxlm.checkpoint.rundir import RunDirError
     if overrides:
         raise RunDirError(f"`jaxlm {args.verb} {args.action}` takes no config overrides: "
                           f"{' '.join(overrides)}")

@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 
 from jaxlm import errors
-from jaxlm.convert.hf_export import DEFAULT_MAX_SHARD, EXPORT_DTYPES
 
 VERBS = ("convert",)
+# jaxlm.convert.hf_export's EXPORT_DTYPES and DEFAULT_MAX_SHARD (a test checks they agree),
+# named here so that `--help` does not import JAX.
+EXPORT_DTYPES = ("float32", "float16", "bfloat16")
+DEFAULT_MAX_SHARD = "5GB"
 
 
 def add_parsers(verbs) -> None:
@@ -30,10 +33,12 @@ def add_parsers(verbs) -> None:
                      help="run directory, its checkpoints/ or one step (default: latest)")
     exp.add_argument("--out", required=True, metavar="HF_DIR",
                      help="directory to create (must not exist, or be empty)")
-    exp.add_argument("--dtype", default="float32", choices=list(EXPORT_DTYPES))
+    exp.add_argument("--dtype", default="float32", choices=list(EXPORT_DTYPES),
+                     help="dtype of the written weights")
     exp.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD,
                      help="larger models are split into shards of at most this size (5GB, 500MiB)")
-    exp.add_argument("--step", type=int, default=None)
+    exp.add_argument("--step", type=int, default=None,
+                     help="checkpoint step to convert (default: the latest)")
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:

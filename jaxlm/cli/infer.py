@@ -1,10 +1,16 @@
-"""`jaxlm generate` and `jaxlm eval`: a run's newest checkpoint with the config saved in it
-(`--config.key=value` overrides apply on top) and the tokenizer in WORKDIR/tokenizer.
-`eval` evaluates with the run's own task (jaxlm.infer.evaluate), on several processes too.
+"""`jaxlm generate`, `jaxlm eval` and `jaxlm classify`: a run's newest checkpoint with the
+config saved in it (`--config.key=value` overrides apply on top) and the tokenizer in
+WORKDIR/tokenizer. `eval` evaluates with the run's own task (jaxlm.infer.evaluate), on
+several processes too; `classify` gives a classifier run's labels (jaxlm.finetune.predict).
 
     jaxlm generate --workdir runs/tiny --prompt "import os" [--max-new-tokens 128]
         [--temperature 0.8] [--top-k 50] [--top-p 0.95] [--seed 0] [--stop-id ID] [--ignore-eos]
     jaxlm eval --workdir runs/tiny [--split validation] [--max-batches N] [--json]
+    jaxlm classify --workdir runs/classify_tiny (--text T [--text T ...] | --jsonl FILE) [--json]
+
+A LoRA run is read directly: generate (and jaxlm.infer.score through `generate.load`) merges
+its adapters into its recorded base in memory, eval and classify apply them as its task
+does; nothing is written (`jaxlm lora merge` is for export).
 
 One prompt streams its text as it is generated; several (repeat --prompt) are generated
 as one batch and printed when done. Exit status 2: bad input (the message names it).
@@ -18,37 +24,69 @@ import sys
 
 from jaxlm import config as config_lib
 from jaxlm import errors
-from jaxlm.checkpoint import rundir
-from jaxlm.cli import tasks
+from jaxlm.cli import helptext
 from jaxlm.cli.train import add_multihost_arguments, on_every_process
 
-VERBS = ("generate", "eval")
+# The checkpoint and task modules (JAX) are imported by the verbs, not here: `--help` is fast.
+SAVED = "the config saved in the run's newest checkpoint"
+
+VERBS = ("generate", "eval", "classify")
 
 
 def add_parsers(verbs) -> None:
-    gen = verbs.add_parser("generate", help="generate text from a run's latest checkpoint")
+    gen = verbs.add_parser("generate", help="generate text from a run's latest checkpoint",
+                           description=__doc__, epilog=helptext.overrides_epilog(SAVED))
     gen.add_argument("--workdir", required=True, help="run directory (checkpoints/, tokenizer/)")
     gen.add_argument("--prompt", action="append", required=True,
                      help="prompt text; repeat for a batch (a single prompt streams)")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    gen.add_argument("--top-k", type=int, default=0, help="0: off")
-    gen.add_argument("--top-p", type=float, default=1.0, help="1: off")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--max-new-tokens", type=int, default=128,
+                     help="tokens generated after each prompt (at most)")
+    gen.add_argument("--temperature", type=float, default=0.0,
+                     help="sampling temperature; 0: greedy")
+    gen.add_argument("--top-k", type=int, default=0,
+                     help="sample among the k likeliest tokens; 0: off")
+    gen.add_argument("--top-p", type=float, default=1.0,
+                     help="nucleus sampling: the likeliest tokens holding p of the probability; "
+                          "1: off")
+    gen.add_argument("--seed", type=int, default=0,
+                     help="random seed of sampling (greedy ignores it)")
     gen.add_argument("--stop-id", type=int, action="append", default=[],
                      help="a token id that ends a row (repeatable); the tokenizer's EOS (and a converted "
                           "model's eos ids) also do")
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
     ev = verbs.add_parser("eval", help="a run's latest checkpoint evaluated by its task on a "
-                          "split (language models: loss and perplexity)")
-    ev.add_argument("--workdir", required=True)
-    ev.add_argument("--split", default="validation", choices=["train", "validation"])
+                          "split (language models: loss and perplexity)",
+                          description=__doc__, epilog=helptext.overrides_epilog(SAVED))
+    ev.add_argument("--workdir", required=True, help="run directory (checkpoints/, tokenizer/)")
+    ev.add_argument("--split", default="validation", choices=["train", "validation"],
+                    help="the split of the run's data (or fine-tuning files) evaluated")
     ev.add_argument("--max-batches", type=int, default=None, help="default: the whole split")
     ev.add_argument("--json", action="store_true", help="print the figures as JSON")
     add_multihost_arguments(ev)
+    add_classify_parser(verbs)
+
+
+def add_classify_parser(verbs) -> None:
+    cl = verbs.add_parser("classify", help="a classifier run's label and probabilities for each "
+                          "text (a LoRA run's adapters applied)",
+                          description=__doc__, epilog=helptext.overrides_epilog(SAVED))
+    cl.add_argument("--workdir", required=True,
+                    help="run directory of a classifier (finetune.task=classify, full or LoRA)")
+    source = cl.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", action="append", default=None,
+                        help="a text to classify; repeat for more (default: none, give --text "
+                             "or --jsonl)")
+    source.add_argument("--jsonl", default=None,
+                        help="a JSONL file, one object per line with the text in the run's "
+                             "finetune.text_field; lines that also hold finetune.label_field "
+                             "are scored: the accuracy over them is printed (default: none)")
+    cl.add_argument("--json", action="store_true",
+                    help="print one JSON object (predictions, probabilities by label name, "
+                         "accuracy) instead of lines (default: off)")
 
 
 def run_generate(args: argparse.Namespace, overrides: list[str]) -> int:
+    from jaxlm.checkpoint import rundir
     from jaxlm.infer import generate
 
     sampling = generate.Sampling(args.temperature, args.top_k, args.top_p)
@@ -100,6 +138,7 @@ def run_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     def body() -> int:
         import jax
 
+        from jaxlm.cli import tasks
         from jaxlm.infer import evaluate
         task = tasks.for_run(args.workdir, overrides)
         result = evaluate.evaluate(task, args.workdir, split=args.split,
@@ -111,5 +150,60 @@ def run_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     return on_every_process(args, body)
 
 
+def run_classify(args: argparse.Namespace, overrides: list[str]) -> int:
+    from jaxlm.checkpoint import rundir
+    from jaxlm.cli import tasks
+    from jaxlm.finetune import predict
+
+    cfg, step_dir = rundir.saved_config(args.workdir)
+    config_lib.apply_overrides(cfg, overrides)
+    predict.check_classifier(cfg, step_dir)
+    inputs = predict.from_jsonl(args.jsonl, cfg.finetune) if args.jsonl is not None \
+        else predict.from_texts(args.text)
+    task = tasks.for_run(args.workdir, overrides)
+    rows = predict.encode_rows(inputs, task.tokenizer, task.cfg.data.seq_len)
+    probs_NxC = predict.probabilities(task, task.restore_newest(args.workdir)[0], rows)
+    names = predict.label_names(task.cfg.finetune)
+    scored = predict.accuracy(probs_NxC, inputs.labels)
+    if args.json:
+        print(json.dumps(classify_json(inputs, probs_NxC, names, scored, step_dir)))
+    else:
+        print("\n".join(classify_lines(inputs, probs_NxC, names, scored, step_dir)))
+    return errors.DONE
+
+
+def classify_json(inputs, probs_NxC, names: list[str], scored, step_dir) -> dict:
+    predictions = []
+    for text, label, probs_C in zip(inputs.texts, inputs.labels, probs_NxC):
+        one = {"text": text, "label": names[int(probs_C.argmax())],
+               "probabilities": dict(zip(names, (float(p) for p in probs_C)))}
+        if label is not None:
+            one["true_label"] = names[label]
+        predictions.append(one)
+    out = {"checkpoint": str(step_dir), "labels": names, "predictions": predictions}
+    if scored is not None:
+        out["accuracy"], out["labelled"] = scored
+    return out
+
+
+def classify_lines(inputs, probs_NxC, names: list[str], scored, step_dir) -> list[str]:
+    """`LABEL  p  (label p, ...)  "text"` per input (a labelled one: its label, and `ok` or
+    `WRONG`), then the accuracy over the labelled ones."""
+    width = max(len(n) for n in names)
+    lines = []
+    for text, label, probs_C in zip(inputs.texts, inputs.labels, probs_NxC):
+        best = int(probs_C.argmax())
+        every = "  ".join(f"{n} {p:.3f}" for n, p in zip(names, probs_C))
+        shown = json.dumps(text if len(text) <= 60 else text[:57] + "...")
+        mark = "" if label is None else \
+            f"  [label {names[label]}: {'ok' if label == best else 'WRONG'}]"
+        lines.append(f"{names[best]:<{width}}  {probs_C[best]:.3f}  ({every})  {shown}{mark}")
+    if scored is not None:
+        lines.append(f"accuracy {scored[0]:.4f} over {scored[1]} labelled examples ({step_dir})")
+    return lines
+
+
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.verb == "classify":
+        return run_classify(args, overrides)
     return run_generate(args, overrides) if args.verb == "generate" else run_eval(args, overrides)

@@ -9,8 +9,15 @@ VERBS = ("launch",)
 
 
 def add_parsers(verbs) -> None:
-    verbs.add_parser("launch", help="jaxlm launch local --processes N --devices-per-process M -- "
-                     "train ...: rehearse a pod on this host (see jaxlm/launch/local.py)")
+    """The launcher's tree, for `jaxlm --help` (the command line itself goes to
+    run_launcher before the main parser: what follows `--` is not jaxlm's to parse)."""
+    from jaxlm.launch import local
+    launch = verbs.add_parser("launch", help="jaxlm launch local --processes N "
+                              "--devices-per-process M -- train ...: rehearse a pod on this host",
+                              description=local.__doc__, usage=local.USAGE)
+    where = launch.add_subparsers(dest="where", required=True)
+    local.add_local_arguments(where.add_parser("local", help=local.LOCAL_HELP, usage=local.USAGE,
+                                               description=local.__doc__))
 
 
 def run_launcher(argv: list[str]) -> int:

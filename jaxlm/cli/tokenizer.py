@@ -9,18 +9,22 @@ import argparse
 
 from jaxlm import config as config_lib
 from jaxlm import errors
-from jaxlm.cli.train import DEFAULT_CONFIG
+from jaxlm.cli import helptext
+from jaxlm.cli.train import DEFAULT_CONFIG, add_config_argument
 
 VERBS = ("tokenizer",)
 
 
 def add_parsers(verbs) -> None:
-    tok = verbs.add_parser("tokenizer", help="train a SentencePiece tokenizer on the configured data")
-    tok.add_argument("action", choices=["train"])
-    tok.add_argument("--config", default=None)
-    tok.add_argument("--vocab-size", type=int, required=True)
+    tok = verbs.add_parser("tokenizer", help="train a SentencePiece tokenizer on the configured data",
+                           description=__doc__, epilog=helptext.overrides_epilog())
+    tok.add_argument("action", choices=["train"], help="train: write a new tokenizer")
+    add_config_argument(tok)
+    tok.add_argument("--vocab-size", type=int, required=True,
+                     help="ids of the tokenizer (required; e.g. 8000)")
     tok.add_argument("--out", required=True, help="path of the .model file to write")
-    tok.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    tok.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"],
+                     help="SentencePiece algorithm")
     tok.add_argument("--max-documents", type=int, default=100_000,
                      help="documents of the train split read (in order)")
 

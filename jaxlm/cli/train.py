@@ -20,7 +20,7 @@ from typing import Callable
 
 from jaxlm import config as config_lib
 from jaxlm import errors
-from jaxlm.cli import tasks
+from jaxlm.cli import helptext
 
 VERBS = ("train", "finetune")
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "tiny.py"
@@ -29,21 +29,33 @@ DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "tiny
 def add_multihost_arguments(parser: argparse.ArgumentParser) -> None:
     """Multi-host start-up (jaxlm.parallel.distributed); without them SLURM or a TPU VM is
     detected."""
-    parser.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host)")
-    parser.add_argument("--num-processes", type=int, default=None, help="processes of the run")
-    parser.add_argument("--process-id", type=int, default=None, help="this process, 0..N-1")
+    parser.add_argument("--coordinator", default=None,
+                        help="HOST:PORT of process 0 (multi-host; default: detected)")
+    parser.add_argument("--num-processes", type=int, default=None,
+                        help="processes of the run (default: detected, else 1)")
+    parser.add_argument("--process-id", type=int, default=None,
+                        help="this process, 0..N-1 (default: detected, else 0)")
 
 
 def add_parsers(verbs) -> None:
-    train = verbs.add_parser("train", help="pretrain (resumes from the workdir's latest checkpoint)")
-    train.add_argument("--config", default=None, help=f"config file (default {DEFAULT_CONFIG.name})")
+    train = verbs.add_parser("train", help="pretrain (resumes from the workdir's latest checkpoint)",
+                             description=__doc__, epilog=helptext.overrides_epilog())
+    add_config_argument(train)
     train.add_argument("--workdir", default=None, help="run directory (default runs/<config name>)")
     add_multihost_arguments(train)
     ft = verbs.add_parser("finetune", help="fine-tune a checkpoint: SFT, LoRA, classification "
-                          "(resumes from the workdir's latest checkpoint)")
-    ft.add_argument("--config", required=True, help="config file (configs/sft_tiny.py, ...)")
+                          "(resumes from the workdir's latest checkpoint)", description=__doc__,
+                          epilog=helptext.overrides_epilog())
+    ft.add_argument("--config", required=True,
+                    help=f"{helptext.CONFIG_HELP}; required (configs/sft_tiny.py, ...)")
     ft.add_argument("--workdir", default=None, help="run directory (default runs/<config name>)")
     add_multihost_arguments(ft)
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    """`--config FILE`, configs/tiny.py when not given."""
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help=f"{helptext.CONFIG_HELP} (default: configs/{DEFAULT_CONFIG.name})")
 
 
 def on_every_process(args: argparse.Namespace, body: Callable[[], int]) -> int:
@@ -65,6 +77,7 @@ def on_every_process(args: argparse.Namespace, body: Callable[[], int]) -> int:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from jaxlm.cli import tasks
     from jaxlm.train import loop, preemption
     config_path = args.config or DEFAULT_CONFIG
     cfg = config_lib.load(config_path, overrides)

@@ -40,6 +40,7 @@ TOKENIZERS = ("byte", "sentencepiece", "hf")
 PACKINGS = ("concat", "first_fit")
 NONFINITE_POLICIES = ("stop", "skip", "continue")
 ON_ALL_CORRUPT = ("error", "restart")  # checkpoint.on_all_corrupt
+WANDB_MODES = ("online", "offline")  # metrics.wandb_mode
 SOURCE_KINDS = ("text", "jsonl", "parquet", "tfds")
 
 # Upper bounds of the keys that scale memory or time (validate.py checks every numeric key).
@@ -226,6 +227,12 @@ def defaults() -> ml_collections.ConfigDict:
         dict(
             peak_flops=0.0,  # per-device peak FLOP/s for MFU; 0: chip table, or a matmul probe on CPU
             tensorboard=True,
+            # Weights & Biases (the `wandb` extra): one W&B run per jaxlm run, resumed with it.
+            wandb=False,
+            wandb_project="jaxlm",
+            wandb_entity="",  # "": your default entity
+            wandb_name="",  # "": the workdir's name
+            wandb_mode="online",  # or "offline": written under WORKDIR/wandb/, no network
         )
     )
     cfg.finetune = finetune_section.defaults()

@@ -10,6 +10,8 @@ run config is checked by `jaxlm.train.validate`.
 
 from __future__ import annotations
 
+import importlib.util
+
 import ml_collections
 
 from jaxlm.config import finetune as finetune_section
@@ -40,6 +42,7 @@ from jaxlm.config.schema import (
     SCHEDULES,
     SOURCE_KINDS,
     TOKENIZERS,
+    WANDB_MODES,
     defaults,
     require,
     require_int,
@@ -240,6 +243,14 @@ def _check_run(cfg: ml_collections.ConfigDict) -> None:
     require(isinstance(t.allow_config_change, bool), "train.allow_config_change",
             f"must be true or false, got {t.allow_config_change!r}")
     require_real(cfg.metrics.peak_flops, "metrics.peak_flops", 0)  # 0: chip table or probe
+    m = cfg.metrics
+    require(isinstance(m.wandb, bool), "metrics.wandb", f"must be true or false, got {m.wandb!r}")
+    require(m.wandb_mode in WANDB_MODES, "metrics.wandb_mode",
+            f"{m.wandb_mode!r} not in {WANDB_MODES}")
+    require(not m.wandb or importlib.util.find_spec("wandb") is not None, "metrics.wandb",
+            "true needs the wandb package: pip install -e \".[wandb]\"")
+    require(not m.wandb or bool(m.wandb_project), "metrics.wandb_project",
+            "must name a W&B project")
 
 
 def _check_finetune_numbers(f: ml_collections.ConfigDict) -> None:

@@ -5,7 +5,10 @@ safetensors (model.safetensors, or shards with model.safetensors.index.json abov
 --max-shard-size), streamed one tensor at a time, and the tokenizer: a Hugging Face tokenizer
 is copied with a tokenizer_config.json; jaxlm's byte tokenizer becomes an equivalent
 tokenizer.json (byte-level, no merges: byte b -> id b + 3, <pad> <s> </s> = 0 1 2); a
-SentencePiece model is copied as tokenizer.model for LlamaTokenizer. The result loads with
+SentencePiece model is copied as tokenizer.model for LlamaTokenizer. Each reproduces the run's
+BOS convention (`Tokenizer.adds_bos`): `AutoTokenizer(HF_DIR)(text)` gives the ids jaxlm
+trained with at a document's start (the byte tokenizer's and a rewritten tokenizer.json's
+post-processor put BOS first; LlamaTokenizer gets add_bos_token). The result loads with
 `transformers.AutoModelForCausalLM.from_pretrained(HF_DIR)` (no remote code).
 
 Parameters are restored one at a time (Orbax partial restore, checked against the saved
@@ -134,9 +137,10 @@ class ParamReader:
         return value
 
 
-def byte_tokenizer_json() -> str:
+def byte_tokenizer_json(adds_bos: bool = True) -> str:
     """A Hugging Face tokenizer.json that encodes and decodes exactly as jaxlm's byte
-    tokenizer: <pad> <s> </s> are ids 0 1 2 and byte b is id b + 3."""
+    tokenizer: <pad> <s> </s> are ids 0 1 2 and byte b is id b + 3; with special tokens a
+    sequence starts with <s>, as jaxlm's documents do."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     byte_chars = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins, unordered
@@ -147,7 +151,36 @@ def byte_tokenizer_json() -> str:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True) for t in ("<pad>", "<s>", "</s>")])
+    tok.post_processor = bos_post_processor("<s>", 1, adds_bos)
     return tok.to_str()
+
+
+def bos_post_processor(bos_token: str | None, bos_id: int | None, adds_bos: bool):
+    """A post-processor that starts a sequence (each of a pair) with BOS, or adds nothing
+    (as transformers' own update_post_processor writes it)."""
+    from tokenizers import processors
+
+    if not adds_bos or bos_token is None:
+        return processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1")
+    return processors.TemplateProcessing(
+        single=f"{bos_token}:0 $A:0", pair=f"{bos_token}:0 $A:0 {bos_token}:1 $B:1",
+        special_tokens=[(bos_token, bos_id)])
+
+
+def _hf_tokenizer_json(tok, tokenizer_dir: pathlib.Path) -> str:
+    """The run's tokenizer.json, its post-processor replaced when it does not start a
+    sequence as the run did (e.g. a run saved before the convention was recorded)."""
+    from tokenizers import Tokenizer
+
+    text = (tokenizer_dir / tokenizers.HFTokenizer.file_name).read_text(encoding="utf-8")
+    backend = Tokenizer.from_str(text)
+    post = backend.post_processor
+    prefix = tokenizers.prefix_ids(None if post is None else json.loads(post.__getstate__()))
+    if prefix == tok.start_ids():
+        return text  # the file already says what the run did: copied unchanged
+    bos = None if tok.bos_id is None else backend.id_to_token(tok.bos_id)
+    backend.post_processor = bos_post_processor(bos, tok.bos_id, tok.adds_bos)
+    return backend.to_str()
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -183,13 +216,14 @@ def write_tokenizer(tokenizer_dir: pathlib.Path, out: pathlib.Path, max_len: int
         # SentencePiece's dummy prefix): probe the model itself.
         processor = sentencepiece.SentencePieceProcessor(model_proto=model_path.read_bytes())
         dummy_prefix = processor.encode("a", out_type=str)[0].startswith("\u2581")
-        settings.update(tokenizer_class="LlamaTokenizer", add_bos_token=False, add_eos_token=False,
+        settings.update(tokenizer_class="LlamaTokenizer", add_bos_token=tok.adds_bos,
+                        add_eos_token=False,
                         add_prefix_space=dummy_prefix, legacy=False)
         (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
         return special
     from tokenizers import Tokenizer
-    text = (byte_tokenizer_json() if tok.name == "byte"
-            else (tokenizer_dir / tokenizers.HFTokenizer.file_name).read_text(encoding="utf-8"))
+    text = (byte_tokenizer_json(tok.adds_bos) if tok.name == "byte"
+            else _hf_tokenizer_json(tok, tokenizer_dir))
     (out / "tokenizer.json").write_text(text, encoding="utf-8")
     backend = Tokenizer.from_str(text)
     for key in ("bos", "eos", "pad"):

@@ -170,7 +170,8 @@ def _refuse_nonfinite(info: st.TensorInfo, raw: np.ndarray) -> None:
 
 def load_tokenizer(ckpt: HFCheckpoint):
     """The checkpoint's tokenizer (tokenizer.json, else a SentencePiece tokenizer.model) with
-    the bos/eos/pad ids config.json names, checked against the model's vocabulary."""
+    the bos/eos/pad ids config.json names, checked against the model's vocabulary, and
+    transformers' BOS convention (`bos_convention`)."""
 
     directory, config = ckpt.directory, ckpt.config
     where = str(directory / "config.json")
@@ -190,14 +191,32 @@ def load_tokenizer(ckpt: HFCheckpoint):
         for key, ids in wanted.items():
             if ids and ids[0] < tok.vocab_size:
                 special[key] = ids[0]
-        if special != {"pad_id": tok.pad_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id}:
-            tok = kind(path.read_bytes(), source=str(path), special_ids=special)
+        adds_bos = (bos_convention(directory, special["bos_id"])
+                    if kind is tokenizers.SentencePieceTokenizer else None)
+        if special != {"pad_id": tok.pad_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id} \
+                or adds_bos not in (None, tok.adds_bos):
+            tok = kind(path.read_bytes(), source=str(path), special_ids=special,
+                       adds_bos=adds_bos)
     except (ValueError, ImportError) as e:
         raise ConversionError(f"{path}: {e}") from None
     if tok.vocab_size > ckpt.model_cfg.vocab_size:
         raise ConversionError(f"{path} has {tok.vocab_size} ids but the model's vocab_size is "
                               f"{ckpt.model_cfg.vocab_size} (config.json)")
     return tok
+
+
+def bos_convention(directory: pathlib.Path, bos_id: int | None) -> bool | None:
+    """For a SentencePiece tokenizer.model: tokenizer_config.json's explicit add_bos_token
+    (LlamaTokenizer builds its post-processor from it), or None: the default (BOS when the
+    model has one, as Llama's). A tokenizer.json's own post-processor decides instead
+    (transformers 5 keeps it whatever add_bos_token says)."""
+    path = directory / "tokenizer_config.json"
+    if _kind(path) != "file":
+        return None
+    value = _read_json(path).get("add_bos_token")
+    if not isinstance(value, bool):
+        return None
+    return value and bos_id is not None
 
 
 def hf_metadata(ckpt: HFCheckpoint) -> dict[str, Any]:

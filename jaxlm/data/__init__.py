@@ -11,6 +11,6 @@ Owns:
     jsonl       JSON Lines read a line at a time, errors naming file:line (corpora and
                 fine-tuning examples)
 
-May import: jaxlm.errors, jaxlm.config, and JAX only to coordinate processes (building a
+May import: jaxlm.errors, jaxlm.console, jaxlm.config, and JAX only to coordinate processes (building a
 corpus once). A task's own data (fine-tuning JSONL) lives with the task.
 """

@@ -44,7 +44,8 @@ _STATE_VERSION = 3
 
 
 class _Tokenize:
-    """Record -> [BOS] text [EOS] int32 (the marks the tokenizer has); empty -> empty array.
+    """Record -> [BOS] text [EOS] int32 (BOS when the tokenizer `adds_bos`, EOS when it has
+    one: the document separator); empty -> empty array.
 
     A record longer than `max_document_bytes` (UTF-8) becomes a `longdocs.SplitRecord`: its
     pieces, each tokenized so only when the packer reaches it. (Local sources are split when
@@ -53,7 +54,7 @@ class _Tokenize:
     def __init__(self, tokenizer: tokenizers.Tokenizer,
                  max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES):
         self._tok = tokenizer
-        self._bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+        self._bos = tokenizer.start_ids()
         self._eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
         self._limit = max_document_bytes
 

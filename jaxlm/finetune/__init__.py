@@ -16,6 +16,7 @@ Owns:
     lora        adapters attached to a family's projections, merging them into weights
     classify    the classification head, pooling, loss and figures
     merge       `jaxlm lora merge`
+    predict     `jaxlm classify`: a classifier run's labels and probabilities for new text
     examples    the small synthetic datasets shipped in data/ (and how they were made)
 
 May import: jaxlm.errors, config, parallel, model, data, checkpoint, train. The loop, the

@@ -42,15 +42,13 @@ def load_rows(records: list[Record], tokenizer: Tokenizer, seq_len: int, text_fi
     """(rows: inputs, positions, segment_ids N x seq_len, labels and label_weights N; the
     number of overlong texts skipped)."""
     tokens, labels, skipped = [], [], 0
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     for record in records:
         text = record.value.get(text_field)
         if not isinstance(text, str):
             raise DataError(f"{record.where}: {text_field!r} must be a string"
                             + ("" if text_field in record.value else " (missing)"))
         label = parse_label(record, label_field, num_labels, names)
-        ids = np.concatenate([bos, tokenizer.encode(text), eos]).astype(np.int32)
+        ids = encode(tokenizer, text)
         if len(ids) > seq_len:
             if overlong == "skip":
                 skipped += 1
@@ -62,6 +60,19 @@ def load_rows(records: list[Record], tokenizer: Tokenizer, seq_len: int, text_fi
         labels.append(label)
     if not tokens:
         raise DataError("no examples left to train on (all skipped?)")
+    return pad_rows(tokens, labels, seq_len), skipped
+
+
+def encode(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    """One example's ids before padding, int32: the tokenizer's start (`start_ids()`), the
+    text, its EOS (when it has one). Training, evaluation and `jaxlm classify` all use it."""
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    return np.concatenate([tokenizer.start_ids(), tokenizer.encode(text), eos]).astype(np.int32)
+
+
+def pad_rows(tokens: list[np.ndarray], labels: list[int], seq_len: int) -> dict[str, np.ndarray]:
+    """inputs, positions, segment_ids (N x seq_len; segment 0 is padding), labels and
+    label_weights (N, all 1) of examples no longer than seq_len."""
     n = len(tokens)
     rows = {"inputs": np.zeros((n, seq_len), np.int32),
             "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (n, seq_len)).copy(),
@@ -70,4 +81,4 @@ def load_rows(records: list[Record], tokenizer: Tokenizer, seq_len: int, text_fi
     for i, ids in enumerate(tokens):
         rows["inputs"][i, :len(ids)] = ids
         rows["segment_ids"][i, :len(ids)] = 1
-    return rows, skipped
+    return rows

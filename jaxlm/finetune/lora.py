@@ -33,10 +33,10 @@ from typing import Any, Iterator
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from jaxlm.config import finetune as finetune_section
+from jaxlm.model import adapters as adapters_lib
 from jaxlm.model.layers import dense
 from jaxlm.model.zoo import Family
 from jaxlm.parallel import rules
@@ -167,29 +167,8 @@ def combine(*trees: Any) -> Any:
     return out
 
 
-def _adapter_pairs(adapters: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple, dict]]:
-    for k, v in adapters.items():
-        if isinstance(v, dict) and "lora_a" in v:
-            yield path + (k,), v
-        elif isinstance(v, dict):
-            yield from _adapter_pairs(v, path + (k,))
-
-
 def merge(base: Any, adapters: Any, lora_cfg: ml_collections.ConfigDict) -> Any:
     """Base parameters with every adapter folded in: W + (alpha / r) A^T B, computed in
-    float64 on the host and stored as W's dtype. Returns a new nested dict of numpy arrays."""
-    scale = float(lora_cfg.alpha) / int(lora_cfg.rank)
-    merged = jax.tree.map(np.asarray, base)
-    for path, pair in _adapter_pairs(adapters):
-        *parents, adapter_name = path
-        node = merged
-        for p in parents:
-            node = node[p]
-        name = adapter_name[len("lora_"):]
-        w = node[name]
-        a = np.asarray(pair["lora_a"], np.float64)
-        b = np.asarray(pair["lora_b"], np.float64)
-        layers, rank = a.shape[:2]
-        delta = np.einsum("lri,lro->lio", a.reshape(layers, rank, -1), b.reshape(layers, rank, -1))
-        node[name] = (w.astype(np.float64) + scale * delta.reshape(w.shape)).astype(w.dtype)
-    return merged
+    float64 on the host and stored as W's dtype (jaxlm.model.adapters.merge). Returns a new
+    nested dict of numpy arrays."""
+    return adapters_lib.merge(base, adapters, float(lora_cfg.alpha) / int(lora_cfg.rank))

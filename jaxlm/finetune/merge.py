@@ -1,9 +1,11 @@
 """`jaxlm lora merge WORKDIR --out OUT`: a LoRA run's adapters folded into its base.
 
 OUT is a run directory like the ones `jaxlm train` writes: checkpoints/<step> holding
-{"step", "params"} (plus "head" for a classifier) with the run's config in its metadata,
-and tokenizer/. So `jaxlm generate --workdir OUT`, `jaxlm eval --workdir OUT`,
-`--config.checkpoint.init_from=OUT` and `finetune.base=OUT` all read it. Each merged
+{"step", "params"} (plus "head" for a classifier) with the run's config in its metadata
+(finetune.method "full": the checkpoint holds the whole model), and tokenizer/. The LoRA run
+and its base are only read. So `jaxlm generate --workdir OUT`, `jaxlm eval --workdir OUT`,
+`--config.checkpoint.init_from=OUT` and `finetune.base=OUT` all read it (generate, eval and
+classify read the LoRA run itself too: merging is for export and for a new base). Each merged
 weight is W + (alpha / r) A^T B computed in float64 and stored as float32.
 
 The base is the exact step directory recorded in the run's config, checked against the
@@ -18,6 +20,7 @@ import shutil
 from typing import Any
 
 import jax
+import ml_collections
 
 from jaxlm import config as config_lib
 from jaxlm.checkpoint import manager as checkpoint_lib
@@ -64,9 +67,12 @@ def merge_run(workdir: str | os.PathLike, out: str | os.PathLike, step: int | No
     tree = {"step": state["step"], "params": merged}
     if "head" in state:
         tree["head"] = state["head"]
-    out_meta = checkpoint_lib.run_metadata(cfg, task.base_axes, metadata.get("tokenizer", ""))
-    out_meta["finetune"] = {**metadata.get("finetune", {}), "lora_merged": {
-        "workdir": str(rundir.locate(workdir).workdir), "step": saved_step}}
+    source = rundir.locate(workdir).workdir
+    out_meta = checkpoint_lib.run_metadata(merged_config(cfg), task.base_axes,
+                                           metadata.get("tokenizer", ""))
+    out_meta["finetune"] = {**metadata.get("finetune", {}), "method": "full",
+                            "groups": sorted(set(tree) - {"step"}),
+                            "lora_merged": {"workdir": str(source), "step": saved_step}}
     checkpointer = checkpoint_lib.Checkpointer(out, cfg.checkpoint)
     try:
         checkpointer.save(saved_step, tree, {}, out_meta)
@@ -77,7 +83,18 @@ def merge_run(workdir: str | os.PathLike, out: str | os.PathLike, step: int | No
     if tokenizer_dir.is_dir():
         shutil.copytree(tokenizer_dir, out / "tokenizer")
     step_dir = out / "checkpoints" / str(saved_step)
-    log(f"merged {len(jax.tree.leaves(state['adapters'])) // 2} adapters (rank "
-        f"{cfg.finetune.lora.rank}, alpha {cfg.finetune.lora.alpha}) of step {saved_step} into "
-        f"{cfg.finetune.base}; wrote {step_dir}")
+    log(f"wrote a new run {out} (checkpoint {step_dir}): base {cfg.finetune.base} with the "
+        f"{len(jax.tree.leaves(state['adapters'])) // 2} adapters (rank "
+        f"{cfg.finetune.lora.rank}, alpha {cfg.finetune.lora.alpha}) of {source} step "
+        f"{saved_step} folded in\nthe LoRA run and its base are unchanged (generate, eval and "
+        f"classify also read the LoRA run directly)")
     return step_dir
+
+
+def merged_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config saved with the merged run: the LoRA run's, with finetune.method "full"
+    (its checkpoint holds the whole model, as a full fine-tuning run's does), so that
+    `jaxlm eval` restores its parameters instead of looking for adapters."""
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    out.finetune.method = "full"
+    return out

@@ -52,8 +52,8 @@ class ChatTemplate:
             ids.append(np.asarray(piece, np.int32))
             mask.append(np.full(len(piece), trained, bool))
 
-        if tokenizer.bos_id is not None:
-            add(np.asarray([tokenizer.bos_id]), False)
+        if tokenizer.start_ids():
+            add(np.asarray(tokenizer.start_ids()), False)
         for role, content in messages:
             prefix, suffix = self.roles[role]
             trained = role in self.train_roles

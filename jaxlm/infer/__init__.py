@@ -5,6 +5,8 @@ Owns:
                 a run's parameters for generation
     evaluate    `jaxlm eval`: a run's checkpoint evaluated by its own task
     score       log-likelihood of continuations (multiple-choice benchmarks)
+    run_params  the parameters a run's checkpoint stands for (a LoRA run: its base with
+                the adapters merged in memory, never written)
 
 May import: jaxlm.errors, config, parallel, model, data, checkpoint, train (a task's
 evaluation). It never imports jaxlm.finetune: the command line hands it the task.

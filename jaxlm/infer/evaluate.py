@@ -16,10 +16,7 @@ import os
 import math
 from typing import Any
 
-from jaxlm.checkpoint import manager as checkpoint_lib
-from jaxlm.checkpoint import rundir
 from jaxlm.errors import NonFiniteLoss, UserError
-from jaxlm.parallel import mesh as mesh_lib
 from jaxlm.train.task import Task
 
 
@@ -27,13 +24,7 @@ def evaluate(task: Task, workdir: str | os.PathLike, split: str = "validation",
              max_batches: int | None = None) -> dict[str, Any]:
     """The task's figures for the newest checkpoint of `workdir` on `split`, with the split,
     what it is (`label`) and the checkpoint's path."""
-    step_dir = rundir.latest_step_dir(workdir)
-    mesh = mesh_lib.make_mesh(task.cfg.mesh)
-    with mesh_lib.use(mesh):
-        task.build(mesh)
-        groups = checkpoint_lib.restore_groups(
-            step_dir, {g: task.spec.abstract[g] for g in task.spec.groups})
-        state = task.resume(groups, rundir.read_metadata(step_dir))
+    state, step_dir = task.restore_newest(workdir)
     figures = task.evaluate(state, split, max_batches)
     check_figures(figures, task.eval_label(split), step_dir)
     return {**figures, "split": split, "label": task.eval_label(split),

@@ -30,9 +30,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxlm.checkpoint import manager as checkpoint_lib
 from jaxlm.checkpoint import rundir
 from jaxlm.errors import ConfigError, UserError
+from jaxlm.infer import run_params
 from jaxlm.model import kv_cache, zoo
 from jaxlm.parallel import mesh as mesh_lib
 from jaxlm.parallel import rules
@@ -225,24 +225,12 @@ class Generator:
 
 # ---- loading a run -----------------------------------------------------------------------
 
-def restore_model_params(model_cfg: ml_collections.ConfigDict, step_dir: str | pathlib.Path,
-                         mesh: jax.sharding.Mesh) -> Any:
-    """The checkpoint's parameters, read straight into their shards on `mesh`."""
-    _, abstract_state = nnx.split(zoo.abstract(model_cfg))
-    return checkpoint_lib.restore_params(step_dir, rules.abstract_of(abstract_state, mesh))
-
-
 def load(workdir: str | pathlib.Path, cfg: ml_collections.ConfigDict | None = None,
          prompt_bucket: int = 16):
-    """(Generator, tokenizer, config) of a run: the newest checkpoint's parameters, the
-    config saved with it (or `cfg`, e.g. with overrides applied) and WORKDIR/tokenizer."""
+    """(Generator, tokenizer, config) of a run: the newest checkpoint's parameters (a LoRA
+    run's: its base with the adapters merged in memory, see run_params), the config saved
+    with it (or `cfg`, e.g. with overrides applied) and WORKDIR/tokenizer."""
     saved, step_dir = rundir.saved_config(workdir)
-    if not any(name.startswith("params/") for name in checkpoint_lib.saved_arrays(step_dir)):
-        raise GenerationError(f"{step_dir} holds no model parameters (a LoRA run's checkpoints hold "
-                              f"adapters only); "
-                              f"fold them into the base with `jaxlm lora merge "
-                              f"{rundir.locate(workdir).workdir} --out DIR`, then generate "
-                              f"from DIR")
     cfg = mesh_lib.fit_mesh(cfg if cfg is not None else saved)
     tokenizer = rundir.load_tokenizer(workdir)
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -250,7 +238,7 @@ def load(workdir: str | pathlib.Path, cfg: ml_collections.ConfigDict | None = No
             f"config.model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
             f"{tokenizer.vocab_size} ids ({rundir.locate(workdir).workdir / 'tokenizer'})")
     mesh = mesh_lib.make_mesh(cfg.mesh)
-    params = restore_model_params(cfg.model, step_dir, mesh)
+    params = run_params.restore(cfg, step_dir, mesh)
     return Generator(cfg.model, params, mesh, prompt_bucket), tokenizer, cfg
 
 
@@ -264,10 +252,10 @@ def default_stop_ids(tokenizer, step_dir: str | pathlib.Path) -> list[int]:
 
 
 def encode_prompt(tokenizer, text: str) -> np.ndarray:
-    """A prompt as the pipeline tokenizes a document's start: [BOS] + ids (no EOS)."""
+    """A prompt as the pipeline tokenizes a document's start: the tokenizer's start
+    (`start_ids()`: [BOS] when it `adds_bos`) + ids, no EOS."""
     ids = tokenizer.encode(text)
-    return np.concatenate([[tokenizer.bos_id], ids]).astype(np.int32) \
-        if tokenizer.bos_id is not None else np.asarray(ids, np.int32)
+    return np.concatenate([tokenizer.start_ids(), ids]).astype(np.int32)
 
 
 def stream_text(tokenizer, token_ids: Iterator[int], prefix_ids: Sequence[int] = ()

@@ -173,22 +173,39 @@ def launch(command: Sequence[str], processes: int, devices_per_process: int, *,
     return next((shell_code(codes[i]) for i in order if codes[i] != 0), 0)
 
 
+USAGE = "jaxlm launch local --processes N --devices-per-process M [--grace S] -- COMMAND"
+LOCAL_HELP = "N processes of M simulated CPU devices, gloo on loopback"
+
+
+def add_local_arguments(local: argparse.ArgumentParser) -> None:
+    """The options of `jaxlm launch local` (also in `jaxlm --help`'s parser tree)."""
+    local.add_argument("--processes", type=int, required=True,
+                       help="processes to start (required), each running COMMAND")
+    local.add_argument("--devices-per-process", type=int, required=True,
+                       help="simulated CPU devices of each process (required)")
+    local.add_argument("--grace", type=float, default=DEFAULT_GRACE_S,
+                       help="seconds after a process fails before the others are killed "
+                            "(default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="jaxlm launch", description="Rehearse a multi-host run on this machine.",
-        usage="jaxlm launch local --processes N --devices-per-process M -- train [ARGS]")
+        prog="jaxlm launch", description=__doc__, usage=USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="COMMAND, after `--`, is a whole jaxlm command line, run by every process, e.g.\n"
+               "  train --config configs/tiny.py --config.train.steps=100")
     where = parser.add_subparsers(dest="where", required=True)
-    local = where.add_parser("local", help="N processes of M simulated CPU devices, gloo on loopback")
-    local.add_argument("--processes", type=int, required=True)
-    local.add_argument("--devices-per-process", type=int, required=True)
-    local.add_argument("--grace", type=float, default=DEFAULT_GRACE_S,
-                       help="seconds after a process fails before the others are killed")
+    local = where.add_parser("local", help=LOCAL_HELP, description=__doc__, usage=USAGE,
+                             formatter_class=argparse.RawDescriptionHelpFormatter,
+                             epilog=parser.epilog)
+    add_local_arguments(local)
     return parser
 
 
 def main(argv: Sequence[str]) -> int:
     argv = list(argv)
     if "--" not in argv:
+        build_parser().parse_args(argv)  # --help prints the usage and exits 0
         build_parser().print_usage(sys.stderr)
         print("jaxlm launch: the jaxlm command to run goes after `--`", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ Owns:
     layers, attention, kv_cache   shared layers: norms, MLPs, rotary embeddings, attention
                 backends, the KV cache of generation
     counts      head size, matmul parameters, analytic FLOPs
+    adapters    LoRA adapters folded into the weights they adapt (merge, on the host)
 
 May import: jaxlm.errors, jaxlm.config, jaxlm.parallel.rules (logical axis names; the mesh
 never appears here), JAX and Flax. `zoo` and `counts` import no JAX.

@@ -9,6 +9,6 @@ Owns:
                 VMs), this process's rows of the batch, host collectives of JSON
     topology    the chip table (HBM, peak FLOP/s), TPU slice names, compile-only devices
 
-May import: jaxlm.errors, jaxlm.config, JAX. `topology` imports no JAX (the launchers use
+May import: jaxlm.errors, jaxlm.console, jaxlm.config, JAX. `topology` imports no JAX (the launchers use
 it on machines without one), nor does `distributed` at import.
 """

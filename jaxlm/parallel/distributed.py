@@ -36,6 +36,7 @@ import threading
 import traceback
 from typing import Any, Mapping, NoReturn
 
+from jaxlm import console
 from jaxlm.errors import UserError
 
 ENV_COORDINATOR = "JAXLM_COORDINATOR"
@@ -216,19 +217,31 @@ def heartbeat_timeout_s(env: Mapping[str, str] | None = None) -> int:
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> Plan:
-    """Detects the plan and starts JAX's runtime for it (nothing for a single process).
+    """Detects the plan, starts JAX's runtime for it (not for a single process), then the
+    backends (start_backends).
     Must run before anything initialises a JAX backend (jax.devices(), any computation)."""
     plan = detect(coordinator, num_processes, process_id)
     if plan.kind == "single":
+        start_backends()
         return plan
     import jax
 
     if jax.distributed.is_initialized():
         return plan
+    with console.native_output_held():
+        _start_runtime(plan)
+    start_backends()
+    return plan
+
+
+def _start_runtime(plan: Plan) -> None:
+    import jax
+
     timeouts = dict(heartbeat_timeout_seconds=heartbeat_timeout_s(),
                     shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
     if plan.cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", plan.cpu_collectives)
+        console.drop_native_stdout()  # Gloo's connection notes
     if plan.kind == "tpu":
         jax.distributed.initialize(**timeouts)
     elif plan.kind == "slurm":  # JAX reads SLURM's variables; None: its own choice
@@ -241,7 +254,17 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             plan.coordinator, plan.num_processes, plan.process_id,
             local_device_ids=list(plan.local_device_ids) if plan.local_device_ids else None,
             cluster_detection_method="deactivate", **timeouts)
-    return plan
+
+
+def start_backends() -> None:
+    """Initialises JAX's backends now, holding back what their native start-up prints
+    (jaxlm.console): with libtpu installed on a machine without a TPU, its warnings about
+    host bounds and worker hostnames before JAX falls back to the CPU. Python-level
+    warnings (no GPU jaxlib for a GPU, ...) still show; a failure shows everything."""
+    import jax
+
+    with console.native_output_held():
+        jax.devices()
 
 
 def exit_now(code: int = 1) -> NoReturn:

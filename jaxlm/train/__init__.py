@@ -13,11 +13,13 @@ Owns:
     preemption  SIGTERM/SIGINT handling from start-up to the last step, agreed across
                 processes
     metrics     peak FLOP/s for MFU, metrics.jsonl and TensorBoard, the progress line
+                (first step, recent-pace ETA, checkpoint saves)
+    wandb_writer  Weights & Biases beside them (metrics.wandb), one W&B run per run
     validate    the whole config of a run, checked before anything expensive
     compat      what a resume may change: fixed, guarded and free config keys; the
                 run's tokenizer
     aot         `jaxlm compile`: a task's step compiled for a TPU topology on any host
 
-May import: jaxlm.errors, config, parallel, model, data, checkpoint. Fine-tuning tasks
+May import: jaxlm.errors, console, config, parallel, model, data, checkpoint; wandb. Fine-tuning tasks
 (jaxlm.finetune) build on this package; nothing here knows them.
 """

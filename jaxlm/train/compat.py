@@ -96,8 +96,10 @@ def check(saved: ml_collections.ConfigDict, now: ml_collections.ConfigDict, wher
 
 
 def tokenizer_identity(tok: Any) -> tuple:
-    """What makes two tokenizers give the same ids: kind, model file, vocabulary, specials."""
-    return (tok.name, tok.fingerprint, tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id)
+    """What makes two tokenizers give the same ids: kind, model file, vocabulary, specials,
+    and whether a document starts with BOS."""
+    return (tok.name, tok.fingerprint, tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id,
+            tok.adds_bos)
 
 
 def describe_tokenizer(tok: Any) -> str:

@@ -218,8 +218,8 @@ def _train(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch
         try:
             if is_writer and (step0 is None or not (workdir / "tokenizer").is_dir()):
                 task.tokenizer.save(workdir / "tokenizer")  # the run describes itself
-            writer = metrics_lib.MetricsWriter(workdir, cfg.metrics.tensorboard,
-                                               active=is_writer, resumed_step=step0)
+            writer = metrics_lib.MetricsWriter(workdir, cfg.metrics, active=is_writer,
+                                               resumed_step=step0, run_config=cfg.to_dict())
         except OSError as e:
             batches.close()
             checkpointer.close()
@@ -234,7 +234,12 @@ def _train(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch
         logged.append({"step": step, **scalars})
         say(f"eval at step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
 
+    def announce_saves() -> None:
+        for timing in checkpointer.finished_saves():
+            metrics_lib.print_event(timing.describe(), is_writer)
+
     window = np.zeros(3, np.int64)  # documents, real tokens, slots of this host since the log
+    document_start = task.tokenizer.bos_id if task.tokenizer.adds_bos else None
     first_step = int(jax.device_get(state["step"])) + 1
     nonfinite_seen = int(jax.device_get(state["nonfinite_steps"]))
     evaluating = task.eval_every is not None
@@ -242,14 +247,15 @@ def _train(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch
         if evaluating and first_step == 1:
             evaluate(0)
         last_log_time, last_log_step = time.perf_counter(), first_step - 1
-        run_start = last_log_time
+        eta = metrics_lib.Eta(total_steps)
         watch.start_loop(first_step, total_steps)
         for step in range(first_step, total_steps + 1):
             host_batch = next(batches)
-            window += batch_stats(host_batch, task.tokenizer.bos_id)
+            window += batch_stats(host_batch, document_start)
             state, step_metrics = compiled_step(state, task.frozen, task.to_global(host_batch))
 
-            is_log = step % cfg.train.log_every == 0 or step == total_steps
+            # The run's first step is logged too: its loss before the first log_every steps.
+            is_log = step % cfg.train.log_every == 0 or step in (first_step, total_steps)
             is_eval = evaluating and (step == total_steps or (
                 task.eval_every > 0 and step % task.eval_every == 0))
             stop = watch.should_stop(step)
@@ -271,9 +277,10 @@ def _train(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch
                     packing_efficiency=real / max(slots, 1), **batches.progress(step))
                 writer.write(step, scalars)
                 logged.append({"step": step, **scalars})
-                eta = (now - run_start) / (step - first_step + 1) * (total_steps - step)
+                announce_saves()
                 metrics_lib.print_progress(
-                    metrics_lib.progress_line(step, total_steps, scalars, eta), is_writer)
+                    metrics_lib.progress_line(step, total_steps, scalars, eta.at(step, now)),
+                    is_writer)
                 last_log_time, last_log_step = time.perf_counter(), step
             if is_eval:
                 evaluate(step)
@@ -282,7 +289,10 @@ def _train(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch
                 checkpointer.save(step, state, batches.merge_states(data_states), metadata)
             if stop:
                 checkpointer.wait()
+                announce_saves()
                 raise Preempted(step, checkpointer.directory / str(step))
+        checkpointer.wait()
+        announce_saves()
     finally:
         try:
             checkpointer.wait()

@@ -9,15 +9,18 @@ at start-up.
 
 from __future__ import annotations
 
+import collections
 import json
+import math
 import os
 import pathlib
 import sys
 import time
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from jaxlm.errors import UserError
 from jaxlm.parallel import topology
@@ -60,25 +63,31 @@ def peak_flops(configured_per_device: float = 0.0) -> tuple[float, str]:
 
 class MetricsWriter:
     """Appends one JSON object per logged step to metrics.jsonl and the same scalars to
-    TensorBoard. Only the writing process (process 0) creates files.
+    TensorBoard and, with metrics.wandb, Weights & Biases (jaxlm.train.wandb_writer). Only
+    the writing process (process 0) creates files.
 
     One row per step, whatever was interrupted: a run resumed from step S first moves the
     rows past S (logged after the checkpoint it resumes from) to metrics.superseded.jsonl,
     each marked with the step the run went back to, and TensorBoard hides events from
     step S + 1 on (its purge_step); a run starting from scratch supersedes every row."""
 
-    def __init__(self, workdir: str | pathlib.Path, tensorboard: bool, active: bool,
-                 resumed_step: int | None = None):
+    def __init__(self, workdir: str | pathlib.Path, metrics_cfg: ml_collections.ConfigDict,
+                 active: bool, resumed_step: int | None = None,
+                 run_config: Mapping[str, Any] | None = None):
         self.active = active
         self._jsonl = None
         self._tb = None
+        self._wandb = None
         if not active:
             return
         workdir = pathlib.Path(workdir)
         path = workdir / "metrics.jsonl"
         supersede_rows(path, resumed_step)
         self._jsonl = open(path, "a", buffering=1)
-        if tensorboard:
+        if metrics_cfg.wandb:
+            from jaxlm.train import wandb_writer
+            self._wandb = wandb_writer.WandbWriter(workdir, metrics_cfg, run_config or {})
+        if metrics_cfg.tensorboard:
             from tensorboardX import SummaryWriter
             purge = None if resumed_step is None else resumed_step + 1
             if purge is None and (workdir / "tensorboard").is_dir():
@@ -92,12 +101,16 @@ class MetricsWriter:
         if self._tb is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.write(step, scalars)
 
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()
 
 
 def supersede_rows(path: pathlib.Path, resumed_step: int | None) -> int:
@@ -149,8 +162,35 @@ def progress_line(step: int, total: int, scalars: Mapping[str, float], eta_s: fl
               f"lr {scalars['learning_rate']:.2e}"]
     if "epoch" in scalars:
         parts.append(f"epoch {scalars['epoch']:.2f}")
-    parts.append(f"ETA {format_duration(eta_s)}")
+    parts.append(f"ETA {format_duration(eta_s)}" if math.isfinite(eta_s) else "ETA --")
     return "  ".join(parts)
+
+
+class Eta:
+    """Time left from the recent pace: the last `window` log intervals, so start-up (the
+    first step's loader warm-up) and a changing pace weigh only while they are recent."""
+
+    def __init__(self, total_steps: int, window: int = 4):
+        self.total_steps = total_steps
+        self._marks: collections.deque[tuple[int, float]] = collections.deque(maxlen=window + 1)
+
+    def at(self, step: int, now: float) -> float:
+        """Seconds left after `step`, logged at time `now` (perf_counter)."""
+        self._marks.append((step, now))
+        first_step, first_time = self._marks[0]
+        if step == self.total_steps:
+            return 0.0
+        if step == first_step:  # the run's first logged step: nothing to measure yet
+            return math.nan
+        return (now - first_time) / (step - first_step) * (self.total_steps - step)
+
+
+def print_event(line: str, active: bool) -> None:
+    """A line between progress lines (a checkpoint saved): on a terminal it replaces the
+    live progress line, which the next log draws again below it."""
+    if not active:
+        return
+    print(("\r\033[K" if sys.stdout.isatty() else "") + line, flush=True)
 
 
 def print_progress(line: str, active: bool) -> None:

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import abc
 import math
+import os
+import pathlib
 from typing import Any, Callable, Iterator, Protocol
 
 import jax
@@ -34,6 +36,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from jaxlm.checkpoint import manager as checkpoint_lib
+from jaxlm.checkpoint import rundir
 from jaxlm.data import tokenizers
 from jaxlm.parallel import mesh as mesh_lib
 from jaxlm.parallel import rules
@@ -157,6 +161,18 @@ class Task(abc.ABC):
             self.spec, self.batch_shardings(), mesh)
         self.eval_sums = step_lib.jit_eval_sums(objective, self.spec, self.batch_shardings(),
                                                 mesh)
+
+    def restore_newest(self, workdir: str | os.PathLike) -> tuple[TrainState, pathlib.Path]:
+        """(state, step directory) of the run's newest checkpoint, on a mesh built for this
+        task: the groups its evaluation reads, resumed (a LoRA base reloaded and checked
+        against its recorded fingerprint). For reading a run, not for training on."""
+        step_dir = rundir.latest_step_dir(workdir)
+        mesh = mesh_lib.make_mesh(self.cfg.mesh)
+        with mesh_lib.use(mesh):
+            self.build(mesh)
+            groups = checkpoint_lib.restore_groups(
+                step_dir, {g: self.spec.abstract[g] for g in self.spec.groups})
+            return self.resume(groups, rundir.read_metadata(step_dir)), step_dir
 
     def batch_shardings(self, mesh: Mesh | None = None) -> dict[str, NamedSharding]:
         mesh = mesh or self.mesh

@@ -93,16 +93,47 @@ def build_hf(case: str, seed: int = 0, **overrides):
     return model
 
 
-def tokenizer_json(vocab_size: int = TOKENIZER_VOCAB) -> str:
-    """A word-level tokenizer.json: <pad> <s> </s> <unk> then w4, w5, ..."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+def tokenizer_json(vocab_size: int = TOKENIZER_VOCAB, bos_template: bool = False) -> str:
+    """A word-level tokenizer.json: <pad> <s> </s> <unk> then w4, w5, ...; `bos_template`:
+    Llama's post-processor, which starts every sequence with <s>."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
     vocab.update({f"w{i}": i for i in range(4, vocab_size)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens([AddedToken(t, special=True) for t in ("<pad>", "<s>", "</s>", "<unk>")])
+    if bos_template:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1", special_tokens=[("<s>", 1)])
     return tok.to_str()
+
+
+GPT2_TEXT = ["the cat sat on the mat.", "hello world, hello there!", "def f(x): return x + 1"]
+
+
+def gpt2_tokenizer_json() -> tuple[str, int]:
+    """(GPT-2-style tokenizer.json, its vocabulary size): byte-level BPE trained on
+    GPT2_TEXT, <|endoftext|> id 0 (GPT-2's bos = eos = unk), ByteLevel post-processor (no
+    BOS added)."""
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(GPT2_TEXT * 20, trainer=trainer)
+    return tok.to_str(), tok.get_vocab_size()
 
 
 def save_hf(model, directory: pathlib.Path, max_shard_size: str | None = None,

@@ -19,7 +19,7 @@ from jaxlm.checkpoint.inspect import inspect_checkpoint
 from jaxlm.convert import hf_export, hf_import
 from jaxlm.convert import params as params_lib
 from jaxlm.convert import safetensors_io as st
-from jaxlm.data import tokenizers
+from jaxlm.data import pipeline, tokenizers
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -45,6 +45,13 @@ def restore_run(workdir):
 
 def max_diff(a, b):
     return float(np.max(np.abs(a - b)))
+
+
+def trained_ids(tok, text):
+    """The ids jaxlm's pipeline trains on for a document `text`, less its closing EOS."""
+    ids = pipeline._Tokenize(tok)({"text": text}).tolist()
+    assert ids[-1] == tok.eos_id
+    return ids[:-1]
 
 
 @pytest.mark.parametrize("case", ["llama_gqa_untied", "llama_tied_llama3", "llama_mqa_linear",
@@ -85,6 +92,10 @@ def test_export_matches_transformers(case, model_type, hf_saved, hf_models_modul
     model = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "hf", dtype=torch.float32, attn_implementation="eager")
     assert model.config.model_type == model_type
+    if model_type != "qwen2":  # qwen2: AutoTokenizer builds Qwen's own (hf_export docstring)
+        text = "héllo wörld ✓\n"
+        hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+        assert hf_tok(text)["input_ids"] == trained_ids(tokenizers.ByteTokenizer(), text)
     tokens = tokens_for(model_cfg, seed=1)
     expected = hf_models_module.jaxlm_logits(model_cfg, params_lib.unflatten(flat), tokens)
     assert max_diff(hf_models_module.hf_logits(model, tokens), expected) <= TOLERANCE
@@ -124,18 +135,31 @@ def test_round_trip_bfloat16_sharded_is_exact(hf_models_module, tmp_path):
 
 
 def test_tokenizers_survive_both_directions(hf_saved, tmp_path):
-    """The imported tokenizer keeps config.json's special ids; exported tokenizers (a
-    Hugging Face one, and jaxlm's byte tokenizer rebuilt as tokenizer.json) encode and
-    decode as jaxlm's do."""
+    """The imported tokenizer keeps config.json's special ids and its BOS convention (this
+    tokenizer.json has no post-processor: no BOS, as in transformers); exported tokenizers
+    (a Hugging Face one; the same run saved before the convention was recorded, which
+    trained with BOS; jaxlm's byte tokenizer rebuilt as tokenizer.json) give with their
+    special tokens the ids jaxlm trains with, and decode as jaxlm's do."""
     _, hf_dir = hf_saved("llama_gqa_untied")
     hf_import.import_hf(hf_dir, tmp_path / "run", log=lambda _: None)
     tok = tokenizers.load_saved(tmp_path / "run" / "tokenizer")
-    assert (tok.name, tok.bos_id, tok.eos_id) == ("hf", 1, 2)
+    assert (tok.name, tok.bos_id, tok.eos_id, tok.adds_bos) == ("hf", 1, 2, False)
     text = "w4 w17 w99 w5"
     hf_export.export_hf(tmp_path / "run", tmp_path / "hf", log=lambda _: None)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text).tolist()
+    assert hf_tok(text)["input_ids"] == trained_ids(tok, text) == tok.encode(text).tolist()
     assert (hf_tok.bos_token, hf_tok.eos_token) == ("<s>", "</s>")
+
+    saved = tmp_path / "run" / "tokenizer" / tokenizers.SAVED_CONFIG
+    config = json.loads(saved.read_text())
+    del config["adds_bos"]  # as written before the convention was recorded
+    saved.write_text(json.dumps(config))
+    old = tokenizers.load_saved(tmp_path / "run" / "tokenizer")
+    assert trained_ids(old, text) == [1] + tok.encode(text).tolist()
+    hf_export.export_hf(tmp_path / "run", tmp_path / "hf_old", log=lambda _: None)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf_old")
+    assert hf_tok(text)["input_ids"] == trained_ids(old, text)
+    assert hf_tok.decode(hf_tok(text)["input_ids"], skip_special_tokens=True) == text
 
     byte_json = hf_export.byte_tokenizer_json()
     from tokenizers import Tokenizer
@@ -144,7 +168,38 @@ def test_tokenizers_survive_both_directions(hf_saved, tmp_path):
     for sample in ["plain ascii", "héllo wörld ✓ — 日本語", " leading space\nnew line\t"]:
         ids = byte_tok.encode(sample).tolist()
         assert backend.encode(sample, add_special_tokens=False).ids == ids
-        assert backend.decode(ids) == sample
+        assert backend.encode(sample).ids == trained_ids(byte_tok, sample) == [1] + ids
+        assert backend.decode(ids) == backend.decode([1] + ids) == sample
+
+
+@pytest.mark.parametrize("kind,add_bos_token,adds_bos", [
+    ("tokenizer.json", False, True),  # its post-processor ("<s> $A") decides
+    ("tokenizer.model", False, False), ("tokenizer.model", True, True)])
+def test_import_follows_transformers_bos_convention(kind, add_bos_token, adds_bos,
+                                                    hf_models_module, tmp_path):
+    """The imported run starts sequences as transformers' AutoTokenizer does: a
+    tokenizer.json by its post-processor, a SentencePiece tokenizer.model by
+    tokenizer_config.json's add_bos_token."""
+    hf_dir = hf_models_module.write_hf_dir(tmp_path / "hf",
+                                           hf_models_module.tiny_cfg(vocab_size=384))
+    text = "w4 w17 w99 w5"
+    if kind == "tokenizer.json":
+        (hf_dir / kind).write_text(hf_models_module.tokenizer_json(bos_template=True))
+        settings = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>"}
+    else:
+        (hf_dir / "tokenizer.json").unlink()
+        text = "the quick fox 42 jumps"
+        docs = [f"the quick brown fox {i} jumps over the lazy dog {7 * i}" for i in range(200)]
+        tokenizers.train_sentencepiece(iter(docs), hf_dir / kind, 300)
+        settings = {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_prefix_space": False}
+        hf_models_module.edit_config(hf_dir, bos_token_id=2, eos_token_id=3)
+    settings["add_bos_token"] = add_bos_token
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps(settings))
+    hf_import.import_hf(hf_dir, tmp_path / "run", log=lambda _: None)
+    tok = tokenizers.load_saved(tmp_path / "run" / "tokenizer")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    assert tok.adds_bos == adds_bos
+    assert hf_tok(text)["input_ids"] == trained_ids(tok, text)
 
 
 def test_sentencepiece_tokenizer_both_directions(tmp_path):
@@ -172,3 +227,4 @@ def test_sentencepiece_tokenizer_both_directions(tmp_path):
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
     for text in ["the quick fox 42", " leading space\nand a new line", "over  the lazy dog"]:
         assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text).tolist(), text
+        assert hf_tok(text)["input_ids"] == trained_ids(tok, text), text  # BOS first

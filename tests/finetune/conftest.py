@@ -4,7 +4,7 @@ leaves one), small JSONL files, and a config factory."""
 from __future__ import annotations
 
 import pytest
-from ft_helpers import TESTS, load_test_module, sft_lines, write_jsonl
+from ft_helpers import TESTS, finetune, load_test_module, sft_lines, write_jsonl
 
 run_fixture = load_test_module("jaxlm_tests_run_fixture", TESTS / "run_fixture.py")
 
@@ -48,3 +48,13 @@ def make_cfg(base_run):
         return cfg
 
     return make
+
+
+@pytest.fixture(scope="session")
+def lora_run(make_cfg, sft_file, tmp_path_factory):
+    """6 LoRA steps of SFT with adapter dropout, checkpoints at 3 and 6 (shared by the
+    training tests and those that generate, evaluate and score from a LoRA run). Returns
+    (workdir, logged metrics, config). Tests copy it before changing anything in it."""
+    cfg = make_cfg("sft", "lora", sft_file, steps=6, every=3, lora={"dropout": 0.1})
+    workdir = tmp_path_factory.mktemp("lora")
+    return workdir, finetune(cfg, workdir), cfg

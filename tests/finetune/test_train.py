@@ -22,14 +22,6 @@ from jaxlm.finetune.tasks import FinetuneTask
 from jaxlm.parallel import mesh as mesh_lib
 
 
-@pytest.fixture(scope="module")
-def lora_run(make_cfg, sft_file, tmp_path_factory):
-    """6 LoRA steps with adapter dropout, checkpoints at 3 and 6."""
-    cfg = make_cfg("sft", "lora", sft_file, steps=6, every=3, lora={"dropout": 0.1})
-    workdir = tmp_path_factory.mktemp("lora")
-    return workdir, finetune(cfg, workdir), cfg
-
-
 def test_lora_checkpoint_holds_only_adapters(lora_run, base_run):
     workdir, logged, _ = lora_run
     train = [m for m in logged if "loss" in m]

@@ -283,30 +283,38 @@ def test_greedy_equals_hugging_face_generate(case, tmp_path):
     assert sum(len(o) for o in ours) >= 18 and len({t for o in ours for t in o.tolist()}) >= 5
 
 
-def test_generate_command_on_a_converted_hugging_face_model(tmp_path, capsys):
-    """`jaxlm convert from-hf` then `jaxlm generate`: the streamed text is the tokenizer's
-    text of what transformers' greedy `generate` gives."""
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_generate_command_on_a_converted_hugging_face_model(style, tmp_path, capsys):
+    """`jaxlm convert from-hf` then `jaxlm generate --prompt TEXT` prints what transformers
+    gives for TEXT (its tokenizer, greedy `generate`, its decode): a GPT-2-style tokenizer
+    adds no BOS (ByteLevel post-processor), a Llama-style one does (TemplateProcessing)."""
     torch = pytest.importorskip("torch")
-    pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers")
     from jaxlm import cli
     from jaxlm.convert.hf_import import import_hf
-    from jaxlm.data.tokenizers import load_saved
-    from jaxlm.infer.generate import encode_prompt, stream_text
 
     hf_models = load_hf_models()
-    hf_model = hf_models.build_hf("llama_gqa_untied", seed=7)
-    hf_models.save_hf(hf_model, tmp_path / "hf")
+    if style == "gpt2":
+        tokenizer, vocab = hf_models.gpt2_tokenizer_json()
+        hf_model = hf_models.build_hf("gpt2_tied", seed=7, vocab_size=vocab, bos_token_id=0,
+                                      eos_token_id=0)
+        prompt = "the cat sat on"
+    else:
+        tokenizer = hf_models.tokenizer_json(hf_models.VOCAB, bos_template=True)
+        hf_model = hf_models.build_hf("llama_gqa_untied", seed=7)
+        prompt = "w5 w9 w17 w40"
+    hf_models.save_hf(hf_model, tmp_path / "hf", tokenizer=False)
+    (tmp_path / "hf" / "tokenizer.json").write_text(tokenizer)
     import_hf(tmp_path / "hf", tmp_path / "run", log=lambda line: None)
-    prompt = "w5 w9 w17 w40"
     assert cli.main(["generate", "--workdir", str(tmp_path / "run"), "--prompt", prompt,
                      "--max-new-tokens", "8"]) == 0
     printed = capsys.readouterr().out
 
-    tok = load_saved(tmp_path / "run" / "tokenizer")
-    ids = encode_prompt(tok, prompt)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    inputs = hf_tok(prompt, return_tensors="pt")
+    assert (inputs.input_ids[0, 0].item() == hf_model.config.bos_token_id) == (style == "llama")
     with torch.no_grad():
-        theirs = hf_model.generate(torch.as_tensor([ids.tolist()]), max_new_tokens=8,
-                                   do_sample=False, eos_token_id=tok.eos_id, pad_token_id=0)
-    new = [t for t in theirs[0, len(ids):].tolist() if t != tok.eos_id]
-    assert printed == prompt + "".join(stream_text(tok, new, prefix_ids=ids)) + "\n"
+        theirs = hf_model.generate(**inputs, max_new_tokens=8, do_sample=False,
+                                   pad_token_id=hf_model.config.eos_token_id)
+    assert printed == hf_tok.decode(theirs[0], skip_special_tokens=True) + "\n"
     assert len(printed) > len(prompt) + 4

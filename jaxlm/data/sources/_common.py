@@ -1,9 +1,10 @@
-"""Shared by the source kinds: errors, split names, build statistics."""
+"""Shared by the source kinds: errors, split names, building, build statistics."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from jaxlm import console
 from jaxlm.errors import UserError
 
 SPLITS = ("train", "validation")
@@ -28,3 +29,11 @@ def stats(info: Any, train_split: str, eval_split: str, *, empty_skipped: int = 
         "invalid_utf8_replaced": int(invalid_utf8_replaced),
         "long_documents_split": int(long_documents_split),
     }
+
+
+def build(builder: Any) -> None:
+    """Writes a TFDS builder's splits (ArrayRecord). TFDS's announcements and progress bars
+    are held back (jaxlm.console): they say "Downloading and preparing dataset Unknown
+    size" although nothing is downloaded."""
+    with console.python_output_held():
+        builder.download_and_prepare()

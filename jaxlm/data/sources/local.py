@@ -32,7 +32,7 @@ import tensorflow_datasets as tfds
 
 from jaxlm.config.schema import DEFAULT_MAX_DOCUMENT_BYTES
 from jaxlm.data import jsonl, longdocs
-from jaxlm.data.sources._common import SourceError, stats
+from jaxlm.data.sources._common import SourceError, build, stats
 
 # Bump when the same files and settings would now build different records.
 _BUILD_FORMAT = 1
@@ -444,7 +444,7 @@ def prepare(name: str, spec: Any, data_dir: str, max_document_bytes: int) -> dic
     if not builder.is_prepared():
         cfg.plan = scan(cfg)
         # Written into an `incomplete.*` directory, renamed when complete.
-        builder.download_and_prepare()
+        build(builder)
     saved = builder.info.metadata.get(_STATS_KEY, {})
     return stats(builder.info, "train", "validation",
                  empty_skipped=saved.get("empty_skipped", 0),

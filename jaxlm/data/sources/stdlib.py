@@ -83,7 +83,7 @@ def prepare(data_dir: str) -> dict[str, int]:
     if not builder.is_prepared():
         # TFDS writes into an `incomplete.*` directory and renames it at the end, so an
         # interrupted build is never mistaken for a finished one.
-        builder.download_and_prepare()
+        _common.build(builder)
     # Empty files are kept as (empty) documents and undecodable ones dropped, as always:
     # nothing is skipped or replaced in the sense of the local sources' statistics.
     return _common.stats(builder.info, "train", "validation")

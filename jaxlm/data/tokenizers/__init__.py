@@ -3,6 +3,13 @@
 Every tokenizer implements `Tokenizer`: `encode(text)` gives int32 ids without BOS/EOS (the
 pipeline adds them), `decode(ids)` skips pad/BOS/EOS, and `save(directory)` writes what
 `load_saved(directory)` needs to rebuild it exactly (a run's workdir keeps its tokenizer).
+
+BOS convention: `adds_bos` says whether a sequence starts with BOS; the pipeline's document
+start, generation prompts and scoring contexts all ask it (`start_ids()`), so training,
+generation and scoring agree. byte: yes. sentencepiece: yes when the model has a BOS.
+hf: what tokenizer.json's post-processor does (GPT-2's ByteLevel: no; Llama's
+TemplateProcessing "<s> $A": yes), as in transformers. It is saved with the tokenizer; a
+run saved before it was recorded started every sequence with its BOS and keeps doing so.
 `load_tokenizer(data_cfg)` builds the one named by config keys `data.tokenizer` and
 `data.tokenizer_path`.
 
@@ -61,6 +68,7 @@ from jaxlm.data.tokenizers.hf import (  # noqa: F401
     _HF_PAD,
     HFTokenizer,
     _import_tokenizers,
+    prefix_ids,
 )
 from jaxlm.data.tokenizers.spm import (  # noqa: F401
     _CHUNK_BYTES,
@@ -136,6 +144,9 @@ def load_saved(directory: str | Path) -> Tokenizer:
         raise ValueError(f"{config_path}: unsupported format {fmt!r} (expected {_SAVED_FORMAT})")
     if kind == "byte":
         tok: Tokenizer = ByteTokenizer()
+        if _saved_adds_bos(config, config_path) is not True:
+            raise ValueError(f"{config_path}: the byte tokenizer always starts with BOS "
+                             f"(adds_bos={config.get('adds_bos')!r} was saved)")
     elif kind in _FILE_TOKENIZERS:
         file_name = config.get("file")
         if not isinstance(file_name, str) or Path(file_name).name != file_name \
@@ -153,7 +164,8 @@ def load_saved(directory: str | Path) -> Tokenizer:
         except KeyError as e:
             raise ValueError(f"{config_path}: missing {e}") from None
         special["pad_is_special"] = bool(config.get("pad_is_special", True))
-        tok = _FILE_TOKENIZERS[kind](model, source=str(model_path), special_ids=special)
+        tok = _FILE_TOKENIZERS[kind](model, source=str(model_path), special_ids=special,
+                                     adds_bos=_saved_adds_bos(config, config_path))
     else:
         raise ValueError(f"{config_path}: unknown tokenizer type {kind!r}; "
                          f"available: {', '.join(_NAMES)}")
@@ -161,6 +173,15 @@ def load_saved(directory: str | Path) -> Tokenizer:
         raise ValueError(f"{config_path}: vocab_size {config.get('vocab_size')} was saved, "
                          f"the model has {tok.vocab_size}")
     return tok
+
+
+def _saved_adds_bos(config: dict[str, Any], config_path: Path) -> bool:
+    """The saved BOS convention; absent (saved before it was recorded): BOS whenever the
+    tokenizer has one, which is what jaxlm then trained with."""
+    value = config.get("adds_bos", config.get("bos_id") is not None)
+    if not isinstance(value, bool):
+        raise ValueError(f"{config_path}: adds_bos must be true or false, got {value!r}")
+    return value
 
 
 def get_tokenizer(name: str) -> ByteTokenizer:

@@ -30,6 +30,9 @@ class Tokenizer(abc.ABC):
     pad_id: int
     bos_id: int | None  # None: the tokenizer has none
     eos_id: int | None
+    # Whether a sequence (a training document, a prompt, a scored context) starts with BOS:
+    # the one convention the pipeline, generation and scoring ask (never bos_id alone).
+    adds_bos: bool
     fingerprint: str  # sha256 of the model file ("byte" for ByteTokenizer)
 
     @abc.abstractmethod
@@ -58,14 +61,18 @@ class Tokenizer(abc.ABC):
         keep = (ids >= 0) & (ids < self.vocab_size) & ~np.isin(ids, self._skipped_ids())
         return ids[keep]
 
+    def start_ids(self) -> list[int]:
+        """What a sequence starts with: [bos_id] when `adds_bos`, else nothing."""
+        return [self.bos_id] if self.adds_bos and self.bos_id is not None else []
+
     def _saved_config(self, **extra: Any) -> dict[str, Any]:
         return {"type": self.name, "format": _SAVED_FORMAT, **extra,
                 "vocab_size": int(self.vocab_size), "pad_id": self.pad_id,
-                "bos_id": self.bos_id, "eos_id": self.eos_id}
+                "bos_id": self.bos_id, "eos_id": self.eos_id, "adds_bos": bool(self.adds_bos)}
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(vocab_size={self.vocab_size}, pad_id={self.pad_id}, "
-                f"bos_id={self.bos_id}, eos_id={self.eos_id})")
+                f"bos_id={self.bos_id}, eos_id={self.eos_id}, adds_bos={self.adds_bos})")
 
 
 class _FileTokenizer(Tokenizer):
@@ -74,7 +81,11 @@ class _FileTokenizer(Tokenizer):
     file_name: str
 
     def __init__(self, model: bytes, *, source: str = "<bytes>",
-                 special_ids: dict[str, int | None] | None = None):
+                 special_ids: dict[str, int | None] | None = None,
+                 adds_bos: bool | None = None):
+        """`special_ids`: the pad/bos/eos ids to use (default: the module's rules);
+        `adds_bos`: the BOS convention to use (default: what the model file says, after the
+        special ids are settled)."""
         self._model = bytes(model)
         self._source = source
         self.fingerprint = hashlib.sha256(self._model).hexdigest()
@@ -90,6 +101,10 @@ class _FileTokenizer(Tokenizer):
                                      f"(vocab_size {self.vocab_size})")
         self.pad_id, self.bos_id, self.eos_id = pad, bos, eos
         self._pad_is_special = pad_is_special
+        self.adds_bos = self._file_adds_bos() if adds_bos is None else adds_bos
+        if not isinstance(self.adds_bos, bool) or self.adds_bos and bos is None:
+            raise ValueError(f"{source}: adds_bos={self.adds_bos!r} needs to be true or false, "
+                             f"and false without a bos_id")
 
     @classmethod
     def from_file(cls, path: str | Path) -> _FileTokenizer:
@@ -105,6 +120,11 @@ class _FileTokenizer(Tokenizer):
     def _special_ids(self) -> tuple[int, int | None, int | None, bool]:
         """(pad, bos, eos, whether pad is a real special token) by the module's rules."""
 
+    def _file_adds_bos(self) -> bool:
+        """Whether the model file's own convention starts a sequence with `bos_id`
+        (default: whenever there is one, as SentencePiece/Llama tokenizers do)."""
+        return self.bos_id is not None
+
     def _skipped_ids(self) -> list[int]:
         skipped = super()._skipped_ids()
         return skipped + [self.pad_id] if self._pad_is_special else skipped
@@ -119,7 +139,7 @@ class _FileTokenizer(Tokenizer):
 
     def __reduce__(self):  # threads or processes of a data loader may pickle it
         special = {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id,
-                   "pad_is_special": self._pad_is_special}
+                   "pad_is_special": self._pad_is_special, "adds_bos": self.adds_bos}
         return _rebuild, (type(self), self._model, self._source, special)
 
     def __repr__(self) -> str:
@@ -128,7 +148,9 @@ class _FileTokenizer(Tokenizer):
 
 def _rebuild(cls: type[_FileTokenizer], model: bytes, source: str,
              special: dict[str, Any]) -> _FileTokenizer:
-    return cls(model, source=source, special_ids=special)
+    # Pickles made before adds_bos existed: jaxlm then started every sequence with its BOS.
+    adds_bos = special.get("adds_bos", special["bos_id"] is not None)
+    return cls(model, source=source, special_ids=special, adds_bos=adds_bos)
 
 
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:

@@ -18,6 +18,7 @@ class ByteTokenizer(Tokenizer):
     pad_id: int = 0
     bos_id: int = 1
     eos_id: int = 2
+    adds_bos: bool = True  # every sequence jaxlm has trained with it starts with BOS
     fingerprint = "byte"
     _offset: int = 3
 

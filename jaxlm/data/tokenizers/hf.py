@@ -1,8 +1,17 @@
-"""Hugging Face tokenizer.json (`HFTokenizer`), through the `tokenizers` library only."""
+"""Hugging Face tokenizer.json (`HFTokenizer`), through the `tokenizers` library only.
+
+The file's post-processor decides the BOS convention, as it does for transformers: a
+sequence starts with BOS (`adds_bos`) when the post-processor puts exactly the BOS id in
+front of a single sequence (TemplateProcessing "<s> $A", Roberta/BertProcessing's CLS);
+ByteLevel (GPT-2) or no post-processor add nothing. The one special token a post-processor
+prepends is the BOS, whatever it is called; otherwise the usual names below decide.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -49,9 +58,20 @@ class HFTokenizer(_FileTokenizer):
         def first(names: tuple[str, ...]) -> int | None:
             return next((special[n] for n in names if n in special), None)
         bos, eos, pad = first(_HF_BOS), first(_HF_EOS), first(_HF_PAD)
+        prefix = self._prefix_ids()
+        if len(prefix) == 1 and prefix[0] in special.values():
+            bos = prefix[0]  # what the post-processor starts with (e.g. BertProcessing's [CLS])
         if pad is not None:
             return pad, bos, eos, True
         return (eos, bos, eos, True) if eos is not None else (0, bos, eos, False)
+
+    def _prefix_ids(self) -> list[int]:
+        """The ids the post-processor puts before a single sequence."""
+        post = self._tok.post_processor
+        return [] if post is None else prefix_ids(json.loads(post.__getstate__()))
+
+    def _file_adds_bos(self) -> bool:
+        return self.bos_id is not None and self._prefix_ids() == [self.bos_id]
 
     def encode(self, text: str) -> np.ndarray:
         ids = self._tok.encode(text, add_special_tokens=False).ids
@@ -59,6 +79,26 @@ class HFTokenizer(_FileTokenizer):
 
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
         return self._tok.decode(self._kept_ids(ids).tolist(), skip_special_tokens=False)
+
+
+def prefix_ids(post: dict[str, Any] | None) -> list[int]:
+    """The ids a tokenizer.json post-processor (parsed JSON) puts before a single sequence."""
+    kind = (post or {}).get("type")
+    if kind == "Sequence":  # each processor wraps the output of the ones before it
+        ids: list[int] = []
+        for inner in post.get("processors") or []:
+            ids = prefix_ids(inner) + ids
+        return ids
+    if kind == "TemplateProcessing":
+        ids = []
+        for piece in post.get("single") or []:
+            if "SpecialToken" not in piece:
+                break
+            ids += post["special_tokens"][piece["SpecialToken"]["id"]]["ids"]
+        return ids
+    if kind in ("BertProcessing", "RobertaProcessing"):
+        return [int(post["cls"][1])]
+    return []
 
 
 def _import_tokenizers():
