@@ -9,6 +9,9 @@ Owns:
     generate    `jaxlm bench generate`: decoding against transformers and recomputation
     convert     `jaxlm bench convert`: peak memory of a Hugging Face conversion
     table       how figures are printed
+    conditions  the host's load, other runnable processes and cores at a benchmark's
+                start and end (a warning row when the load exceeds the cores); sides
+                timed interleaved (A B, B A, ...), figures as median with min and max
 
 May import every package below the command line (errors, config, parallel, model, data,
 checkpoint, train, finetune, infer, convert). Benchmarks print figures; they are never

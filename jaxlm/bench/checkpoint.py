@@ -13,6 +13,7 @@ import time
 import jax
 import ml_collections
 
+from jaxlm.bench.conditions import HostConditions, interleaved, median_min_max, spread
 from jaxlm.bench.step import BenchRun
 from jaxlm.bench.table import print_table
 from jaxlm.checkpoint import manager as checkpoint_lib
@@ -24,11 +25,13 @@ def bench_checkpoint(cfg: ml_collections.ConfigDict, steps: int = 5, rounds: int
     """Training throughput with a checkpoint saved every step against none, and the time to
     restore the state against the time to read its files.
 
-    Both loops (`rounds` of `steps` steps each, alternating) run the real step; the saving
-    loop does what `jaxlm train` does at a save point (wait for the step, start an
-    asynchronous save) and includes the wait for the last save to finish. The files are read (and restored) from the page cache, which is
-    how a restore right after a save, or from a fast local disk, sees them.
+    Both loops (`rounds` of `steps` steps each, interleaved: the order swapped every round)
+    run the real step; the saving loop does what `jaxlm train` does at a save point (wait for
+    the step, start an asynchronous save) and includes the wait for the last save to finish.
+    The files are read (and restored) from the page cache, which is how a restore right after
+    a save, or from a fast local disk, sees them.
     """
+    host = HostConditions()
     run = BenchRun(CausalLM(cfg))
     cfg = run.cfg
     jax.block_until_ready(run.step())  # warm
@@ -56,12 +59,10 @@ def bench_checkpoint(cfg: ml_collections.ConfigDict, steps: int = 5, rounds: int
         checkpointer.save(next(step_number), run.state, {"synthetic": True}, metadata)
 
     try:
-        # Alternating rounds, so load that comes and goes on the host hits both loops alike.
-        no_save_times, save_times = [], []
-        for _ in range(rounds):
-            no_save_times.append(timed_steps(None))
-            save_times.append(timed_steps(save))
-        no_save_s, save_s = sum(no_save_times), sum(save_times)
+        # Interleaved rounds, so load that comes and goes on the host hits both loops alike.
+        times = interleaved({"no saves": lambda: timed_steps(None),
+                             "saves": lambda: timed_steps(save)}, rounds)
+        no_save_times, save_times = times["no saves"], times["saves"]
         step_dir = checkpointer.directory / str(checkpointer.latest_step())
         files = [p for p in step_dir.rglob("*") if p.is_file()]
 
@@ -81,30 +82,34 @@ def bench_checkpoint(cfg: ml_collections.ConfigDict, steps: int = 5, rounds: int
         shutil.rmtree(root, ignore_errors=True)
 
     state_bytes = checkpoint_lib.state_nbytes(run.task.spec.abstract)
-    tokens = rounds * steps * run.tokens_per_step
+    tokens = steps * run.tokens_per_step  # per round
+    no_save_rates = [tokens / t for t in no_save_times]
+    save_rates = [tokens / t for t in save_times]
+    ratios = [a / b for a, b in zip(no_save_times, save_times)]  # per round: paired
     figures = {"state_bytes": float(state_bytes), "file_bytes": float(nbytes),
-               "tokens_per_sec_no_saves": tokens / no_save_s,
-               "tokens_per_sec_save_every_step": tokens / save_s,
-               "throughput_ratio": no_save_s / save_s,
+               **median_min_max("tokens_per_sec_no_saves", no_save_rates),
+               **median_min_max("tokens_per_sec_save_every_step", save_rates),
+               **median_min_max("throughput_ratio", ratios),
                **{f"read_{k}_s": v for k, v in read_times.items()},
                **{f"restore_{k}_s": v for k, v in restore_times.items()},
-               **{f"restore_over_read_{k}": restore_times[k] / read_times[k] for k in read_times}}
+               **{f"restore_over_read_{k}": restore_times[k] / read_times[k] for k in read_times},
+               **host.figures()}
     print_table([
         ("config", f"{cfg.model.family} d={cfg.model.d_model} L={cfg.model.n_layers} "
                    f"seq={cfg.data.seq_len} batch={cfg.data.global_batch_size}"),
-        ("timed", f"{rounds} rounds x {steps} steps without saves, then with a save every step"),
+        ("timed", f"{rounds} rounds x {steps} steps without saves and with a save every step, "
+                  f"interleaved"),
         ("state (arrays / files)", f"{state_bytes / 2**20:,.1f} MiB / {nbytes / 2**20:,.1f} MiB "
                                    f"in {len(files)} files"),
-        ("tokens/s, no saves", f"{figures['tokens_per_sec_no_saves']:,.0f} "
-                               f"(rounds: {', '.join(f'{t:.2f} s' for t in no_save_times)})"),
-        ("tokens/s, save every step", f"{figures['tokens_per_sec_save_every_step']:,.0f} "
-                                      f"(rounds: {', '.join(f'{t:.2f} s' for t in save_times)})"),
-        ("throughput with saves", f"{100 * figures['throughput_ratio']:.1f}% of no saves"),
+        ("tokens/s, no saves", spread(no_save_rates, ",.0f")),
+        ("tokens/s, save every step", spread(save_rates, ",.0f")),
+        ("throughput with saves", spread([100 * r for r in ratios], ".1f", "% of no saves")),
         *[row for where in ("disk", "cache") for row in (
             (f"read the files ({where})", f"{read_times[where]:.3f} s "
                                           f"({nbytes / read_times[where] / 2**20:,.0f} MiB/s)"),
             (f"restore, fingerprints checked ({where})", f"{restore_times[where]:.3f} s "
                                                          f"= {figures[f'restore_over_read_{where}']:.2f}x the read"))],
+        *host.rows(),
     ])
     return figures
 

@@ -24,6 +24,8 @@ import time
 import numpy as np
 
 from jaxlm import config as config_lib
+from jaxlm.bench.conditions import HostConditions
+from jaxlm.bench.table import print_table
 from jaxlm.convert import families
 from jaxlm.convert import safetensors_io as st
 from jaxlm.model import zoo
@@ -108,6 +110,7 @@ def _child_env() -> dict:
 def bench_convert(size_mb: float = 300.0, directory: str | None = None) -> dict:
     """Prints and returns the figures (see the module docstring)."""
 
+    host = HostConditions()
     cfg = bench_model_config(size_mb)
     model_bytes = 4 * zoo.param_count(cfg)
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
@@ -137,4 +140,6 @@ def bench_convert(size_mb: float = 300.0, directory: str | None = None) -> dict:
         ratio = figures[key]["ratio"]
         print(f"{key} peak {ratio:.2f} x S: {'meets' if ratio < 1.5 else 'MISSES'} the target "
               f"(< 1.5 x S)")
+    print_table(host.rows())
+    figures.update(host.figures())
     return figures

@@ -27,6 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxlm.bench.conditions import HostConditions
 from jaxlm.bench.table import print_table
 from jaxlm.data import pipeline, sources
 from jaxlm.data.sources import local
@@ -59,6 +60,7 @@ print(json.dumps(out))
 def bench_data(cfg: ml_collections.ConfigDict, batches: int = 2000) -> dict[str, float]:
     """The loader alone: batches/s and tokens/s of `make_iterator` on this host, after the
     corpus is built and one batch has warmed it up."""
+    host = HostConditions()
     validate(cfg, jax.device_count())
     sources.prepare_all(cfg.data)
     data_iter = pipeline.make_iterator(cfg.data)
@@ -72,7 +74,8 @@ def bench_data(cfg: ml_collections.ConfigDict, batches: int = 2000) -> dict[str,
     seconds = time.perf_counter() - start
     data_iter.close()
     figures = {"tokens_per_sec": slots / seconds, "real_tokens_per_sec": real / seconds,
-               "packing_efficiency": real / slots, "batches_per_sec": batches / seconds}
+               "packing_efficiency": real / slots, "batches_per_sec": batches / seconds,
+               **host.figures()}
     shape = (f"dataset={cfg.data.dataset} tokenizer={cfg.data.tokenizer} "
              f"packing={cfg.data.packing} seq={cfg.data.seq_len} batch={cfg.data.global_batch_size}")
     print_table([
@@ -81,6 +84,7 @@ def bench_data(cfg: ml_collections.ConfigDict, batches: int = 2000) -> dict[str,
         ("tokens/s (all slots)", f"{slots / seconds:,.0f}"),
         ("real tokens/s", f"{real / seconds:,.0f}"),
         ("packing efficiency", f"{100 * real / slots:.2f}%"),
+        *host.rows(),
     ])
     return figures
 
@@ -128,6 +132,7 @@ def _run_child(action: str, cfg_path: pathlib.Path, batches: int) -> dict:
 def bench_huge_document(cfg: ml_collections.ConfigDict, size_mb: float, kind: str = "text",
                         batches: int = 2000, directory: str | None = None) -> dict:
     """Prints and returns the figures of the module docstring."""
+    host = HostConditions()
     validate(cfg, jax.device_count())
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
         scratch = pathlib.Path(scratch)
@@ -164,6 +169,7 @@ def bench_huge_document(cfg: ml_collections.ConfigDict, size_mb: float, kind: st
         ("build peak RSS", built),
         (f"load peak RSS ({batches} batches)", loaded),
         ("loader peak RSS", f"{peak / 1e6:,.1f} MB: {verdict} the target (< 2 GB)"),
+        *host.rows(),
     ])
     return {"file_bytes": file_bytes, "baseline_peak_bytes": base["peak_bytes"],
-            "build": build, "load": load, "peak_bytes": peak}
+            "build": build, "load": load, "peak_bytes": peak, **host.figures()}

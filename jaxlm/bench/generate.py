@@ -2,18 +2,25 @@
 and against recomputing the whole prefix for every token, as printed figures.
 
 The model is LLaMA-style with random weights: 6 layers, d_model 512, 8 heads, SwiGLU 1408,
-a 32,000-token vocabulary, untied head (about 52M parameters), float32, batch 1. A
+a 32,000-token vocabulary, untied head (about 52M parameters), float32. A
 `transformers.LlamaForCausalLM` is built with random weights, saved as safetensors and
 imported with jaxlm's converter (`convert.hf_import`), so both sides run the same weights.
 
-Figures (each the best of `repeats` timed runs after a warm-up; compilation excluded):
+Figures (after a warm-up, compilation excluded; `repeats` rounds in which jaxlm and
+transformers, and then the cached and the recomputing decoder, run interleaved, the order
+swapped every round; each figure is the median over the rounds, printed with its min and max,
+and the ratios are taken within a round):
   * end-to-end tokens/s: new tokens / time of one `generate` call (prefill included);
-  * decode tokens/s: (N - 1) / (time of N new tokens - time of 1 new token), the per-token
-    rate once the prompt is in the cache, for jaxlm and for `model.generate` (greedy, torch
-    threads = this host's cores);
+  * decode tokens/s: (N - 1) / (time of N new tokens - time of 1 new token) in a round, the
+    per-token rate once the prompt is in the cache, for jaxlm and for `model.generate`
+    (greedy, torch threads = this host's cores);
   * at 512 tokens of context: a cached decode step against a full forward pass over the
     512-token prefix per token (one compiled forward over a fixed buffer, causal, so the
-    logits at the last real position are the next token's).
+    logits at the last real position are the next token's);
+  * the memory-bandwidth floor of a batch-1 step: the time to read every weight once (a
+    jitted sum of each parameter), against which jaxlm's decode step is compared;
+  * batched decoding (batches 8 and 32 of equal-length prompts, 32 new tokens): decode
+    tokens/s of both sides, rows x (N - 1) / (time of N - time of 1).
 """
 
 from __future__ import annotations
@@ -21,13 +28,13 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlm.bench.conditions import HostConditions, interleaved, median_min_max, spread
 from jaxlm.bench.table import print_table
 from jaxlm.convert import hf_import
 from jaxlm.convert import params as params_lib
@@ -37,15 +44,6 @@ MODEL = dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_ke
              intermediate_size=1408, vocab_size=32_000, max_position_embeddings=1024,
              tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=10_000.0,
              bos_token_id=1, eos_token_id=None, pad_token_id=0)
-
-
-def _best(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def _hf_and_jaxlm_models(seed: int):
@@ -66,10 +64,55 @@ def _hf_and_jaxlm_models(seed: int):
     return hf_model, Generator(model_cfg, params_lib.unflatten(flat))
 
 
-def bench_generate(prompt_len: int = 32, new_tokens: int = 128, context: int = 512,
-                   context_tokens: int = 16, repeats: int = 3, seed: int = 0) -> dict[str, float]:
+def weights_read_s(params, repeats: int) -> list[float]:
+    """Seconds to read every parameter once (a jitted sum of each): the memory-bandwidth
+    floor of a batch-1 decode step, which reads each weight once per token."""
+    read = jax.jit(lambda tree: sum(jnp.sum(x) for x in jax.tree.leaves(tree)))
+    read(params).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        read(params).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def batched_decode(gen, hf_model, prompts_BxP: np.ndarray, new_tokens: int, repeats: int
+                   ) -> dict[str, np.ndarray]:
+    """Per round, decode tokens/s of both sides for a batch of equal-length prompts (rows x
+    (N - 1) / (time of N new tokens - time of 1)), interleaved; and the rows whose greedy
+    tokens agree."""
     import torch
 
+    ids = torch.as_tensor(prompts_BxP.astype(np.int64))
+    rows = len(prompts_BxP)
+
+    def jaxlm_run(n):
+        return np.stack(gen.generate(list(prompts_BxP), n))
+
+    def hf_run(n):
+        with torch.inference_mode():
+            return hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                     do_sample=False)[:, prompts_BxP.shape[1]:].numpy()
+
+    agree = int(np.all(jaxlm_run(new_tokens) == hf_run(new_tokens), axis=1).sum())
+    jaxlm_run(1), hf_run(1)
+    t = {k: np.array(v) for k, v in interleaved(
+        {"jaxlm N": lambda: jaxlm_run(new_tokens), "jaxlm 1": lambda: jaxlm_run(1),
+         "hf N": lambda: hf_run(new_tokens), "hf 1": lambda: hf_run(1)}, repeats).items()}
+    jax_rate = rows * (new_tokens - 1) / (t["jaxlm N"] - t["jaxlm 1"])
+    hf_rate = rows * (new_tokens - 1) / (t["hf N"] - t["hf 1"])
+    return {"jaxlm": jax_rate, "hf": hf_rate, "ratio": jax_rate / hf_rate,
+            "agree": np.array([agree])}
+
+
+def bench_generate(prompt_len: int = 32, new_tokens: int = 128, context: int = 512,
+                   context_tokens: int = 16, repeats: int = 5, seed: int = 0,
+                   batches: tuple[int, ...] = (8, 32), batched_tokens: int = 32
+                   ) -> dict[str, float]:
+    import torch
+
+    host = HostConditions()
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
     hf_model, gen = _hf_and_jaxlm_models(seed)
@@ -82,8 +125,6 @@ def bench_generate(prompt_len: int = 32, new_tokens: int = 128, context: int = 5
 
     jax_tokens = jaxlm_run(new_tokens)  # compiles prefill and step
     jaxlm_run(1)
-    jax_n = _best(lambda: jaxlm_run(new_tokens), repeats)
-    jax_1 = _best(lambda: jaxlm_run(1), repeats)
 
     # ---- transformers, model.generate greedy ------------------------------------------------
     ids = torch.as_tensor(prompt[None].astype(np.int64))
@@ -94,17 +135,18 @@ def bench_generate(prompt_len: int = 32, new_tokens: int = 128, context: int = 5
                                      do_sample=False)[0, prompt_len:].numpy()
 
     hf_tokens = hf_run(new_tokens)
-    hf_n = _best(lambda: hf_run(new_tokens), repeats)
-    hf_1 = _best(lambda: hf_run(1), repeats)
+    hf_run(1)
     agree = int(np.cumprod(hf_tokens == jax_tokens).sum())
+
+    # ---- timed: jaxlm and transformers interleaved, N then 1 new tokens each ---------------
+    t = interleaved({"jaxlm N": lambda: jaxlm_run(new_tokens), "jaxlm 1": lambda: jaxlm_run(1),
+                     "hf N": lambda: hf_run(new_tokens), "hf 1": lambda: hf_run(1)}, repeats)
+    jax_n, jax_1, hf_n, hf_1 = (np.array(t[k]) for k in ("jaxlm N", "jaxlm 1", "hf N", "hf 1"))
 
     # ---- at `context` tokens: cached step vs a full forward over the prefix ------------
     long_prompt = rng.integers(3, MODEL["vocab_size"], size=context).astype(np.int32)
     jaxlm_run(context_tokens, long_prompt)
     jaxlm_run(1, long_prompt)
-    cached_n = _best(lambda: jaxlm_run(context_tokens, long_prompt), repeats)
-    cached_1 = _best(lambda: jaxlm_run(1, long_prompt), repeats)
-    cached_step_s = (cached_n - cached_1) / (context_tokens - 1)
 
     graphdef = gen.graphdef
     length = context + context_tokens
@@ -124,35 +166,76 @@ def bench_generate(prompt_len: int = 32, new_tokens: int = 128, context: int = 5
 
     recompute(1)
     recompute_n = 4
-    recompute_step_s = _best(lambda: recompute(recompute_n), repeats) / recompute_n
+    # ---- timed: cached decoding and recomputation interleaved ----------------------------
+    c = interleaved({"cached N": lambda: jaxlm_run(context_tokens, long_prompt),
+                     "cached 1": lambda: jaxlm_run(1, long_prompt),
+                     "recompute": lambda: recompute(recompute_n)}, repeats)
+    cached_step_s = (np.array(c["cached N"]) - np.array(c["cached 1"])) / (context_tokens - 1)
+    recompute_step_s = np.array(c["recompute"]) / recompute_n
 
+    # ---- the memory-bandwidth floor; batched decoding ------------------------------------
+    read_s = np.array(weights_read_s(gen.params, repeats))
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(gen.params))
+    batched = {rows: batched_decode(gen, hf_model, rng.integers(
+        3, MODEL["vocab_size"], size=(rows, prompt_len)).astype(np.int32), batched_tokens,
+        repeats) for rows in batches}
+
+    # Per round; ratios within a round, where both sides met the same load.
     jax_decode = (new_tokens - 1) / (jax_n - jax_1)
     hf_decode = (new_tokens - 1) / (hf_n - hf_1)
-    figures = {
+    per_round = {
         "jaxlm_tokens_per_sec": new_tokens / jax_n, "hf_tokens_per_sec": new_tokens / hf_n,
         "jaxlm_decode_tokens_per_sec": jax_decode, "hf_decode_tokens_per_sec": hf_decode,
         "decode_speedup_vs_hf": jax_decode / hf_decode,
         "end_to_end_speedup_vs_hf": hf_n / jax_n,
         "cached_step_ms": cached_step_s * 1e3, "recompute_step_ms": recompute_step_s * 1e3,
-        "cache_speedup": recompute_step_s / cached_step_s, "greedy_tokens_agreeing": agree,
+        "cache_speedup": recompute_step_s / cached_step_s,
+        "weights_read_ms": read_s * 1e3,
+        **{f"batch{rows}_{side}_decode_tokens_per_sec": b[side] for rows, b in batched.items()
+           for side in ("jaxlm", "hf")},
+        **{f"batch{rows}_decode_speedup_vs_hf": b["ratio"] for rows, b in batched.items()},
     }
+    figures = {k: v for name, values in per_round.items()
+               for k, v in median_min_max(name, values).items()}
+    figures["greedy_tokens_agreeing"] = agree
+    figures.update(host.figures())
+    med = {name: figures[name] for name in per_round}
+    jax_step_ms = 1e3 / med["jaxlm_decode_tokens_per_sec"]
     n_params = sum(p.numel() for p in hf_model.parameters())
     print_table([
         ("model", f"llama d=512 L=6 heads=8 ff=1408 vocab=32000, {n_params / 1e6:.1f}M params, "
                   f"float32, batch 1, random weights"),
         ("host", f"{cores} CPU cores; jax {jax.__version__} ({jax.devices()[0].platform}), "
                  f"torch {torch.__version__} ({torch.get_num_threads()} threads)"),
-        (f"prompt {prompt_len}, {new_tokens} new tokens", f"best of {repeats}"),
-        ("  jaxlm end-to-end", f"{new_tokens / jax_n:,.1f} tokens/s ({jax_n:.3f} s)"),
-        ("  transformers end-to-end", f"{new_tokens / hf_n:,.1f} tokens/s ({hf_n:.3f} s)"),
-        ("  jaxlm decode", f"{jax_decode:,.1f} tokens/s ({1e3 / jax_decode:.2f} ms/token)"),
-        ("  transformers decode", f"{hf_decode:,.1f} tokens/s ({1e3 / hf_decode:.2f} ms/token)"),
-        ("  jaxlm / transformers", f"decode {jax_decode / hf_decode:.2f}x, end-to-end "
-                                   f"{hf_n / jax_n:.2f}x (target >= 1.5x)"),
+        (f"prompt {prompt_len}, {new_tokens} new tokens",
+         f"{repeats} rounds, jaxlm and transformers interleaved"),
+        ("  jaxlm end-to-end", spread(per_round["jaxlm_tokens_per_sec"], ",.1f", "tokens/s")),
+        ("  transformers end-to-end", spread(per_round["hf_tokens_per_sec"], ",.1f",
+                                             "tokens/s")),
+        ("  jaxlm decode", spread(jax_decode, ",.1f", "tokens/s")
+         + f"; {1e3 / med['jaxlm_decode_tokens_per_sec']:.2f} ms/token"),
+        ("  transformers decode", spread(hf_decode, ",.1f", "tokens/s")
+         + f"; {1e3 / med['hf_decode_tokens_per_sec']:.2f} ms/token"),
+        ("  jaxlm / transformers decode", spread(per_round["decode_speedup_vs_hf"], ".2f", "x")
+         + " (target >= 1.5x)"),
+        ("  jaxlm / transformers end-to-end", spread(per_round["end_to_end_speedup_vs_hf"],
+                                                     ".2f", "x") + " (target >= 1.5x)"),
         ("  greedy tokens agreeing", f"{agree} of {new_tokens} (first divergence ends the count)"),
-        (f"context {context}", ""),
-        ("  cached decode step", f"{cached_step_s * 1e3:.2f} ms/token"),
-        ("  recompute prefix per token", f"{recompute_step_s * 1e3:.1f} ms/token"),
-        ("  cache speedup", f"{recompute_step_s / cached_step_s:.1f}x (target >= 5x)"),
+        ("  weights read once (the floor)", f"{weight_bytes / 1e6:,.0f} MB in "
+         + spread(per_round["weights_read_ms"], ".2f", "ms")
+         + f", {weight_bytes / med['weights_read_ms'] / 1e6:,.1f} GB/s"),
+        ("  jaxlm decode step / floor", f"{jax_step_ms / med['weights_read_ms']:.2f}x"),
+        *[row for rows, b in batched.items() for row in (
+            (f"batch {rows}, {batched_tokens} new tokens", f"{repeats} rounds, interleaved; "
+             f"{int(b['agree'][0])} of {rows} rows' greedy tokens agree"),
+            ("  jaxlm decode", spread(b["jaxlm"], ",.1f", "tokens/s")),
+            ("  transformers decode", spread(b["hf"], ",.1f", "tokens/s")),
+            ("  jaxlm / transformers", spread(b["ratio"], ".2f", "x")))],
+        (f"context {context}", f"{repeats} rounds, cached and recomputing interleaved"),
+        ("  cached decode step", spread(per_round["cached_step_ms"], ".2f", "ms/token")),
+        ("  recompute prefix per token", spread(per_round["recompute_step_ms"], ".1f",
+                                                "ms/token")),
+        ("  cache speedup", spread(per_round["cache_speedup"], ".1f", "x") + " (target >= 5x)"),
+        *host.rows(),
     ])
     return figures

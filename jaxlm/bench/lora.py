@@ -9,7 +9,8 @@ of every row), from the same random base, written as a run directory first. The 
 finetune.lora keys (default rank 8, alpha 16, targets q,k,v,o,mlp; dropout is set to 0 so
 both steps run the same model). On a shared machine timings drift, so the two steps
 alternate: `rounds` rounds of `steps` steps each, the order swapped every round, and the
-medians of the per-step times are compared. Checkpoint sizes are the bytes of the state each
+medians of the per-step times are compared (printed with their min and max, and the
+per-round ratio). Checkpoint sizes are the bytes of the state each
 method saves (LoRA: adapters and their Adam moments; full: every parameter and its moments),
 and the files of one real save of each.
 """
@@ -24,6 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxlm.bench.conditions import HostConditions, interleaved, median_min_max, spread
 from jaxlm.bench.step import BenchRun, synthetic_batch
 from jaxlm.bench.table import print_table
 from jaxlm.checkpoint import manager as checkpoint_lib
@@ -88,6 +90,7 @@ class _Method:
 
 
 def bench_lora(cfg: ml_collections.ConfigDict, steps: int = 2, rounds: int = 5) -> dict[str, float]:
+    host = HostConditions()
     with tempfile.TemporaryDirectory(prefix="jaxlm_bench_lora_") as tmp:
         base = pathlib.Path(tmp) / "base"
         write_random_base(cfg, base)
@@ -95,21 +98,23 @@ def bench_lora(cfg: ml_collections.ConfigDict, steps: int = 2, rounds: int = 5) 
         lora_m, full_m = methods
         for method in methods:  # one untimed warm step each
             method.steps(1, record=False)
-        for r in range(rounds):
-            for method in (methods if r % 2 == 0 else methods[::-1]):
-                method.steps(steps)
+        round_s = interleaved({m.name: (lambda m=m: m.steps(steps)) for m in methods}, rounds)
         disk = {method.name: method.checkpoint_bytes(tmp) for method in methods}
     cfg, mesh, m = lora_m.run.cfg, lora_m.run.mesh, lora_m.run.cfg.model
 
     full_s, lora_s = float(np.median(full_m.times)), float(np.median(lora_m.times))
+    round_ratios = [a / b for a, b in zip(round_s["lora"], round_s["full"])]  # paired
     figures = {
-        "full_step_s": full_s, "lora_step_s": lora_s, "step_ratio": lora_s / full_s,
+        **median_min_max("full_step_s", full_m.times),
+        **median_min_max("lora_step_s", lora_m.times), "step_ratio": lora_s / full_s,
+        **median_min_max("step_ratio_per_round", round_ratios),
         "full_state_bytes": float(full_m.state_bytes),
         "lora_state_bytes": float(lora_m.state_bytes),
         "state_ratio": lora_m.state_bytes / full_m.state_bytes,
         "full_checkpoint_disk_bytes": float(disk["full"]),
         "lora_checkpoint_disk_bytes": float(disk["lora"]),
         "lora_trainable": float(lora_m.trainable), "full_trainable": float(full_m.trainable),
+        **host.figures(),
     }
     lora_cfg = cfg.finetune.lora
     print_table([
@@ -121,9 +126,11 @@ def bench_lora(cfg: ml_collections.ConfigDict, steps: int = 2, rounds: int = 5) 
         ("trainable parameters", f"full {full_m.trainable:,} / LoRA {lora_m.trainable:,} "
                                  f"({100 * lora_m.trainable / full_m.trainable:.2f}%)"),
         ("compile", f"full {full_m.compile_s:.1f} s / LoRA {lora_m.compile_s:.1f} s"),
-        (f"step time (median of {rounds}x{steps}, alternating)",
-         f"full {full_s * 1e3:.0f} ms / LoRA {lora_s * 1e3:.0f} ms"),
-        ("LoRA step / full step", f"{lora_s / full_s:.3f}x (target <= 0.8x)"),
+        (f"step time ({rounds} rounds x {steps} steps, interleaved)", ""),
+        ("  full", spread([t * 1e3 for t in full_m.times], ".0f", "ms")),
+        ("  LoRA", spread([t * 1e3 for t in lora_m.times], ".0f", "ms")),
+        ("LoRA step / full step", (f"{lora_s / full_s:.3f}x of the medians (target <= 0.8x); "
+                                   f"per round {spread(round_ratios, '.3f')}")),
         ("checkpointed state", f"full {format_bytes(full_m.state_bytes)} / LoRA "
                                f"{format_bytes(lora_m.state_bytes)}"),
         ("LoRA / full state", f"{100 * figures['state_ratio']:.2f}% (target < 5%)"),
@@ -131,5 +138,6 @@ def bench_lora(cfg: ml_collections.ConfigDict, steps: int = 2, rounds: int = 5) 
                                f"{format_bytes(disk['lora'])} "
                                f"({100 * disk['lora'] / disk['full']:.2f}%)"),
         ("last loss", f"full {full_m.last_loss:.4f} / LoRA {lora_m.last_loss:.4f}"),
+        *host.rows(),
     ])
     return figures

@@ -13,6 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxlm.bench.conditions import HostConditions, spread, summary
 from jaxlm.bench.table import print_table
 from jaxlm.model import zoo
 from jaxlm.parallel import mesh as mesh_lib
@@ -65,6 +66,7 @@ class BenchRun:
 
 
 def bench_step(cfg: ml_collections.ConfigDict, steps: int = 5) -> dict[str, float]:
+    host = HostConditions()
     run = BenchRun(CausalLM(cfg))
     cfg, mesh = run.cfg, run.mesh
     seq_len, batch_size = cfg.data.seq_len, cfg.data.global_batch_size
@@ -77,7 +79,7 @@ def bench_step(cfg: ml_collections.ConfigDict, steps: int = 5) -> dict[str, floa
         jax.block_until_ready(out)
         times.append(time.perf_counter() - start)
 
-    step_s = float(np.median(times))
+    step_s, step_min, step_max = summary(times)
     tokens = run.tokens_per_step
     model_flops = run.task.flops_per_token() * tokens / step_s
     peak, source = metrics_lib.peak_flops(cfg.metrics.peak_flops)
@@ -85,11 +87,12 @@ def bench_step(cfg: ml_collections.ConfigDict, steps: int = 5) -> dict[str, floa
         "parameters": float(zoo.param_count(cfg.model)),
         "compile_s": compile_s,
         "first_step_s": first_step_s,
-        "step_time_s": step_s,
+        "step_time_s": step_s, "step_time_s_min": step_min, "step_time_s_max": step_max,
         "tokens_per_sec": tokens / step_s,
         "model_tflops": model_flops / 1e12,
         "peak_tflops": peak / 1e12,
         "mfu": model_flops / peak,
+        **host.figures(),
     }
     rows = [
         ("config", f"{cfg.model.family} d={cfg.model.d_model} L={cfg.model.n_layers} "
@@ -99,12 +102,13 @@ def bench_step(cfg: ml_collections.ConfigDict, steps: int = 5) -> dict[str, floa
         ("parameters", f"{zoo.param_count(cfg.model):,}"),
         ("compile (lower+compile)", f"{compile_s:.2f} s"),
         ("first step (compile+run)", f"{first_step_s:.2f} s"),
-        ("step time (median of %d)" % steps, f"{step_s * 1e3:.1f} ms"),
+        ("step time", spread([t * 1e3 for t in times], ".1f", "ms")),
         ("tokens/s", f"{tokens / step_s:,.0f}"),
         ("model FLOP/s", f"{model_flops / 1e12:.3f} TFLOP/s"),
         (f"peak ({source})", f"{peak / 1e12:.3f} TFLOP/s"),
         ("MFU", f"{100 * model_flops / peak:.1f}%"),
         ("final loss", f"{float(out['loss']):.4f}"),
+        *host.rows(),
     ]
     print_table(rows)
     return figures

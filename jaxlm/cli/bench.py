@@ -5,7 +5,7 @@
     jaxlm bench data --config configs/bench_cpu.py --huge-document-mb 1024 [--dir DIR]
     jaxlm bench checkpoint --config configs/bench_cpu.py [--steps 5]
     jaxlm bench lora --config configs/bench_cpu.py [--steps 2] [--rounds 5]
-    jaxlm bench generate
+    jaxlm bench generate [--rounds 5]
     jaxlm bench convert [--size-mb 300] [--dir DIR]
 """
 
@@ -33,7 +33,9 @@ def add_parsers(verbs) -> None:
                             "steps per timed round (default 5); lora: steps per round "
                             "(default 2)")
     bench.add_argument("--rounds", type=int, default=5,
-                       help="lora: alternating rounds of full and LoRA steps (default 5)")
+                       help="lora: alternating rounds of full and LoRA steps; generate: "
+                            "rounds of jaxlm and transformers (and of cached and recomputing "
+                            "decoding), interleaved (default 5)")
     bench.add_argument("--batches", type=int, default=2000, help="data: timed batches")
     bench.add_argument("--huge-document-mb", type=float, default=None,
                        help="data: instead, the loader's peak memory on a source that is one "
@@ -48,12 +50,14 @@ def add_parsers(verbs) -> None:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.rounds < 1:
+        raise config_lib.ConfigError(f"--rounds: must be at least 1, got {args.rounds}")
     if args.what in ("generate", "convert"):  # fixed models of their own
         if overrides or args.config:
             raise config_lib.ConfigError(f"`jaxlm bench {args.what}` takes no config")
         if args.what == "generate":
             from jaxlm.bench.generate import bench_generate
-            bench_generate()
+            bench_generate(repeats=args.rounds)
         else:
             from jaxlm.bench.convert import bench_convert
             bench_convert(size_mb=args.size_mb, directory=args.dir)

@@ -4,6 +4,8 @@ adapters shard by their logical axes."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -212,3 +214,49 @@ def test_separate_adapter_term_equals_the_merged_projection():
                         np.asarray(a[...], np.float64), np.asarray(b[...], np.float64))
     np.testing.assert_allclose(np.asarray(separate), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(merged), expected, rtol=1e-5, atol=1e-5)
+
+
+INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]")
+DOT = re.compile(r" dot\(%([\w.\-]+), %([\w.\-]+)\), lhs_contracting_dims=\{([\d,]*)\}")
+
+
+def weight_gradient_dots(hlo: str, weight_sizes: set[int], tokens: int) -> list[str]:
+    """The dots of compiled HLO that form a weight's gradient x^T dy: an unbatched product
+    over the tokens (contracting `tokens` or more) whose result has a weight's size (either
+    layout). Attention's products are batched over heads and never match."""
+    shapes, found = {}, []
+    for line in hlo.splitlines():
+        instruction = INSTRUCTION.match(line)
+        if instruction is None:
+            continue
+        name, dims = instruction.group(1), [int(d) for d in instruction.group(2).split(",") if d]
+        shapes[name] = dims
+        dot = DOT.search(line)
+        if dot is None:
+            continue
+        lhs = shapes[dot.group(1)]
+        contracted = int(np.prod([lhs[int(i)] for i in dot.group(3).split(",") if i]))
+        if contracted >= tokens and int(np.prod(dims)) in weight_sizes:
+            found.append(line.strip()[:200])
+    return found
+
+
+def test_a_lora_step_computes_no_gradient_of_a_frozen_weight(base_run, make_cfg, sft_file):
+    """No x^T dy of a frozen weight remains in the compiled LoRA step (under full remat, as
+    `jaxlm bench lora` runs it); the same detector finds them in the full step."""
+    _, params, _ = base_run
+    weight_sizes = {int(np.prod(w.shape[1:])) for w in jax.tree.leaves(params["blocks"])
+                    if w.ndim >= 3} | {int(np.prod(w.shape)) for k, w in params.items()
+                                       if k in ("embed", "lm_head")}
+    found = {}
+    for method in ("lora", "full"):
+        cfg = make_cfg("sft", method, sft_file, model={"remat": "full"})
+        task = tasks.FinetuneTask(cfg)
+        mesh = mesh_lib.make_mesh(cfg.mesh)
+        with mesh_lib.use(mesh):
+            task.build(mesh)
+            hlo = task.lower().compile().as_text()
+        tokens = cfg.data.global_batch_size * cfg.data.seq_len // mesh_lib.batch_shards(mesh)
+        found[method] = weight_gradient_dots(hlo, weight_sizes, tokens)
+    assert found["lora"] == []
+    assert len(found["full"]) >= 5, found["full"]  # q, k, v, o and the MLP's, at least

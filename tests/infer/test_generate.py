@@ -122,9 +122,43 @@ def test_sharded_generation_equals_unsharded(gen):
             sampling=Sampling(), cache_len=batch.cache_len)
         assert cache.k.shape == (2, 4, 2, 32 + NEW, 8)
         assert cache.k.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
-        new_cache = sharded._step(sharded.params, cache, token, done, jax.random.key(0),
-                                  np.int32(1), stop, sampling=Sampling())[0]
+        new_cache = sharded._decode(sharded.params, cache, token, done, jax.random.key(0),
+                                    np.int32(1), np.int32(NEW), stop, sampling=Sampling(),
+                                    with_logits=False)[0]
     assert cache.k.is_deleted() and new_cache.k.sharding == cache.k.sharding
+
+
+def everything_streamed(generator, prompts, new, **kwargs):
+    """Every (tokens, live, logits) the stream yields, as lists."""
+    return [tuple(np.asarray(x).tolist() for x in out)
+            for out in generator.stream(prompts, new, logits=True, **kwargs)]
+
+
+@pytest.fixture(scope="module")
+def by_block(gen):
+    """The same model decoding 1 (a call per token), 3 and 16 tokens per device call."""
+    return {block: Generator(gen.cfg, gen.params, block=block) for block in (1, 3, 16)}
+
+
+@pytest.mark.parametrize("sampling, seed", [(Sampling(), 0),
+                                            (Sampling(temperature=0.9, top_p=0.9), 3)])
+def test_decoding_blocks_of_tokens_equals_a_call_per_token(by_block, sampling, seed):
+    """Several tokens per device call yield exactly what one call per token yields: tokens,
+    live flags and logits, greedy and seeded sampling, with a stop token that ends a row
+    inside a block (and the run once every row has stopped)."""
+    new = 2 * NEW + 1  # blocks of 3 and 16: full blocks, a short last one
+    free = everything_streamed(by_block[1], PROMPTS, new, sampling=sampling, seed=seed)
+    each_row = [free[4][0][0], free[2][0][1], free[1][0][2]]  # a token of every row
+    for stop in ([], each_row[:1], each_row):
+        reference = everything_streamed(by_block[1], PROMPTS, new, sampling=sampling,
+                                        seed=seed, stop_tokens=stop)
+        for block in (3, 16):
+            got = everything_streamed(by_block[block], PROMPTS, new, sampling=sampling,
+                                      seed=seed, stop_tokens=stop)
+            assert [(t, live) for t, live, _ in got] == [(t, live) for t, live, _ in reference]
+            np.testing.assert_array_equal(np.array([lg for _, _, lg in got]),
+                                          np.array([lg for _, _, lg in reference]))
+    assert len(reference) < new  # the last stop list ends every row early
 
 
 def test_top_k_1_sampling_equals_greedy(gen):
