@@ -48,10 +48,14 @@ import sys
 
 from jaxlm import config as config_lib
 from jaxlm import console, errors
-from jaxlm.cli import helptext
+from jaxlm.cli import helptext, launch
+from jaxlm.parallel import distributed
 
 # Each group: add_parsers(verbs) and run(args, overrides) -> exit code, for its VERBS.
 # Imported when the command line is parsed, after `main` has set up what must come first.
+# A group imports what touches JAX (tasks, checkpoints, models) inside its run functions:
+# --help and bad arguments never import JAX (tests/cli/test_help.py), and a training
+# verb's start-up signal handler is in place before the slow imports begin.
 GROUP_NAMES = ("train", "aot", "infer", "checkpoint", "convert", "tokenizer", "bench", "launch",
                "config")
 TRAINING_VERBS = ("train", "finetune")
@@ -122,14 +126,12 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, _preempted_during_startup)
     console.quiet_libraries()
     if argv[:1] == ["launch"]:  # its arguments after `--` are a whole jaxlm command line
-        from jaxlm.cli import launch
         return launch.run_launcher(argv[1:])
     plain, overrides = config_lib.split_overrides(argv)
     args = build_parser().parse_args(plain)
     group = next(g for g in groups() if args.verb in g.VERBS)
     try:
         if args.verb in BACKEND_VERBS:
-            from jaxlm.parallel import distributed
             distributed.start_backends()  # quietly; the multi-host verbs start theirs later
         return group.run(args, overrides)
     except Exception as e:  # noqa: BLE001 - the exit-code table decides; bugs propagate

@@ -25,6 +25,8 @@ from jaxlm import config as config_lib
 from jaxlm import errors
 from jaxlm.cli import helptext
 from jaxlm.cli.train import DEFAULT_CONFIG, add_config_argument
+from jaxlm.parallel import topology
+from jaxlm.train import validate as train_validate
 
 VERBS = ("config",)
 
@@ -62,7 +64,6 @@ def format_config(cfg: ml_collections.ConfigDict, as_json: bool) -> str:
 def devices_for(cfg: ml_collections.ConfigDict) -> int:
     """The devices a run of `cfg` sees: its TPU slices' chips, else this host's (JAX)."""
     if cfg.mesh.topology:
-        from jaxlm.parallel import topology
         try:
             chips = topology.parse(cfg.mesh.topology).chips
         except topology.TopologyError as e:
@@ -79,8 +80,7 @@ def check(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     if cfg.finetune.task:
         config_lib.validate(cfg, num_devices)
         return
-    from jaxlm.train.validate import validate
-    validate(cfg, num_devices)
+    train_validate.validate(cfg, num_devices)
 
 
 def of_file(args: argparse.Namespace, overrides: list[str]) -> ml_collections.ConfigDict:

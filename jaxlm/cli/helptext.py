@@ -13,6 +13,8 @@ import sys
 import textwrap
 from typing import Iterator
 
+import jaxlm
+
 CONFIG_HELP = ("config file: a Python file whose get_config() returns an "
                "ml_collections.ConfigDict (see configs/*.py)")
 # Keys that exist in every config (jaxlm.config.schema); tests/cli apply them to the defaults.
@@ -72,9 +74,8 @@ def version_text() -> str:
 
     try:
         own = importlib.metadata.version("jaxlm")
-    except importlib.metadata.PackageNotFoundError:
-        import jaxlm
-        own = getattr(jaxlm, "__version__", "unknown")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        own = jaxlm.__version__
     return f"jaxlm {own} (jax {version('jax')}, flax {version('flax')})"
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 
+from jaxlm.launch import local
+
 VERBS = ("launch",)
 
 
 def add_parsers(verbs) -> None:
     """The launcher's tree, for `jaxlm --help` (the command line itself goes to
     run_launcher before the main parser: what follows `--` is not jaxlm's to parse)."""
-    from jaxlm.launch import local
     launch = verbs.add_parser("launch", help="jaxlm launch local --processes N "
                               "--devices-per-process M -- train ...: rehearse a pod on this host",
                               description=local.__doc__, usage=local.USAGE)
@@ -21,7 +22,6 @@ def add_parsers(verbs) -> None:
 
 
 def run_launcher(argv: list[str]) -> int:
-    from jaxlm.launch import local
     return local.main(argv)
 
 

@@ -21,6 +21,7 @@ from typing import Callable
 from jaxlm import config as config_lib
 from jaxlm import errors
 from jaxlm.cli import helptext
+from jaxlm.parallel import distributed
 
 VERBS = ("train", "finetune")
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "tiny.py"
@@ -63,7 +64,6 @@ def on_every_process(args: argparse.Namespace, body: Callable[[], int]) -> int:
     With several processes, an error that is not bad input leaves at once, so the other
     processes learn of it within one heartbeat timeout instead of waiting in a collective
     (bad input fails alike on every process and is reported as usual)."""
-    from jaxlm.parallel import distributed
     plan = distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     if plan.kind != "single":
         print(f"jaxlm: multi-host start-up: {plan.describe()}", file=sys.stderr, flush=True)

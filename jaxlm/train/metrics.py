@@ -24,6 +24,7 @@ import ml_collections
 
 from jaxlm.errors import UserError
 from jaxlm.parallel import topology
+from jaxlm.train import wandb_writer
 
 
 def measure_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
@@ -85,7 +86,6 @@ class MetricsWriter:
         supersede_rows(path, resumed_step)
         self._jsonl = open(path, "a", buffering=1)
         if metrics_cfg.wandb:
-            from jaxlm.train import wandb_writer
             self._wandb = wandb_writer.WandbWriter(workdir, metrics_cfg, run_config or {})
         if metrics_cfg.tensorboard:
             from tensorboardX import SummaryWriter

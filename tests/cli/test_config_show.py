@@ -1,13 +1,13 @@
 """`jaxlm config show`: the config a command would run (a config file with overrides, or a
 run's saved config), validated as `jaxlm train` validates it, printed as YAML or JSON."""
 
-import importlib.util
 import json
 import pathlib
 import subprocess
 import sys
 
 import pytest
+import run_fixture  # tests/run_fixture.py (tests/ is on sys.path: tests/conftest.py)
 import yaml
 
 from jaxlm import config as config_lib
@@ -16,14 +16,6 @@ REPO = pathlib.Path(__file__).parents[2]
 TINY = REPO / "configs" / "tiny.py"
 OVERRIDES = ["--config.train.steps=7", "--config.optim.learning_rate=3e-4",
              "--config.model.n_layers=3"]
-
-
-def load_run_fixture():
-    spec = importlib.util.spec_from_file_location(
-        "jaxlm_tests_run_fixture", pathlib.Path(__file__).parents[1] / "run_fixture.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def config_show(*args):
@@ -63,7 +55,6 @@ def test_bad_value_is_exit_2_with_one_line(override, message):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A tiny run directory as `jaxlm train` leaves it (tests/run_fixture.py, no training)."""
-    run_fixture = load_run_fixture()
     workdir = tmp_path_factory.mktemp("run")
     run_fixture.write_run(workdir, run_fixture.tiny_run_config(str(workdir / "tfds")), step=3)
     return workdir

@@ -4,9 +4,8 @@ leaves one), small JSONL files, and a config factory."""
 from __future__ import annotations
 
 import pytest
-from ft_helpers import TESTS, finetune, load_test_module, sft_lines, write_jsonl
-
-run_fixture = load_test_module("jaxlm_tests_run_fixture", TESTS / "run_fixture.py")
+import run_fixture  # tests/run_fixture.py (tests/ is on sys.path: tests/conftest.py)
+from ft_helpers import finetune, sft_lines, write_jsonl
 
 
 @pytest.fixture(scope="session")

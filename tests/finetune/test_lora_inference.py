@@ -13,13 +13,11 @@ import pathlib
 import jax
 import numpy as np
 import pytest
-from ft_helpers import TESTS, load_test_module
+import run_fixture  # tests/run_fixture.py (tests/ is on sys.path: tests/conftest.py)
 
 from jaxlm import cli
 from jaxlm.infer import generate
 from jaxlm.infer.score import score
-
-run_fixture = load_test_module("jaxlm_tests_run_fixture", TESTS / "run_fixture.py")
 
 PROMPTS = ["up alpha", "<|user|>\nup kappa", "theta"]
 

@@ -11,6 +11,7 @@ import sys
 import ml_collections
 import numpy as np
 import pytest
+import run_fixture  # tests/run_fixture.py (tests/ is on sys.path: tests/conftest.py)
 
 from jaxlm import errors
 from jaxlm.cli import tasks
@@ -29,7 +30,6 @@ def _load(name, file):
     return module
 
 
-run_fixture = _load("jaxlm_tests_run_fixture", "run_fixture.py")
 reference = _load("jaxlm_tests_model_reference", "model/reference.py")
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import run_fixture  # tests/run_fixture.py (tests/ is on sys.path: tests/conftest.py)
 from flax import nnx
 
 from jaxlm import config as config_lib
@@ -24,11 +25,6 @@ from jaxlm.infer.generate import (
 )
 from jaxlm.model import zoo
 from jaxlm.parallel import mesh as mesh_lib
-
-_spec = importlib.util.spec_from_file_location(
-    "jaxlm_tests_run_fixture", pathlib.Path(__file__).parents[1] / "run_fixture.py")
-run_fixture = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(run_fixture)
 
 REPO = pathlib.Path(__file__).parents[2]
 VOCAB = 128

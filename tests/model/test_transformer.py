@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import run_fixture  # tests/run_fixture.py (tests/ is on sys.path: tests/conftest.py)
 from flax import nnx
 from jax import ad_checkpoint
 
@@ -22,10 +23,6 @@ _spec = importlib.util.spec_from_file_location(
     "jaxlm_tests_model_reference", pathlib.Path(__file__).with_name("reference.py"))
 reference = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(reference)
-_spec = importlib.util.spec_from_file_location(
-    "jaxlm_tests_run_fixture", pathlib.Path(__file__).parents[1] / "run_fixture.py")
-run_fixture = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(run_fixture)
 
 VOCAB = 384
 

@@ -5,7 +5,6 @@ process with 8 devices gives.
 As in test_rehearsal.py, figures are compared within 1e-5 relative: sums that cross the
 process boundary run over gloo, in another order than XLA's in-process reductions."""
 
-import importlib.util
 import json
 import pathlib
 import subprocess
@@ -13,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+import run_fixture  # tests/run_fixture.py (tests/ is on sys.path: tests/conftest.py)
 
 from jaxlm import config as config_lib
 from jaxlm.cli import tasks
@@ -24,18 +24,9 @@ REPO = pathlib.Path(__file__).parents[2]
 STEPS = 4
 
 
-def _run_fixture():
-    spec = importlib.util.spec_from_file_location("jaxlm_tests_run_fixture",
-                                                  REPO / "tests" / "run_fixture.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     """A tiny pretraining run (random parameters at step 1) to fine-tune."""
-    run_fixture = _run_fixture()
     workdir = tmp_path_factory.mktemp("pod_base")
     run_fixture.write_run(workdir, run_fixture.tiny_run_config(str(workdir / "tfds")), seed=7)
     return workdir

@@ -14,6 +14,7 @@ import shutil
 import signal
 
 import pytest
+import run_fixture  # tests/run_fixture.py (tests/ is on sys.path: tests/conftest.py)
 
 from jaxlm import config as config_lib
 from jaxlm import errors
@@ -34,7 +35,6 @@ def _load(name, path):
     return module
 
 
-run_fixture = _load("jaxlm_tests_run_fixture", TESTS / "run_fixture.py")
 
 
 @pytest.fixture(scope="module")
