@@ -11,6 +11,7 @@ restore compares them.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import os
@@ -73,7 +74,9 @@ class Checkpointer:
         self._manager: ocp.CheckpointManager | None = None
         self._last_save_start = time.monotonic()
         self._failed = False  # a save failed for lack of space (already reported)
-        self._started: tuple[int, float, float] | None = None  # step, start, training paused
+        # Saves started and not yet finalized, oldest first (Orbax runs one at a time): step,
+        # start time, seconds the caller waited (set when manager.save returns).
+        self._pending: collections.deque[dict[str, Any]] = collections.deque()
         self._finished: list[SaveTiming] = []  # appended by Orbax's finalization thread
 
     @property
@@ -124,22 +127,31 @@ class Checkpointer:
         """Starts an asynchronous save; False (with a warning) if Orbax declined the step.
         A previous save that failed for lack of space raises StorageFailure here."""
         self._last_save_start = start = time.monotonic()
-        with self._storage_errors(step):
-            saved = self.manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state),
-                metadata=ocp.args.JsonSave(metadata),
-                checksums=ocp.args.JsonSave(checksums(state))))
+        # Queued before Orbax starts it: the save may be finalized before save() returns.
+        timing = {"step": step, "start": start, "paused": None}
+        self._pending.append(timing)
+        try:
+            with self._storage_errors(step):
+                saved = self.manager.save(step, args=ocp.args.Composite(
+                    state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state),
+                    metadata=ocp.args.JsonSave(metadata),
+                    checksums=ocp.args.JsonSave(checksums(state))))
+        except BaseException:
+            self._pending.remove(timing)
+            raise
+        timing["paused"] = time.monotonic() - start
         if not saved:
+            self._pending.remove(timing)
             warn(f"step {step} not saved: {self.directory} has step {self.latest_step()}")
-        else:  # Orbax runs one save at a time: the callback below finishes this one
-            self._started = (step, start, time.monotonic() - start)
         return saved
 
     def _on_saved(self) -> None:
-        if self._started is not None:
-            step, start, paused = self._started
-            self._started = None
-            self._finished.append(SaveTiming(step, time.monotonic() - start, paused))
+        """Orbax's post-finalization callback (its thread): the oldest pending save is done."""
+        if self._pending:
+            timing = self._pending.popleft()
+            seconds = time.monotonic() - timing["start"]
+            paused = timing["paused"] if timing["paused"] is not None else seconds
+            self._finished.append(SaveTiming(timing["step"], seconds, paused))
 
     def finished_saves(self) -> list[SaveTiming]:
         """The saves completed (on disk, finalized) since the last call, oldest first."""

@@ -110,6 +110,25 @@ def test_round_trip_keeps_values_and_shardings(tmp_path):
     again.close()
 
 
+def test_each_finalized_save_is_reported_once_in_order_with_its_times(tmp_path):
+    """What the progress line announces: every save Orbax finalized, oldest first, once;
+    a declined save (a step already on disk) is not reported."""
+    checkpointer = ckpt.Checkpointer(tmp_path, ckpt_cfg(keep=5))
+    started = time.monotonic()
+    for step in (1, 2, 3):
+        assert checkpointer.save(step, make_state(step), {}, {})
+    checkpointer.wait()
+    elapsed = time.monotonic() - started
+    first = checkpointer.finished_saves()
+    assert [t.step for t in first] == [1, 2, 3]
+    assert all(0 <= t.training_paused_s <= t.seconds <= elapsed for t in first)
+    assert checkpointer.finished_saves() == []  # reported once
+    assert not checkpointer.save(3, make_state(3), {}, {})  # declined: step 3 is on disk
+    checkpointer.wait()
+    assert checkpointer.finished_saves() == []
+    checkpointer.close()
+
+
 @pytest.mark.parametrize("keep,period,expected", [(2, 3, [3, 6, 9, 10]), (2, 0, [9, 10]),
                                                   (3, 4, [4, 8, 9, 10])])
 def test_retention_keeps_the_newest_and_every_multiple_of_the_period(tmp_path, keep, period,
