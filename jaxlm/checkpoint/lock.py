@@ -221,16 +221,18 @@ class RunLock:
         return self
 
     def beat(self) -> str | None:
-        """One heartbeat: refreshes the lock's mtime; None, or why the lock is lost."""
-        found = _read(self.path)
-        if found is None or found[0].get("token") != self.token:
-            holder = found[0] if found else {}
-            return (f"lost the lock of {self.path.parent}"
-                    + (f" to {describe(holder)}" if holder else " (lock.json was removed)"))
+        """One heartbeat: refreshes the lock's mtime; None, or why the lock is lost. A
+        storage error (EIO, a stale NFS handle) proves nothing: the next beat retries, and
+        the lease (10 beats) is long."""
         try:
+            found = _read(self.path)
+            if found is None or found[0].get("token") != self.token:
+                holder = found[0] if found else {}
+                return (f"lost the lock of {self.path.parent}"
+                        + (f" to {describe(holder)}" if holder else " (lock.json was removed)"))
             os.utime(self.path)
         except OSError:
-            pass  # a transient error; the next beat retries, the lease is long
+            pass
         return None
 
     def _heartbeat(self) -> None:
@@ -247,10 +249,14 @@ class RunLock:
         if self._thread is not None:
             self._thread.join()
         if self.held:
-            found = _read(self.path)
-            if found is not None and found[0].get("token") == self.token:
-                self.path.unlink(missing_ok=True)
             self.held = False
+            try:
+                found = _read(self.path)
+                if found is not None and found[0].get("token") == self.token:
+                    self.path.unlink(missing_ok=True)
+            except OSError as e:  # never in place of the error that ended the run
+                print(f"jaxlm: warning: could not remove the lock {self.path}: {e}",
+                      file=sys.stderr, flush=True)
 
     def __enter__(self) -> "RunLock":
         return self.acquire()

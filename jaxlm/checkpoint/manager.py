@@ -96,12 +96,13 @@ class Checkpointer:
         return self._manager
 
     def check_capacity(self, state_bytes: int) -> None:
-        """`check_capacity` for `keep` checkpoints plus the one being written before the
-        oldest is deleted; opens the manager first, which removes the leftovers of killed
-        saves (their space counts as free)."""
+        """`check_capacity` for the checkpoints still to be written: `keep` plus the one
+        written before the oldest is deleted, less those already on disk (at least one).
+        Opens the manager first, which removes the leftovers of killed saves (their space
+        counts as free)."""
         check_capacity(self.directory, 0)  # writable, before Orbax touches it
-        _ = self.manager
-        check_capacity(self.directory, state_bytes, count=self.cfg.keep + 1)
+        coming = max(1, self.cfg.keep + 1 - len(self.manager.all_steps()))
+        check_capacity(self.directory, state_bytes, count=coming)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -316,8 +317,8 @@ def check_capacity(directory: str | os.PathLike, state_bytes: int, count: int = 
     if free < needed:
         raise CheckpointStorageError(
             f"checkpoint directory {directory} has {free:,} bytes free; {needed:,} bytes are "
-            f"needed ({count} checkpoints of {state_bytes:,} bytes: checkpoint.keep and the "
-            f"one being written)")
+            f"needed ({count} more checkpoints of {state_bytes:,} bytes: checkpoint.keep and "
+            f"the one written before the oldest is deleted, less those on disk)")
 
 
 def state_nbytes(abstract_state: Any) -> int:

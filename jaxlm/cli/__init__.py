@@ -61,7 +61,7 @@ GROUP_NAMES = ("train", "aot", "infer", "checkpoint", "convert", "tokenizer", "b
 TRAINING_VERBS = ("train", "finetune")
 # Verbs on one process that use a device: their backends start before the verb runs
 # (train, finetune and eval start theirs after the multi-host runtime).
-BACKEND_VERBS = ("generate", "classify", "compile", "bench", "convert", "lora")
+BACKEND_VERBS = ("generate", "classify", "bench", "convert", "lora")
 
 
 def groups() -> list:

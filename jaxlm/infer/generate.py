@@ -237,23 +237,26 @@ class Generator:
         pending = (token_B[:, None], done_B[:, None], 1) + (
             (logits_BxV[:, None],) if logits else ())
         t0, end = np.int32(1), np.int32(max_new_tokens)
+        reach = 1  # the blocks dispatched so far cover keys below this (at most)
         finished = np.zeros(rows, bool)
         while True:
-            # Dispatch the next block before reading this one (it ends at once if every row
-            # is done or no token is left).
-            with mesh_lib.use(self.mesh):
-                cache, token_B, done_B, tokens_BxN, done_BxN, logits_BxNxV, taken, t0 = \
-                    self._decode(self.params, cache, token_B, done_B, key, t0, end, stop_ids,
-                                 sampling=sampling, with_logits=logits)
+            following = None
+            if reach < max_new_tokens:  # dispatch the next block before reading this one
+                with mesh_lib.use(self.mesh):
+                    cache, token_B, done_B, tokens_BxN, done_BxN, logits_BxNxV, taken, t0 = \
+                        self._decode(self.params, cache, token_B, done_B, key, t0, end,
+                                     stop_ids, sampling=sampling, with_logits=logits)
+                following = (tokens_BxN, done_BxN, taken) + ((logits_BxNxV,) if logits else ())
+                reach += self.block
             host = jax.device_get(pending)
             for i in range(int(host[2])):
                 yield (host[0][:rows, i], ~finished) + ((host[3][:rows, i],) if logits else ())
                 finished = finished | host[1][:rows, i]
                 if finished.all():
                     return
-            if int(host[2]) == 0:
+            if following is None or int(host[2]) == 0:
                 return
-            pending = (tokens_BxN, done_BxN, taken) + ((logits_BxNxV,) if logits else ())
+            pending = following
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: Sampling = Sampling(), stop_tokens: Sequence[int] = (),

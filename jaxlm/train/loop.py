@@ -37,7 +37,7 @@ from jaxlm.data import tokenizers
 from jaxlm.errors import NonFiniteLoss, Preempted, UserError
 from jaxlm.parallel import distributed, rules
 from jaxlm.parallel import mesh as mesh_lib
-from jaxlm.train import compat, preemption
+from jaxlm.train import compat, preemption, wandb_writer
 from jaxlm.train import metrics as metrics_lib
 from jaxlm.train.task import Task
 
@@ -167,6 +167,7 @@ def _train(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch
     # ---- the run: may it resume here? (read only) --------------------------------------
     checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.checkpoint)
     check_resume(task, checkpointer, workdir)
+    wandb_writer.check_installed(cfg.metrics)
     task.build(mesh)  # the state layout: abstract, nothing compiled or allocated
     checkpointer.check_capacity(checkpoint_lib.state_nbytes(task.spec.abstract))
 

@@ -86,7 +86,8 @@ class MetricsWriter:
         supersede_rows(path, resumed_step)
         self._jsonl = open(path, "a", buffering=1)
         if metrics_cfg.wandb:
-            self._wandb = wandb_writer.WandbWriter(workdir, metrics_cfg, run_config or {})
+            self._wandb = wandb_writer.WandbWriter(workdir, metrics_cfg, run_config or {},
+                                                   resumed_step)
         if metrics_cfg.tensorboard:
             from tensorboardX import SummaryWriter
             purge = None if resumed_step is None else resumed_step + 1

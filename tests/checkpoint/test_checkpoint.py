@@ -428,8 +428,24 @@ def test_check_capacity_full_disk(tmp_path, monkeypatch):
     # keep=3 checkpoints, and the new one is written before the oldest is deleted: 4.
     checkpointer = ckpt.Checkpointer(tmp_path, ckpt_cfg(keep=3))
     with pytest.raises(OSError, match=f"{tmp_path / 'checkpoints'} has 1,000 bytes free; "
-                                      f"40,000 bytes are needed \\(4 checkpoints"):
+                                      f"40,000 bytes are needed \\(4 more checkpoints"):
         checkpointer.check_capacity(10_000)
+    checkpointer.close()
+
+
+def test_check_capacity_counts_only_the_checkpoints_still_to_come(tmp_path, monkeypatch):
+    save_steps(tmp_path, [1, 2], keep=3)  # two on disk: two more (the third, then one
+    usage = collections.namedtuple("usage", "total used free")  # before the oldest goes)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 1000, 1000))
+    checkpointer = ckpt.Checkpointer(tmp_path, ckpt_cfg(keep=3))
+    with pytest.raises(OSError, match=r"20,000 bytes are needed \(2 more checkpoints"):
+        checkpointer.check_capacity(10_000)
+    checkpointer.close()
+    save_steps(tmp_path, [3, 4, 5], keep=3)  # full: only the one written before a deletion
+    checkpointer = ckpt.Checkpointer(tmp_path, ckpt_cfg(keep=3))
+    with pytest.raises(OSError, match=r"10,000 bytes are needed \(1 more checkpoints"):
+        checkpointer.check_capacity(10_000)
+    checkpointer.close()
 
 
 # ---- resharding --------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """One writer per run: the workdir lock (jaxlm.checkpoint.lock)."""
 
+import errno
 import json
 import os
 import socket
@@ -113,3 +114,20 @@ def test_a_takeover_in_progress_is_not_doubled(tmp_path):
     with pytest.raises(lock_lib.WorkdirLockedError, match="other runs keep taking it"):
         lock_of(tmp_path).acquire()
     assert json.loads(path.read_text())["host"] == "node-7"
+
+
+def test_a_storage_error_in_a_heartbeat_is_retried_not_fatal(tmp_path, monkeypatch):
+    """EIO or a stale NFS handle while reading lock.json proves nothing: the beat reports
+    no loss (the next one retries), and releasing the lock never raises in place of the
+    run's own error."""
+    lock = lock_lib.RunLock(tmp_path, 10.0, lambda *a: None).acquire()
+    real_read = lock_lib._read
+
+    def failing(path):
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(lock_lib, "_read", failing)
+    assert lock.beat() is None
+    lock.release()  # prints a warning, does not raise
+    monkeypatch.setattr(lock_lib, "_read", real_read)
+    assert (tmp_path / "lock.json").exists()  # not removed: it could not be read as ours

@@ -62,10 +62,9 @@ def test_hf_start_follows_the_post_processor(kind, bos_id, adds_bos, tmp_path):
     closed = kind in ("template_eos_only", "roberta", "bert_cls")  # a closing token appended
     assert encode_prompt(tok, TEXT).tolist() == (expected[:-1] if closed else expected)
     document = pipeline._Tokenize(tok)({"text": TEXT}).tolist()
-    if not closed:
-        assert document == expected + [tok.eos_id]
-    elif expected[-1] == tok.eos_id:  # BERT's [SEP] is not jaxlm's document end
-        assert document == expected
+    # A document closes with jaxlm's EOS, not the post-processor's closing token (BERT's
+    # [SEP] is not a document end).
+    assert document == (expected[:-1] if closed else expected) + [tok.eos_id]
 
 
 @pytest.mark.parametrize("kind", ["none", "template"])

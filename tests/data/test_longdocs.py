@@ -86,7 +86,7 @@ class Spy(io.BytesIO):
 
     def __init__(self, data, most):
         super().__init__(data)
-        self.most, self.largest = most, 0
+        self.most = most
 
     def read(self, size=-1):
         assert 0 < size <= self.most, size
@@ -94,7 +94,6 @@ class Spy(io.BytesIO):
 
     def readline(self, size=-1):
         assert 0 < size <= self.most, size
-        self.largest = max(self.largest, size)
         return super().readline(size)
 
 

@@ -23,7 +23,7 @@ from jaxlm.infer.generate import (
     filter_logits,
     sample,
 )
-from jaxlm.model import zoo
+from jaxlm.model import kv_cache, zoo
 from jaxlm.parallel import mesh as mesh_lib
 
 REPO = pathlib.Path(__file__).parents[2]
@@ -134,6 +134,41 @@ def everything_streamed(generator, prompts, new, **kwargs):
 def by_block(gen):
     """The same model decoding 1 (a call per token), 3 and 16 tokens per device call."""
     return {block: Generator(gen.cfg, gen.params, block=block) for block in (1, 3, 16)}
+
+
+def one_model_call_per_token(gen, prompts, new, sampling, seed):
+    """Tokens and logits B x new (x V) from the prefill and then one plain model call per
+    token, sampled with key fold_in(seed key, t) for token t + 1: written here, not with the
+    generator's decode loop."""
+    batch = gen._prepare(prompts, new)
+    key, stop = jax.random.key(seed), jnp.asarray([-1], jnp.int32)
+    with mesh_lib.use(gen.mesh):
+        cache, token_B, _, logits_BxV = gen._prefill(
+            gen.params, jnp.asarray(batch.tokens_BxP), jnp.asarray(batch.start_B), key, stop,
+            sampling=sampling, cache_len=batch.cache_len)
+    model = nnx.merge(gen.graphdef, gen.params)
+    step = jax.jit(lambda cache, token_B: model(token_B[:, None], kv_cache.positions(cache, 1),
+                                                 cache=cache))
+    tokens, logits = [token_B], [logits_BxV]
+    for t in range(1, new):
+        logits_Bx1xV, cache = step(cache, tokens[-1])
+        logits.append(logits_Bx1xV[:, 0])
+        tokens.append(sample(logits_Bx1xV[:, 0], jax.random.fold_in(key, t), sampling))
+    rows = len(prompts)
+    return (np.stack([np.asarray(t) for t in tokens], 1)[:rows],
+            np.stack([np.asarray(x, np.float32) for x in logits], 1)[:rows])
+
+
+@pytest.mark.parametrize("sampling, seed", [(Sampling(), 0),
+                                            (Sampling(temperature=0.9, top_p=0.9), 3)])
+def test_blocks_equal_one_plain_model_call_per_token(by_block, sampling, seed):
+    new = 2 * NEW + 1
+    want_tokens, want_logits = one_model_call_per_token(by_block[1], PROMPTS, new, sampling,
+                                                        seed)
+    for block in (1, 3, 16):
+        tokens, logits = stream_all(by_block[block], PROMPTS, new, sampling=sampling, seed=seed)
+        assert tokens.tolist() == want_tokens.tolist(), block
+        np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("sampling, seed", [(Sampling(), 0),

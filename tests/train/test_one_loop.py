@@ -6,11 +6,9 @@ with exit code 75, and running again resumes to the uninterrupted run's losses, 
 The signal is sent by the process to itself when the loop has read step 3's batch, so the
 preemption lands at the same step every time."""
 
-import importlib.util
 import json
 import os
 import pathlib
-import shutil
 import signal
 
 import pytest
@@ -26,15 +24,6 @@ from jaxlm.train.task import Task
 TESTS = pathlib.Path(__file__).parents[1]
 CONFIGS = TESTS.parent / "configs"
 STEPS, PREEMPT_AT = 6, 3
-
-
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 
 
 @pytest.fixture(scope="module")
@@ -122,4 +111,3 @@ def test_progress_line_is_the_same_for_every_task(stdlib_data_dir, base_dir, tmp
         epoch = r"  epoch [\d.]+" if name == "classify_tiny" else ""
         assert re.fullmatch(rf"step 1/1  loss [\d.]+{acc}  tok/s [\d,]+  MFU [\d.]+%  "
                             rf"lr [\d.e+-]+{epoch}  ETA \d+:\d\d", line), line
-    shutil.rmtree(tmp_path)

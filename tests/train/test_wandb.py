@@ -83,3 +83,25 @@ def test_wandb_settings_are_checked_with_the_config():
     cfg.metrics.update(wandb=True, wandb_mode="cloud")
     with pytest.raises(ConfigError, match=r"config.metrics.wandb_mode: 'cloud' not in "):
         config_lib.validate(cfg, 1)
+
+
+def test_a_run_from_step_0_gets_a_new_wandb_run(tmp_path):
+    """The id is kept across resumes; a start from step 0 (a first attempt that never
+    saved, on_all_corrupt=restart) must not continue the old W&B run, whose steps it would
+    otherwise never log."""
+    from jaxlm.train import wandb_writer
+    first = wandb_writer.run_id(tmp_path, fresh=True)
+    assert wandb_writer.run_id(tmp_path, fresh=False) == first
+    again = wandb_writer.run_id(tmp_path, fresh=True)
+    assert again != first
+    assert json.loads((tmp_path / "wandb_run.json").read_text()) == {"id": again}
+
+
+def test_wandb_without_the_package_is_refused_before_the_run_starts(monkeypatch):
+    from jaxlm.train import wandb_writer
+    cfg = config_lib.defaults()
+    cfg.metrics.wandb = True
+    monkeypatch.setattr(wandb_writer.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r'config.metrics.wandb: true needs the wandb package'):
+        wandb_writer.check_installed(cfg.metrics)
+    config_lib.validate(cfg, 1)  # reading a run that logged to W&B needs no wandb
