@@ -19,6 +19,7 @@ every task by construction:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pathlib
@@ -156,6 +157,12 @@ def train(task: Task, workdir: str | os.PathLike) -> list[dict[str, Any]]:
 
 def _train(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch
            ) -> list[dict[str, Any]]:
+    with contextlib.ExitStack() as resources:  # closed last-opened first, however it ends
+        return _run(task, workdir, watch, resources)
+
+
+def _run(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch,
+         resources: contextlib.ExitStack) -> list[dict[str, Any]]:
     # ---- mesh -------------------------------------------------------------------------
     cfg = task.cfg
     mesh = mesh_lib.make_mesh(cfg.mesh)
@@ -166,6 +173,7 @@ def _train(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch
 
     # ---- the run: may it resume here? (read only) --------------------------------------
     checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.checkpoint)
+    resources.callback(checkpointer.close)
     check_resume(task, checkpointer, workdir)
     wandb_writer.check_installed(cfg.metrics)
     task.build(mesh)  # the state layout: abstract, nothing compiled or allocated
@@ -177,33 +185,30 @@ def _train(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch
     global_batch = cfg.data.global_batch_size
     rows = distributed.local_rows(rules.batch_sharding(mesh), global_batch)
     batches = task.train_batches(rows, say)
+    resources.callback(batches.close)
 
     # ---- compile (ahead of time: step timings never include it), restore or initialise -
     total_steps = cfg.train.steps
-    try:
-        def compile_step():
-            with mesh_lib.use(mesh):
-                return task.lower().compile()
 
-        start = time.perf_counter()
-        compiled_step = preemption.responsive(compile_step)
-        compile_s = time.perf_counter() - start
+    def compile_step():
         with mesh_lib.use(mesh):
-            restored = checkpointer.restore_latest(task.spec.abstract)
-            changes: list[dict[str, Any]] = []
-            if restored is not None:
-                step0, state, data_state, saved_metadata = restored
-                changes = config_changes(task, checkpointer.directory / str(step0), step0,
-                                         saved_metadata)
-                state = task.resume(state, saved_metadata)
-                batches.set_state(data_state)
-                say(f"resumed from {checkpointer.directory / str(step0)}")
-            else:
-                step0, state = None, task.init_state()
-    except BaseException:
-        batches.close()
-        checkpointer.close()
-        raise
+            return task.lower().compile()
+
+    start = time.perf_counter()
+    compiled_step = preemption.responsive(compile_step)
+    compile_s = time.perf_counter() - start
+    with mesh_lib.use(mesh):
+        restored = checkpointer.restore_latest(task.spec.abstract)
+        changes: list[dict[str, Any]] = []
+        if restored is not None:
+            step0, state, data_state, saved_metadata = restored
+            changes = config_changes(task, checkpointer.directory / str(step0), step0,
+                                     saved_metadata)
+            state = task.resume(state, saved_metadata)
+            batches.set_state(data_state)
+            say(f"resumed from {checkpointer.directory / str(step0)}")
+        else:
+            step0, state = None, task.init_state()
     accepted = [(c["key"], c["saved"], c["now"]) for c in changes if c["step"] == step0]
     if accepted:
         say("resuming with changed settings (train.allow_config_change):\n"
@@ -222,9 +227,8 @@ def _train(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch
             writer = metrics_lib.MetricsWriter(workdir, cfg.metrics, active=is_writer,
                                                resumed_step=step0, run_config=cfg.to_dict())
         except OSError as e:
-            batches.close()
-            checkpointer.close()
             raise CheckpointStorageError(f"workdir {workdir} is not writable: {e}") from e
+    resources.callback(writer.close)
 
     # ---- loop -------------------------------------------------------------------------
     logged: list[dict[str, Any]] = []
@@ -295,11 +299,6 @@ def _train(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch
         checkpointer.wait()
         announce_saves()
     finally:
-        try:
-            checkpointer.wait()
-        finally:
-            checkpointer.close()
-            writer.close()
-            batches.close()
+        checkpointer.wait()  # a save in flight completes, whatever ended the loop
     say(f"\ndone: {total_steps} steps; checkpoints in {checkpointer.directory}")
     return logged

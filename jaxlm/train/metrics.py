@@ -85,15 +85,19 @@ class MetricsWriter:
         path = workdir / "metrics.jsonl"
         supersede_rows(path, resumed_step)
         self._jsonl = open(path, "a", buffering=1)
-        if metrics_cfg.wandb:
-            self._wandb = wandb_writer.WandbWriter(workdir, metrics_cfg, run_config or {},
-                                                   resumed_step)
-        if metrics_cfg.tensorboard:
-            from tensorboardX import SummaryWriter
-            purge = None if resumed_step is None else resumed_step + 1
-            if purge is None and (workdir / "tensorboard").is_dir():
-                purge = 0  # a fresh start over an earlier attempt's events
-            self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge)
+        try:
+            if metrics_cfg.tensorboard:
+                from tensorboardX import SummaryWriter
+                purge = None if resumed_step is None else resumed_step + 1
+                if purge is None and (workdir / "tensorboard").is_dir():
+                    purge = 0  # a fresh start over an earlier attempt's events
+                self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge)
+            if metrics_cfg.wandb:
+                self._wandb = wandb_writer.WandbWriter(workdir, metrics_cfg, run_config or {},
+                                                       resumed_step)
+        except BaseException:
+            self.close()  # what was opened before the failure
+            raise
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.active:
