@@ -58,6 +58,11 @@ def lora_targets(lora_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
     return tuple(t.strip() for t in str(lora_cfg.targets).split(",") if t.strip())
 
 
+def lora_scale(lora_cfg: ml_collections.ConfigDict) -> float:
+    """The factor of an adapter's term, alpha / rank."""
+    return float(lora_cfg.alpha) / int(lora_cfg.rank)
+
+
 def label_names(ft_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
     return tuple(n.strip() for n in str(ft_cfg.label_names).split(",") if n.strip())
 

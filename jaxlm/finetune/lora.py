@@ -144,7 +144,7 @@ def attach(model: nnx.Module, family: Family, lora_cfg: ml_collections.ConfigDic
                 if dropout > 0 else None
             adapter = LoRA(LoraParam(a, out_sharding=(axes[0], None, *axes[1:1 + n_in])),
                            LoraParam(b, out_sharding=(axes[0], None, *axes[1 + n_in:])),
-                           scale=float(lora_cfg.alpha) / rank, dropout=dropout,
+                           scale=finetune_section.lora_scale(lora_cfg), dropout=dropout,
                            dtype=module.dtype, key=drop_key)
             setattr(module, "lora_" + name, adapter)
     return model
@@ -171,4 +171,4 @@ def merge(base: Any, adapters: Any, lora_cfg: ml_collections.ConfigDict) -> Any:
     """Base parameters with every adapter folded in: W + (alpha / r) A^T B, computed in
     float64 on the host and stored as W's dtype (jaxlm.model.adapters.merge). Returns a new
     nested dict of numpy arrays."""
-    return adapters_lib.merge(base, adapters, float(lora_cfg.alpha) / int(lora_cfg.rank))
+    return adapters_lib.merge(base, adapters, finetune_section.lora_scale(lora_cfg))

@@ -17,9 +17,9 @@ import jax
 import ml_collections
 from flax import nnx
 
-from jaxlm.checkpoint import fingerprint
+from jaxlm.checkpoint import fingerprint, rundir
 from jaxlm.checkpoint import manager as checkpoint_lib
-from jaxlm.checkpoint import rundir
+from jaxlm.config import finetune as finetune_section
 from jaxlm.errors import UserError
 from jaxlm.model import adapters as adapters_lib
 from jaxlm.model import zoo
@@ -51,8 +51,8 @@ def restore(cfg: ml_collections.ConfigDict, step_dir: pathlib.Path,
     base = restore_base(cfg, step_dir, abstract)
     adapters = checkpoint_lib.restore_groups(
         step_dir, {ADAPTERS: abstract_adapters(step_dir, mesh)})[ADAPTERS]
-    scale = float(cfg.finetune.lora.alpha) / int(cfg.finetune.lora.rank)
-    return adapters_lib.merge(jax.device_get(base), jax.device_get(adapters), scale)
+    return adapters_lib.merge(jax.device_get(base), jax.device_get(adapters),
+                              finetune_section.lora_scale(cfg.finetune.lora))
 
 
 def restore_base(cfg: ml_collections.ConfigDict, step_dir: pathlib.Path, abstract: Any) -> Any:
@@ -65,7 +65,7 @@ def restore_base(cfg: ml_collections.ConfigDict, step_dir: pathlib.Path, abstrac
     base = checkpoint_lib.restore_params(base_dir, abstract)
     recorded = rundir.read_metadata(step_dir).get("finetune", {}).get("base_fingerprint")
     found = fingerprint.digest(base)
-    if recorded is not None and found != recorded:
+    if found != recorded:  # none recorded: nothing vouches for this base
         raise LoraBaseError(f"base {base_dir} of LoRA run {step_dir} does not match the one "
                             f"the run was trained on (fingerprint {found} != {recorded})")
     return base

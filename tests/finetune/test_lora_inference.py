@@ -31,14 +31,18 @@ def snapshot(directory: pathlib.Path) -> dict[str, tuple[int, int]]:
 @pytest.fixture(scope="module")
 def merged(lora_run, tmp_path_factory):
     """(LoRA run, its merged copy written by `jaxlm lora merge`, the merge's stdout, the
-    files of the LoRA run and of its base before anything read them)."""
+    files of the LoRA run and of its base before anything read them). When every test that
+    uses it has run (merge, generate, eval, score, in any order or selection), the LoRA run
+    and its base must be as they were."""
     workdir, base = lora_run[0], pathlib.Path(lora_run[2].finetune.base)
     before = {workdir: snapshot(workdir), base: snapshot(base)}
     out = tmp_path_factory.mktemp("lora_merged") / "merged"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert cli.main(["lora", "merge", str(workdir), "--out", str(out)]) == 0
-    return workdir, out, printed.getvalue(), before
+    yield workdir, out, printed.getvalue(), before
+    for directory, files in before.items():
+        assert snapshot(directory) == files, f"{directory} was changed"
 
 
 def test_merge_message_says_the_lora_run_and_base_are_untouched(merged):
@@ -95,10 +99,6 @@ def test_score_from_lora_run_equals_merged_run(merged, base_run):
     for (got, got_greedy), (want, want_greedy) in zip(scores["lora"], scores["merged"]):
         assert got == pytest.approx(want, rel=1e-6, abs=1e-6) and got_greedy == want_greedy
     assert max(abs(a[0] - b[0]) for a, b in zip(scores["lora"], scores["base"])) > 1e-3
-    # Merge, generate, eval (the tests above, in file order) and score read the LoRA run
-    # and its base and left every file as it was.
-    for directory, files in merged[3].items():
-        assert snapshot(directory) == files, directory
 
 
 def test_a_changed_or_missing_base_is_refused(lora_run, tmp_path, capsys):
