@@ -266,11 +266,9 @@ def restore_groups(path: str | os.PathLike, abstract: dict[str, Any]) -> dict[st
     path = pathlib.Path(path).absolute()
     try:
         location = rundir.locate(path)
-    except rundir.RunDirError:
-        location = None
-    if location is None:
-        candidates = []
-    elif location.step is not None:
+    except rundir.RunDirError as e:  # its words: no such directory, an unfinished save, ...
+        raise CheckpointNotFoundError(str(e)) from None
+    if location.step is not None:
         candidates = [location.checkpoints / str(location.step)]
     else:
         candidates = [location.checkpoints / str(s)

@@ -136,3 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         return group.run(args, overrides)
     except Exception as e:  # noqa: BLE001 - the exit-code table decides; bugs propagate
         return report(e)
+    finally:
+        if args.verb in TRAINING_VERBS:  # the start-up handler is not the shutdown's
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -52,3 +52,14 @@ def test_a_read_only_metrics_file_is_refused_before_anything_starts(tmp_path):
     assert done.stderr == (f"jaxlm: workdir {workdir} is not writable: [Errno 13] Permission "
                            f"denied: '{metrics}'\n")
     assert sorted(p.name for p in workdir.iterdir()) == ["metrics.jsonl"]
+
+
+def test_a_training_command_leaves_no_start_up_signal_handler_behind(capsys):
+    """Once `jaxlm train` has returned (here at once, on bad flags), a signal is no longer a
+    "preempted during start-up" exit 75: the default handlers are back."""
+    import signal
+
+    from jaxlm import cli
+    assert cli.main(["train", "--coordinator", "h:1", "--num-processes", "2"]) == 2
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
