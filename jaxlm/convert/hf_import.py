@@ -55,19 +55,19 @@ def open_checkpoint(hf_dir: str | pathlib.Path) -> HFCheckpoint:
     """Reads config.json and the safetensors headers and checks that every tensor the model
     needs is there, with the right shape and a floating-point dtype, and nothing else is."""
     directory = pathlib.Path(hf_dir).expanduser().absolute()
-    kind = _kind(directory)
+    kind = st.path_kind(directory)
     if kind != "dir":
         raise ConversionError(f"no such directory: {directory}" if kind is None
                               else f"{directory} is not a directory")
     config_path = directory / "config.json"
-    if _kind(config_path) != "file":
+    if st.path_kind(config_path) != "file":
         raise ConversionError(f"{config_path} does not exist: not a Hugging Face model directory")
     config = _read_json(config_path)
     try:
         model_cfg, notes = families.model_config(config, str(config_path))
         params_lib.run_config(model_cfg, directory, "byte")  # validates the model keys
         tensors = st.read_headers(st.checkpoint_files(directory))
-    except (HFConfigError, st.SafetensorsError) as e:
+    except HFConfigError as e:
         raise ConversionError(str(e)) from None
     except config_lib.ConfigError as e:
         raise ConversionError(f"{config_path} gives an invalid jaxlm model: {e}") from None
@@ -132,17 +132,14 @@ def _fill(info: st.TensorInfo, rule: Rule, targets: list[np.ndarray]) -> None:
     then checks that every value is finite as float32 (NaN, Inf or, from F64, beyond
     float32's range: refused naming the tensor). The check reads the slices just written a
     chunk at a time, so it adds no copy of the tensor."""
-    try:
-        if len(targets) == 1 and not rule.transpose and info.dtype == "F32":
-            raw = st.read_tensor(info, out=targets[0].reshape(info.shape))  # straight into place
-        else:
-            raw = st.read_tensor(info)
-            array = raw.T if rule.transpose else raw
-            with np.errstate(over="ignore", invalid="ignore"):  # F64 beyond float32: found below
-                for target, part in zip(targets, np.split(array, len(targets), axis=-1)):
-                    np.copyto(target.reshape(part.shape), part, casting="unsafe")
-    except st.SafetensorsError as e:
-        raise ConversionError(str(e)) from None
+    if len(targets) == 1 and not rule.transpose and info.dtype == "F32":
+        raw = st.read_tensor(info, out=targets[0].reshape(info.shape))  # straight into place
+    else:
+        raw = st.read_tensor(info)
+        array = raw.T if rule.transpose else raw
+        with np.errstate(over="ignore", invalid="ignore"):  # F64 beyond float32: found below
+            for target, part in zip(targets, np.split(array, len(targets), axis=-1)):
+                np.copyto(target.reshape(part.shape), part, casting="unsafe")
     if not all(_all_finite(t) for t in targets):
         _refuse_nonfinite(info, raw)
 
@@ -180,9 +177,9 @@ def load_tokenizer(ckpt: HFCheckpoint):
                                   ("pad_id", "pad_token_id"))}
     path = directory / "tokenizer.json"
     kind = tokenizers.HFTokenizer
-    if _kind(path) != "file":
+    if st.path_kind(path) != "file":
         path, kind = directory / "tokenizer.model", tokenizers.SentencePieceTokenizer
-    if _kind(path) != "file":
+    if st.path_kind(path) != "file":
         raise ConversionError(f"no tokenizer in {directory}: expected tokenizer.json (or a "
                               f"SentencePiece tokenizer.model)")
     try:
@@ -211,7 +208,7 @@ def bos_convention(directory: pathlib.Path, bos_id: int | None) -> bool | None:
     model has one, as Llama's). A tokenizer.json's own post-processor decides instead
     (transformers 5 keeps it whatever add_bos_token says)."""
     path = directory / "tokenizer_config.json"
-    if _kind(path) != "file":
+    if st.path_kind(path) != "file":
         return None
     value = _read_json(path).get("add_bos_token")
     if not isinstance(value, bool):
@@ -223,7 +220,7 @@ def hf_metadata(ckpt: HFCheckpoint) -> dict[str, Any]:
     """What the run remembers of its source: stop ids for generation, notes."""
     eos = spec.token_ids(ckpt.config, "eos_token_id", str(ckpt.directory / "config.json"))
     gen_path = ckpt.directory / "generation_config.json"
-    if _kind(gen_path) == "file":
+    if st.path_kind(gen_path) == "file":
         generation = _read_json(gen_path)
         if "eos_token_id" in generation:
             eos = spec.token_ids(generation, "eos_token_id", str(gen_path))
@@ -231,14 +228,6 @@ def hf_metadata(ckpt: HFCheckpoint) -> dict[str, Any]:
         "path": str(ckpt.directory), "model_type": ckpt.config.get("model_type"),
         "architectures": ckpt.config.get("architectures"), "eos_token_ids": eos,
         "notes": ckpt.notes}}
-
-
-def _kind(path: pathlib.Path) -> str | None:
-    """st.path_kind, its errors (a symbolic link loop) as ConversionError."""
-    try:
-        return st.path_kind(path)
-    except st.SafetensorsError as e:
-        raise ConversionError(str(e)) from None
 
 
 def _read_json(path: pathlib.Path) -> dict[str, Any]:
@@ -259,9 +248,9 @@ def _check_out(workdir: pathlib.Path) -> None:
         raise ConversionError(f"--out {str(workdir)!r}: a run directory's path cannot contain a "
                               f"backslash (TensorStore, which writes the checkpoint, reads it "
                               f"as a directory separator)")
-    kind = _kind(workdir)
+    kind = st.path_kind(workdir)
     if kind is not None and (kind != "dir" or any(
-            _kind(workdir / name) is not None
+            st.path_kind(workdir / name) is not None
             for name in ("checkpoints", params_lib.CONFIG_FILE, params_lib.VALUES_FILE))):
         raise ConversionError(f"{workdir} already holds a run (checkpoints/, "
                               f"{params_lib.CONFIG_FILE} or {params_lib.VALUES_FILE}): "

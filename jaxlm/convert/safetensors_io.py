@@ -31,6 +31,8 @@ from typing import Callable, Iterable, Iterator
 import ml_dtypes
 import numpy as np
 
+from jaxlm.convert.spec import ConversionError
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _MAX_HEADER_BYTES = 100 * 2**20
@@ -44,8 +46,9 @@ FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 _NAMES = {v: k for k, v in DTYPES.items()}
 
 
-class SafetensorsError(ValueError):
-    """A file that is not valid safetensors, or a tensor that cannot be used; names it."""
+class SafetensorsError(ConversionError):
+    """A file that is not valid safetensors, or a tensor that cannot be used; names it (bad
+    input to a conversion: exit 2)."""
 
 
 @dataclasses.dataclass(frozen=True)
