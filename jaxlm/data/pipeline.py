@@ -54,8 +54,6 @@ class _Tokenize:
     def __init__(self, tokenizer: tokenizers.Tokenizer,
                  max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES):
         self._tok = tokenizer
-        self._bos = tokenizer.start_ids()
-        self._eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
         self._limit = max_document_bytes
 
     def __call__(self, record: dict[str, Any]) -> np.ndarray | longdocs.SplitRecord:
@@ -72,13 +70,7 @@ class _Tokenize:
         return self._wrap(self._tok.encode_bytes(text))
 
     def _wrap(self, ids: np.ndarray) -> np.ndarray:
-        if not len(ids):
-            return np.zeros(0, np.int32)
-        tokens = np.empty(len(self._bos) + len(ids) + len(self._eos), np.int32)
-        tokens[:len(self._bos)] = self._bos
-        tokens[len(self._bos):len(self._bos) + len(ids)] = ids
-        tokens[len(self._bos) + len(ids):] = self._eos
-        return tokens
+        return self._tok.document(ids) if len(ids) else np.zeros(0, np.int32)
 
 
 class _RowBatchIterator(grain.DatasetIterator):

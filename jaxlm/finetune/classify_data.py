@@ -66,8 +66,7 @@ def load_rows(records: list[Record], tokenizer: Tokenizer, seq_len: int, text_fi
 def encode(tokenizer: Tokenizer, text: str) -> np.ndarray:
     """One example's ids before padding, int32: the tokenizer's start (`start_ids()`), the
     text, its EOS (when it has one). Training, evaluation and `jaxlm classify` all use it."""
-    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    return np.concatenate([tokenizer.start_ids(), tokenizer.encode(text), eos]).astype(np.int32)
+    return tokenizer.document(tokenizer.encode(text))
 
 
 def pad_rows(tokens: list[np.ndarray], labels: list[int], seq_len: int) -> dict[str, np.ndarray]:

@@ -52,8 +52,9 @@ class ChatTemplate:
             ids.append(np.asarray(piece, np.int32))
             mask.append(np.full(len(piece), trained, bool))
 
-        if tokenizer.start_ids():
-            add(np.asarray(tokenizer.start_ids()), False)
+        start = tokenizer.start_ids()
+        if start:
+            add(np.asarray(start), False)
         for role, content in messages:
             prefix, suffix = self.roles[role]
             trained = role in self.train_roles

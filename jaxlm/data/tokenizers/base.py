@@ -65,6 +65,20 @@ class Tokenizer(abc.ABC):
         """What a sequence starts with: [bos_id] when `adds_bos`, else nothing."""
         return [self.bos_id] if self.adds_bos and self.bos_id is not None else []
 
+    def end_ids(self) -> list[int]:
+        """What a document ends with: [eos_id] when the tokenizer has one (it separates
+        packed documents)."""
+        return [] if self.eos_id is None else [self.eos_id]
+
+    def document(self, ids: np.ndarray) -> np.ndarray:
+        """A document's ids as training sees them, int32: start_ids() + ids + end_ids()."""
+        start, end = self.start_ids(), self.end_ids()
+        tokens = np.empty(len(start) + len(ids) + len(end), np.int32)
+        tokens[:len(start)] = start
+        tokens[len(start):len(start) + len(ids)] = ids
+        tokens[len(start) + len(ids):] = end
+        return tokens
+
     def _saved_config(self, **extra: Any) -> dict[str, Any]:
         return {"type": self.name, "format": _SAVED_FORMAT, **extra,
                 "vocab_size": int(self.vocab_size), "pad_id": self.pad_id,
