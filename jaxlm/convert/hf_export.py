@@ -173,11 +173,9 @@ def _hf_tokenizer_json(tok, tokenizer_dir: pathlib.Path) -> str:
     from tokenizers import Tokenizer
 
     text = (tokenizer_dir / tokenizers.HFTokenizer.file_name).read_text(encoding="utf-8")
-    backend = Tokenizer.from_str(text)
-    post = backend.post_processor
-    prefix = tokenizers.prefix_ids(None if post is None else json.loads(post.__getstate__()))
-    if prefix == tok.start_ids():
+    if tok.post_processor_prefix() == tok.start_ids():
         return text  # the file already says what the run did: copied unchanged
+    backend = Tokenizer.from_str(text)
     bos = None if tok.bos_id is None else backend.id_to_token(tok.bos_id)
     backend.post_processor = bos_post_processor(bos, tok.bos_id, tok.adds_bos)
     return backend.to_str()

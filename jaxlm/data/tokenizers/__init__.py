@@ -68,7 +68,6 @@ from jaxlm.data.tokenizers.hf import (  # noqa: F401
     _HF_PAD,
     HFTokenizer,
     _import_tokenizers,
-    prefix_ids,
 )
 from jaxlm.data.tokenizers.spm import (  # noqa: F401
     _CHUNK_BYTES,

@@ -58,20 +58,20 @@ class HFTokenizer(_FileTokenizer):
         def first(names: tuple[str, ...]) -> int | None:
             return next((special[n] for n in names if n in special), None)
         bos, eos, pad = first(_HF_BOS), first(_HF_EOS), first(_HF_PAD)
-        prefix = self._prefix_ids()
+        prefix = self.post_processor_prefix()
         if len(prefix) == 1 and prefix[0] in special.values():
             bos = prefix[0]  # what the post-processor starts with (e.g. BertProcessing's [CLS])
         if pad is not None:
             return pad, bos, eos, True
         return (eos, bos, eos, True) if eos is not None else (0, bos, eos, False)
 
-    def _prefix_ids(self) -> list[int]:
+    def post_processor_prefix(self) -> list[int]:
         """The ids the post-processor puts before a single sequence."""
         post = self._tok.post_processor
         return [] if post is None else prefix_ids(json.loads(post.__getstate__()))
 
     def _file_adds_bos(self) -> bool:
-        return self.bos_id is not None and self._prefix_ids() == [self.bos_id]
+        return self.bos_id is not None and self.post_processor_prefix() == [self.bos_id]
 
     def encode(self, text: str) -> np.ndarray:
         ids = self._tok.encode(text, add_special_tokens=False).ids
