@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -65,23 +64,19 @@ def _hf_and_jaxlm_models(seed: int):
 
 
 def weights_read_s(params, repeats: int) -> list[float]:
-    """Seconds to read every parameter once (a jitted sum of each): the memory-bandwidth
-    floor of a batch-1 decode step, which reads each weight once per token."""
+    """Seconds to read every parameter once (a jitted sum of each), per round: the
+    memory-bandwidth floor of a batch-1 decode step, which reads each weight once per token."""
     read = jax.jit(lambda tree: sum(jnp.sum(x) for x in jax.tree.leaves(tree)))
     read(params).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        read(params).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return times
+    return interleaved({"read": lambda: read(params).block_until_ready()}, repeats)["read"]
 
 
-def batched_decode(gen, hf_model, prompts_BxP: np.ndarray, new_tokens: int, repeats: int
-                   ) -> dict[str, np.ndarray]:
-    """Per round, decode tokens/s of both sides for a batch of equal-length prompts (rows x
-    (N - 1) / (time of N new tokens - time of 1)), interleaved; and the rows whose greedy
-    tokens agree."""
+def against_transformers(gen, hf_model, prompts_BxP: np.ndarray, new_tokens: int,
+                         repeats: int) -> dict[str, np.ndarray]:
+    """Both sides' greedy generation of a batch of equal-length prompts: the new tokens of
+    each (B x N), and per round (interleaved, after a warm-up) the seconds of N and of 1 new
+    tokens ("jaxlm N", "jaxlm 1", "hf N", "hf 1") and decode tokens/s, rows x (N - 1) /
+    (time of N - time of 1)."""
     import torch
 
     ids = torch.as_tensor(prompts_BxP.astype(np.int64))
@@ -95,15 +90,16 @@ def batched_decode(gen, hf_model, prompts_BxP: np.ndarray, new_tokens: int, repe
             return hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                      do_sample=False)[:, prompts_BxP.shape[1]:].numpy()
 
-    agree = int(np.all(jaxlm_run(new_tokens) == hf_run(new_tokens), axis=1).sum())
+    out = {"jaxlm tokens": jaxlm_run(new_tokens), "hf tokens": hf_run(new_tokens)}
     jaxlm_run(1), hf_run(1)
-    t = {k: np.array(v) for k, v in interleaved(
+    out.update((k, np.array(v)) for k, v in interleaved(
         {"jaxlm N": lambda: jaxlm_run(new_tokens), "jaxlm 1": lambda: jaxlm_run(1),
-         "hf N": lambda: hf_run(new_tokens), "hf 1": lambda: hf_run(1)}, repeats).items()}
-    jax_rate = rows * (new_tokens - 1) / (t["jaxlm N"] - t["jaxlm 1"])
-    hf_rate = rows * (new_tokens - 1) / (t["hf N"] - t["hf 1"])
-    return {"jaxlm": jax_rate, "hf": hf_rate, "ratio": jax_rate / hf_rate,
-            "agree": np.array([agree])}
+         "hf N": lambda: hf_run(new_tokens), "hf 1": lambda: hf_run(1)}, repeats).items())
+    for side in ("jaxlm", "hf"):
+        out[side] = rows * (new_tokens - 1) / (out[f"{side} N"] - out[f"{side} 1"])
+    out["ratio"] = out["jaxlm"] / out["hf"]
+    out["agree"] = np.array([int(np.all(out["jaxlm tokens"] == out["hf tokens"], axis=1).sum())])
+    return out
 
 
 def bench_generate(prompt_len: int = 32, new_tokens: int = 128, context: int = 512,
@@ -119,29 +115,13 @@ def bench_generate(prompt_len: int = 32, new_tokens: int = 128, context: int = 5
     rng = np.random.default_rng(seed)
     prompt = rng.integers(3, MODEL["vocab_size"], size=prompt_len).astype(np.int32)
 
-    # ---- jaxlm, cached decoding ---------------------------------------------------------
-    def jaxlm_run(n, p=prompt):
+    # ---- batch 1: jaxlm and transformers interleaved, N then 1 new tokens each ------------
+    one = against_transformers(gen, hf_model, prompt[None], new_tokens, repeats)
+    agree = int(np.cumprod(one["jaxlm tokens"][0] == one["hf tokens"][0]).sum())
+    jax_n, hf_n = one["jaxlm N"], one["hf N"]
+
+    def jaxlm_run(n, p):
         return gen.generate([p], n)[0]
-
-    jax_tokens = jaxlm_run(new_tokens)  # compiles prefill and step
-    jaxlm_run(1)
-
-    # ---- transformers, model.generate greedy ------------------------------------------------
-    ids = torch.as_tensor(prompt[None].astype(np.int64))
-
-    def hf_run(n):
-        with torch.inference_mode():
-            return hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                     do_sample=False)[0, prompt_len:].numpy()
-
-    hf_tokens = hf_run(new_tokens)
-    hf_run(1)
-    agree = int(np.cumprod(hf_tokens == jax_tokens).sum())
-
-    # ---- timed: jaxlm and transformers interleaved, N then 1 new tokens each ---------------
-    t = interleaved({"jaxlm N": lambda: jaxlm_run(new_tokens), "jaxlm 1": lambda: jaxlm_run(1),
-                     "hf N": lambda: hf_run(new_tokens), "hf 1": lambda: hf_run(1)}, repeats)
-    jax_n, jax_1, hf_n, hf_1 = (np.array(t[k]) for k in ("jaxlm N", "jaxlm 1", "hf N", "hf 1"))
 
     # ---- at `context` tokens: cached step vs a full forward over the prefix ------------
     long_prompt = rng.integers(3, MODEL["vocab_size"], size=context).astype(np.int32)
@@ -176,13 +156,12 @@ def bench_generate(prompt_len: int = 32, new_tokens: int = 128, context: int = 5
     # ---- the memory-bandwidth floor; batched decoding ------------------------------------
     read_s = np.array(weights_read_s(gen.params, repeats))
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(gen.params))
-    batched = {rows: batched_decode(gen, hf_model, rng.integers(
+    batched = {rows: against_transformers(gen, hf_model, rng.integers(
         3, MODEL["vocab_size"], size=(rows, prompt_len)).astype(np.int32), batched_tokens,
         repeats) for rows in batches}
 
     # Per round; ratios within a round, where both sides met the same load.
-    jax_decode = (new_tokens - 1) / (jax_n - jax_1)
-    hf_decode = (new_tokens - 1) / (hf_n - hf_1)
+    jax_decode, hf_decode = one["jaxlm"], one["hf"]
     per_round = {
         "jaxlm_tokens_per_sec": new_tokens / jax_n, "hf_tokens_per_sec": new_tokens / hf_n,
         "jaxlm_decode_tokens_per_sec": jax_decode, "hf_decode_tokens_per_sec": hf_decode,
