@@ -1,9 +1,12 @@
 """A run directory as `jaxlm train` leaves it (checkpoint with metadata, tokenizer/), written
-directly with random parameters, for the generate and eval tests."""
+directly with random parameters, for the generate and eval tests; and what many tests share:
+the CLI in a subprocess, a snapshot of a directory's files."""
 
 from __future__ import annotations
 
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -68,3 +71,16 @@ def write_run(workdir: pathlib.Path, cfg, seed: int = 0, step: int = 1,
     checkpointer.wait()
     checkpointer.close()
     return params
+
+
+def jaxlm_cli(*args, cwd=None, env=None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m jaxlm.cli ARGS` in a subprocess (what a user types), its output as text."""
+    return subprocess.run([sys.executable, "-m", "jaxlm.cli", *map(str, args)], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def snapshot(directory: pathlib.Path) -> dict[str, tuple[int, int]]:
+    """Every file of a directory tree with its size and modification time: what "nothing
+    was written" means."""
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*")) if p.is_file()}

@@ -6,14 +6,13 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import jax
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import run_fixture  # tests/run_fixture.py (tests/ is on sys.path: tests/conftest.py)
 
 from jaxlm import cli
 from jaxlm import config as config_lib
@@ -65,8 +64,7 @@ def flat_json(tree, prefix=""):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "jaxlm.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    return run_fixture.jaxlm_cli(*args, timeout=300)
 
 
 # ---- ls ---------------------------------------------------------------------------------

@@ -3,15 +3,14 @@ checkpoints, and resumes when run again."""
 
 import json
 import pathlib
-import subprocess
-import sys
+
+import run_fixture  # tests/run_fixture.py (tests/ is on sys.path: tests/conftest.py)
 
 REPO = pathlib.Path(__file__).parents[2]
 
 
 def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "jaxlm.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+    return run_fixture.jaxlm_cli(*args, cwd=cwd)
 
 
 def small_args(data_dir, workdir, steps):

@@ -3,8 +3,6 @@ run's saved config), validated as `jaxlm train` validates it, printed as YAML or
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import pytest
 import run_fixture  # tests/run_fixture.py (tests/ is on sys.path: tests/conftest.py)
@@ -19,8 +17,7 @@ OVERRIDES = ["--config.train.steps=7", "--config.optim.learning_rate=3e-4",
 
 
 def config_show(*args):
-    return subprocess.run([sys.executable, "-m", "jaxlm.cli", "config", "show", *args],
-                          capture_output=True, text=True, timeout=120)
+    return run_fixture.jaxlm_cli("config", "show", *args, timeout=120)
 
 
 def expected(cfg) -> dict:

@@ -7,17 +7,14 @@ import subprocess
 import sys
 
 import pytest
-
-
-def jaxlm(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "jaxlm.cli", *args], capture_output=True,
-                          text=True, timeout=300, cwd=cwd)
+import run_fixture  # tests/run_fixture.py (tests/ is on sys.path: tests/conftest.py)
 
 
 def test_a_config_file_with_a_syntax_error(tmp_path):
     config = tmp_path / "mine.py"
     config.write_text("from jaxlm.config import defaults\n\ndef get_config(:\n    return defaults()\n")
-    done = jaxlm("train", "--config", str(config), "--workdir", str(tmp_path / "w"), cwd=tmp_path)
+    done = run_fixture.jaxlm_cli("train", "--config", config, "--workdir", tmp_path / "w",
+                                 cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr == f"jaxlm: {config}:3: SyntaxError: invalid syntax\n"
     assert not (tmp_path / "w").exists()
@@ -26,7 +23,8 @@ def test_a_config_file_with_a_syntax_error(tmp_path):
 def test_an_unwritable_workdir(tmp_path):
     (tmp_path / "file").write_text("not a directory")
     workdir = tmp_path / "file" / "run"
-    done = jaxlm("train", "--workdir", str(workdir), "--config.train.steps=1", cwd=tmp_path)
+    done = run_fixture.jaxlm_cli("train", "--workdir", workdir, "--config.train.steps=1",
+                                 cwd=tmp_path)
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr == (f"jaxlm: workdir {workdir} is not writable: [Errno 20] Not a "
                            f"directory: '{workdir}'\n")

@@ -5,10 +5,9 @@ naming the file and the key; `jaxlm convert from-hf` reports it as one line, exi
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+import run_fixture  # tests/run_fixture.py (tests/ is on sys.path: tests/conftest.py)
 
 from jaxlm.convert import families, hf_import
 from jaxlm.convert.spec import HFConfigError
@@ -119,9 +118,8 @@ def test_cli_null_value_is_one_line_and_exit_2(tmp_path, hf_models_module):
     hf_models_module.edit_config(hf_dir, rms_norm_eps=None)
     assert json.loads((hf_dir / "config.json").read_text())["rms_norm_eps"] is None
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "jaxlm.cli", "convert", "from-hf", str(hf_dir), "--out", str(out)],
-        capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    proc = run_fixture.jaxlm_cli("convert", "from-hf", hf_dir, "--out", out,
+                                 env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == [
         f"jaxlm: {hf_dir / 'config.json'}: rms_norm_eps is null; a positive finite number is "

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import pytest
+import run_fixture  # tests/run_fixture.py (tests/ is on sys.path: tests/conftest.py)
 from ft_helpers import finetune, write_jsonl
 
 from jaxlm import cli
@@ -45,9 +44,8 @@ def test_classify_reproduces_the_eval_accuracy(classifier, tmp_path, capsys):
     assert cli.main(["eval", "--workdir", str(workdir), "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     held = held_out_file(cfg, tmp_path)
-    result = subprocess.run([sys.executable, "-m", "jaxlm.cli", "classify", "--workdir",
-                             str(workdir), "--jsonl", str(held), "--json"],
-                            capture_output=True, text=True, timeout=300)
+    result = run_fixture.jaxlm_cli("classify", "--workdir", workdir, "--jsonl", held, "--json",
+                                   timeout=300)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     predictions = out["predictions"]

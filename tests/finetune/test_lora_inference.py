@@ -22,12 +22,6 @@ from jaxlm.infer.score import score
 PROMPTS = ["up alpha", "<|user|>\nup kappa", "theta"]
 
 
-def snapshot(directory: pathlib.Path) -> dict[str, tuple[int, int]]:
-    """Every file of a directory tree with its size and modification time."""
-    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def merged(lora_run, tmp_path_factory):
     """(LoRA run, its merged copy written by `jaxlm lora merge`, the merge's stdout, the
@@ -35,14 +29,14 @@ def merged(lora_run, tmp_path_factory):
     uses it has run (merge, generate, eval, score, in any order or selection), the LoRA run
     and its base must be as they were."""
     workdir, base = lora_run[0], pathlib.Path(lora_run[2].finetune.base)
-    before = {workdir: snapshot(workdir), base: snapshot(base)}
+    before = {workdir: run_fixture.snapshot(workdir), base: run_fixture.snapshot(base)}
     out = tmp_path_factory.mktemp("lora_merged") / "merged"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert cli.main(["lora", "merge", str(workdir), "--out", str(out)]) == 0
     yield workdir, out, printed.getvalue(), before
     for directory, files in before.items():
-        assert snapshot(directory) == files, f"{directory} was changed"
+        assert run_fixture.snapshot(directory) == files, f"{directory} was changed"
 
 
 def test_merge_message_says_the_lora_run_and_base_are_untouched(merged):

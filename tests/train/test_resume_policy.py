@@ -4,18 +4,13 @@ step in metrics.jsonl; a run keeps its tokenizer (jaxlm.train.compat, jaxlm.trai
 import json
 
 import pytest
+import run_fixture  # tests/run_fixture.py (tests/ is on sys.path: tests/conftest.py)
 
 from jaxlm import errors
 from jaxlm.checkpoint import rundir
 from jaxlm.data import tokenizers
 from jaxlm.train import compat, loop
 from jaxlm.train.lm import CausalLM
-
-
-def snapshot(workdir):
-    """Every file of the run with its size and mtime: what 'nothing was written' means."""
-    return {str(p.relative_to(workdir)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(workdir.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture
@@ -39,7 +34,7 @@ def run_of_two_steps(run_config, tmp_path):
 def test_model_and_data_order_keys_are_refused_before_anything_is_written(
         run_of_two_steps, changes, rows):
     make, workdir = run_of_two_steps
-    before = snapshot(workdir)
+    before = run_fixture.snapshot(workdir)
     cfg = make(**changes, **{"train.steps": 4, "train.allow_config_change": True})
     with pytest.raises(compat.ResumeConfigError) as refused:
         loop.train(CausalLM(cfg), workdir)
@@ -49,18 +44,18 @@ def test_model_and_data_order_keys_are_refused_before_anything_is_written(
         f"{compat.table(rows)}\nrun with the saved values, or start a new run in another "
         f"--workdir")
     assert errors.exit_code(refused.value) == errors.BAD_INPUT
-    assert snapshot(workdir) == before
+    assert run_fixture.snapshot(workdir) == before
 
 
 def test_optimizer_changes_need_permission_then_are_printed_and_recorded(
         run_of_two_steps, capsys):
     make, workdir = run_of_two_steps
-    before = snapshot(workdir)
+    before = run_fixture.snapshot(workdir)
     with pytest.raises(compat.ResumeConfigError, match=r"(?s)with other optimizer or schedule "
                        r"settings.*config.optim.learning_rate  0.01   0.002\n"
                        r".*add --config.train.allow_config_change=true"):
         loop.train(CausalLM(make(**{"optim.learning_rate": 2e-3, "train.steps": 3})), workdir)
-    assert snapshot(workdir) == before
+    assert run_fixture.snapshot(workdir) == before
 
     capsys.readouterr()
     cfg = make(**{"optim.learning_rate": 2e-3, "train.steps": 3,
@@ -99,7 +94,7 @@ def test_a_run_keeps_its_tokenizer(run_config, tmp_path):
     tokenizers.train_sentencepiece([t.upper() for t in texts], model, vocab_size=300)
     other = tokenizers.load_tokenizer(cfg.data)
     assert other.fingerprint != saved.fingerprint
-    before = snapshot(workdir)
+    before = run_fixture.snapshot(workdir)
     cfg.train.update(steps=4, allow_config_change=True)
     with pytest.raises(loop.TokenizerMismatchError) as refused:
         loop.train(CausalLM(cfg), workdir)
@@ -108,7 +103,7 @@ def test_a_run_keeps_its_tokenizer(run_config, tmp_path):
         f"(sentencepiece, 300 ids, model sha256 {saved.fingerprint[:12]}); this config's is "
         f"sentencepiece, 300 ids, model sha256 {other.fingerprint[:12]}. A run keeps its "
         f"tokenizer: use the same one, or another --workdir")
-    assert snapshot(workdir) == before
+    assert run_fixture.snapshot(workdir) == before
 
 
 def test_a_fresh_start_supersedes_an_earlier_attempts_rows(run_config, tmp_path):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import run_fixture  # tests/run_fixture.py (tests/ is on sys.path: tests/conftest.py)
 
 from jaxlm import errors
 
@@ -23,8 +24,7 @@ def train_args(data_dir, workdir, steps, *extra):
 
 
 def jaxlm(*args):
-    return subprocess.run([sys.executable, "-m", "jaxlm.cli", *args], capture_output=True,
-                          text=True, timeout=600)
+    return run_fixture.jaxlm_cli(*args)
 
 
 def small_filesystem_works(tmp_path) -> bool:
