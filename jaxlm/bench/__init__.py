@@ -7,6 +7,8 @@ Owns:
     checkpoint  `jaxlm bench checkpoint`: throughput with a save every step, restore time
     lora        `jaxlm bench lora`: a LoRA step against a full fine-tuning step
     generate    `jaxlm bench generate`: decoding against transformers and recomputation
+    generate_seq2seq  `jaxlm bench generate --family t5`: encoder-decoder greedy decoding
+                against transformers' T5
     convert     `jaxlm bench convert`: peak memory of a Hugging Face conversion
     table       how figures are printed
     conditions  the host's load, other runnable processes and cores at a benchmark's

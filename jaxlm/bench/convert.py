@@ -26,7 +26,8 @@ import numpy as np
 from jaxlm import config as config_lib
 from jaxlm.bench.conditions import HostConditions
 from jaxlm.bench.table import print_table
-from jaxlm.convert import families
+from jaxlm.convert import families, spec
+from jaxlm.convert import params as params_lib
 from jaxlm.convert import safetensors_io as st
 from jaxlm.model import zoo
 
@@ -68,24 +69,35 @@ def _with(cfg, **changes):
 
 
 def write_random_hf(directory: pathlib.Path, model_cfg, shards: int = 3) -> int:
-    """A Hugging Face checkpoint of random float32 weights (std 0.02), in about `shards`
-    files, produced tensor by tensor. Returns its tensor bytes."""
+    """A Hugging Face checkpoint of random float32 weights (std 0.02) of any family's model
+    config, in about `shards` files, produced tensor by tensor (each layered tensor over its
+    own stack's layers: t5's encoder and decoder may differ), with a word-level
+    tokenizer.json of min(1000, vocab_size) ids: <s> </s> <unk> and <pad> first, then w4,
+    w5, ... The pad id is 0, or position_offset - 1 for a model whose positions start at a
+    row offset (RoBERTa reads position p from row pad_token_id + 1 + p). Returns the
+    tensor bytes."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     rng = np.random.default_rng(0)
+    depths = params_lib.stack_depths(model_cfg)
     plans = []
     for rule in families.rules(model_cfg):
-        for layer in (range(model_cfg.n_layers) if rule.layered else [None]):
+        for layer in spec.layers(rule, depths):
             name = rule.hf.format(i=layer) if layer is not None else rule.hf
             plans.append(st.TensorPlan(
                 name, rule.hf_shape, np.dtype(np.float32),
                 lambda s=rule.hf_shape: 0.02 * rng.standard_normal(s, np.float32)))
     total = sum(p.nbytes for p in plans)
+    pad = max(model_cfg.position_offset - 1, 0)
+    others = iter(("<s>", "</s>", "<unk>"))
+    tokens = ["<pad>" if i == pad else next(others, f"w{i}")
+              for i in range(min(1000, model_cfg.vocab_size))]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    config = families.hf_config(model_cfg, "float32", {"pad_id": pad, "bos_id": vocab["<s>"],
+                                                       "eos_id": vocab["</s>"]})
     directory.mkdir(parents=True, exist_ok=True)
     st.write_checkpoint(directory, plans, max_shard_bytes=total // shards + 1)
-    config = families.hf_config(model_cfg, "float32", {"bos_id": 1, "eos_id": 2})
     (directory / "config.json").write_text(json.dumps(config, indent=2))
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, 1000)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     (directory / "tokenizer.json").write_text(tok.to_str())

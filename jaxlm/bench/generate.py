@@ -5,6 +5,8 @@ The model is LLaMA-style with random weights: 6 layers, d_model 512, 8 heads, Sw
 a 32,000-token vocabulary, untied head (about 52M parameters), float32. A
 `transformers.LlamaForCausalLM` is built with random weights, saved as safetensors and
 imported with jaxlm's converter (`convert.hf_import`), so both sides run the same weights.
+(`jaxlm bench generate --family t5`, the encoder-decoder against T5ForConditionalGeneration:
+jaxlm.bench.generate_seq2seq, timed by this module's `against_transformers`.)
 
 Figures (after a warm-up, compilation excluded; `repeats` rounds in which jaxlm and
 transformers, and then the cached and the recomputing decoder, run interleaved, the order
@@ -71,16 +73,12 @@ def weights_read_s(params, repeats: int) -> list[float]:
     return interleaved({"read": lambda: read(params).block_until_ready()}, repeats)["read"]
 
 
-def against_transformers(gen, hf_model, prompts_BxP: np.ndarray, new_tokens: int,
-                         repeats: int) -> dict[str, np.ndarray]:
-    """Both sides' greedy generation of a batch of equal-length prompts: the new tokens of
-    each (B x N), and per round (interleaved, after a warm-up) the seconds of N and of 1 new
-    tokens ("jaxlm N", "jaxlm 1", "hf N", "hf 1") and decode tokens/s, rows x (N - 1) /
-    (time of N - time of 1)."""
+def decoder_sides(gen, hf_model, prompts_BxP: np.ndarray):
+    """(jaxlm, transformers) greedy generation of a decoder-only model: each a function of n
+    returning the n new tokens after a batch of equal-length prompts (B x n)."""
     import torch
 
     ids = torch.as_tensor(prompts_BxP.astype(np.int64))
-    rows = len(prompts_BxP)
 
     def jaxlm_run(n):
         return np.stack(gen.generate(list(prompts_BxP), n))
@@ -90,6 +88,17 @@ def against_transformers(gen, hf_model, prompts_BxP: np.ndarray, new_tokens: int
             return hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                      do_sample=False)[:, prompts_BxP.shape[1]:].numpy()
 
+    return jaxlm_run, hf_run
+
+
+def against_transformers(sides, rows: int, new_tokens: int, repeats: int
+                         ) -> dict[str, np.ndarray]:
+    """Both sides' greedy generation for a batch of `rows` (`sides`: (jaxlm_run, hf_run),
+    each n -> the B x n new tokens, as decoder_sides or the seq2seq bench's make them): the
+    new tokens of each (B x N), and per round (interleaved, after a warm-up) the seconds of N
+    and of 1 new tokens ("jaxlm N", "jaxlm 1", "hf N", "hf 1") and decode tokens/s, rows x
+    (N - 1) / (time of N - time of 1)."""
+    jaxlm_run, hf_run = sides
     out = {"jaxlm tokens": jaxlm_run(new_tokens), "hf tokens": hf_run(new_tokens)}
     jaxlm_run(1), hf_run(1)
     out.update((k, np.array(v)) for k, v in interleaved(
@@ -116,7 +125,8 @@ def bench_generate(prompt_len: int = 32, new_tokens: int = 128, context: int = 5
     prompt = rng.integers(3, MODEL["vocab_size"], size=prompt_len).astype(np.int32)
 
     # ---- batch 1: jaxlm and transformers interleaved, N then 1 new tokens each ------------
-    one = against_transformers(gen, hf_model, prompt[None], new_tokens, repeats)
+    one = against_transformers(decoder_sides(gen, hf_model, prompt[None]), 1, new_tokens,
+                               repeats)
     agree = int(np.cumprod(one["jaxlm tokens"][0] == one["hf tokens"][0]).sum())
     jax_n, hf_n = one["jaxlm N"], one["hf N"]
 
@@ -156,9 +166,9 @@ def bench_generate(prompt_len: int = 32, new_tokens: int = 128, context: int = 5
     # ---- the memory-bandwidth floor; batched decoding ------------------------------------
     read_s = np.array(weights_read_s(gen.params, repeats))
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(gen.params))
-    batched = {rows: against_transformers(gen, hf_model, rng.integers(
-        3, MODEL["vocab_size"], size=(rows, prompt_len)).astype(np.int32), batched_tokens,
-        repeats) for rows in batches}
+    batched = {rows: against_transformers(decoder_sides(gen, hf_model, rng.integers(
+        3, MODEL["vocab_size"], size=(rows, prompt_len)).astype(np.int32)), rows,
+        batched_tokens, repeats) for rows in batches}
 
     # Per round; ratios within a round, where both sides met the same load.
     jax_decode, hf_decode = one["jaxlm"], one["hf"]
@@ -181,9 +191,12 @@ def bench_generate(prompt_len: int = 32, new_tokens: int = 128, context: int = 5
     med = {name: figures[name] for name in per_round}
     jax_step_ms = 1e3 / med["jaxlm_decode_tokens_per_sec"]
     n_params = sum(p.numel() for p in hf_model.parameters())
+    m = MODEL
     print_table([
-        ("model", f"llama d=512 L=6 heads=8 ff=1408 vocab=32000, {n_params / 1e6:.1f}M params, "
-                  f"float32, batch 1, random weights"),
+        ("model", f"llama d={m['hidden_size']} L={m['num_hidden_layers']} "
+                  f"heads={m['num_attention_heads']} kv_heads={m['num_key_value_heads']} "
+                  f"ff={m['intermediate_size']} vocab={m['vocab_size']}, {n_params:,} "
+                  f"parameters, float32, batch 1, random weights"),
         ("host", f"{cores} CPU cores; jax {jax.__version__} ({jax.devices()[0].platform}), "
                  f"torch {torch.__version__} ({torch.get_num_threads()} threads)"),
         (f"prompt {prompt_len}, {new_tokens} new tokens",

@@ -1,11 +1,12 @@
 """`jaxlm bench <what>`: every benchmark (jaxlm.bench); each prints its figures.
 
     jaxlm bench step --config configs/bench_cpu.py [--steps 5]
+    jaxlm bench step --config configs/bench_cpu_bert.py      (also configs/bench_cpu_t5.py)
     jaxlm bench data --config configs/bench_cpu.py [--batches 2000]
     jaxlm bench data --config configs/bench_cpu.py --huge-document-mb 1024 [--dir DIR]
     jaxlm bench checkpoint --config configs/bench_cpu.py [--steps 5]
     jaxlm bench lora --config configs/bench_cpu.py [--steps 2] [--rounds 5]
-    jaxlm bench generate [--rounds 5]
+    jaxlm bench generate [--rounds 5] [--family t5]
     jaxlm bench convert [--size-mb 300] [--dir DIR]
 """
 
@@ -36,6 +37,10 @@ def add_parsers(verbs) -> None:
                        help="lora: alternating rounds of full and LoRA steps; generate: "
                             "rounds of jaxlm and transformers (and of cached and recomputing "
                             "decoding), interleaved (default 5)")
+    bench.add_argument("--family", choices=["llama", "t5"], default=None,
+                       help="generate: the model against transformers: llama (decoder-only, "
+                            "LlamaForCausalLM; default) or t5 (encoder-decoder, "
+                            "T5ForConditionalGeneration)")
     bench.add_argument("--batches", type=int, default=2000, help="data: timed batches")
     bench.add_argument("--huge-document-mb", type=float, default=None,
                        help="data: instead, the loader's peak memory on a source that is one "
@@ -52,10 +57,16 @@ def add_parsers(verbs) -> None:
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.rounds < 1:
         raise config_lib.ConfigError(f"--rounds: must be at least 1, got {args.rounds}")
+    if args.family is not None and args.what != "generate":
+        raise config_lib.ConfigError(f"--family: only `jaxlm bench generate` takes it, not "
+                                     f"`jaxlm bench {args.what}`")
     if args.what in ("generate", "convert"):  # fixed models of their own
         if overrides or args.config:
             raise config_lib.ConfigError(f"`jaxlm bench {args.what}` takes no config")
-        if args.what == "generate":
+        if args.what == "generate" and args.family == "t5":
+            from jaxlm.bench.generate_seq2seq import bench_generate_seq2seq
+            bench_generate_seq2seq(repeats=args.rounds)
+        elif args.what == "generate":
             from jaxlm.bench.generate import bench_generate
             bench_generate(repeats=args.rounds)
         else:

@@ -5,6 +5,8 @@ several processes too; `classify` gives a classifier run's labels (jaxlm.finetun
 
     jaxlm generate --workdir runs/tiny --prompt "import os" [--max-new-tokens 128]
         [--temperature 0.8] [--top-k 50] [--top-p 0.95] [--seed 0] [--stop-id ID] [--ignore-eos]
+    jaxlm generate --workdir runs/t5 --prompt "summarize: ..." [--num-beams 4]
+        [--length-penalty 0.6] [--early-stopping true|false|never]
     jaxlm eval --workdir runs/tiny [--split validation] [--max-batches N] [--json]
     jaxlm classify --workdir runs/classify_tiny (--text T [--text T ...] | --jsonl FILE) [--json]
 
@@ -12,8 +14,13 @@ A LoRA run is read directly: generate (and jaxlm.infer.score through `generate.l
 its adapters into its recorded base in memory, eval and classify apply them as its task
 does; nothing is written (`jaxlm lora merge` is for export).
 
-One prompt streams its text as it is generated; several (repeat --prompt) are generated
-as one batch and printed when done. Exit status 2: bad input (the message names it).
+A decoder run (llama, gpt2) continues each prompt: one prompt streams its text as it is
+generated; several (repeat --prompt) are generated as one batch and printed when done. An
+encoder-decoder run (t5) reads each prompt as the encoder's input (the run's tokenizer,
+ending with EOS) and prints the decoder's output text (jaxlm.infer.seq2seq: greedy,
+sampled, or beam search with --num-beams > 1, as transformers' `generate`); several are
+printed after `--- prompt I ---` lines. An encoder-only run (bert) has nothing to generate
+with. Exit status 2: bad input (the message names it).
 """
 
 from __future__ import annotations
@@ -54,6 +61,17 @@ def add_parsers(verbs) -> None:
                      help="a token id that ends a row (repeatable); the tokenizer's EOS (and a converted "
                           "model's eos ids) also do")
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
+    gen.add_argument("--num-beams", type=int, default=1,
+                     help="beam search with this many beams (encoder-decoder runs); 1: greedy "
+                          "or sampling")
+    gen.add_argument("--length-penalty", type=float, default=None,
+                     help="beam search: a finished sequence scores sum_logprobs / "
+                          "(length ** X), as transformers (default: 1.0)")
+    gen.add_argument("--early-stopping", choices=["true", "false", "never"], default=None,
+                     help="beam search: stop an input once it has num_beams finished "
+                          "sequences (true), once no running beam can beat them by the "
+                          "heuristic of transformers (false) or by its exact bound (never) "
+                          "(default: false)")
     ev = verbs.add_parser("eval", help="a run's latest checkpoint evaluated by its task on a "
                           "split (language models: loss and perplexity)",
                           description=__doc__, epilog=helptext.overrides_epilog(SAVED))
@@ -85,17 +103,50 @@ def add_classify_parser(verbs) -> None:
                          "accuracy) instead of lines (default: off)")
 
 
+def beam_setting(args: argparse.Namespace, kind: str, sampling):
+    """The beam search the flags ask for (None: greedy or sampling); UserError naming the
+    flag when it does not fit the run or the other flags."""
+    from jaxlm.infer import beam as beam_lib
+
+    if args.num_beams < 1:
+        raise errors.UserError(f"--num-beams {args.num_beams}: must be at least 1")
+    if args.num_beams == 1:
+        for flag, value in (("--length-penalty", args.length_penalty),
+                            ("--early-stopping", args.early_stopping)):
+            if value is not None:
+                raise errors.UserError(f"{flag} applies to beam search: give --num-beams > 1")
+        return None
+    if kind != "encoder_decoder":
+        raise errors.UserError(f"--num-beams {args.num_beams}: beam search is for "
+                               f"encoder-decoder runs (family t5); this run is a {kind}")
+    if not sampling.greedy:
+        raise errors.UserError("--temperature: beam search is deterministic; sampling needs "
+                               "--num-beams 1")
+    early = {"true": True, "false": False, "never": "never", None: False}[args.early_stopping]
+    return beam_lib.Beam(args.num_beams, 1.0 if args.length_penalty is None
+                         else args.length_penalty, early)
+
+
 def run_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     from jaxlm.checkpoint import rundir
     from jaxlm.infer import generate
+    from jaxlm.model import zoo
 
     sampling = generate.Sampling(args.temperature, args.top_k, args.top_p)
     cfg, step_dir = rundir.saved_config(args.workdir)
     config_lib.apply_overrides(cfg, overrides)
+    kind = zoo.family(cfg.model.family).kind
+    if kind == "encoder":
+        raise errors.UserError(f"{args.workdir}: family {cfg.model.family!r} is an "
+                               f"encoder-only model: it has no decoder to generate text with "
+                               f"(generate runs decoder and encoder-decoder families)")
+    beam = beam_setting(args, kind, sampling)
     for stop_id in args.stop_id:
         if not 0 <= stop_id < cfg.model.vocab_size:
             raise errors.UserError(f"--stop-id {stop_id}: not an id of this model's vocabulary "
                                    f"[0, {cfg.model.vocab_size})")
+    if kind == "encoder_decoder":
+        return run_seq2seq(args, cfg, step_dir, sampling, beam)
     tokenizer = rundir.load_tokenizer(args.workdir)
     prompts = [generate.encode_prompt(tokenizer, p) for p in args.prompt]
     # Before the parameters are read: a prompt that does not fit is reported now.
@@ -121,6 +172,33 @@ def run_generate(args: argparse.Namespace, overrides: list[str]) -> int:
         prompt_ids = [int(t) for t in prompts[i]]
         added = "".join(generate.stream_text(tokenizer, ids, prefix_ids=prompt_ids))
         print(f"--- prompt {i} ---\n{text}{added}")
+    return errors.DONE
+
+
+def run_seq2seq(args: argparse.Namespace, cfg, step_dir, sampling, beam) -> int:
+    """An encoder-decoder run: each prompt is an encoder input; prints the output text (one
+    prompt) or `--- prompt i ---` and each output (several, generated as one batch)."""
+    from jaxlm.checkpoint import rundir
+    from jaxlm.infer import generate, seq2seq
+
+    tokenizer = rundir.load_tokenizer(args.workdir)
+    inputs = [seq2seq.encode_input(tokenizer, p) for p in args.prompt]
+    stop = set(args.stop_id)
+    if not args.ignore_eos:
+        stop.update(generate.default_stop_ids(tokenizer, step_dir))
+    # Before the parameters are read: an input or a setting that does not fit is reported now.
+    start = seq2seq.default_decoder_start_id(tokenizer, step_dir)
+    seq2seq.check_request(inputs, args.max_new_tokens, cfg.model.vocab_size, start,
+                          sorted(stop), sampling, beam)
+    gen, tokenizer, _ = seq2seq.load(args.workdir, cfg)
+    outs = gen.generate(inputs, args.max_new_tokens, decoder_start_id=start,
+                        stop_tokens=sorted(stop), sampling=sampling, seed=args.seed, beam=beam)
+    texts = [tokenizer.decode([int(t) for t in out if int(t) not in stop]) for out in outs]
+    if len(texts) == 1:
+        print(texts[0])
+        return errors.DONE
+    for i, text in enumerate(texts):
+        print(f"--- prompt {i} ---\n{text}")
     return errors.DONE
 
 

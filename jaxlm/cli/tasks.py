@@ -1,5 +1,5 @@
-"""Which task a config runs: causal-LM pretraining when `finetune.task` is empty, else the
-fine-tuning task it names. The verbs that run a config (train, finetune, compile) and
+"""Which task a config runs: pretraining with objective.name's objective (causal or masked
+LM, span corruption) when `finetune.task` is empty, else the fine-tuning task it names. The verbs that run a config (train, finetune, compile) and
 those that read a run (eval) build their task here."""
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from jaxlm import config as config_lib
 from jaxlm.checkpoint import rundir
 from jaxlm.finetune.tasks import FinetuneTask
 from jaxlm.parallel import mesh as mesh_lib
+from jaxlm.train import pretraining as pretraining_lib
 from jaxlm.train.lm import CausalLM
 from jaxlm.train.task import Task
 
 
 def pretraining(cfg: ml_collections.ConfigDict, **kwargs) -> CausalLM:
-    return CausalLM(cfg, **kwargs)
+    return pretraining_lib.task(cfg, **kwargs)
 
 
 def finetuning(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None,

@@ -11,17 +11,20 @@ import ml_collections
 
 from jaxlm.errors import ConfigError
 
-TASKS = ("sft", "classify")
+TASKS = ("sft", "classify", "qa", "seq2seq")
 METHODS = ("full", "lora")
 OVERLONG = ("error", "skip")
-POOLINGS = ("last", "mean")
+POOLINGS = ("last", "mean", "first")
 LORA_TARGETS = ("q", "k", "v", "o", "mlp")
 BUILTIN_TEMPLATES = ("default", "plain")
 
 
 def defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
-        task="",  # "": pretraining (`jaxlm train`). sft | classify: `jaxlm finetune`
+        # "": pretraining (`jaxlm train`). `jaxlm finetune`: sft (decoder), classify (decoder
+        # or encoder), qa (extractive question answering, encoder), seq2seq (text-to-text,
+        # encoder-decoder)
+        task="",
         method="full",  # full: every parameter trains. lora: low-rank adapters only, base frozen
         # The starting checkpoint: a run directory (`jaxlm train`, `jaxlm convert from-hf`), its
         # checkpoints/ or one step directory. The model's shape comes from its saved config.
@@ -39,7 +42,17 @@ def defaults() -> ml_collections.ConfigDict:
         label_field="label",  # classify: an integer in [0, num_labels) or one of label_names
         num_labels=2,  # classify
         label_names="",  # classify: comma-separated names of string labels ("neg,pos")
-        pooling="last",  # classify: last (last non-padding token) | mean (over real tokens)
+        # classify: last (last non-padding token) | mean (over real tokens) | first (the
+        # first token: an encoder's [CLS])
+        pooling="last",
+        question_field="question",  # qa (SQuAD-style JSONL)
+        context_field="context",  # qa
+        # qa: {"text": [...], "answer_start": [...]} (character offsets into the context)
+        answers_field="answers",
+        max_answer_tokens=30,  # qa: the longest span predicted
+        input_field="input",  # seq2seq
+        target_field="target",  # seq2seq
+        target_len=0,  # seq2seq: decoder tokens per row; 0: data.seq_len
         lora=ml_collections.ConfigDict(dict(
             rank=8,
             alpha=16.0,  # the adapter's output is scaled by alpha / rank
@@ -109,6 +122,11 @@ def validate(ft_cfg: ml_collections.ConfigDict, init_from: str = "") -> None:
         _require(ft_cfg.pooling in POOLINGS, "pooling", f"{ft_cfg.pooling!r} not in {POOLINGS}")
         _require(bool(ft_cfg.text_field), "text_field", "must name a JSON field")
         _require(bool(ft_cfg.label_field), "label_field", "must name a JSON field")
+    for task, keys in (("qa", ("question_field", "context_field", "answers_field")),
+                       ("seq2seq", ("input_field", "target_field"))):
+        if ft_cfg.task == task:
+            for key in keys:
+                _require(bool(ft_cfg[key]), key, "must name a JSON field")
     lora = ft_cfg.lora
     if ft_cfg.method == "lora":
         targets = lora_targets(lora)

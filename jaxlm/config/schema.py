@@ -11,6 +11,7 @@ A config is an `ml_collections.ConfigDict` with one sub-config per component:
     train       steps, seed, logging cadence, non-finite policy
     checkpoint  save cadence and retention, init_from
     metrics     peak FLOP/s override for MFU, TensorBoard
+    objective   the pretraining objective: causal LM, masked LM, span corruption
     finetune    `jaxlm finetune`: task, base checkpoint, data, template, LoRA, classifier
                 (keys in jaxlm/config/finetune.py)
 
@@ -30,6 +31,8 @@ from jaxlm.errors import ConfigError
 ROPE_SCALINGS = ("none", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "save_matmuls")
 ATTENTION_BACKENDS = ("xla", "cudnn")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu")  # model.activation (bert, t5)
+OBJECTIVES = ("causal_lm", "masked_lm", "span_corruption")  # objective.name
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "wsd")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -132,6 +135,15 @@ def defaults() -> ml_collections.ConfigDict:
                 type="none", factor=1.0, low_freq_factor=1.0, high_freq_factor=4.0,
                 original_max_len=8192)),
             qkv_bias=False,  # llama: biases on the q/k/v projections (Qwen2)
+            # bert, t5: the MLP's activation, gelu (exact, erf) | gelu_tanh | relu; t5 with
+            # gated_mlp: act(x W_gate) * (x W_up) (T5 v1.1 / Flan: gelu_tanh, gated).
+            activation="gelu",
+            gated_mlp=False,
+            type_vocab_size=2,  # bert: token-type rows (BERT 2, RoBERTa 1)
+            position_offset=0,  # bert: position p reads row p + offset (RoBERTa: 2)
+            n_decoder_layers=0,  # t5: decoder layers; 0: n_layers (n_layers: the encoder's)
+            relative_buckets=32,  # t5: relative-position buckets of the attention bias
+            relative_max_distance=128,  # t5: distances beyond share the last log bucket
             tie_embeddings=True,
             norm_eps=1e-5,
             init_std=0.02,
@@ -235,5 +247,16 @@ def defaults() -> ml_collections.ConfigDict:
             wandb_mode="online",  # or "offline": written under WORKDIR/wandb/, no network
         )
     )
+    # The pretraining objective of `jaxlm train`: causal_lm (decoder families), masked_lm
+    # (bert: BERT's 80/10/10 masking) or span_corruption (t5: noise spans -> sentinels).
+    cfg.objective = ml_collections.ConfigDict(dict(
+        name="causal_lm",
+        mask_rate=0.15,  # masked_lm: share of each row's real tokens that is predicted
+        noise_density=0.15,  # span_corruption: share of each document's tokens corrupted
+        mean_span_length=3.0,  # span_corruption: mean length of a corrupted span
+        # span_corruption: decoder length; 0: enough for the targets of data.seq_len inputs
+        # at this density and span length (T5's formula)
+        targets_len=0,
+    ))
     cfg.finetune = finetune_section.defaults()
     return cfg

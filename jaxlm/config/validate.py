@@ -14,6 +14,7 @@ import ml_collections
 
 from jaxlm.config import finetune as finetune_section
 from jaxlm.config.schema import (
+    ACTIVATIONS,
     ATTENTION_BACKENDS,
     BUILTIN_DATASETS,
     DCN_KEYS,
@@ -33,6 +34,7 @@ from jaxlm.config.schema import (
     MESH_AXES,
     MIN_DOCUMENT_BYTES,
     NONFINITE_POLICIES,
+    OBJECTIVES,
     ON_ALL_CORRUPT,
     PACKINGS,
     REMAT_POLICIES,
@@ -135,6 +137,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     _check_data(d, m)
     _check_optim(o, d)
     _check_run(cfg)
+    _check_objective(cfg.objective)
     _check_finetune_numbers(cfg.finetune)
     finetune_section.validate(cfg.finetune, cfg.checkpoint.init_from)
 
@@ -181,12 +184,23 @@ def _check_model(m: ml_collections.ConfigDict) -> None:
     require_real(m.norm_eps, "model.norm_eps", 0, 1, low_open=True, high_open=True)
     require_real(m.init_std, "model.init_std", 0, low_open=True)
     _check_rope_scaling(m.rope_scaling)
+    require(m.activation in ACTIVATIONS, "model.activation",
+            f"{m.activation!r} not in {ACTIVATIONS}")
+    require(isinstance(m.gated_mlp, bool), "model.gated_mlp",
+            f"must be true or false, got {m.gated_mlp!r}")
+    require_int(m.type_vocab_size, "model.type_vocab_size", 1, MAX_VOCAB)
+    require_int(m.position_offset, "model.position_offset", 0, MAX_SEQ_LEN)
+    require_int(m.n_decoder_layers, "model.n_decoder_layers", 0, MAX_LAYERS)  # 0: n_layers
+    require_int(m.relative_buckets, "model.relative_buckets", 2, MAX_SEQ_LEN)
+    require_int(m.relative_max_distance, "model.relative_max_distance", 1, MAX_SEQ_LEN)
 
 
 def _check_data(d: ml_collections.ConfigDict, m: ml_collections.ConfigDict) -> None:
     require_int(d.seq_len, "data.seq_len", 1, MAX_SEQ_LEN)
-    require(d.seq_len <= m.max_seq_len, "data.seq_len",
-             f"{d.seq_len} is longer than the model's positions (model.max_seq_len={m.max_seq_len})")
+    require(d.seq_len + m.position_offset <= m.max_seq_len, "data.seq_len",
+             f"{d.seq_len} is longer than the model's positions (model.max_seq_len="
+             f"{m.max_seq_len}" + (f" less model.position_offset={m.position_offset}"
+                                   if m.position_offset else "") + ")")
     require_int(d.global_batch_size, "data.global_batch_size", 1, MAX_GLOBAL_BATCH)
     require(d.global_batch_size * d.seq_len <= MAX_BATCH_TOKENS, "data.global_batch_size",
             f"{d.global_batch_size} rows of data.seq_len={d.seq_len} are "
@@ -249,12 +263,24 @@ def _check_run(cfg: ml_collections.ConfigDict) -> None:
             "must name a W&B project")
 
 
+def _check_objective(o: ml_collections.ConfigDict) -> None:
+    """The objective's own values (which families it fits: jaxlm.train.validate)."""
+    require(o.name in OBJECTIVES, "objective.name", f"{o.name!r} not in {OBJECTIVES}")
+    require_real(o.mask_rate, "objective.mask_rate", 0, 1, low_open=True, high_open=True)
+    require_real(o.noise_density, "objective.noise_density", 0, 1, low_open=True,
+                 high_open=True)
+    require_real(o.mean_span_length, "objective.mean_span_length", 1, MAX_SEQ_LEN)
+    require_int(o.targets_len, "objective.targets_len", 0, MAX_SEQ_LEN)  # 0: derived
+
+
 def _check_finetune_numbers(f: ml_collections.ConfigDict) -> None:
     """The finetune section's numeric keys, in every config (the section's other checks, for
     a fine-tuning config: jaxlm.config.finetune)."""
     require_real(f.eval_fraction, "finetune.eval_fraction", 0, 1, high_open=True)
     require_int(f.eval_every, "finetune.eval_every", 0, finetune_section.MAX_EVAL_EVERY)
     require_int(f.num_labels, "finetune.num_labels", 2, finetune_section.MAX_LABELS)
+    require_int(f.max_answer_tokens, "finetune.max_answer_tokens", 1, MAX_SEQ_LEN)
+    require_int(f.target_len, "finetune.target_len", 0, MAX_SEQ_LEN)  # 0: data.seq_len
     require_int(f.lora.rank, "finetune.lora.rank", 1, finetune_section.MAX_LORA_RANK)
     require_real(f.lora.alpha, "finetune.lora.alpha", 0, low_open=True)
     require_real(f.lora.dropout, "finetune.lora.dropout", 0, 1, high_open=True)

@@ -1,31 +1,38 @@
 """Which Hugging Face model types each jaxlm model family reads and writes, and the calls
-that go to the family's mapping (llama.py, gpt2.py): config.json in both directions and
-the tensor rules.
+that go to the family's mapping (llama.py, gpt2.py, bert.py, t5.py): config.json in both
+directions and the tensor rules.
 
-Adding a family's Hugging Face mapping: a module with MODEL_TYPES, config_from_hf,
-config_to_hf, rules and ignorable, and its entry in MAPPINGS.
+Adding a family's Hugging Face mapping: a module jaxlm/convert/<family>.py with
+MODEL_TYPES, config_from_hf, config_to_hf, rules and ignorable, and its model types in
+MODEL_TYPES here (the module is imported when first used).
 """
 
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 from typing import Any, Iterable
 
 import ml_collections
 
 from jaxlm import config as config_lib
-from jaxlm.convert import gpt2, llama
 from jaxlm.convert.spec import HFConfigError, Rule, integer, require
 
-MAPPINGS: dict[str, ModuleType] = {"llama": llama, "gpt2": gpt2}  # jaxlm family -> mapping
-SUPPORTED = tuple(t for mapping in MAPPINGS.values() for t in mapping.MODEL_TYPES)
+# jaxlm family -> the Hugging Face model types its mapping (jaxlm/convert/<family>.py) reads
+MODEL_TYPES: dict[str, tuple[str, ...]] = {
+    "llama": ("llama", "mistral", "qwen2"), "gpt2": ("gpt2",), "bert": ("bert", "roberta"),
+    "t5": ("t5", "mt5")}
+MAPPINGS = tuple(MODEL_TYPES)  # the families with a mapping
+SUPPORTED = tuple(t for types in MODEL_TYPES.values() for t in types)
 
 
 def mapping(family: str) -> ModuleType:
-    if family not in MAPPINGS:
+    if family not in MODEL_TYPES:
         raise HFConfigError(f"model family {family!r} has no Hugging Face mapping (jaxlm maps "
                             f"{', '.join(MAPPINGS)})")
-    return MAPPINGS[family]
+    module = importlib.import_module(f"jaxlm.convert.{family}")
+    assert module.MODEL_TYPES == MODEL_TYPES[family], family  # one list, kept in step
+    return module
 
 
 def model_config(config: dict, where: str = "config.json"
@@ -35,7 +42,7 @@ def model_config(config: dict, where: str = "config.json"
     if not isinstance(config, dict):
         raise HFConfigError(f"{where}: not a JSON object (got {type(config).__name__})")
     model_type = config.get("model_type")
-    family = next((f for f, m in MAPPINGS.items() if model_type in m.MODEL_TYPES), None)
+    family = next((f for f, types in MODEL_TYPES.items() if model_type in types), None)
     if family is None:
         raise HFConfigError(f"{where}: unsupported architecture model_type={model_type!r} "
                             f"(architectures {config.get('architectures')}); jaxlm converts "
@@ -44,7 +51,7 @@ def model_config(config: dict, where: str = "config.json"
     cfg.family = family
     cfg.dtype = "float32"
     notes: list[str] = []
-    MAPPINGS[family].config_from_hf(config, cfg, where, notes)
+    mapping(family).config_from_hf(config, cfg, where, notes)
     cfg.vocab_size = integer(config, "vocab_size", where)
     require(cfg.n_heads % cfg.n_kv_heads == 0, where, "num_key_value_heads",
             f"={cfg.n_kv_heads} does not divide num_attention_heads={cfg.n_heads}")

@@ -1,15 +1,23 @@
 """`jaxlm convert to-hf WORKDIR --out HF_DIR`: a jaxlm checkpoint -> a Hugging Face directory.
 
-Writes config.json (llama; qwen2 when the model has q/k/v biases; gpt2), the weights as
-safetensors (model.safetensors, or shards with model.safetensors.index.json above
---max-shard-size), streamed one tensor at a time, and the tokenizer: a Hugging Face tokenizer
-is copied with a tokenizer_config.json; jaxlm's byte tokenizer becomes an equivalent
-tokenizer.json (byte-level, no merges: byte b -> id b + 3, <pad> <s> </s> = 0 1 2); a
-SentencePiece model is copied as tokenizer.model for LlamaTokenizer. Each reproduces the run's
-BOS convention (`Tokenizer.adds_bos`): `AutoTokenizer(HF_DIR)(text)` gives the ids jaxlm
-trained with at a document's start (the byte tokenizer's and a rewritten tokenizer.json's
-post-processor put BOS first; LlamaTokenizer gets add_bos_token). The result loads with
-`transformers.AutoModelForCausalLM.from_pretrained(HF_DIR)` (no remote code).
+Writes config.json (the family mapping's model type: llama, qwen2 when the model has q/k/v
+biases, gpt2, t5, bert/roberta), the weights as safetensors (model.safetensors, or shards
+with model.safetensors.index.json above --max-shard-size), streamed one tensor at a time,
+and the tokenizer (`tokenizer_files`): a Hugging Face tokenizer.json (BERT's WordPiece,
+RoBERTa's BPE, ...) is copied with a tokenizer_config.json naming its special tokens (the
+mask token too); jaxlm's byte tokenizer becomes an equivalent tokenizer.json (byte-level,
+no merges: byte b -> id b + 3, <pad> <s> </s> = 0 1 2); a T5 SentencePiece model (its
+sentinels <extra_id_N> counting down from the top id) is copied as spiece.model for
+T5Tokenizer (extra_ids), any other SentencePiece model as tokenizer.model for
+LlamaTokenizer. Each reproduces the run's ids and BOS convention (`Tokenizer.adds_bos`):
+`AutoTokenizer(HF_DIR)(text)` gives the ids jaxlm trained with (the byte tokenizer's and a
+rewritten tokenizer.json's post-processor put BOS first; LlamaTokenizer gets add_bos_token;
+T5Tokenizer ends with </s>, BERT's post-processor wraps in [CLS] ... [SEP]). Whatever may
+refuse an export (the tokenizer, config.json's values) is settled before anything is
+written into HF_DIR; config.json is written last. The result loads with
+the family's transformers Auto class, `auto_class(family)` (no remote code):
+`AutoModelForCausalLM.from_pretrained(HF_DIR)` for llama and gpt2,
+`AutoModelForSeq2SeqLM` for t5 (T5ForConditionalGeneration), `AutoModelForMaskedLM` for bert.
 
 Parameters are restored one at a time (Orbax partial restore, checked against the saved
 fingerprints) and the safetensors are written projection by projection, so an export holds
@@ -23,14 +31,13 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-import shutil
 from typing import Any, Callable
 
 import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxlm.checkpoint import rundir
-from jaxlm.convert import families
+from jaxlm.convert import families, spec
 from jaxlm.convert import params as params_lib
 from jaxlm.convert import safetensors_io as st
 from jaxlm.convert.hf_import import ConversionError
@@ -57,14 +64,26 @@ def parse_size(text: str | int) -> int:
     return size
 
 
+DEFAULT_AUTO_CLASS = "AutoModelForCausalLM"
+
+
+def auto_class(family: str) -> str:
+    """The transformers Auto class that loads an export of `family`: its mapping's
+    AUTO_CLASS (t5: AutoModelForSeq2SeqLM, bert: AutoModelForMaskedLM), else
+    AutoModelForCausalLM. (transformers picks the model class from config.json's model_type;
+    the mapping's config_to_hf writes it and the `architectures` entry.)"""
+    return getattr(families.mapping(family), "AUTO_CLASS", DEFAULT_AUTO_CLASS)
+
+
 def tensor_plans(model_cfg, param: Callable[[str], np.ndarray],
                  dtype: np.dtype) -> list[st.TensorPlan]:
-    """Every HF tensor of the model, rule by rule (all layers of one projection together),
-    each produced on demand from `param(path)`, the whole stacked parameter."""
+    """Every HF tensor of the model, rule by rule (all layers of one projection together;
+    each layered rule over its own stack's layers), each produced on demand from
+    `param(path)`, the whole stacked parameter."""
     plans = []
+    depths = params_lib.stack_depths(model_cfg)
     for rule in families.rules(model_cfg):
-        layers = range(model_cfg.n_layers) if rule.layered else [None]
-        for layer in layers:
+        for layer in spec.layers(rule, depths):
             def produce(rule=rule, layer=layer) -> np.ndarray:
                 parts = [(param(p) if layer is None else param(p)[layer]).reshape(rule.part_shape())
                          for p in rule.params]
@@ -195,41 +214,121 @@ def _bytes_to_unicode() -> dict[int, str]:
     return chars
 
 
-def write_tokenizer(tokenizer_dir: pathlib.Path, out: pathlib.Path, max_len: int,
-                    log: Callable[[str], None]) -> dict[str, int | None]:
-    """Tokenizer files for transformers; returns the pad/bos/eos ids."""
+def tokenizer_files(tokenizer_dir: pathlib.Path, family: str, max_len: int,
+                    log: Callable[[str], None]) -> tuple[dict[str, bytes], dict[str, int | None]]:
+    """The export's tokenizer files (name -> contents) and the run tokenizer's pad/bos/eos
+    ids, for config.json. Nothing is written: a tokenizer transformers cannot reproduce is
+    refused here, before the export writes anything.
+
+    tokenizer.json (a Hugging Face tokenizer: BERT's, RoBERTa's, T5's fast one; jaxlm's byte
+    tokenizer rebuilt) with a tokenizer_config.json for PreTrainedTokenizerFast naming its
+    special tokens (bos/eos/pad/unk; a masked-LM tokenizer's mask, cls = bos, sep = eos).
+    A SentencePiece model: spiece.model for T5Tokenizer when it is T5's kind (`t5_misfit`)
+    and the run has sentinels or is a t5 model; else tokenizer.model for LlamaTokenizer."""
 
     if not (tokenizer_dir / tokenizers.SAVED_CONFIG).is_file():
         log(f"note: no tokenizer in {tokenizer_dir}; the export has none")
-        return {}
-    tok = tokenizers.load_saved(tokenizer_dir)
+        return {}, {}
+    try:
+        tok = tokenizers.load_saved(tokenizer_dir)
+    except (ValueError, OSError, ImportError) as e:
+        raise ConversionError(f"{tokenizer_dir}: {e}") from None
     special = {"pad_id": tok.pad_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id}
     settings: dict[str, Any] = {"model_max_length": max_len, "clean_up_tokenization_spaces": False}
     if tok.name == "sentencepiece":
-        import sentencepiece
+        model = (tokenizer_dir / tokenizers.SentencePieceTokenizer.file_name).read_bytes()
+        files = _sentencepiece_files(tok, model, family, settings, log)
+    else:
+        text = (byte_tokenizer_json(tok.adds_bos) if tok.name == "byte"
+                else _hf_tokenizer_json(tok, tokenizer_dir))
+        settings.update(_hf_special_tokens(tok, text), tokenizer_class="PreTrainedTokenizerFast")
+        files = {"tokenizer.json": text.encode("utf-8")}
+    files["tokenizer_config.json"] = (json.dumps(settings, indent=2) + "\n").encode("utf-8")
+    return files, special
 
-        model_path = tokenizer_dir / tokenizers.SentencePieceTokenizer.file_name
-        shutil.copyfile(model_path, out / "tokenizer.model")
-        # LlamaTokenizer prepends "▁" unless told the model does not (jaxlm trains without
-        # SentencePiece's dummy prefix): probe the model itself.
-        processor = sentencepiece.SentencePieceProcessor(model_proto=model_path.read_bytes())
-        dummy_prefix = processor.encode("a", out_type=str)[0].startswith("\u2581")
-        settings.update(tokenizer_class="LlamaTokenizer", add_bos_token=tok.adds_bos,
-                        add_eos_token=False,
-                        add_prefix_space=dummy_prefix, legacy=False)
-        (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
-        return special
+
+def _hf_special_tokens(tok, text: str) -> dict[str, str]:
+    """tokenizer_config.json's names of a tokenizer.json's special tokens: bos, eos, pad, the
+    model's unk, and for a masked-LM tokenizer (one with a mask token) mask, cls (its bos,
+    BERT's [CLS], RoBERTa's <s>) and sep (its eos, [SEP], </s>)."""
     from tokenizers import Tokenizer
-    text = (byte_tokenizer_json(tok.adds_bos) if tok.name == "byte"
-            else _hf_tokenizer_json(tok, tokenizer_dir))
-    (out / "tokenizer.json").write_text(text, encoding="utf-8")
+
     backend = Tokenizer.from_str(text)
-    for key in ("bos", "eos", "pad"):
-        i = special[f"{key}_id"]
-        if i is not None:
-            settings[f"{key}_token"] = backend.id_to_token(i)
-    settings["tokenizer_class"] = "PreTrainedTokenizerFast"
-    (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    ids = {"bos_token": tok.bos_id, "eos_token": tok.eos_id, "pad_token": tok.pad_id}
+    if tok.mask_id is not None:
+        ids.update(mask_token=tok.mask_id, cls_token=tok.bos_id, sep_token=tok.eos_id)
+    names = {key: backend.id_to_token(i) for key, i in ids.items() if i is not None}
+    unk = json.loads(text).get("model", {}).get("unk_token")
+    if isinstance(unk, str) and backend.token_to_id(unk) is not None:
+        names["unk_token"] = unk
+    return {key: name for key, name in names.items() if name is not None}
+
+
+def t5_misfit(tok, model: bytes) -> str | None:
+    """Why transformers' T5Tokenizer would not give the ids of SentencePiece tokenizer `tok`
+    (model file bytes `model`), or None when it would. T5Tokenizer (transformers 5) reads
+    the pieces as a Unigram model with unknown id 2 and no byte fallback, always adds the
+    dummy "▁" prefix, splits on whitespace, adds no BOS and ends a sequence with EOS;
+    T5's own spiece.model is all of that."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto.FromString(model)
+    trainer, normalizer = proto.trainer_spec, proto.normalizer_spec
+    if trainer.model_type != trainer.UNIGRAM:
+        kind = sentencepiece_model_pb2.TrainerSpec.ModelType.Name(trainer.model_type)
+        return f"it is a {kind} model (T5Tokenizer reads the pieces as a UNIGRAM model)"
+    if trainer.unk_id != 2:
+        return f"its unknown piece is id {trainer.unk_id} (T5Tokenizer's is 2)"
+    if trainer.byte_fallback:
+        return "it falls back to byte pieces (T5Tokenizer does not)"
+    if not (normalizer.add_dummy_prefix and normalizer.remove_extra_whitespaces):
+        return ("it keeps text without the dummy prefix or whitespace as it is (T5Tokenizer "
+                "adds the prefix and splits on whitespace)")
+    if tok.adds_bos:
+        return "it starts a sequence with BOS (T5Tokenizer adds none)"
+    if tok.eos_id is None:
+        return "it has no EOS (T5Tokenizer ends every sequence with one)"
+    return None
+
+
+def _sentencepiece_files(tok, model: bytes, family: str, settings: dict[str, Any],
+                         log: Callable[[str], None]) -> dict[str, bytes]:
+    """spiece.model for T5Tokenizer (extra_ids: the run's sentinels) when T5Tokenizer gives
+    the run's ids and the run has sentinels or is a t5 model; else tokenizer.model for
+    LlamaTokenizer (which has no sentinels: a run with some is refused)."""
+    import sentencepiece
+
+    processor = sentencepiece.SentencePieceProcessor(model_proto=model)
+    sentinels = len(tok.sentinels)
+    if sentinels or family == "t5":
+        misfit = t5_misfit(tok, model)
+        if misfit is None:
+            piece = processor.id_to_piece
+            settings.update(tokenizer_class="T5Tokenizer", extra_ids=sentinels,
+                            eos_token=piece(tok.eos_id), pad_token=piece(tok.pad_id),
+                            unk_token=piece(processor.unk_id()))
+            return {"spiece.model": model}
+        if sentinels:
+            raise ConversionError(
+                f"the run's SentencePiece tokenizer has {sentinels} sentinels (<extra_id_N>), "
+                f"which only transformers' T5Tokenizer places as jaxlm does, but {misfit}")
+        log(f"note: the run's SentencePiece tokenizer is not T5's ({misfit}): exported as "
+            f"tokenizer.model for LlamaTokenizer, which gives its ids")
+    # LlamaTokenizer prepends "▁" unless told the model does not (jaxlm trains without
+    # SentencePiece's dummy prefix): probe the model itself.
+    dummy_prefix = processor.encode("a", out_type=str)[0].startswith("\u2581")
+    settings.update(tokenizer_class="LlamaTokenizer", add_bos_token=tok.adds_bos,
+                    add_eos_token=False, add_prefix_space=dummy_prefix, legacy=False)
+    return {"tokenizer.model": model}
+
+
+def write_tokenizer(tokenizer_dir: pathlib.Path, out: pathlib.Path, max_len: int,
+                    log: Callable[[str], None], family: str = "llama"
+                    ) -> dict[str, int | None]:
+    """Writes `tokenizer_files` into `out`; returns the pad/bos/eos ids."""
+    files, special = tokenizer_files(tokenizer_dir, family, max_len, log)
+    for name, data in files.items():
+        (out / name).write_bytes(data)
     return special
 
 
@@ -264,16 +363,23 @@ def export_hf(workdir: str | pathlib.Path, out: str | pathlib.Path, dtype: str =
     if extra:  # exporting without them would silently drop trained weights
         raise ConversionError(f"checkpoint parameter {extra[0]!r} has no place in a Hugging Face "
                               f"{model_cfg.family} model ({len(extra)} such){lora_hint}")
-    out.mkdir(parents=True, exist_ok=True)
+    # Everything that may refuse the export (the tokenizer, config.json's values, the
+    # family's tensor rules) runs before anything is written into --out.
+    tokenizer_out, special = tokenizer_files(reader.workdir / "tokenizer", model_cfg.family,
+                                             model_cfg.max_seq_len, log)
+    config = families.hf_config(model_cfg, dtype, special)
     reader.keep = max(len(rule.params) for rule in families.rules(model_cfg))
     plans = tensor_plans(model_cfg, reader, EXPORT_DTYPES[dtype])
+    out.mkdir(parents=True, exist_ok=True)
     files = st.write_checkpoint(out, plans, max_bytes)
-    special = write_tokenizer(reader.workdir / "tokenizer", out, model_cfg.max_seq_len, log)
-    config = families.hf_config(model_cfg, dtype, special)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name, data in tokenizer_out.items():
+        (out / name).write_bytes(data)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")  # last: complete
     step = reader.step
     nbytes = sum(p.nbytes for p in plans)
+    loader = auto_class(model_cfg.family)
     log(f"wrote {config['model_type']} ({len(plans)} tensors, {dtype}, {nbytes / 2**20:,.1f} MiB "
-        f"in {len(files)} file(s)) of step {step} to {out}")
+        f"in {len(files)} file(s)) of step {step} to {out}; load it with "
+        f"transformers.{loader}.from_pretrained")
     return {"model_type": config["model_type"], "files": [str(f) for f in files],
-            "bytes": nbytes, "step": step, "out": str(out)}
+            "bytes": nbytes, "step": step, "out": str(out), "auto_class": loader}

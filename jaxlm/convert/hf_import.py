@@ -15,6 +15,12 @@ The run directory holds `checkpoints/0/` (parameters only, no optimizer state),
 `tokenizer/` (jaxlm's saved-tokenizer format), and `config.py` with `config_values.json`: a
 config whose runs start from these parameters, fixed code reading its values as JSON data
 (params.CONFIG_TEXT), so no path or name of the user's is ever Python source.
+
+The run's tokenizer (`load_tokenizer`) gives the ids of transformers' tokenizer for the
+directory: tokenizer.json (BERT's [CLS] text [SEP] with [MASK], RoBERTa's <s> text </s>
+with <mask>, T5's fast tokenizer), else T5's spiece.model with its <extra_id_N> sentinels
+(extra_ids of tokenizer_config.json, 100 for T5), else a SentencePiece tokenizer.model;
+bos/eos/pad as config.json names them.
 """
 
 from __future__ import annotations
@@ -45,10 +51,15 @@ class HFCheckpoint:
     notes: list[str]
     tensors: dict[str, st.TensorInfo]  # every tensor of every shard
     plan: dict[str, tuple[Rule, int | None]]  # tensor -> (rule, layer), ignored ones out
+    depths: dict[str, int]  # layer stack -> its number of layers (params.stack_depths)
+
+    def info(self, name: str) -> st.TensorInfo:
+        """The checkpoint tensor that plan entry `name` reads (its rule's `source`, if any)."""
+        return self.tensors[self.plan[name][0].source or name]
 
     @property
     def nbytes(self) -> int:
-        return sum(self.tensors[name].nbytes for name in self.plan)
+        return sum(self.info(name).nbytes for name in self.plan)
 
 
 def open_checkpoint(hf_dir: str | pathlib.Path) -> HFCheckpoint:
@@ -71,29 +82,38 @@ def open_checkpoint(hf_dir: str | pathlib.Path) -> HFCheckpoint:
         raise ConversionError(str(e)) from None
     except config_lib.ConfigError as e:
         raise ConversionError(f"{config_path} gives an invalid jaxlm model: {e}") from None
-    named = expand(families.rules(model_cfg, tensors), model_cfg.n_layers)
+    depths = params_lib.stack_depths(model_cfg)
+    named = expand(families.rules(model_cfg, tensors), depths)
     ignored = set(expand([Rule(n, (), ()) for n in families.ignorable(model_cfg, tensors)],
-                         model_cfg.n_layers))
-    where = f"{directory} ({config['model_type']}, {model_cfg.n_layers} layers)"
+                         depths))
+    where = f"{directory} ({config['model_type']}, {_layers_text(depths)})"
     unknown = [n for n in tensors if n not in named and n not in ignored]
     if unknown:
         raise ConversionError(f"tensor {unknown[0]!r} in {tensors[unknown[0]].path.name} is not "
                               f"part of the model config.json describes: {where} "
                               f"({len(unknown)} such tensors)")
-    missing = [n for n in named if n not in tensors]
+    missing = [rule.source or n for n, (rule, _) in named.items()
+               if (rule.source or n) not in tensors]
     if missing:
         raise ConversionError(f"tensor {missing[0]!r} is missing from {where} "
                               f"({len(missing)} missing)")
     for name, (rule, _) in named.items():
-        info = tensors[name]
+        info = tensors[rule.source or name]
         if info.shape != rule.hf_shape:
-            raise ConversionError(f"tensor {name!r} in {info.path.name} has shape {info.shape}; "
-                                  f"config.json implies {rule.hf_shape}")
+            raise ConversionError(f"tensor {info.name!r} in {info.path.name} has shape "
+                                  f"{info.shape}; config.json implies {rule.hf_shape}")
         if info.dtype not in st.FLOAT_DTYPES:
-            raise ConversionError(f"tensor {name!r} in {info.path.name} has dtype {info.dtype}; "
-                                  f"a floating-point weight ({', '.join(st.FLOAT_DTYPES)}) is "
+            raise ConversionError(f"tensor {info.name!r} in {info.path.name} has dtype "
+                                  f"{info.dtype}; a floating-point weight ({', '.join(st.FLOAT_DTYPES)}) is "
                                   f"expected (quantized checkpoints are not supported)")
-    return HFCheckpoint(directory, config, model_cfg, notes, tensors, named)
+    return HFCheckpoint(directory, config, model_cfg, notes, tensors, named, depths)
+
+
+def _layers_text(depths: dict[str, int]) -> str:
+    """"2 layers", or each stack's ("decoder_blocks 3, encoder_blocks 2 layers")."""
+    if len(depths) == 1:
+        return f"{next(iter(depths.values()))} layers"
+    return ", ".join(f"{stack} {n}" for stack, n in depths.items()) + " layers"
 
 
 def read_params(ckpt: HFCheckpoint, on_complete: Callable[[str, np.ndarray], None] | None = None
@@ -108,13 +128,13 @@ def read_params(ckpt: HFCheckpoint, on_complete: Callable[[str, np.ndarray], Non
     flat = {name: np.empty(s.shape, np.float32) for name, s in shapes.items()}
     by_rule: dict[Rule, list[tuple[st.TensorInfo, int | None]]] = {}
     for name, (rule, layer) in ckpt.plan.items():
-        by_rule.setdefault(rule, []).append((ckpt.tensors[name], layer))
+        by_rule.setdefault(rule, []).append((ckpt.info(name), layer))
     for rule, entries in sorted(by_rule.items(), key=lambda kv: -sum(i.nbytes for i, _ in kv[1])):
         layers = set()
         for info, layer in entries:
             _fill(info, rule, [flat[p] if layer is None else flat[p][layer] for p in rule.params])
             layers.add(layer)
-        expected = set(range(ckpt.model_cfg.n_layers)) if rule.layered else {None}
+        expected = set(spec.layers(rule, ckpt.depths))
         if layers != expected:
             raise ConversionError(f"{rule.hf}: layers {sorted(layers)} read, {sorted(expected)} "
                                   f"expected")
@@ -165,41 +185,90 @@ def _refuse_nonfinite(info: st.TensorInfo, raw: np.ndarray) -> None:
                           f"({shown}) at index {index}: NaN and Inf weights are refused")
 
 
+# The tokenizer files of a Hugging Face directory, in the order transformers prefers them:
+# tokenizer.json (the fast tokenizer), then T5's spiece.model, then Llama's tokenizer.model.
+TOKENIZER_FILES = (("tokenizer.json", tokenizers.HFTokenizer),
+                   ("spiece.model", tokenizers.SentencePieceTokenizer),
+                   ("tokenizer.model", tokenizers.SentencePieceTokenizer))
+
+
 def load_tokenizer(ckpt: HFCheckpoint):
-    """The checkpoint's tokenizer (tokenizer.json, else a SentencePiece tokenizer.model) with
-    the bos/eos/pad ids config.json names, checked against the model's vocabulary, and
-    transformers' BOS convention (`bos_convention`)."""
+    """The checkpoint's tokenizer (the first of TOKENIZER_FILES there) with the bos/eos/pad
+    ids config.json names, checked against the model's vocabulary, transformers' BOS
+    convention (`bos_convention`) and, for a SentencePiece model, T5's sentinels
+    (`sentinel_count`): its ids are those of transformers' tokenizer for the directory
+    (T5Tokenizer, BERT's and RoBERTa's tokenizer.json, LlamaTokenizer). The mask token and
+    the sentinels are kept when config.json's ids replace the file's."""
 
     directory, config = ckpt.directory, ckpt.config
     where = str(directory / "config.json")
     wanted = {key: spec.token_ids(config, hf_key, where)[:1]
               for key, hf_key in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id"),
                                   ("pad_id", "pad_token_id"))}
-    path = directory / "tokenizer.json"
-    kind = tokenizers.HFTokenizer
-    if st.path_kind(path) != "file":
-        path, kind = directory / "tokenizer.model", tokenizers.SentencePieceTokenizer
-    if st.path_kind(path) != "file":
+    found = next(((directory / name, kind) for name, kind in TOKENIZER_FILES
+                  if st.path_kind(directory / name) == "file"), None)
+    if found is None:
         raise ConversionError(f"no tokenizer in {directory}: expected tokenizer.json (or a "
-                              f"SentencePiece tokenizer.model)")
+                              f"SentencePiece spiece.model or tokenizer.model)")
+    path, kind = found
+    sentencepiece = kind is tokenizers.SentencePieceTokenizer
     try:
-        tok = kind.from_file(path)
-        special = {"pad_id": tok.pad_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id}
-        for key, ids in wanted.items():
-            if ids and ids[0] < tok.vocab_size:
-                special[key] = ids[0]
-        adds_bos = (bos_convention(directory, special["bos_id"])
-                    if kind is tokenizers.SentencePieceTokenizer else None)
-        if special != {"pad_id": tok.pad_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id} \
-                or adds_bos not in (None, tok.adds_bos):
-            tok = kind(path.read_bytes(), source=str(path), special_ids=special,
-                       adds_bos=adds_bos)
+        options = {"extra_ids": sentinel_count(ckpt)} if sentencepiece else {}
+        tok = kind.from_file(path, **options)
+        own = {"pad_id": tok.pad_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id}
+        named = {key: ids[0] for key, ids in wanted.items() if ids and ids[0] < tok.vocab_size}
+        special = {**own, **named}
+        adds_bos = bos_convention(directory, special["bos_id"]) if sentencepiece else None
+        if special != own or adds_bos not in (None, tok.adds_bos):
+            # rebuilt with config.json's ids; the mask, the sentinels (the kind's options)
+            # and a fallback pad's status stay the file's (a pad config.json names is real)
+            tok = kind(path.read_bytes(), source=str(path), adds_bos=adds_bos,
+                       special_ids={**special, "mask_id": tok.mask_id,
+                                    "pad_is_special": tok._pad_is_special or "pad_id" in named},
+                       **tok._options())
     except (ValueError, ImportError) as e:
         raise ConversionError(f"{path}: {e}") from None
     if tok.vocab_size > ckpt.model_cfg.vocab_size:
         raise ConversionError(f"{path} has {tok.vocab_size} ids but the model's vocab_size is "
                               f"{ckpt.model_cfg.vocab_size} (config.json)")
     return tok
+
+
+_T5_TOKENIZER_CLASSES = ("T5Tokenizer", "T5TokenizerFast")
+
+
+def sentinel_count(ckpt: HFCheckpoint) -> int:
+    """How many <extra_id_N> ids transformers appends after the pieces of the directory's
+    SentencePiece model, counting down from the top id (`tokenizers.hf_extra_ids`:
+    tokenizer_config.json's extra_ids, else 100 for T5). A T5 tokenizer_config.json whose
+    additional_special_tokens list <extra_id_N> tokens must list exactly that many (else
+    transformers refuses it too); listed with extra_ids 0, transformers appends them in
+    list order, <extra_id_0> lowest, which jaxlm's SentencePiece tokenizer cannot
+    reproduce: refused, naming the key."""
+    count = tokenizers.hf_extra_ids(ckpt.directory)  # ValueError naming the file
+    path = ckpt.directory / "tokenizer_config.json"
+    if st.path_kind(path) != "file":
+        return count
+    settings = _read_json(path)
+    if not (ckpt.model_cfg.family == "t5"
+            or settings.get("tokenizer_class") in _T5_TOKENIZER_CLASSES):
+        return count
+    listed = settings.get("additional_special_tokens") or []
+    if not isinstance(listed, list):
+        raise ConversionError(f"{path}: additional_special_tokens is not a list")
+    names = [t.get("content") if isinstance(t, dict) else t for t in listed]
+    sentinels = [t for t in names if isinstance(t, str) and "<extra_id_" in t]
+    if sentinels and count == 0:
+        raise ConversionError(
+            f"{path}: additional_special_tokens lists {len(sentinels)} <extra_id_N> tokens "
+            f"with extra_ids 0: transformers appends them after the SentencePiece pieces in "
+            f"list order (<extra_id_0> the lowest id); jaxlm's sentinels count down from the "
+            f"top id as T5's do (set extra_ids to {len(sentinels)} for T5's layout)")
+    if sentinels and len(sentinels) != count:
+        raise ConversionError(
+            f"{path}: additional_special_tokens lists {len(sentinels)} <extra_id_N> tokens "
+            f"but extra_ids is {count}: transformers' T5Tokenizer refuses such a directory")
+    return count
 
 
 def bos_convention(directory: pathlib.Path, bos_id: int | None) -> bool | None:
@@ -217,17 +286,24 @@ def bos_convention(directory: pathlib.Path, bos_id: int | None) -> bool | None:
 
 
 def hf_metadata(ckpt: HFCheckpoint) -> dict[str, Any]:
-    """What the run remembers of its source: stop ids for generation, notes."""
-    eos = spec.token_ids(ckpt.config, "eos_token_id", str(ckpt.directory / "config.json"))
+    """What the run remembers of its source: stop ids for generation, notes, and for an
+    encoder-decoder the id its decoder starts from (decoder_start_token_ids)."""
+    where = str(ckpt.directory / "config.json")
+    eos = spec.token_ids(ckpt.config, "eos_token_id", where)
+    start = spec.token_ids(ckpt.config, "decoder_start_token_id", where)
     gen_path = ckpt.directory / "generation_config.json"
     if st.path_kind(gen_path) == "file":
         generation = _read_json(gen_path)
         if "eos_token_id" in generation:
             eos = spec.token_ids(generation, "eos_token_id", str(gen_path))
-    return {"hf_source": {
-        "path": str(ckpt.directory), "model_type": ckpt.config.get("model_type"),
-        "architectures": ckpt.config.get("architectures"), "eos_token_ids": eos,
-        "notes": ckpt.notes}}
+        if "decoder_start_token_id" in generation:
+            start = spec.token_ids(generation, "decoder_start_token_id", str(gen_path))
+    source = {"path": str(ckpt.directory), "model_type": ckpt.config.get("model_type"),
+              "architectures": ckpt.config.get("architectures"), "eos_token_ids": eos,
+              "notes": ckpt.notes}
+    if start:
+        source["decoder_start_token_ids"] = start
+    return {"hf_source": source}
 
 
 def _read_json(path: pathlib.Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from jaxlm.checkpoint import manager as checkpoint_lib
 from jaxlm.checkpoint.rundir import quiet_orbax
 from jaxlm.model import zoo
 from jaxlm.parallel import rules
-from jaxlm.train.validate import validate
+from jaxlm.train.validate import OBJECTIVE_KINDS, validate
 
 CONFIG_FILE = "config.py"
 STEP = 0
@@ -32,10 +32,17 @@ STEP = 0
 
 def abstract_params(model_cfg: ml_collections.ConfigDict) -> tuple[dict[str, Any], dict]:
     """({path: ShapeDtypeStruct} of every parameter, nested logical axes) without allocating."""
-
-
     _, state = nnx.split(zoo.abstract(model_cfg))
     return flatten(nnx.to_pure_dict(state)), rules.axes_of(state)
+
+
+def stack_depths(model_cfg: ml_collections.ConfigDict) -> dict[str, int]:
+    """Each layer stack of the model (a top-level module whose parameters lead with the
+    "layers" axis: "blocks"; t5's "encoder_blocks", "decoder_blocks") -> its layer count,
+    read off the parameter tree (what spec.expand takes)."""
+    shapes, axes = abstract_params(model_cfg)
+    return {name.split("/")[0]: shapes[name].shape[0]
+            for name, names in flatten(axes).items() if names and names[0] == "layers"}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -62,14 +69,19 @@ def unflatten(flat: dict[str, Any]) -> dict:
 
 def run_config(model_cfg: ml_collections.ConfigDict, workdir: pathlib.Path,
                tokenizer_name: str) -> ml_collections.ConfigDict:
-    """A full, validated jaxlm config for the model: its tokenizer is the run's, and a run
-    started from it takes its parameters from `workdir` (checkpoint.init_from)."""
+    """A full, validated jaxlm config for the model: its tokenizer is the run's, a run
+    started from it takes its parameters from `workdir` (checkpoint.init_from) and trains the
+    family's pretraining objective (train.validate.OBJECTIVE_KINDS)."""
     cfg = config_lib.defaults()
     cfg.model = ml_collections.ConfigDict(model_cfg.to_dict())
     cfg.data.tokenizer = tokenizer_name
     cfg.data.tokenizer_path = str(workdir / "tokenizer")
-    cfg.data.seq_len = min(cfg.data.seq_len, model_cfg.max_seq_len)
+    # the positions a row may use (RoBERTa's table starts at row position_offset)
+    cfg.data.seq_len = min(cfg.data.seq_len, model_cfg.max_seq_len - model_cfg.position_offset)
     cfg.checkpoint.init_from = str(workdir)
+    # the pretraining objective that fits the family (bert: masked_lm, t5: span_corruption)
+    kind = zoo.family(model_cfg.family).kind
+    cfg.objective.name = next(name for name, k in OBJECTIVE_KINDS.items() if k == kind)
     validate(cfg, num_devices=1)
     return cfg
 
@@ -115,10 +127,13 @@ VALUES_FILE = "config_values.json"
 def config_values(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     """What the converted run's config sets over the defaults (VALUES_FILE's content)."""
     defaults = config_lib.defaults()
-    return {"model": cfg.model.to_dict(),
-            "data": {k: cfg.data[k] for k in ("tokenizer", "tokenizer_path", "seq_len")
-                     if cfg.data[k] != defaults.data[k]},
-            "checkpoint": {"init_from": cfg.checkpoint.init_from}}
+    values = {"model": cfg.model.to_dict(),
+              "data": {k: cfg.data[k] for k in ("tokenizer", "tokenizer_path", "seq_len")
+                       if cfg.data[k] != defaults.data[k]},
+              "checkpoint": {"init_from": cfg.checkpoint.init_from}}
+    if cfg.objective.name != defaults.objective.name:
+        values["objective"] = {"name": cfg.objective.name}
+    return values
 
 
 def write_config_file(workdir: pathlib.Path, cfg: ml_collections.ConfigDict) -> None:

@@ -12,14 +12,22 @@ A `Rule` ties one HF tensor (per layer when its name has `{i}`) to one or more j
 parameters. Import: the HF array, transposed when `transpose` (torch Linear weights are
 stored out x in; jaxlm's are in x out), is split into equal parts along its last axis (GPT-2's
 fused q|k|v) and each part is copied into its parameter, reshaped in C order (the HF column
-index h*K + k is jaxlm's (h, k)). Export does the reverse.
+index h*K + k is jaxlm's (h, k)). Export does the reverse. A rule with `source` reads that
+HF tensor instead of its own name on import (one tensor feeding two parameters: a T5 head
+saved as the shared embedding); export writes it under its own name.
+
+Layer stacks: a layered rule's parameters carry a leading layer axis, and its layers are
+those of its stack, the top-level module of its parameters ("blocks" for decoder-only
+families and bert, "encoder_blocks" and "decoder_blocks" for t5). `expand` takes each
+stack's depth (jaxlm.convert.params.stack_depths reads them off the model's parameter tree),
+so stacks of different depths expand to their own layer counts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import ml_collections
 
@@ -143,16 +151,25 @@ def require(ok: bool, where: str, key: str, message: str) -> None:
         raise HFConfigError(f"{where}: {key}{'' if message.startswith('=') else ' '}{message}")
 
 
+DEFAULT_STACK = "blocks"  # the stack of a layered rule without parameters (ignorable names)
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     hf: str  # the HF tensor name; "{i}" stands for the layer index
     hf_shape: tuple[int, ...]
-    params: tuple[str, ...]  # jaxlm parameter paths, "/"-joined; "blocks/..." have a layer axis
+    params: tuple[str, ...]  # jaxlm parameter paths, "/"-joined; a stack's have a layer axis
     transpose: bool = False
+    source: str = ""  # import only: the HF tensor read for this rule when it is not `hf`
 
     @property
     def layered(self) -> bool:
         return "{i}" in self.hf
+
+    @property
+    def stack(self) -> str:
+        """The layer stack a layered rule spans: its parameters' top-level module."""
+        return self.params[0].split("/")[0] if self.params else DEFAULT_STACK
 
     def part_shape(self) -> tuple[int, ...]:
         """The shape of each parameter's part, in the (transposed) HF layout."""
@@ -166,12 +183,25 @@ def dims(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
             cfg.vocab_size)
 
 
-def expand(rule_list: list[Rule], n_layers: int) -> dict[str, tuple[Rule, int | None]]:
-    """HF tensor name -> (rule, layer index or None), every layer spelled out."""
+def layers(rule: Rule, depths: int | Mapping[str, int]) -> range | list[None]:
+    """The layer indices of `rule` ([None] when it is not layered); `depths`: each stack's
+    number of layers (an int: every stack's)."""
+    if not rule.layered:
+        return [None]
+    if isinstance(depths, int):
+        return range(depths)
+    if rule.stack not in depths:
+        raise ConversionError(f"{rule.hf}: its parameters' layer stack {rule.stack!r} is not "
+                              f"part of the model (stacks: {', '.join(depths) or 'none'})")
+    return range(depths[rule.stack])
+
+
+def expand(rule_list: list[Rule], depths: int | Mapping[str, int]
+           ) -> dict[str, tuple[Rule, int | None]]:
+    """HF tensor name -> (rule, layer index or None), every layer of each rule's stack
+    spelled out (`depths` as in `layers`)."""
     named: dict[str, tuple[Rule, int | None]] = {}
     for rule in rule_list:
-        if rule.layered:
-            named.update({rule.hf.format(i=i): (rule, i) for i in range(n_layers)})
-        else:
-            named[rule.hf] = (rule, None)
+        for i in layers(rule, depths):
+            named[rule.hf if i is None else rule.hf.format(i=i)] = (rule, i)
     return named

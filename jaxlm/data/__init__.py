@@ -6,6 +6,10 @@ Owns:
     tokenizers  byte, SentencePiece and Hugging Face tokenizers; saving them with a run
     packing     documents -> rows (concatenate-and-split, first-fit), with segment ids
     pipeline    the batch iterator: deterministic global order, exact resume state
+    objectives  masked LM's masking and T5 span corruption's noise, their settings from the
+                objective section and the tokenizer; span_corruption_lengths
+    seq2seq_packing  span corruption's streams: documents -> corrupted examples ->
+                encoder/decoder row pairs
     longdocs    documents longer than data.max_document_bytes: where they are cut into
                 pieces, and reading them in bounded memory
     jsonl       JSON Lines read a line at a time, errors naming file:line (corpora and

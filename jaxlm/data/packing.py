@@ -1,7 +1,8 @@
 """Packing token documents into fixed-length rows with segment ids and positions.
 
-Both packers read a stream of int32 documents and emit rows of `row_len` = seq_len + 1
-tokens; `shift_row` turns a row into (inputs, targets, segment_ids, positions, weights).
+Both packers read a stream of int32 documents and emit rows of `row_len` tokens (causal
+LM: seq_len + 1, and `shift_row` turns a row into (inputs, targets, segment_ids, positions,
+weights); masked LM: seq_len).
 Segment ids number the pieces of a row 1, 2, ... (0 = padding); positions restart at 0 at
 every piece, so attention never crosses documents and RoPE restarts per document. A
 document longer than a row is split into pieces, never dropped.
@@ -18,10 +19,15 @@ its pieces are documents one after the other. `ConcatPacker` tokenizes one piece
   row with room) and emits the window's rows in a seeded random order (so full rows and
   packed remainders mix). Its state is the parent's state at the window start, the window's
   number and the rows already emitted: restoring re-reads and re-packs one window.
+
+Masked LM reads the packed rows of data.seq_len (no shift) through `SeededRows`, which
+masks each with a Generator seeded by the row's number in its stream. (Span corruption's
+encoder/decoder rows: jaxlm.data.seq2seq_packing.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
@@ -216,3 +222,39 @@ class PackedRows(grain.IterDataset):
 
     def __str__(self) -> str:
         return f"PackedRows(row_len={self._row_len}, method={self._method})"
+
+
+class SeededRowsIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, fn: Callable[[Row, np.random.Generator], Any],
+                 seed: Sequence[int]):
+        super().__init__(parent)
+        self._fn, self._seed = fn, [int(s) for s in seed]
+        self._index = 0  # of the next row
+
+    def __next__(self) -> Any:
+        row = next(self._parent)
+        rng = np.random.default_rng([*self._seed, self._index])
+        self._index += 1
+        return self._fn(row, rng)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._parent.get_state(), "index": self._index}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._index = int(state["index"])
+
+
+class SeededRows(grain.IterDataset):
+    """`fn(row, rng)` of each row of a packed stream, `rng` a numpy Generator seeded by
+    `seed` (a few ints: data seed, objective, row stream) and the row's number in the
+    stream: masked LM's masking, deterministic and resumed exactly (the state is the
+    parent's and the row number)."""
+
+    def __init__(self, parent: grain.IterDataset, fn: Callable[[Row, np.random.Generator], Any],
+                 seed: Sequence[int]):
+        super().__init__(parent)
+        self._fn, self._seed = fn, seed
+
+    def __iter__(self) -> SeededRowsIterator:
+        return SeededRowsIterator(self._parent.__iter__(), self._fn, self._seed)

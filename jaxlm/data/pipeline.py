@@ -18,6 +18,23 @@ A record longer than data.max_document_bytes (only a TFDS catalog dataset's can 
 sources are cut when built) is read whole, then cut into pieces that are tokenized and packed
 one at a time, each its own document (jaxlm.data.longdocs); shorter records are tokenized
 whole, as always.
+
+The objective (config section `objective`, jaxlm.data.objectives) decides what a stream
+makes of its documents:
+    causal_lm        rows of seq_len + 1, shifted: inputs, targets, segment_ids, positions,
+                     weights (B x seq_len). The state is exactly what it always was.
+    masked_lm        rows of seq_len ([CLS] ... [SEP] documents, as the tokenizer's
+                     `document`), each masked with a Generator seeded by (data.shuffle_seed,
+                     stream, row number): the same five keys, inputs corrupted, targets the
+                     original ids, weights 1 at the positions to predict.
+    span_corruption  documents' text ids (no BOS, no EOS) cut into chunks, each corrupted
+                     with a Generator seeded by (data.shuffle_seed, stream, document, piece,
+                     chunk), packed into encoder/decoder row pairs
+                     (jaxlm.data.seq2seq_packing): inputs, input_segment_ids,
+                     input_positions (B x seq_len); decoder_inputs, targets, segment_ids,
+                     positions, weights (B x targets_len).
+The state's meta records the objective (not for causal LM, whose states stay as they were),
+so a run never resumes its data under another objective.
 """
 
 from __future__ import annotations
@@ -31,8 +48,10 @@ import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm.config.schema import DEFAULT_MAX_DOCUMENT_BYTES
-from jaxlm.data import longdocs, sources, tokenizers
-from jaxlm.data.packing import PackedRows, shift_row
+from jaxlm.data import longdocs, objectives, sources, tokenizers
+from jaxlm.data.packing import PackedRows, SeededRows, shift_row
+from jaxlm.data.seq2seq_packing import PackedPairs, SpanCorruptedExamples, empty_pair
+from jaxlm.errors import ConfigError
 
 Batch = dict[str, np.ndarray]
 # Version of the data-order function. Bump it whenever a change would alter which tokens
@@ -45,16 +64,18 @@ _STATE_VERSION = 3
 
 class _Tokenize:
     """Record -> [BOS] text [EOS] int32 (BOS when the tokenizer `adds_bos`, EOS when it has
-    one: the document separator); empty -> empty array.
+    one: the document separator); with `text_only`, the text's ids alone; empty -> empty
+    array.
 
     A record longer than `max_document_bytes` (UTF-8) becomes a `longdocs.SplitRecord`: its
     pieces, each tokenized so only when the packer reaches it. (Local sources are split when
     built; only a catalog dataset's records can be this long here.)"""
 
     def __init__(self, tokenizer: tokenizers.Tokenizer,
-                 max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES):
+                 max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES, text_only: bool = False):
         self._tok = tokenizer
         self._limit = max_document_bytes
+        self._text_only = text_only
 
     def __call__(self, record: dict[str, Any]) -> np.ndarray | longdocs.SplitRecord:
         text = data = record["text"]
@@ -70,16 +91,27 @@ class _Tokenize:
         return self._wrap(self._tok.encode_bytes(text))
 
     def _wrap(self, ids: np.ndarray) -> np.ndarray:
-        return self._tok.document(ids) if len(ids) else np.zeros(0, np.int32)
+        if not len(ids):
+            return np.zeros(0, np.int32)
+        return np.asarray(ids, np.int32) if self._text_only else self._tok.document(ids)
+
+
+def _shifted(row: tuple[np.ndarray, np.ndarray, np.ndarray]) -> Batch:
+    return shift_row(*row)
+
+
+def _same(example: Batch) -> Batch:
+    return example
 
 
 class _RowBatchIterator(grain.DatasetIterator):
-    """One shifted row from each stream per batch; exhausted (finite) streams give padding."""
+    """One example (`to_example` of a stream's element) from each stream per batch;
+    exhausted (finite) streams give `padding`."""
 
-    def __init__(self, streams: list[grain.DatasetIterator], row_len: int):
+    def __init__(self, streams: list[grain.DatasetIterator], to_example, padding: Batch):
         super().__init__(streams)
         self._streams = streams
-        self._row_len = row_len
+        self._to_example, self._padding = to_example, padding
         self._done = [False] * len(streams)
 
     def __next__(self) -> Batch:
@@ -91,9 +123,7 @@ class _RowBatchIterator(grain.DatasetIterator):
                     row = next(stream)
                 except StopIteration:
                     self._done[j] = True
-            if row is None:
-                row = (np.zeros(self._row_len, np.int32),) * 3
-            rows.append(shift_row(*row))
+            rows.append(self._padding if row is None else self._to_example(row))
         if all(self._done):
             raise StopIteration
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
@@ -108,20 +138,22 @@ class _RowBatchIterator(grain.DatasetIterator):
 
 
 class _RowBatches(grain.IterDataset):
-    def __init__(self, streams: list[grain.IterDataset], row_len: int):
+    def __init__(self, streams: list[grain.IterDataset], to_example, padding: Batch):
         super().__init__(streams)
         self._stream_datasets = streams
-        self._row_len = row_len
+        self._to_example, self._padding = to_example, padding
 
     def __iter__(self) -> _RowBatchIterator:
-        return _RowBatchIterator([s.__iter__() for s in self._stream_datasets], self._row_len)
+        return _RowBatchIterator([s.__iter__() for s in self._stream_datasets],
+                                 self._to_example, self._padding)
 
 
 class BatchIterator:
     """Infinite (train) or single-pass (other splits) iterator of packed numpy batches.
 
-    Each batch: inputs, targets, segment_ids, positions (int32) and weights (float32), all
-    of shape (len(rows), seq_len): row i is row `rows[i]` of the global batch.
+    Each batch (causal and masked LM): inputs, targets, segment_ids, positions (int32) and
+    weights (float32), all of shape (len(rows), seq_len): row i is row `rows[i]` of the
+    global batch. Span corruption's keys: the module docstring.
     `get_state()` is JSON-serialisable; `merge_states` joins the states of all processes
     into one that any process count can resume from.
     """
@@ -226,12 +258,17 @@ def _close_box(box: list[grain.DatasetIterator]) -> None:
 def make_iterator(data_cfg: ml_collections.ConfigDict, *, split: str = "train",
                   process_index: int = 0, process_count: int = 1,
                   rows: Sequence[int] | None = None,
-                  tokenizer: tokenizers.Tokenizer | None = None) -> BatchIterator:
+                  tokenizer: tokenizers.Tokenizer | None = None,
+                  objective_cfg: ml_collections.ConfigDict | None = None,
+                  model_vocab_size: int | None = None) -> BatchIterator:
     """The batch iterator of the global batch's `rows` (default: process `process_index`'s
     equal share, rows [p*B/P, (p+1)*B/P) of B = data_cfg.global_batch_size) for `split`.
 
     Train is shuffled with `data_cfg.shuffle_seed`, reshuffled every epoch and repeats
     forever; other splits are read once in stored order, the last batch padded.
+    `objective_cfg` (config section `objective`; None: causal LM) decides the batches (module
+    docstring); `model_vocab_size` (the resolved model.vocab_size) gives masked LM's mask
+    and span corruption's sentinels when the tokenizer has none (ConfigError otherwise).
     Needs `sources.prepare(data_cfg, name)` to have run for every source of the mixture.
     """
     global_batch = data_cfg.global_batch_size
@@ -250,6 +287,12 @@ def make_iterator(data_cfg: ml_collections.ConfigDict, *, split: str = "train",
                          f"[0, {global_batch})")
     train = split == "train"
     tokenizer = tokenizer or tokenizers.load_tokenizer(data_cfg)
+    objective = objectives.resolve(objective_cfg, data_cfg.seq_len, tokenizer, model_vocab_size)
+    span_corruption = isinstance(objective, objectives.SpanCorruption)
+    if span_corruption and data_cfg.packing != "concat":
+        raise ConfigError(f"config.data.packing: {data_cfg.packing!r} is not available for "
+                          f"objective.name='span_corruption', which packs its examples in order "
+                          f"(as T5): use 'concat'")
     mixture = config_lib.parse_mixture(data_cfg.dataset)
 
     parts = []
@@ -264,7 +307,7 @@ def make_iterator(data_cfg: ml_collections.ConfigDict, *, split: str = "train",
             ds = ds.shuffle(seed=data_cfg.shuffle_seed + 7919 * i).repeat(None)
         parts.append(ds)
     limit = sources.max_document_bytes(data_cfg)
-    tokenize = _Tokenize(tokenizer, limit)
+    tokenize = _Tokenize(tokenizer, limit, text_only=span_corruption)
     weights = [w for _, w in mixture]
 
     def stream_documents(j: int) -> grain.MapDataset:
@@ -280,14 +323,29 @@ def make_iterator(data_cfg: ml_collections.ConfigDict, *, split: str = "train",
             ds = grain.MapDataset.concatenate(shards)  # evaluation reads every source once
         return ds.map(tokenize)
 
-    row_len = data_cfg.seq_len + 1
     # Streams read synchronously inside the one prefetch thread below: B streams with
     # grain's default 16 reader threads each would swamp a host.
     read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-    streams = [PackedRows(stream_documents(j).to_iter_dataset(read), row_len, data_cfg.packing)
-               for j in rows]
+    seq_len, seed = int(data_cfg.seq_len), int(data_cfg.shuffle_seed)
+    streams = []
+    for j in rows:
+        documents = stream_documents(j).to_iter_dataset(read)
+        if objective is None:
+            streams.append(PackedRows(documents, seq_len + 1, data_cfg.packing))
+        elif span_corruption:
+            streams.append(PackedPairs(SpanCorruptedExamples(documents, objective, seed, j),
+                                       seq_len, objective.targets_len, objective.decoder_start_id))
+        else:
+            streams.append(SeededRows(PackedRows(documents, seq_len, data_cfg.packing),
+                                      objective.example, (seed, objective.seed_tag, j)))
+    if objective is None:
+        to_example, padding = _shifted, shift_row(*(np.zeros(seq_len + 1, np.int32),) * 3)
+    elif span_corruption:
+        to_example, padding = _same, empty_pair(seq_len, objective.targets_len)
+    else:
+        to_example, padding = _same, objective.padding(seq_len)
     it_ds = grain.experimental.ThreadPrefetchIterDataset(
-        _RowBatches(streams, row_len), prefetch_buffer_size=int(data_cfg.prefetch))
+        _RowBatches(streams, to_example, padding), prefetch_buffer_size=int(data_cfg.prefetch))
 
     meta = {"dataset": data_cfg.dataset, "split": split, "tokenizer": tokenizer.fingerprint,
             "packing": data_cfg.packing, "seq_len": int(data_cfg.seq_len),
@@ -296,4 +354,6 @@ def make_iterator(data_cfg: ml_collections.ConfigDict, *, split: str = "train",
         # Recorded only when it differs from the default: states saved before the key
         # existed (read with the default) stay valid.
         meta["max_document_bytes"] = limit
+    if objective is not None:  # (causal LM: none, as states saved before objectives)
+        meta["objective"] = objective.meta()
     return BatchIterator(it_ds, meta, rows)

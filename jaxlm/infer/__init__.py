@@ -3,6 +3,9 @@
 Owns:
     generate    prefill and KV-cache decoding under jit, sampling, streaming text; loading
                 a run's parameters for generation
+    seq2seq     encoder-decoder generation (greedy, sampling, beam search): the encoder once,
+                the decoder with its cache; loading an encoder-decoder run
+    beam        beam search on device, scored as Hugging Face transformers scores it
     evaluate    `jaxlm eval`: a run's checkpoint evaluated by its own task
     score       log-likelihood of continuations (multiple-choice benchmarks)
     run_params  the parameters a run's checkpoint stands for (a LoRA run: its base with

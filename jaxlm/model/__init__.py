@@ -4,8 +4,11 @@ that picks one by `model.family`.
 Owns:
     zoo         the registry: each family's record (its checks, analytic counts, LoRA
                 targets, where its network lives) and building a model of any family
-    decoder     the decoder-only stack every decoder family shares (block, scan, head)
-    llama, gpt2 the families' networks
+    decoder     the decoder-only stack every decoder family shares (block, head) and the
+                layer scan every family uses (run_blocks)
+    llama, gpt2 the decoder-only families' networks
+    bert        the encoder-only family (BERT, RoBERTa): masked-LM network
+    t5, t5_layers   the encoder-decoder family (T5 v1.0, v1.1, mT5) and its layers
     layers, attention, kv_cache   shared layers: norms, MLPs, rotary embeddings, attention
                 backends, the KV cache of generation
     counts      head size, matmul parameters, analytic FLOPs

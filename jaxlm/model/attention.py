@@ -1,7 +1,8 @@
 """Multi-head / grouped-query self-attention with causal and document (segment) masking.
 
 Backends: "xla" (plain einsums, any device) and "cudnn" (fused flash attention through
-`jax.nn.dot_product_attention`, NVIDIA GPUs, bfloat16/float16).
+`jax.nn.dot_product_attention`, NVIDIA GPUs, bfloat16/float16). Decoders attend causally
+(the default); an encoder (`causal=False`: BERT) attends to every position of its document.
 """
 
 from __future__ import annotations
@@ -17,29 +18,41 @@ _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: rows never become 
 QUERY_CHUNKS = 4  # causal blocks: chunk i attends keys of chunks 0..i only (10/16 of the work)
 
 
-def attention_mask(segment_ids_BxL: jax.Array | None, length: int) -> jax.Array:
-    """Boolean B(or 1)x1xLxL mask: causal, and within one document when segment ids are given."""
-    pos = jnp.arange(length)
-    mask_LxL = pos[:, None] >= pos[None, :]
+def attention_mask(segment_ids_BxL: jax.Array | None, length: int,
+                   causal: bool = True) -> jax.Array | None:
+    """Boolean B(or 1)x1xLxL mask: causal (when `causal`), and within one document when
+    segment ids are given; None when neither restricts anything."""
     if segment_ids_BxL is None:
-        return mask_LxL[None, None]
+        if not causal:
+            return None
+        pos = jnp.arange(length)
+        return (pos[:, None] >= pos[None, :])[None, None]
     same_doc_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-    return (mask_LxL[None] & same_doc_BxLxL)[:, None]
+    if causal:
+        pos = jnp.arange(length)
+        same_doc_BxLxL = (pos[:, None] >= pos[None, :])[None] & same_doc_BxLxL
+    return same_doc_BxLxL[:, None]
 
 
-def xla_prepare(segment_ids_BxL: jax.Array | None, length: int, heads_per_kv: int) -> jax.Array:
-    """Additive float32 mask bias, B x 1 x (L*R) x L, built once per step for every layer.
+def xla_prepare(segment_ids_BxL: jax.Array | None, length: int, heads_per_kv: int,
+                causal: bool = True) -> jax.Array | None:
+    """Additive float32 mask bias, B x 1 x (L*R) x L, built once per step for every layer
+    (None: nothing masked, bidirectional attention over one document).
 
     Row l*R + j belongs to position l, query head j of its kv group (see xla_attention)."""
-    bias = jnp.where(attention_mask(segment_ids_BxL, length), 0.0, _MASKED).astype(jnp.float32)
+    mask = attention_mask(segment_ids_BxL, length, causal)
+    if mask is None:
+        return None
+    bias = jnp.where(mask, 0.0, _MASKED).astype(jnp.float32)
     return jnp.repeat(bias, heads_per_kv, axis=2) if heads_per_kv > 1 else bias
 
 
-def xla_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, bias_Bx1xLRxL):
+def xla_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, bias_Bx1xLRxL, causal: bool = True):
     # Plain 4-D batched matmuls over leading (B, G): the R = H/G query heads that share a kv
     # head are folded into the query axis (position-major), so a causal block of positions
-    # is one contiguous slice. Query chunk i only computes scores against keys 0..end_i.
-    # On XLA:CPU this runs attention's forward+backward ~2x faster than a 5-D einsum.
+    # is one contiguous slice. Causal: query chunk i only computes scores against keys
+    # 0..end_i. On XLA:CPU this runs attention's forward+backward ~2x faster than a 5-D
+    # einsum. Bidirectional (`causal=False`): one chunk over every key.
     b, length, h, kd = q_BxLxHxK.shape
     g = k_BxLxGxK.shape[2]
     r = h // g
@@ -47,7 +60,7 @@ def xla_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, bias_Bx1xLRxL):
         b, length, g, r, kd).transpose(0, 2, 1, 3, 4).reshape(b, g, length * r, kd)
     k_BxGxLxK = k_BxLxGxK.transpose(0, 2, 1, 3)
     v_BxGxLxK = v_BxLxGxK.transpose(0, 2, 1, 3)
-    chunks = QUERY_CHUNKS if length % QUERY_CHUNKS == 0 else 1
+    chunks = QUERY_CHUNKS if causal and length % QUERY_CHUNKS == 0 else 1
     size = length // chunks
     outs = []
     for i in range(chunks):
@@ -55,7 +68,9 @@ def xla_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, bias_Bx1xLRxL):
         rows = slice(i * size * r, end * r)
         scores = jnp.einsum("bgqk,bgmk->bgqm", q_BxGxLRxK[:, :, rows], k_BxGxLxK[:, :, :end],
                             preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(scores + bias_Bx1xLRxL[:, :, rows, :end], axis=-1)
+        if bias_Bx1xLRxL is not None:
+            scores = scores + bias_Bx1xLRxL[:, :, rows, :end]
+        probs = jax.nn.softmax(scores, axis=-1)
         outs.append(jnp.einsum("bgqm,bgmk->bgqk", probs.astype(v_BxGxLxK.dtype),
                                v_BxGxLxK[:, :, :end]))
     out_BxGxLRxK = jnp.concatenate(outs, axis=2) if chunks > 1 else outs[0]
@@ -63,15 +78,16 @@ def xla_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, bias_Bx1xLRxL):
         b, length, h, kd)
 
 
-def cudnn_prepare(segment_ids_BxL: jax.Array | None, length: int, heads_per_kv: int):
-    # Without segment ids cuDNN builds the causal mask itself; with them the document mask
-    # is passed explicitly (cuDNN turns it into a bias).
-    return None if segment_ids_BxL is None else attention_mask(segment_ids_BxL, length)
+def cudnn_prepare(segment_ids_BxL: jax.Array | None, length: int, heads_per_kv: int,
+                  causal: bool = True):
+    # Without segment ids cuDNN builds the causal mask itself (is_causal) or needs none; with
+    # them the document mask is passed explicitly (cuDNN turns it into a bias).
+    return None if segment_ids_BxL is None else attention_mask(segment_ids_BxL, length, causal)
 
 
-def cudnn_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL):
+def cudnn_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL, causal: bool = True):
     return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=mask_Bx1xLxL,
-                                        is_causal=True, implementation="cudnn")
+                                        is_causal=causal, implementation="cudnn")
 
 
 # backend -> (prepare the mask input once per step, attend)
@@ -79,17 +95,20 @@ BACKENDS = {"xla": (xla_prepare, xla_attention), "cudnn": (cudnn_prepare, cudnn_
 
 
 def prepare_mask(backend: str, segment_ids_BxL: jax.Array | None, length: int,
-                 heads_per_kv: int):
-    """The mask input every layer's attention takes, computed once outside the layer scan."""
-    return BACKENDS[backend][0](segment_ids_BxL, length, heads_per_kv)
+                 heads_per_kv: int, causal: bool = True):
+    """The mask input every layer's attention takes, computed once outside the layer scan
+    (`causal` as the layers' Attention)."""
+    return BACKENDS[backend][0](segment_ids_BxL, length, heads_per_kv, causal)
 
 
 class Attention(nnx.Module):
     def __init__(self, *, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int,
                  use_bias: bool, rope_theta: float | RopeSpec | None, std: float,
-                 out_std: float, dtype, backend: str, rngs: nnx.Rngs, qkv_bias: bool = False):
+                 out_std: float, dtype, backend: str, rngs: nnx.Rngs, qkv_bias: bool = False,
+                 causal: bool = True):
         """use_bias: biases on q, k, v and the output (GPT-2); qkv_bias: on q, k, v only
-        (Qwen2). rope_theta: a RopeSpec (or plain theta) for rotary embeddings, None: none."""
+        (Qwen2). rope_theta: a RopeSpec (or plain theta) for rotary embeddings, None: none.
+        causal: False for an encoder (every position of the document; no KV cache)."""
         self.wq = param(rngs, (d_model, n_heads, head_dim), ("embed", "heads", "head_dim"), std)
         self.wk = param(rngs, (d_model, n_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), std)
         self.wv = param(rngs, (d_model, n_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), std)
@@ -105,6 +124,7 @@ class Attention(nnx.Module):
         self.rope_theta = rope_theta
         self.dtype = dtype
         self.backend = backend
+        self.causal = causal
 
     def __call__(self, x_BxLxD, positions_BxL, mask, cache=None):
         """`mask` comes from `prepare_mask` for this module's backend. With `cache` (a
@@ -123,7 +143,7 @@ class Attention(nnx.Module):
         k = constrain(k, ("batch", "sequence", "act_kv_heads", None))
         v = constrain(v, ("batch", "sequence", "act_kv_heads", None))
         if cache is None:
-            out_BxLxHxK = BACKENDS[self.backend][1](q, k, v, mask)
+            out_BxLxHxK = BACKENDS[self.backend][1](q, k, v, mask, causal=self.causal)
         else:  # generation: attend over the KV cache too (jaxlm/model/kv_cache.py)
             out_BxLxHxK, cache = cache.attend(q, k, v, mask, BACKENDS[self.backend][1])
         b, length = out_BxLxHxK.shape[:2]

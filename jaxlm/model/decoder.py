@@ -151,21 +151,30 @@ class DecoderLM(nnx.Module):
         return constrain(x_BxLxD.astype(jnp.dtype(self.cfg.dtype)), ACT_AXES)
 
     def _run_blocks(self, x_BxLxD, positions_BxL, mask):
-        graphdef, stacked = nnx.split(self.blocks)
+        return run_blocks(self.blocks, self.cfg, x_BxLxD, positions_BxL, mask)
 
-        def layer(x, layer_state):
-            block = nnx.merge(graphdef, layer_state)
-            return block(x, positions_BxL, mask), None
 
-        if self.cfg.remat != "none":
-            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat],
-                                   prevent_cse=not self.cfg.scan_layers)
-        if self.cfg.scan_layers:
-            x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, stacked)
-            return x_BxLxD
-        for i in range(self.cfg.n_layers):
-            x_BxLxD, _ = layer(x_BxLxD, jax.tree.map(lambda a, i=i: a[i], stacked))
+def run_blocks(blocks: nnx.Module, cfg: ml_collections.ConfigDict, x_BxLxD: jax.Array,
+               *layer_args, n_layers: int | None = None) -> jax.Array:
+    """x through a layer stack made by nnx.vmap (every parameter with a leading `layers`
+    axis): each block is called as block(x, *layer_args); under a scan when
+    cfg.scan_layers, with cfg.remat's rematerialisation. `n_layers`: the stack's depth
+    (default cfg.n_layers)."""
+    graphdef, stacked = nnx.split(blocks)
+
+    def layer(x, layer_state):
+        block = nnx.merge(graphdef, layer_state)
+        return block(x, *layer_args), None
+
+    if cfg.remat != "none":
+        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat],
+                               prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+        x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, stacked)
         return x_BxLxD
+    for i in range(n_layers or cfg.n_layers):
+        x_BxLxD, _ = layer(x_BxLxD, jax.tree.map(lambda a, i=i: a[i], stacked))
+    return x_BxLxD
 
 
 def _positions(tokens_BxL: jax.Array, positions_BxL: jax.Array | None) -> jax.Array:

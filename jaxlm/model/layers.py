@@ -92,20 +92,32 @@ class SwiGLU(nnx.Module):
         return project(self, "w_down", h_BxLxF, dt)
 
 
-class GeluMLP(nnx.Module):
-    """GPT-2 MLP: W_out gelu(x W_in + b_in) + b_out, tanh-approximated GELU as in GPT-2."""
+# config model.activation -> the function: exact (erf) GELU as Hugging Face "gelu", the tanh
+# approximation ("gelu_new", GPT-2's), ReLU.
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
 
-    def __init__(self, d_model: int, d_ff: int, std: float, out_std: float, dtype, rngs: nnx.Rngs):
+
+class GeluMLP(nnx.Module):
+    """GPT-2 / BERT MLP: W_out act(x W_in + b_in) + b_out; act: tanh-approximated GELU as in
+    GPT-2 by default, or any of ACTIVATIONS (BERT: exact GELU)."""
+
+    def __init__(self, d_model: int, d_ff: int, std: float, out_std: float, dtype, rngs: nnx.Rngs,
+                 activation: str = "gelu_tanh"):
         self.w_in = param(rngs, (d_model, d_ff), ("embed", "mlp"), std)
         self.b_in = constant((d_ff,), ("mlp",), 0.0)
         self.w_out = param(rngs, (d_ff, d_model), ("mlp", "embed"), out_std)
         self.b_out = constant((d_model,), ("embed",), 0.0)
         self.dtype = dtype
+        self.activation = activation
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         dt = self.dtype
         h_BxLxF = project(self, "w_in", x_BxLxD, dt) + self.b_in[...].astype(dt)
-        h_BxLxF = constrain(jax.nn.gelu(h_BxLxF, approximate=True), ("batch", "sequence", "act_mlp"))
+        h_BxLxF = constrain(ACTIVATIONS[self.activation](h_BxLxF), ("batch", "sequence", "act_mlp"))
         return project(self, "w_out", h_BxLxF, dt) + self.b_out[...].astype(dt)
 
 

@@ -40,6 +40,12 @@ class Family:
     matmul_params: Callable[[ml_collections.ConfigDict], int]  # weights in matmuls + head (D x V)
     # LoRA target name (config finetune.lora.targets: q, k, v, o, mlp) -> its projections.
     lora_targets: Mapping[str, tuple[Projection, ...]]
+    # The Transformer's shape: "decoder" (causal LM), "encoder" (bidirectional, masked LM)
+    # or "encoder_decoder" (seq2seq); each objective and task says which it trains.
+    kind: str = "decoder"
+    # Attention score and value matmuls per trained token, forward and backward; default:
+    # causal self-attention over data.seq_len (counts.attention_flops_per_token).
+    attention_flops: Callable[[ml_collections.ConfigDict, int], float] | None = None
 
     def network_class(self) -> type:
         module, name = self.network.split(":")
@@ -100,7 +106,99 @@ GPT2 = Family(
     lora_targets={**ATTENTION_TARGETS, "mlp": (("mlp", "w_in", 1), ("mlp", "w_out", 1))})
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, GPT2)}
+# ---- bert --------------------------------------------------------------------------------
+
+def _bert_validate(cfg: ml_collections.ConfigDict) -> None:
+    require(cfg.n_kv_heads == cfg.n_heads, "model.n_kv_heads",
+            "grouped-query attention is not part of family='bert' (n_kv_heads must equal "
+            "n_heads)")
+    require(cfg.tie_embeddings, "model.tie_embeddings",
+            "family='bert' ties its masked-LM head to the embedding (must be true)")
+    require(cfg.activation in ("gelu", "gelu_tanh", "relu") and not cfg.gated_mlp,
+            "model.gated_mlp", "family='bert' has a plain (not gated) MLP")
+    require(cfg.position_offset < cfg.max_seq_len, "model.position_offset",
+            f"{cfg.position_offset} leaves no row of the {cfg.max_seq_len}-row position table")
+
+
+def _bert_params(cfg: ml_collections.ConfigDict) -> int:
+    """Embeddings (tokens, positions, token types) + their LayerNorm; per layer attention
+    with biases, post-attention LayerNorm, MLP with biases, post-MLP LayerNorm; the masked-LM
+    head (dense D x D + bias, LayerNorm, output bias V; its matrix is the embedding)."""
+    d, f, v, n = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_layers
+    h, k = cfg.n_heads, counts.head_dim(cfg)
+    per_layer = counts.attention_params(cfg) + 3 * h * k + d + 2 * d * f + f + d + 4 * d
+    embeddings = (v + cfg.max_seq_len + cfg.type_vocab_size) * d + 2 * d
+    return embeddings + n * per_layer + d * d + d + 2 * d + v
+
+
+BERT = Family(
+    name="bert",
+    describe="BERT/RoBERTa encoder: bidirectional attention, learned positions, token types, "
+             "post-LayerNorm, GELU MLP, masked-LM head tied to the embedding",
+    network="jaxlm.model.bert:Bert", validate=_bert_validate, param_count=_bert_params,
+    # the MLM head's D x D transform is a matmul too
+    matmul_params=lambda cfg: counts.matmul_params(cfg, mlp_matrices=2) + cfg.d_model ** 2,
+    lora_targets={**ATTENTION_TARGETS, "mlp": (("mlp", "w_in", 1), ("mlp", "w_out", 1))},
+    kind="encoder",
+    attention_flops=lambda cfg, seq_len: counts.attention_flops_per_token(
+        cfg, seq_len, causal=False))
+
+
+# ---- t5 ----------------------------------------------------------------------------------
+
+def _t5_validate(cfg: ml_collections.ConfigDict) -> None:
+    require(cfg.n_kv_heads == cfg.n_heads, "model.n_kv_heads",
+            "grouped-query attention is not part of family='t5' (n_kv_heads must equal "
+            "n_heads)")
+    require(cfg.activation in ("gelu_tanh", "relu", "gelu"), "model.activation",
+            f"{cfg.activation!r} is not a T5 activation")
+    require(cfg.attention == "xla", "model.attention",
+            "family='t5' runs its attention (with the relative-position bias) on the 'xla' "
+            "backend only")
+    require(cfg.relative_buckets >= 4, "model.relative_buckets",
+            f"T5's buckets need at least 4 (half exact, half logarithmic), got "
+            f"{cfg.relative_buckets}")
+    require(cfg.relative_max_distance > cfg.relative_buckets // 2, "model.relative_max_distance",
+            f"must exceed half the buckets ({cfg.relative_buckets // 2}), got "
+            f"{cfg.relative_max_distance}")
+
+
+def decoder_layers(cfg: ml_collections.ConfigDict) -> int:
+    """t5: model.n_decoder_layers, or n_layers when it is 0."""
+    return cfg.n_decoder_layers or cfg.n_layers
+
+
+def _t5_params(cfg: ml_collections.ConfigDict) -> int:
+    """Shared embedding; encoder layers (RMSNorm, self-attention, RMSNorm, MLP), decoder
+    layers (the same plus RMSNorm and cross-attention); one relative-position bias table
+    (buckets x heads) in each stack; two final RMSNorms; the head when untied."""
+    d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
+    mlp = (3 if cfg.gated_mlp else 2) * d * f
+    attn = counts.attention_params(cfg)
+    encoder = cfg.n_layers * (attn + mlp + 2 * d)
+    decoder = decoder_layers(cfg) * (2 * attn + mlp + 3 * d)
+    bias_tables = 2 * cfg.relative_buckets * cfg.n_heads
+    return v * d + encoder + decoder + bias_tables + 2 * d + (0 if cfg.tie_embeddings else d * v)
+
+
+def _t5_matmul_params(cfg: ml_collections.ConfigDict) -> int:
+    mlp = (3 if cfg.gated_mlp else 2) * cfg.d_model * cfg.d_ff
+    attn = counts.attention_params(cfg)
+    return (cfg.n_layers * (attn + mlp) + decoder_layers(cfg) * (2 * attn + mlp)
+            + cfg.d_model * cfg.vocab_size)
+
+
+T5 = Family(
+    name="t5",
+    describe="T5 encoder-decoder: RMSNorm, relative position buckets, cross-attention, ReLU "
+             "(v1.0) or gated-GELU (v1.1, Flan, mT5) MLP",
+    network="jaxlm.model.t5:T5", validate=_t5_validate, param_count=_t5_params,
+    matmul_params=_t5_matmul_params,
+    lora_targets=ATTENTION_TARGETS,  # the self-attention of either stack's blocks
+    kind="encoder_decoder")
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, GPT2, BERT, T5)}
 
 
 # ---- the registry's API --------------------------------------------------------------------
@@ -126,10 +224,11 @@ def param_count(model_cfg: ml_collections.ConfigDict) -> int:
 def flops_per_token(model_cfg: ml_collections.ConfigDict, seq_len: int, *, lm_head: bool = True,
                     frozen: bool = False, adapter_params: int = 0) -> float:
     """Training model FLOPs per token (jaxlm.model.counts)."""
+    fam = family(model_cfg.family)
+    attention = (fam.attention_flops or counts.attention_flops_per_token)(model_cfg, seq_len)
     return counts.train_flops_per_token(
-        family(model_cfg.family).matmul_params(model_cfg),
-        model_cfg.d_model * model_cfg.vocab_size, model_cfg, seq_len, lm_head=lm_head,
-        frozen=frozen, adapter_params=adapter_params)
+        fam.matmul_params(model_cfg), model_cfg.d_model * model_cfg.vocab_size, attention,
+        lm_head=lm_head, frozen=frozen, adapter_params=adapter_params)
 
 
 def build(model_cfg: ml_collections.ConfigDict, rngs: Any) -> Any:

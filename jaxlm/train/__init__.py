@@ -5,7 +5,10 @@ Owns:
     task        the Task interface (what varies between objectives) and its Batches
     loop        the one training loop: preemption, exact resume, non-finite policy,
                 multi-host agreement, progress, metrics, evaluation cadence
-    lm          causal-LM pretraining, the task of `jaxlm train`
+    lm          token-level pretraining, the task of `jaxlm train`: causal LM (decoders)
+                and masked LM (encoders), as objective.name says
+    seq2seq     span-corruption pretraining of an encoder-decoder (T5)
+    pretraining which of those a config runs (objective.name)
     state       the train state's layout, created sharded
     step        the train step of every task (gradients, accumulation, update) and the
                 evaluation sums
@@ -15,7 +18,8 @@ Owns:
     metrics     peak FLOP/s for MFU, metrics.jsonl and TensorBoard, the progress line
                 (first step, recent-pace ETA, checkpoint saves)
     wandb_writer  Weights & Biases beside them (metrics.wandb), one W&B run per run
-    validate    the whole config of a run, checked before anything expensive
+    validate    the whole config of a run, checked before anything expensive (which
+                objective and fine-tuning task fits which kind of model)
     compat      what a resume may change: fixed, guarded and free config keys; the
                 run's tokenizer
     aot         `jaxlm compile`: a task's step compiled for a TPU topology on any host

@@ -213,8 +213,8 @@ def format_report(r: CompileReport) -> str:
                  f"({100 * r.required_bytes / usable:.0f}%): {verdict}")
     lines += [
         "FLOPs per step",
-        f"  model          {r.model_flops:.3e}   analytic: 6 x matmul parameters + causal "
-        "attention, per token",
+        f"  model          {r.model_flops:.3e}   analytic: 6 x matmul parameters + attention "
+        "(causal in decoders) per token (README: FLOPs)",
     ]
     if r.xla_flops is not None:
         note = ("the scanned layer loop's body counted once" if r.scan_layers else

@@ -6,7 +6,7 @@ config now, key by key, in three classes:
 - fixed (refused, exit 2, with a table of saved vs now): what the model is and which tokens
   each step reads: `model.*` (except how it is computed: `remat`, `attention`, `dtype`),
   `data.*` (except where the cache lives and how far ahead it reads: `data_dir`,
-  `prefetch`), `train.seed`, `finetune.*` (except `eval_file`, `eval_every`, and `base`,
+  `prefetch`), `objective.*`, `train.seed`, `finetune.*` (except `eval_file`, `eval_every`, and `base`,
   whose parameters are checked by their fingerprint instead);
 - guarded (accepted only with `--config.train.allow_config_change=true`, then printed as a
   table and recorded in the checkpoint metadata as `config_changes`): the optimizer and the

@@ -1,10 +1,14 @@
-"""Causal language modelling: the pretraining task of `jaxlm train`.
+"""Token-level pretraining, the tasks of `jaxlm train`: causal language modelling
+(decoder families) and masked language modelling (encoder families, objective.name
+"masked_lm"). Span corruption (encoder-decoder) builds on this in jaxlm.train.seq2seq.
 
-Loss is cross-entropy averaged over real target tokens (weights 1), never padding, plus an
-optional z-loss (coefficient optim.z_loss on log(Z)^2). The data is the configured corpus
-through the Grain pipeline (jaxlm.data.pipeline); the state is the model's parameters,
-from scratch or from `checkpoint.init_from`. Evaluation reads a split once, in stored
-order, and reports the loss per target token and its perplexity.
+Loss is cross-entropy averaged over the weighted target tokens (causal LM: every real next
+token, never padding; masked LM: the selected positions, predicting the original token),
+plus an optional z-loss (coefficient optim.z_loss on log(Z)^2). Both call the model as
+model(inputs, positions, segment_ids); only the data differs, and the pipeline
+(jaxlm.data.pipeline) makes it from the objective section. The state is the model's
+parameters, from scratch or from `checkpoint.init_from`. Evaluation reads a split once, in
+stored order, and reports the loss per target token and its perplexity.
 """
 
 from __future__ import annotations
@@ -42,6 +46,13 @@ def loss_sums(graphdef: Any, params: Any, batch: dict, z_loss: float) -> tuple[j
     """Summed (not averaged) objective over the batch's weighted tokens, and its parts."""
     model = nnx.merge(graphdef, params)
     logits_BxLxV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    return cross_entropy_sums(logits_BxLxV, batch, z_loss)
+
+
+def cross_entropy_sums(logits_BxLxV: jax.Array, batch: dict, z_loss: float
+                       ) -> tuple[jax.Array, dict]:
+    """Summed cross-entropy of logits against batch["targets"], weighted by batch["weights"]
+    (+ z_loss * log(Z)^2), and its parts."""
     log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
     target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
     weights_BxL = batch["weights"].astype(jnp.float32)
@@ -67,6 +78,9 @@ def model_state_spec(model_cfg: ml_collections.ConfigDict, tx, mesh, seed: int
 
 
 class CausalLM(Task):
+    """Causal or masked LM, as objective.name says (the family must fit it:
+    jaxlm.train.validate)."""
+
     name = "causal_lm"
 
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None,
@@ -84,6 +98,7 @@ class CausalLM(Task):
             self._tokenizer = tokenizers.load_tokenizer(cfg.data)
         vocab = self._tokenizer.vocab_size if self._tokenizer is not None else 0
         self.cfg = config_lib.resolved(cfg, vocab, num_devices)
+        self.name = self.cfg.objective.name
         self.frozen = {}
 
     @property
@@ -109,8 +124,14 @@ class CausalLM(Task):
                 f"{stats['invalid_utf8_replaced']:,} with invalid UTF-8 replaced"
                 + (f"; {stats['long_documents_split']:,} longer than data.max_document_bytes "
                    f"split" if stats.get("long_documents_split") else ""))
-        return pipeline.make_iterator(self.cfg.data, split="train", rows=rows,
-                                      tokenizer=self.tokenizer)
+        return self.batches("train", rows=rows)
+
+    def batches(self, split: str, **where) -> pipeline.BatchIterator:
+        """The pipeline's batches of `split` for this objective (`where`: make_iterator's
+        rows or process_index/process_count)."""
+        return pipeline.make_iterator(self.cfg.data, split=split, tokenizer=self.tokenizer,
+                                      objective_cfg=self.cfg.objective,
+                                      model_vocab_size=self.cfg.model.vocab_size, **where)
 
     # ---- state and objective ---------------------------------------------------------------
 
@@ -145,7 +166,7 @@ class CausalLM(Task):
 
     def describe(self) -> str:
         return (f"model: {self.cfg.model.family}, {zoo.param_count(self.cfg.model):,} "
-                f"parameters")
+                f"parameters" + ("" if self.name == "causal_lm" else f"; objective {self.name}"))
 
     def flops_per_token(self) -> float:
         return zoo.flops_per_token(self.cfg.model, self.cfg.data.seq_len)
@@ -159,9 +180,8 @@ class CausalLM(Task):
         if split not in sources.SPLITS:
             raise UserError(f"split {split!r} is not one of {', '.join(sources.SPLITS)}")
         sources.prepare_all(self.cfg.data)
-        data_iter = pipeline.make_iterator(
-            self.cfg.data, split=split, process_index=jax.process_index(),
-            process_count=jax.process_count(), tokenizer=self.tokenizer)
+        data_iter = self.batches(split, process_index=jax.process_index(),
+                                 process_count=jax.process_count())
         try:
             totals, batches = self.sum_batches(state, _in_step(data_iter), max_batches)
         finally:

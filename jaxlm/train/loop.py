@@ -48,12 +48,15 @@ class TokenizerMismatchError(UserError):
 
 
 def batch_stats(batch: dict[str, np.ndarray], bos_id: int | None) -> np.ndarray:
-    """[documents started, real tokens, slots] of a host batch (cheap NumPy counts): a
-    document starts at BOS, or (without one) where its positions start."""
-    real = int(np.count_nonzero(batch["segment_ids"]))
+    """[documents started, real tokens, slots] of a host batch's (encoder's) input rows
+    (cheap NumPy counts): a document starts at BOS, or (without one) where its positions
+    start."""
+    segments = batch.get("input_segment_ids", batch["segment_ids"])
+    positions = batch.get("input_positions", batch["positions"])
+    real = int(np.count_nonzero(segments))
     docs = int(np.count_nonzero(batch["inputs"] == bos_id)) if bos_id is not None else \
-        int(np.count_nonzero((batch["positions"] == 0) & (batch["segment_ids"] > 0)))
-    return np.asarray([docs, real, batch["segment_ids"].size], np.int64)
+        int(np.count_nonzero((positions == 0) & (segments > 0)))
+    return np.asarray([docs, real, segments.size], np.int64)
 
 
 def summed_over_processes(counts: np.ndarray) -> np.ndarray:

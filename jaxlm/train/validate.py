@@ -8,14 +8,41 @@ from __future__ import annotations
 import ml_collections
 
 from jaxlm import config as config_lib
+from jaxlm.data import objectives
 from jaxlm.errors import ConfigError
 from jaxlm.model import zoo
 from jaxlm.parallel import topology
 
 
+# What each pretraining objective trains: the kind of Transformer (jaxlm.model.zoo.Family).
+OBJECTIVE_KINDS = {"causal_lm": "decoder", "masked_lm": "encoder",
+                   "span_corruption": "encoder_decoder"}
+# Fine-tuning task (config finetune.task) -> the kinds of model it fine-tunes.
+FINETUNE_KINDS = {"sft": ("decoder",), "classify": ("decoder", "encoder"), "qa": ("encoder",),
+                  "seq2seq": ("encoder_decoder",)}
+
+
 def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     config_lib.validate(cfg, num_devices)
     zoo.validate(cfg.model)
+    fam = zoo.family(cfg.model.family)
+    if cfg.finetune.task:
+        kinds = FINETUNE_KINDS.get(cfg.finetune.task, ())
+        if fam.kind not in kinds:
+            raise ConfigError(f"config.finetune.task: {cfg.finetune.task!r} fine-tunes "
+                              f"{' or '.join(kinds)} models; the base's family {fam.name!r} "
+                              f"is {fam.kind}")
+    elif OBJECTIVE_KINDS[cfg.objective.name] != fam.kind:
+        fitting = [f.name for f in zoo.FAMILIES.values()
+                   if f.kind == OBJECTIVE_KINDS[cfg.objective.name]]
+        raise ConfigError(f"config.objective.name: {cfg.objective.name!r} trains "
+                          f"{OBJECTIVE_KINDS[cfg.objective.name]} models ({', '.join(fitting)}); "
+                          f"family {fam.name!r} is {fam.kind}")
+    if not cfg.finetune.task and cfg.objective.name == "span_corruption":
+        if cfg.data.packing != "concat":
+            raise ConfigError("config.data.packing: span corruption packs examples in order, "
+                              "as T5 does; set it to 'concat'")
+        objectives.check_span_corruption(cfg.objective, cfg.data.seq_len)
     if cfg.mesh.topology:
         try:
             topology.parse(cfg.mesh.topology)

@@ -41,7 +41,7 @@ BAD = [
     ({"mesh.tensor": 8, "model.n_heads": 4, "model.n_kv_heads": 4}, 8, "config.model.n_heads"),
     ({"data.global_batch_size": 12}, 8, "config.data.global_batch_size"),
     ({"data.seq_len": 2048}, 1, "config.data.seq_len"),
-    ({"model.family": "bert"}, 1, "config.model.family"),
+    ({"model.family": "mamba"}, 1, "config.model.family"),
     ({"model.family": "gpt2", "model.n_kv_heads": 2}, 1, "config.model.n_kv_heads"),  # no GQA
     ({"model.head_dim": 7}, 1, "config.model.head_dim"),  # rotary needs an even head_dim
     ({"mesh.topology": "v9-8"}, 1, "config.mesh.topology"),

@@ -62,9 +62,11 @@ def test_hf_start_follows_the_post_processor(kind, bos_id, adds_bos, tmp_path):
     closed = kind in ("template_eos_only", "roberta", "bert_cls")  # a closing token appended
     assert encode_prompt(tok, TEXT).tolist() == (expected[:-1] if closed else expected)
     document = pipeline._Tokenize(tok)({"text": TEXT}).tolist()
-    # A document closes with jaxlm's EOS, not the post-processor's closing token (BERT's
-    # [SEP] is not a document end).
+    # A document closes with the EOS: the single token the post-processor appends (BERT's
+    # [SEP], RoBERTa's </s>), so a document is what the library makes of the text.
     assert document == (expected[:-1] if closed else expected) + [tok.eos_id]
+    if closed:
+        assert document == expected and tok.eos_id == expected[-1]
 
 
 @pytest.mark.parametrize("kind", ["none", "template"])

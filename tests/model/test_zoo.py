@@ -21,12 +21,12 @@ REPO = pathlib.Path(__file__).parents[2]
 def test_the_registry_lists_every_family_module():
     """Each family's network lives in a module of jaxlm/model named after it, and each
     registered family builds that network."""
-    assert set(zoo.FAMILIES) == {"llama", "gpt2"}
+    assert set(zoo.FAMILIES) == {"llama", "gpt2", "bert", "t5"}
     for name, family in zoo.FAMILIES.items():
         assert family.name == name and family.describe
         assert family.network.startswith(f"jaxlm.model.{name}:")
         assert (MODEL_DIR / f"{name}.py").is_file()
-        assert issubclass(family.network_class(), decoder.DecoderLM)
+        assert issubclass(family.network_class(), decoder.DecoderLM) == (family.kind == "decoder")
 
 
 @pytest.mark.parametrize("name", sorted(zoo.FAMILIES))
@@ -40,24 +40,32 @@ def test_each_family_has_every_part(name):
     model = zoo.abstract(cfg)
     assert zoo.param_count(cfg) == sum(x.size for x in jax.tree.leaves(nnx.state(model)))
     family = zoo.family(name)
-    assert set(family.lora_targets) == set(finetune_section.LORA_TARGETS)
+    # Every LoRA target of the config; an encoder-decoder's MLP differs between its v1.0 and
+    # gated shapes, so t5 adapts the attention projections only.
+    expected = set(finetune_section.LORA_TARGETS) - ({"mlp"} if name == "t5" else set())
+    assert set(family.lora_targets) == expected
+    stacks = [getattr(model, s) for s in ("blocks", "encoder_blocks", "decoder_blocks")
+              if hasattr(model, s)]
+    assert len(stacks) == (2 if family.kind == "encoder_decoder" else 1)
     for projections in family.lora_targets.values():
         for sub, weight, inputs in projections:
-            assert hasattr(getattr(model.blocks, sub), weight) and inputs >= 1
+            assert all(hasattr(getattr(stack, sub), weight) for stack in stacks) and inputs >= 1
     assert name in hf_families.MAPPINGS
 
 
 def test_unknown_family_is_one_clear_error():
     cfg = config_lib.defaults().model
-    cfg.family = "bert"
-    with pytest.raises(config_lib.ConfigError, match=r"config\.model\.family: 'bert' is not a "
-                                                     r"model family; choose one of llama, gpt2"):
+    cfg.family = "mamba"
+    with pytest.raises(config_lib.ConfigError, match=r"config\.model\.family: 'mamba' is not a "
+                                                     r"model family; choose one of llama, gpt2, "
+                                                     r"bert, t5"):
         zoo.validate(cfg)
     with pytest.raises(config_lib.ConfigError, match="config.model.family"):
         zoo.create(cfg)
     result = subprocess.run([sys.executable, "-m", "jaxlm.cli", "train",
-                             "--config.model.family=bert"], capture_output=True, text=True,
+                             "--config.model.family=mamba"], capture_output=True, text=True,
                             cwd=REPO, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "jaxlm: config.model.family: 'bert' is not a model family; choose one of llama, gpt2"]
+        "jaxlm: config.model.family: 'mamba' is not a model family; choose one of llama, "
+        "gpt2, bert, t5"]

@@ -18,7 +18,7 @@ from jaxlm import config as config_lib
 from jaxlm import errors
 from jaxlm.finetune.tasks import FinetuneTask
 from jaxlm.train import loop
-from jaxlm.train.lm import CausalLM
+from jaxlm.train import pretraining
 from jaxlm.train.task import Task
 
 TESTS = pathlib.Path(__file__).parents[1]
@@ -35,11 +35,17 @@ def base_dir(tmp_path_factory):
 
 
 def task_config(name, data_dir, base):
-    """Each task's shipped config (tiny.py, lora_tiny.py, classify_tiny.py) cut to test size."""
-    if name == "causal_lm":
-        cfg = config_lib.load_config_file(CONFIGS / "tiny.py")
-        cfg.model.update(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+    """Each task's shipped config (tiny.py, bert_tiny.py, t5_tiny.py, lora_tiny.py,
+    classify_tiny.py) cut to test size."""
+    if name in ("causal_lm", "bert_tiny", "t5_tiny"):
+        cfg = config_lib.load_config_file(CONFIGS / ("tiny.py" if name == "causal_lm" else
+                                                     f"{name}.py"))
+        cfg.model.update(d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=64,
                          max_seq_len=64)
+        if name == "causal_lm":
+            cfg.model.n_kv_heads = 2
+        if name == "t5_tiny":
+            cfg.model.update(n_decoder_layers=2, head_dim=8)
         cfg.data.update(data_dir=data_dir, seq_len=32, global_batch_size=8)
     else:
         cfg = config_lib.load_config_file(CONFIGS / f"{name}.py")
@@ -54,14 +60,15 @@ def task_config(name, data_dir, base):
 
 
 def make_task(cfg, workdir) -> Task:
-    return FinetuneTask(cfg, workdir) if cfg.finetune.task else CausalLM(cfg)
+    return FinetuneTask(cfg, workdir) if cfg.finetune.task else pretraining.task(cfg)
 
 
 def metrics(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("name", ["causal_lm", "lora_tiny", "classify_tiny"])
+@pytest.mark.parametrize("name", ["causal_lm", "bert_tiny", "t5_tiny", "lora_tiny",
+                                  "classify_tiny"])
 def test_every_task_is_preempted_and_resumes_exactly_in_the_one_loop(
         name, stdlib_data_dir, base_dir, tmp_path, monkeypatch):
     cfg = task_config(name, stdlib_data_dir, base_dir)

@@ -14,18 +14,30 @@ run saved before it was recorded started every sequence with its BOS and keeps d
 `data.tokenizer_path`.
 
 Special ids
-    byte           pad 0, bos 1, eos 2; byte b -> id b + 3 (vocab 259).
+    byte           pad 0, bos 1, eos 2; byte b -> id b + 3 (vocab 259). No mask, no sentinels.
     sentencepiece  bos/eos/pad from the model (`bos_id()` etc.; -1 means none, so None).
                    No pad in the model: pad = eos, or 0 when there is no eos either.
                    Models from `train_sentencepiece`: pad 0, unk 1, bos 2, eos 3.
+                   mask: a [MASK] or <mask> control piece, if any. Sentinels: T5's `extra_ids`
+                   appended after the pieces (T5: pad 0, eos 1, unk 2, no BOS, 100
+                   sentinels, <extra_id_0> = vocab_size - 1; see `spm`).
     hf             Looked up among the tokenizer's *special* added tokens (a plain vocabulary
                    entry such as "<s>" in a byte-level BPE is never taken), first match wins:
                      bos  <|begin_of_text|>, <s>, <|startoftext|>, <bos>, [BOS]
                      eos  <|end_of_text|>, </s>, <|endoftext|>, <eos>, [EOS]
                      pad  <pad>, [PAD], <|pad|>, <|padding|>
+                   The single special token tokenizer.json's post-processor prepends is
+                   the bos, the one it appends the eos (BERT: [CLS] ... [SEP]).
                    Not found: bos/eos None; pad = eos, or 0 when there is no eos either.
+                   mask [MASK] or <mask>; sentinels the added tokens <extra_id_N>.
     A pad that is only the fallback id 0 is not skipped by `decode` (it may be a real token);
     the pipeline masks padding with weights anyway.
+
+For the objectives beyond causal LM (jaxlm.data.objectives) every tokenizer also says
+`mask_id` (masked LM's [MASK]/<mask>, None when it has none), `sentinels` /
+`sentinel_ids(n)` (span corruption's <extra_id_0>, <extra_id_1>, ...; empty when none),
+`decoder_start_id` (the pad id, as T5) and `special_ids()` (every id that is not text).
+`save` records the mask id (when there is one) and a SentencePiece model's `extra_ids`.
 
 Text that happens to spell a special token ("</s>", "<|endoftext|>") is encoded as text by
 every tokenizer here: documents cannot inject control ids (SentencePiece never parses them;
@@ -83,6 +95,7 @@ from jaxlm.data.tokenizers.spm import (  # noqa: F401
     _chunks,
     _import_sentencepiece,
     _training_sentences,
+    hf_extra_ids,
     train_sentencepiece,
 )
 
@@ -95,7 +108,8 @@ def load_tokenizer(data_cfg: Any) -> Tokenizer:
     """The tokenizer of config keys `data.tokenizer` and `data.tokenizer_path` (~ expanded).
 
     `data.tokenizer_path` is a SentencePiece .model or a tokenizer.json, or a directory
-    holding one (tokenizer.model / tokenizer.json) or written by `Tokenizer.save`.
+    holding one (tokenizer.model or a Hugging Face directory's spiece.model /
+    tokenizer.json) or written by `Tokenizer.save`.
     Raises ValueError naming `data.tokenizer` for an unknown name, FileNotFoundError naming
     the path and `data.tokenizer_path` for a missing file, ValueError naming the path for a
     file that is not a model of that kind.
@@ -119,7 +133,9 @@ def load_tokenizer(data_cfg: Any) -> Tokenizer:
                 raise ValueError(f"config.data.tokenizer_path: {path} holds a {tok.name!r} "
                                  f"tokenizer, not {name!r} (config.data.tokenizer)")
             return tok
-        path = path / _FILE_TOKENIZERS[name].file_name
+        cls = _FILE_TOKENIZERS[name]
+        path = next((path / n for n in (cls.file_name, *cls.alt_file_names)
+                     if (path / n).is_file()), path / cls.file_name)
     if not path.is_file():
         raise FileNotFoundError(f"config.data.tokenizer_path: {path} does not exist "
                                 f"(tokenizer {name!r} needs {kind})")
@@ -163,8 +179,12 @@ def load_saved(directory: str | Path) -> Tokenizer:
         except KeyError as e:
             raise ValueError(f"{config_path}: missing {e}") from None
         special["pad_is_special"] = bool(config.get("pad_is_special", True))
-        tok = _FILE_TOKENIZERS[kind](model, source=str(model_path), special_ids=special,
-                                     adds_bos=_saved_adds_bos(config, config_path))
+        if "mask_id" in config:  # absent: there was none (the file's rules agree)
+            special["mask_id"] = config["mask_id"]
+        cls = _FILE_TOKENIZERS[kind]
+        tok = cls(model, source=str(model_path), special_ids=special,
+                  adds_bos=_saved_adds_bos(config, config_path),
+                  **cls._saved_options(config, config_path))
     else:
         raise ValueError(f"{config_path}: unknown tokenizer type {kind!r}; "
                          f"available: {', '.join(_NAMES)}")

@@ -34,6 +34,13 @@ class Tokenizer(abc.ABC):
     # the one convention the pipeline, generation and scoring ask (never bos_id alone).
     adds_bos: bool
     fingerprint: str  # sha256 of the model file ("byte" for ByteTokenizer)
+    # Masked LM's mask token ([MASK], <mask>); None: the tokenizer has none (the pipeline
+    # then takes an id above the tokenizer's, jaxlm.data.objectives).
+    mask_id: int | None = None
+    # Span corruption's sentinels <extra_id_0>, <extra_id_1>, ... in that order (T5's count
+    # down from the top of its vocabulary); empty: the tokenizer has none.
+    sentinels: tuple[int, ...] = ()
+    _pad_is_special: bool = True  # pad_id is a real special token (not only the fallback 0)
 
     @abc.abstractmethod
     def encode(self, text: str) -> np.ndarray:
@@ -50,6 +57,31 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def save(self, directory: str | Path) -> None:
         """Writes `SAVED_CONFIG` (and the model file) into `directory`, for `load_saved`."""
+
+    @property
+    def decoder_start_id(self) -> int:
+        """What an encoder-decoder's decoder input starts with: the pad id, as T5's."""
+        return self.pad_id
+
+    def sentinel_ids(self, n: int) -> list[int]:
+        """The ids of <extra_id_0> ... <extra_id_{n-1}>; ValueError if it has fewer."""
+        if not 0 <= n <= len(self.sentinels):
+            raise ValueError(f"the tokenizer has {len(self.sentinels)} sentinel tokens "
+                             f"(<extra_id_N>), {n} are needed")
+        return list(self.sentinels[:n])
+
+    def special_ids(self) -> list[int]:
+        """Every id that is not text, sorted: pad (when a real pad token), BOS, EOS, mask,
+        sentinels and the kind's own control tokens. Masked LM never selects these for
+        prediction nor draws them as random replacements."""
+        ids = {self.bos_id, self.eos_id, self.mask_id, *self.sentinels, *self._own_special_ids()}
+        if self._pad_is_special:
+            ids.add(self.pad_id)
+        return sorted(int(i) for i in ids if i is not None)
+
+    def _own_special_ids(self) -> list[int]:
+        """The kind's special tokens beyond pad/BOS/EOS/mask/sentinels."""
+        return []
 
     def _skipped_ids(self) -> list[int]:
         return [i for i in (self.bos_id, self.eos_id) if i is not None]
@@ -82,7 +114,9 @@ class Tokenizer(abc.ABC):
     def _saved_config(self, **extra: Any) -> dict[str, Any]:
         return {"type": self.name, "format": _SAVED_FORMAT, **extra,
                 "vocab_size": int(self.vocab_size), "pad_id": self.pad_id,
-                "bos_id": self.bos_id, "eos_id": self.eos_id, "adds_bos": bool(self.adds_bos)}
+                "bos_id": self.bos_id, "eos_id": self.eos_id, "adds_bos": bool(self.adds_bos),
+                # Only when there is one: the saves of tokenizers without stay as they were.
+                **({} if self.mask_id is None else {"mask_id": int(self.mask_id)})}
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(vocab_size={self.vocab_size}, pad_id={self.pad_id}, "
@@ -93,13 +127,14 @@ class _FileTokenizer(Tokenizer):
     """A tokenizer rebuilt from the bytes of one model file (kept for `save` and pickling)."""
 
     file_name: str
+    alt_file_names: tuple[str, ...] = ()  # other names of the model file in a directory
 
     def __init__(self, model: bytes, *, source: str = "<bytes>",
                  special_ids: dict[str, int | None] | None = None,
                  adds_bos: bool | None = None):
-        """`special_ids`: the pad/bos/eos ids to use (default: the module's rules);
-        `adds_bos`: the BOS convention to use (default: what the model file says, after the
-        special ids are settled)."""
+        """`special_ids`: the pad/bos/eos (and mask, when given) ids to use (default: the
+        module's rules); `adds_bos`: the BOS convention to use (default: what the model file
+        says, after the special ids are settled)."""
         self._model = bytes(model)
         self._source = source
         self.fingerprint = hashlib.sha256(self._model).hexdigest()
@@ -115,16 +150,32 @@ class _FileTokenizer(Tokenizer):
                                      f"(vocab_size {self.vocab_size})")
         self.pad_id, self.bos_id, self.eos_id = pad, bos, eos
         self._pad_is_special = pad_is_special
+        self.mask_id = self._file_mask_id()
+        if special_ids is not None and "mask_id" in special_ids:
+            self.mask_id = special_ids["mask_id"]
+            if not (self.mask_id is None or isinstance(self.mask_id, int)
+                    and 0 <= self.mask_id < self.vocab_size):
+                raise ValueError(f"{source}: mask_id={self.mask_id!r} is not an id of this "
+                                 f"tokenizer (vocab_size {self.vocab_size})")
+        self.sentinels = tuple(int(i) for i in self._file_sentinels())
         self.adds_bos = self._file_adds_bos() if adds_bos is None else adds_bos
         if not isinstance(self.adds_bos, bool) or self.adds_bos and bos is None:
             raise ValueError(f"{source}: adds_bos={self.adds_bos!r} needs to be true or false, "
                              f"and false without a bos_id")
 
     @classmethod
-    def from_file(cls, path: str | Path) -> _FileTokenizer:
-        """Reads `path`; ValueError naming it if it is not a model of this kind."""
+    def from_file(cls, path: str | Path, **options: Any) -> _FileTokenizer:
+        """Reads `path`; ValueError naming it if it is not a model of this kind. `options`
+        (the kind's constructor keywords) default to what the files beside it say
+        (`_options_beside`)."""
         path = Path(os.path.expanduser(str(path)))
-        return cls(path.read_bytes(), source=str(path))
+        options = options or cls._options_beside(path)
+        return cls(path.read_bytes(), source=str(path), **options)
+
+    @classmethod
+    def _options_beside(cls, path: Path) -> dict[str, Any]:
+        """Constructor keywords that files next to the model file imply (default: none)."""
+        return {}
 
     @abc.abstractmethod
     def _load(self, model: bytes, source: str) -> None:
@@ -133,6 +184,23 @@ class _FileTokenizer(Tokenizer):
     @abc.abstractmethod
     def _special_ids(self) -> tuple[int, int | None, int | None, bool]:
         """(pad, bos, eos, whether pad is a real special token) by the module's rules."""
+
+    def _file_mask_id(self) -> int | None:
+        """The model file's mask token, by the module's rules (default: none)."""
+        return None
+
+    def _file_sentinels(self) -> list[int]:
+        """The model file's <extra_id_0>, <extra_id_1>, ... ids (default: none)."""
+        return []
+
+    def _options(self) -> dict[str, Any]:
+        """Constructor keywords beyond the model bytes that change the ids (saved, pickled)."""
+        return {}
+
+    @classmethod
+    def _saved_options(cls, config: dict[str, Any], config_path: Path) -> dict[str, Any]:
+        """`_options()` from a saved `SAVED_CONFIG` (checked)."""
+        return {}
 
     def _file_adds_bos(self) -> bool:
         """Whether the model file's own convention starts a sequence with `bos_id`
@@ -148,23 +216,24 @@ class _FileTokenizer(Tokenizer):
         directory.mkdir(parents=True, exist_ok=True)
         _atomic_write(directory / self.file_name, self._model)
         config = self._saved_config(file=self.file_name, sha256=self.fingerprint,
-                                    pad_is_special=self._pad_is_special)
+                                    pad_is_special=self._pad_is_special, **self._options())
         _atomic_write(directory / SAVED_CONFIG, _json_bytes(config))  # last: marks complete
 
     def __reduce__(self):  # threads or processes of a data loader may pickle it
         special = {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id,
-                   "pad_is_special": self._pad_is_special, "adds_bos": self.adds_bos}
-        return _rebuild, (type(self), self._model, self._source, special)
+                   "mask_id": self.mask_id, "pad_is_special": self._pad_is_special,
+                   "adds_bos": self.adds_bos}
+        return _rebuild, (type(self), self._model, self._source, special, self._options())
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, source={self._source!r})"
 
 
 def _rebuild(cls: type[_FileTokenizer], model: bytes, source: str,
-             special: dict[str, Any]) -> _FileTokenizer:
+             special: dict[str, Any], options: dict[str, Any] | None = None) -> _FileTokenizer:
     # Pickles made before adds_bos existed: jaxlm then started every sequence with its BOS.
     adds_bos = special.get("adds_bos", special["bos_id"] is not None)
-    return cls(model, source=source, special_ids=special, adds_bos=adds_bos)
+    return cls(model, source=source, special_ids=special, adds_bos=adds_bos, **(options or {}))
 
 
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:
