@@ -204,10 +204,13 @@ def run_seq2seq(args: argparse.Namespace, cfg, step_dir, sampling, beam) -> int:
 
 def format_figures(result: dict) -> str:
     """`<what> <split>: loss X  perplexity Y  (N target tokens, M batches; checkpoint)`."""
-    formats = {"loss": ".4f", "perplexity": ".3f", "accuracy": ".4f"}
+    formats = {"loss": ".4f", "perplexity": ".3f", "accuracy": ".4f", "exact_match": ".4f",
+               "f1": ".4f"}
     figures = "  ".join(f"{k} {result[k]:{f}}" for k, f in formats.items() if k in result)
     counts = [f"{result[k]:,.0f} {name}" for k, name in (("tokens", "target tokens"),
-                                                         ("examples", "examples")) if k in result]
+                                                         ("examples", "examples"),
+                                                         ("generated", "generated"))
+              if k in result]
     counts.append(f"{result['batches']} batches")
     return f"{result['label']}: {figures}  ({', '.join(counts)}; {result['checkpoint']})"
 

@@ -1,8 +1,10 @@
 """The classification head: pooled final hidden states -> num_labels logits.
 
 Pooling: "last" takes the last non-padding token of the row (with the data's EOS there, a
-summary position a causal model can attend all of the text from); "mean" averages the
-hidden states of the row's real tokens. The head is a float32 matrix (D x C) and bias (C),
+summary position a causal model can attend all of the text from); "first" the row's first
+real token (an encoder's [CLS]: the tokenizer's start token, which attends to the whole
+text in both directions); "mean" averages the hidden states of the row's real tokens.
+Token types (an encoder's segment A/B embedding) are left at their default, 0. The head is a float32 matrix (D x C) and bias (C),
 trained in every method (with LoRA: adapters + head).
 
 Batch (one example per row, see classify_data.py): inputs, positions, segment_ids (1 real,
@@ -27,13 +29,17 @@ def init_head(key: jax.Array, d_model: int, num_labels: int, std: float) -> dict
 
 
 def pool(hidden_BxLxD: jax.Array, segment_ids_BxL: jax.Array, pooling: str) -> jax.Array:
-    """float32 B x D: the last real token's state, or the mean over real tokens."""
+    """float32 B x D: the last or the first real token's state, or the mean over real
+    tokens."""
     real_BxL = segment_ids_BxL > 0
     hidden = hidden_BxLxD.astype(jnp.float32)
     if pooling == "mean":
         count_Bx1 = jnp.maximum(jnp.sum(real_BxL, axis=1, keepdims=True), 1)
         return jnp.sum(jnp.where(real_BxL[..., None], hidden, 0.0), axis=1) / count_Bx1
     length = segment_ids_BxL.shape[1]
+    if pooling == "first":
+        first_B = jnp.argmax(real_BxL, axis=1)  # 0 for a row of padding only
+        return jnp.take_along_axis(hidden, first_B[:, None, None], axis=1)[:, 0]
     last_B = jnp.max(jnp.where(real_BxL, jnp.arange(length), 0), axis=1)
     return jnp.take_along_axis(hidden, last_B[:, None, None], axis=1)[:, 0]
 

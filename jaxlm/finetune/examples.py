@@ -10,6 +10,10 @@ classify_tiny.jsonl (text, label name): one line of Python and what kind of stat
 
 Both suit a model pretrained on the default corpus (Python's standard library): the default
 `jaxlm train` run is the base of configs/sft_tiny.py, lora_tiny.py and classify_tiny.py.
+
+translate_tiny_{train,eval}.jsonl (input, target) and qa_tiny_{train,eval}.jsonl (SQuAD-style
+question, context, answers): the toy sets of jaxlm.finetune.toy, for configs/translate_tiny.py
+(a t5 base) and configs/qa_tiny.py (a bert base); train and eval hold distinct examples.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import json
 import pathlib
 import random
+
+from jaxlm.finetune import toy
 
 DATA_DIR = pathlib.Path(__file__).parent / "data"
 CLASSIFY_LABELS = ("import", "function", "loop", "assignment")
@@ -85,10 +91,23 @@ def classify_records(count: int = 1200, seed: int = 1) -> list[dict]:
     return out
 
 
+QA_SIZES = (1000, 200)  # train, eval
+TRANSLATE_SIZES = (2000, 200)
+
+
+def shipped() -> dict[str, list[dict]]:
+    """File name -> records of every shipped data file."""
+    translate_train, translate_eval = toy.translation_splits(*TRANSLATE_SIZES)
+    qa_train, qa_eval = toy.qa_splits(*QA_SIZES)
+    return {"sft_tiny.jsonl": sft_records(), "classify_tiny.jsonl": classify_records(),
+            "translate_tiny_train.jsonl": translate_train,
+            "translate_tiny_eval.jsonl": translate_eval,
+            "qa_tiny_train.jsonl": qa_train, "qa_tiny_eval.jsonl": qa_eval}
+
+
 def write(directory: pathlib.Path = DATA_DIR) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    for name, recs in (("sft_tiny.jsonl", sft_records()),
-                       ("classify_tiny.jsonl", classify_records())):
+    for name, recs in shipped().items():
         with open(directory / name, "w") as f:
             for r in recs:
                 f.write(json.dumps(r) + "\n")

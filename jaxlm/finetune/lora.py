@@ -21,7 +21,9 @@ parameters are `LoraParam`s: a fine-tuning run trains and saves only those
 (`nnx.state(model, LoraParam)`). Dropout keys (`LoraKey`) are filled in every step.
 
 Targets: q, k, v, o (attention wq, wk, wv, wo) and mlp (every MLP matrix); each model family
-names its projections for each target (jaxlm.model.family.Family.lora_targets).
+names its projections for each target (jaxlm.model.family.Family.lora_targets), in every
+layer stack the model has (`blocks`; an encoder-decoder's `encoder_blocks` and
+`decoder_blocks`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import ml_collections
 from flax import nnx
 
 from jaxlm.config import finetune as finetune_section
+from jaxlm.errors import ConfigError
 from jaxlm.model import adapters as adapters_lib
 from jaxlm.model.layers import dense
 from jaxlm.model.zoo import Family
@@ -116,13 +119,27 @@ class LoRA(nnx.Module):
         return dense(h_BxLxR, self.lora_b[...], self.dtype)
 
 
+# The layer stacks of a model: `blocks` (decoders, encoders), or an encoder-decoder's two.
+STACKS = ("blocks", "encoder_blocks", "decoder_blocks")
+
+
 def _targets(model: nnx.Module, family: Family, targets: tuple[str, ...]
              ) -> Iterator[tuple[nnx.Module, str, int]]:
     """(module, weight name, input dimensions) of every adapted projection of the layer
-    stack, in a fixed order: the targets' order, then the family's."""
-    for t in targets:
-        for sub, name, n_in in family.lora_targets[t]:
-            yield getattr(model.blocks, sub), name, n_in
+    stacks, in a fixed order: the stacks' (STACKS), then the targets', then the family's."""
+    for stack in (getattr(model, s) for s in STACKS if hasattr(model, s)):
+        for t in targets:
+            for sub, name, n_in in family.lora_targets[t]:
+                yield getattr(stack, sub), name, n_in
+
+
+def check_targets(family: Family, lora_cfg: ml_collections.ConfigDict) -> None:
+    """ConfigError naming finetune.lora.targets when the family has no projection of one."""
+    missing = [t for t in finetune_section.lora_targets(lora_cfg) if t not in family.lora_targets]
+    if missing:
+        raise ConfigError(f"config.finetune.lora.targets: family {family.name!r} has no "
+                          f"{'/'.join(missing)} projections to adapt; choose from "
+                          f"{','.join(family.lora_targets)}")
 
 
 def attach(model: nnx.Module, family: Family, lora_cfg: ml_collections.ConfigDict, seed: int,

@@ -1,5 +1,6 @@
-"""The fine-tuning tasks: SFT and classification, each with full fine-tuning or LoRA, run by
-the one training loop (jaxlm.train.loop) like pretraining.
+"""The fine-tuning tasks: SFT, classification, extractive QA and text-to-text (seq2seq), each
+with full fine-tuning or LoRA, run by the one training loop (jaxlm.train.loop) like
+pretraining.
 
 A run starts from `finetune.base` (its parameters, fresh optimizer, step 0) and is then its
 own run: its checkpoints hold the trainable state only (LoRA: the adapters), and the config
@@ -9,8 +10,9 @@ and checks it bit for bit against the fingerprint recorded when the run started.
     state   {"step", "params" | "adapters", ["head"], "opt_state", "nonfinite_steps"}
     frozen  {"params": the base}   (LoRA only: read by the step, never trained or saved)
 
-SFT's objective is the causal-LM loss over the response tokens (jaxlm.train.lm.loss_sums);
-classification's is cross-entropy over the labels of pooled hidden states (classify.py).
+What differs between the tasks (their rows, head, objective and evaluation) is the
+`finetune.task`'s objective (objectives.py); everything else (the base, the state, LoRA,
+the training rows' order, the metadata) is here, the same for every task.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from jaxlm import config as config_lib
@@ -33,15 +36,14 @@ from jaxlm.checkpoint import manager as checkpoint_lib
 from jaxlm.config import finetune as finetune_section
 from jaxlm.data import tokenizers
 from jaxlm.errors import ConfigError, UserError
-from jaxlm.finetune import classify, classify_data, lora, sft_data, templates
+from jaxlm.finetune import classify, lora, objectives
 from jaxlm.finetune import records as records_lib
 from jaxlm.finetune import rows as rows_lib
 from jaxlm.model import zoo
 from jaxlm.parallel import distributed, rules
-from jaxlm.train import lm
 from jaxlm.train import state as state_lib
 from jaxlm.train.step import Objective
-from jaxlm.train.task import Batches, BatchLayout, Say, Task, token_batch_layout, token_figures
+from jaxlm.train.task import Batches, BatchLayout, Say, Task
 from jaxlm.train.validate import validate
 
 RUNTIME_MODEL_KEYS = ("dtype", "remat", "attention", "scan_layers")  # never change parameters
@@ -91,7 +93,7 @@ def build_model(model_cfg: ml_collections.ConfigDict, ft_cfg: ml_collections.Con
 
 
 class FinetuneTask(Task):
-    """`finetune.task` sft or classify, `finetune.method` full or lora."""
+    """`finetune.task` sft, classify, qa or seq2seq; `finetune.method` full or lora."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None,
                  *, num_devices: int | None = None):
@@ -111,6 +113,9 @@ class FinetuneTask(Task):
         self.name = self.cfg.finetune.task
         self.eval_every = self.cfg.finetune.eval_every
         self.lora = self.cfg.finetune.method == "lora"
+        if self.lora:
+            lora.check_targets(zoo.family(self.cfg.model.family), self.cfg.finetune.lora)
+        self.kind = objectives.make(self.cfg, self.tokenizer, self.base.step_dir)
         self.frozen = {}
         self._rows: tuple[dict, dict] | None = None
         self._data_fingerprint: str | None = None
@@ -119,45 +124,21 @@ class FinetuneTask(Task):
     # ---- data ------------------------------------------------------------------------------
 
     def batch_layout(self) -> BatchLayout:
-        b, length = self.cfg.data.global_batch_size, self.cfg.data.seq_len
-        if self.name == "sft":
-            return token_batch_layout(b, length)
-        tokens = ((b, length), jnp.int32, ("batch", "sequence"))
-        return {"inputs": tokens, "positions": tokens, "segment_ids": tokens,
-                "labels": ((b,), jnp.int32, ("batch",)),
-                "label_weights": ((b,), jnp.float32, ("batch",))}
+        return self.kind.batch_layout()
 
     def load_data(self, say: Say = lambda *a: None) -> tuple[dict, dict]:
         """(train rows, eval rows) of the task, every line checked; read once."""
         if self._rows is not None:
             return self._rows
-        cfg, ft, seq_len = self.cfg, self.cfg.finetune, self.cfg.data.seq_len
+        cfg, ft = self.cfg, self.cfg.finetune
         train_records = records_lib.read_jsonl(ft.train_file)
         if ft.eval_file:
             eval_records = records_lib.read_jsonl(ft.eval_file)
         else:
             train_records, eval_records = records_lib.split_eval(
                 train_records, ft.eval_fraction, cfg.data.shuffle_seed)
-        out = []
-        for name, recs in (("train", train_records), ("eval", eval_records)):
-            if self.name == "sft":
-                template = templates.load_template(ft.template)
-                examples, counts = sft_data.load_examples(recs, template, self.tokenizer,
-                                                          seq_len, ft.overlong)
-                rows = sft_data.pack(examples, seq_len, ft.packing)
-                say(f"{name}: {counts.examples:,} examples in {len(rows['inputs']):,} rows of "
-                    f"{seq_len} ({int(rows['weights'].sum()):,} trained tokens); "
-                    f"{counts.skipped_overlong} skipped (prompt longer than seq_len), "
-                    f"{counts.truncated} truncated")
-            else:
-                num_labels = finetune_section.num_labels(ft)
-                rows, skipped = classify_data.load_rows(
-                    recs, self.tokenizer, seq_len, ft.text_field, ft.label_field, num_labels,
-                    finetune_section.label_names(ft), ft.overlong)
-                counts = np.bincount(rows["labels"], minlength=num_labels)
-                say(f"{name}: {len(rows['labels']):,} examples, per label {counts.tolist()}; "
-                    f"{skipped} skipped (longer than seq_len)")
-            out.append(rows)
+        out = [self.kind.rows(recs, name, say)
+               for name, recs in (("train", train_records), ("eval", eval_records))]
         self._rows = (out[0], out[1])
         return self._rows
 
@@ -190,8 +171,8 @@ class FinetuneTask(Task):
             self.key_template = keys if jax.tree.leaves(keys) else None
         else:
             trainable["params"], axes["params"] = self.base_abstract, self.base_axes
-        if self.name == "classify":
-            c = finetune_section.num_labels(ft)
+        if self.kind.head_outputs:
+            c = self.kind.head_outputs
             shapes = {"w": (cfg.d_model, c), "b": (c,)}
             trainable["head"] = {
                 k: jax.ShapeDtypeStruct(shapes[k], jnp.float32, sharding=NamedSharding(
@@ -201,7 +182,7 @@ class FinetuneTask(Task):
 
     def objective(self) -> Objective:
         graphdef, eval_graphdef, key_template = self.graphdef, self.eval_graphdef, self.key_template
-        ft, z_loss, use_lora = self.cfg.finetune, self.cfg.optim.z_loss, self.lora
+        kind, use_lora = self.kind, self.lora
 
         def sums(trainable, frozen, batch, key, train):
             if use_lora:
@@ -211,12 +192,16 @@ class FinetuneTask(Task):
                 params = lora.combine(*parts)
             else:
                 params = trainable["params"]
-            g = graphdef if train else eval_graphdef
-            if ft.task == "sft":
-                return lm.loss_sums(g, params, batch, z_loss if train else 0.0)
-            return classify.loss_sums(g, params, trainable["head"], batch, ft.pooling)
+            return kind.sums(graphdef if train else eval_graphdef, params,
+                             trainable.get("head"), batch, train)
 
-        return Objective(sums, lm.token_metrics if ft.task == "sft" else classify.metrics)
+        return Objective(sums, kind.metrics)
+
+    def eval_params(self, trainable: dict, frozen: dict) -> Any:
+        """The parameters `eval_graphdef` reads (inside jit): the base, or base + adapters."""
+        if self.lora:
+            return lora.combine(frozen["params"], trainable["adapters"])
+        return trainable["params"]
 
     def _base_params(self) -> Any:
         return checkpoint_lib.restore_params(self.base.step_dir, self.base_abstract)
@@ -227,7 +212,7 @@ class FinetuneTask(Task):
         cfg, ft, seed = self.cfg.model, self.cfg.finetune, self.cfg.train.seed
         base = self._base_params()
         self.base_fingerprint = fingerprint.digest(base)
-        lora_method, classify_task = self.lora, self.name == "classify"
+        lora_method, head_outputs = self.lora, self.kind.head_outputs
 
         def groups(base):
             out: dict = {}
@@ -236,10 +221,9 @@ class FinetuneTask(Task):
                 out["adapters"] = nnx.to_pure_dict(nnx.state(model, lora.LoraParam))
             else:
                 out["params"] = base
-            if classify_task:
+            if head_outputs:
                 out["head"] = classify.init_head(jax.random.fold_in(jax.random.key(seed), 1),
-                                                 cfg.d_model, finetune_section.num_labels(ft),
-                                                 cfg.init_std)
+                                                 cfg.d_model, head_outputs, cfg.init_std)
             return out
 
         self.frozen = {"params": base} if self.lora else {}
@@ -280,29 +264,35 @@ class FinetuneTask(Task):
 
     def flops_per_token(self) -> float:
         adapters = self.spec.trainable_count if self.lora else 0
-        if self.name == "classify":
+        if self.kind.head_outputs:
             adapters -= sum(int(x.size) for x in jax.tree.leaves(self.spec.abstract["head"]))
-        return zoo.flops_per_token(self.cfg.model, self.cfg.data.seq_len,
-                                         lm_head=self.name == "sft", frozen=self.lora,
-                                         adapter_params=max(adapters, 0))
+        return self.kind.flops_per_token(self.lora, max(adapters, 0))
 
     # ---- evaluation ------------------------------------------------------------------------
 
     def evaluate(self, state, split: str = "validation", max_batches: int | None = None
                  ) -> dict[str, float]:
-        """Loss (classification: and accuracy) over every row of the held-out examples
+        """The task's figures (objectives.py) over every row of the held-out examples
         ("validation") or of the training examples ("train"), in order."""
         if split not in ("train", "validation"):
             raise UserError(f"split {split!r} is not one of train, validation")
         train_rows, eval_rows = self.load_data()
+        rows, name = (eval_rows, "eval") if split == "validation" else (train_rows, "train")
+        return self.kind.evaluate(self, state, rows, name, max_batches)
+
+    def eval_batches(self, rows: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        """This process's rows of every global batch of `rows`, once, in order (the last
+        padded with zero rows)."""
         global_batch = self.cfg.data.global_batch_size
         local = distributed.local_rows(rules.batch_sharding(self.mesh), global_batch)
-        batches = rows_lib.eval_batches(eval_rows if split == "validation" else train_rows,
-                                        global_batch, local)
-        totals, count = self.sum_batches(state, batches, max_batches)
-        if self.name == "sft":
-            return token_figures(totals, count)
-        return classify.figures(totals, count)
+        return rows_lib.eval_batches(rows, global_batch, local)
+
+    @staticmethod
+    def gather(x: jax.Array) -> np.ndarray:
+        """Every row of a batch-sharded array on this host, in order."""
+        if jax.process_count() == 1:
+            return np.asarray(jax.device_get(x))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     def eval_label(self, split: str) -> str:
         ft = self.cfg.finetune
