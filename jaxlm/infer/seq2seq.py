@@ -12,7 +12,11 @@ no limit on their length. One jitted call per
 batch: the encoder runs once, the decoder starts from `decoder_start_id` (T5: the pad id 0)
 and decodes one token per step with the model's cache (`model.init_cache`,
 `model.decode_step`) inside a `lax.while_loop` that ends once every row has stopped; no
-host round trip per token.
+host round trip per token. The generator keeps the decoder's layers apart (the network
+module's `unstack_decoder`, done once when it is built, in place of the stacked arrays: no
+second copy) and passes them to `init_cache` and `decode_step` as `layers`, so that no
+token slices the layers' weights out of the stacked arrays (on CPU, copies that cost
+about twice the step's matmuls); `params` stacks them again.
 
 Greedy and sampling use jaxlm.infer.generate's `Sampling` and `sample` (temperature, then
 top-k, then top-p; token t, from 0, drawn with key fold_in(seed key, t)). Beam search is
@@ -48,26 +52,32 @@ ENCODER_DECODER = "encoder_decoder"
 
 # ---- the device functions (any model with encode / init_cache / decode_step) ---------------
 
+# `layers`: the decoder's layers apart (the network module's unstack_decoder), passed on to
+# the model's init_cache and decode_step; None: the model's own (stacked) parameters.
+def _with_layers(layers: Any) -> dict[str, Any]:
+    return {} if layers is None else {"layers": layers}
+
+
 def encode(model: Any, tokens_BxS: jax.Array, segments_BxS: jax.Array, max_new_tokens: int,
-           start_id: jax.Array) -> tuple[Any, jax.Array]:
+           start_id: jax.Array, layers: Any = None) -> tuple[Any, jax.Array]:
     """(the decoder cache of max_new_tokens slots over the encoded inputs, int32 decoder
     start tokens B)."""
     enc_BxSxD = model.encode(tokens_BxS, None, segments_BxS)
-    cache = model.init_cache(enc_BxSxD, segments_BxS, max_new_tokens)
+    cache = model.init_cache(enc_BxSxD, segments_BxS, max_new_tokens, **_with_layers(layers))
     return cache, jnp.full(tokens_BxS.shape[:1], start_id, jnp.int32)
 
 
 def sampled(model: Any, tokens_BxS: jax.Array, segments_BxS: jax.Array, start_id: jax.Array,
             stop_ids: jax.Array, key: jax.Array, *, max_new_tokens: int,
-            sampling: Sampling) -> tuple[jax.Array, jax.Array]:
+            sampling: Sampling, layers: Any = None) -> tuple[jax.Array, jax.Array]:
     """Greedy or sampled decoding: (int32 tokens B x max_new_tokens, 0 after a row's stop;
     int32 lengths B, the stop token included)."""
-    cache, token_B = encode(model, tokens_BxS, segments_BxS, max_new_tokens, start_id)
+    cache, token_B = encode(model, tokens_BxS, segments_BxS, max_new_tokens, start_id, layers)
     rows = tokens_BxS.shape[0]
 
     def step(carry):
         i, cache, token_B, done_B, length_B, out_BxL = carry
-        logits_Bx1xV, cache = model.decode_step(token_B[:, None], cache)
+        logits_Bx1xV, cache = model.decode_step(token_B[:, None], cache, **_with_layers(layers))
         token_B = jnp.where(done_B, 0, sample(logits_Bx1xV[:, 0], jax.random.fold_in(key, i),
                                               sampling))
         length_B = jnp.where(done_B, length_B, i + 1)
@@ -86,16 +96,17 @@ def sampled(model: Any, tokens_BxS: jax.Array, segments_BxS: jax.Array, start_id
 def beam_searched(model: Any, select_rows: Callable[[Any, jax.Array], Any],
                   tokens_BxS: jax.Array, segments_BxS: jax.Array, start_id: jax.Array,
                   stop_ids: jax.Array, scoring: dict[str, jax.Array], *, max_new_tokens: int,
-                  num_beams: int, n_stop_ids: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  num_beams: int, n_stop_ids: int, layers: Any = None
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Beam search (jaxlm.infer.beam.search; `scoring`: Beam.scoring()) over each input's
     encoding repeated num_beams times: (tokens B x max_new_tokens, lengths B, scores B)."""
     nb = num_beams
     tokens_RxS = jnp.repeat(tokens_BxS, nb, axis=0)
     segments_RxS = jnp.repeat(segments_BxS, nb, axis=0)
-    cache, start_R = encode(model, tokens_RxS, segments_RxS, max_new_tokens, start_id)
+    cache, start_R = encode(model, tokens_RxS, segments_RxS, max_new_tokens, start_id, layers)
 
     def step(token_R, cache):
-        logits_Rx1xV, cache = model.decode_step(token_R[:, None], cache)
+        logits_Rx1xV, cache = model.decode_step(token_R[:, None], cache, **_with_layers(layers))
         return logits_Rx1xV[:, 0], cache
 
     return search(step, select_rows, cache, start_R, stop_ids, scoring, num_beams=nb,
@@ -167,10 +178,10 @@ def pad_inputs(arrays: list[np.ndarray], bucket: int, shards: int
     return tokens, segments
 
 
-def select_rows_of(model_cfg: ml_collections.ConfigDict) -> Callable[[Any, jax.Array], Any]:
-    """The network module's `select_rows(cache, rows)`, which beam search reorders with."""
-    module = zoo.family(model_cfg.family).network.split(":")[0]
-    return importlib.import_module(module).select_rows
+def network_module(model_cfg: ml_collections.ConfigDict) -> Any:
+    """The family's network module: its `select_rows(cache, rows)`, which beam search
+    reorders with, and `unstack_decoder(params)` / `restack_decoder(rest, layers)`."""
+    return importlib.import_module(zoo.family(model_cfg.family).network.split(":")[0])
 
 
 # ---- the generator -------------------------------------------------------------------------
@@ -189,28 +200,42 @@ class Seq2SeqGenerator:
         self.mesh = mesh if mesh is not None else mesh_lib.single_device_mesh()
         self.input_bucket = max(int(input_bucket), 1)
         self.graphdef, abstract_state = nnx.split(zoo.abstract(self.cfg))
-        self.params = jax.device_put(params, rules.shardings_of(abstract_state, self.mesh))
-        self._select_rows = select_rows_of(self.cfg)
+        network = network_module(self.cfg)
+        self._select_rows, self._restack = network.select_rows, network.restack_decoder
+        # What the generator keeps: the parameters without the stacked decoder, and the
+        # decoder's layers apart (module docstring).
+        self._rest, self._layers = network.unstack_decoder(
+            jax.device_put(params, rules.shardings_of(abstract_state, self.mesh)))
         self._batch_sharding = rules.batch_sharding(self.mesh)
         self._sampled = jax.jit(self._sampled_fn, static_argnames=("max_new_tokens", "sampling"))
         self._beams = jax.jit(self._beams_fn,
                               static_argnames=("max_new_tokens", "num_beams", "n_stop_ids"))
 
     @property
+    def params(self) -> Any:
+        """The parameter tree (nested dict), the decoder's layers stacked again (a copy)."""
+        return self._restack(self._rest, self._layers)
+
+    @property
     def model(self) -> nnx.Module:
         return nnx.merge(self.graphdef, self.params)
 
-    def _sampled_fn(self, params, tokens_BxS, segments_BxS, start_id, stop_ids, key, *,
-                    max_new_tokens, sampling):
-        return sampled(nnx.merge(self.graphdef, params), tokens_BxS, segments_BxS, start_id,
-                       stop_ids, key, max_new_tokens=max_new_tokens, sampling=sampling)
+    def _merged(self, rest, layers) -> nnx.Module:
+        # Generation reads only `layers`: XLA drops the stacking of the unread copy.
+        return nnx.merge(self.graphdef, self._restack(rest, layers))
 
-    def _beams_fn(self, params, tokens_BxS, segments_BxS, start_id, stop_ids, scoring, *,
+    def _sampled_fn(self, rest, layers, tokens_BxS, segments_BxS, start_id, stop_ids, key, *,
+                    max_new_tokens, sampling):
+        return sampled(self._merged(rest, layers), tokens_BxS, segments_BxS, start_id,
+                       stop_ids, key, max_new_tokens=max_new_tokens, sampling=sampling,
+                       layers=layers)
+
+    def _beams_fn(self, rest, layers, tokens_BxS, segments_BxS, start_id, stop_ids, scoring, *,
                   max_new_tokens, num_beams, n_stop_ids):
-        return beam_searched(nnx.merge(self.graphdef, params), self._select_rows, tokens_BxS,
+        return beam_searched(self._merged(rest, layers), self._select_rows, tokens_BxS,
                              segments_BxS, start_id, stop_ids, scoring,
                              max_new_tokens=max_new_tokens, num_beams=num_beams,
-                             n_stop_ids=n_stop_ids)
+                             n_stop_ids=n_stop_ids, layers=layers)
 
     def generate(self, inputs: Sequence[Sequence[int]], max_new_tokens: int, *,
                  decoder_start_id: int, stop_tokens: Sequence[int] = (),
@@ -228,14 +253,15 @@ class Seq2SeqGenerator:
         with mesh_lib.use(self.mesh):
             tokens = jax.device_put(tokens, self._batch_sharding)
             segments = jax.device_put(segments, self._batch_sharding)
+            params = (self._rest, self._layers)
             if beam is not None and beam.num_beams > 1:
                 out_BxL, length_B, _ = self._beams(
-                    self.params, tokens, segments, start_id, stop_ids, beam.scoring(),
+                    *params, tokens, segments, start_id, stop_ids, beam.scoring(),
                     max_new_tokens=int(max_new_tokens), num_beams=beam.num_beams,
                     n_stop_ids=len(stop))
             else:
                 out_BxL, length_B = self._sampled(
-                    self.params, tokens, segments, start_id, stop_ids, jax.random.key(seed),
+                    *params, tokens, segments, start_id, stop_ids, jax.random.key(seed),
                     max_new_tokens=int(max_new_tokens), sampling=sampling)
         out_BxL, length_B = jax.device_get((out_BxL, length_B))
         return [out_BxL[i, :length_B[i]].astype(np.int32) for i in range(len(arrays))]

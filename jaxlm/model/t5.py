@@ -27,6 +27,11 @@ Generation: `init_cache(enc, enc_segment_ids, max_len)` computes every decoder l
 cross-attention keys and values once; `decode_step(tokens_BxN, cache)` appends N tokens at
 the cache's index and returns their logits; `select_rows(cache, rows)` (module level)
 reorders the batch (beam search). Step by step equals `decode` over the whole sequence.
+Both take `layers`, each decoder layer's parameters apart (`unstack_decoder(params)`,
+module level; `restack_decoder` joins them again): a generator prepares them once, and its
+token loop then runs the layers one after another, reading their weights in place, instead
+of a scan over the stacked layers that slices every layer's weights out of the stack at
+every token (on CPU, copies costing about twice the step's matmuls).
 
 The attention is plain XLA einsums: its scores carry the position bias, so model.attention
 must be "xla", and the bucket settings must make sense (relative_buckets >= 4,
@@ -35,6 +40,8 @@ both.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +67,7 @@ from jaxlm.model.t5_layers import (
 from jaxlm.model.zoo import decoder_layers
 from jaxlm.parallel.rules import constrain
 
-__all__ = ["T5", "T5Cache", "select_rows"]
+__all__ = ["T5", "T5Cache", "restack_decoder", "select_rows", "unstack_decoder"]
 
 
 def _make_stack(block: type, cfg: ml_collections.ConfigDict, n_layers: int, rngs: nnx.Rngs):
@@ -138,20 +145,24 @@ class T5(nnx.Module):
     # ---- generation --------------------------------------------------------------------------
 
     def init_cache(self, enc_BxSxD: jax.Array, enc_segment_ids_BxS: jax.Array | None,
-                   max_len: int) -> T5Cache:
+                   max_len: int, layers: Sequence[dict] | None = None) -> T5Cache:
         """An empty cache for `max_len` decoder tokens over this encoder output: every decoder
         layer's cross-attention keys and values, computed once; `enc_segment_ids_BxS` marks
-        the encoder's real tokens (nonzero) and its padding (0); None: no padding."""
+        the encoder's real tokens (nonzero) and its padding (0); None: no padding. `layers`:
+        as decode_step's."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         enc_BxSxD = enc_BxSxD.astype(dtype)
         b, s = enc_BxSxD.shape[:2]
         graphdef, stacked = nnx.split(self.decoder_blocks)
 
-        def layer(_, layer_state):
-            return None, nnx.merge(graphdef, layer_state).cross_attn.keys_values(enc_BxSxD)
+        def keys_values(layer_params):
+            return nnx.merge(graphdef, layer_params).cross_attn.keys_values(enc_BxSxD)
 
-        _, (cross_k, cross_v) = jax.lax.scan(layer, None, stacked)
+        if layers is None:
+            cross_k, cross_v = jax.lax.map(keys_values, stacked)
+        else:
+            cross_k, cross_v = (jnp.stack(a) for a in zip(*map(keys_values, layers)))
         shape = (decoder_layers(cfg), b, cfg.n_heads, max_len, counts.head_dim(cfg))
         zeros = constrain(jnp.zeros(shape, dtype), CACHE_AXES)
         visible = (jnp.ones((b, s), bool) if enc_segment_ids_BxS is None
@@ -161,10 +172,17 @@ class T5(nnx.Module):
                        cross_bias=mask_bias(visible)[:, None, None, :],
                        index=jnp.zeros((), jnp.int32))
 
-    def decode_step(self, tokens_BxN: jax.Array, cache: T5Cache) -> tuple[jax.Array, T5Cache]:
+    def decode_step(self, tokens_BxN: jax.Array, cache: T5Cache,
+                    layers: Sequence[dict] | None = None) -> tuple[jax.Array, T5Cache]:
         """Appends N tokens at the cache's index (positions index .. index+N-1 in every row):
         their logits (float32, B x N x V) and the cache with them written and its index
-        advanced. The caller keeps index + N <= max_len."""
+        advanced. The caller keeps index + N <= max_len.
+
+        `layers`: each decoder layer's parameters apart (`unstack_decoder(params)[1]`),
+        prepared once outside the token loop; the layers then run one after another (a
+        Python loop) and read their weights in place. Without them a scan over the stacked
+        layers slices each layer's weights out of the stack at every step: on CPU, copies
+        costing about twice the step's matmuls. Both compute the same logits."""
         cfg = self.cfg
         n, slots = tokens_BxN.shape[1], cache.max_len
         pos_1xN = (cache.index + jnp.arange(n, dtype=jnp.int32))[None]
@@ -179,12 +197,22 @@ class T5(nnx.Module):
         graphdef, stacked = nnx.split(self.decoder_blocks)
 
         def layer(x, xs):
-            layer_state, k, v, cross_k, cross_v = xs
-            return nnx.merge(graphdef, layer_state).step(x, k, v, cross_k, cross_v, biases)
+            layer_params, k, v, cross_k, cross_v = xs
+            return nnx.merge(graphdef, layer_params).step(x, k, v, cross_k, cross_v, biases)
 
-        x_BxNxD, (k_new, v_new) = jax.lax.scan(
-            layer, self._embed(tokens_BxN),
-            (stacked, cache.k, cache.v, cache.cross_k, cache.cross_v))
+        x_BxNxD = self._embed(tokens_BxN)
+        caches = (cache.k, cache.v, cache.cross_k, cache.cross_v)
+        if layers is None:
+            x_BxNxD, (k_new, v_new) = jax.lax.scan(layer, x_BxNxD, (stacked, *caches))
+        else:
+            if len(layers) != cache.k.shape[0]:
+                raise ValueError(f"decode_step: {len(layers)} layers given for a cache of "
+                                 f"{cache.k.shape[0]} decoder layers")
+            new = []
+            for i, layer_params in enumerate(layers):
+                x_BxNxD, kv = layer(x_BxNxD, (layer_params, *(c[i] for c in caches)))
+                new.append(kv)
+            k_new, v_new = (jnp.stack(a) for a in zip(*new))
 
         def write(cache_NxBxHxTxK, new_NxBxHxNxK):
             updated = jax.lax.dynamic_update_slice_in_dim(
@@ -216,6 +244,29 @@ class T5(nnx.Module):
         logits = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(dtype),
                             preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "sequence", "act_vocab"))
+
+
+def unstack_decoder(params: dict) -> tuple[dict, tuple[dict, ...]]:
+    """A T5 parameter tree (nested dict) as (the tree without "decoder_blocks", each
+    decoder layer's parameters: its slice of every decoder_blocks array, sharded as the
+    stack is): what a generator keeps instead of the stacked decoder, so that
+    `init_cache` and `decode_step` read the layers (their `layers`) without slicing them
+    out of the stack at every token and without a second copy of the decoder's weights.
+    `restack_decoder` is its inverse."""
+    rest = {name: value for name, value in params.items() if name != "decoder_blocks"}
+    return rest, _layer_slices(params["decoder_blocks"])
+
+
+@jax.jit
+def _layer_slices(stacked: dict) -> tuple[dict, ...]:
+    depth = jax.tree.leaves(stacked)[0].shape[0]
+    return tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(depth))
+
+
+def restack_decoder(rest: dict, layers: Sequence[dict]) -> dict:
+    """The parameter tree of `unstack_decoder`'s parts. Under jit, when nothing reads the
+    stacked decoder (generation given `layers`), XLA drops the stacking: no copy is made."""
+    return {**rest, "decoder_blocks": jax.tree.map(lambda *a: jnp.stack(a), *layers)}
 
 
 def _positions(tokens_BxL: jax.Array, positions_BxL: jax.Array | None) -> jax.Array:

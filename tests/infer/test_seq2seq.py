@@ -8,8 +8,9 @@ tied, v1.1 gated-GELU untied) converted by `jaxlm convert from-hf` and generated
 simulated devices: greedy and beam search (3-4 beams, length penalties 0.6 / 1 / 2, early
 stopping true / false / "never") equal transformers' `generate` id for id on a batch of
 inputs of different lengths; seeded sampling draws token by token from transformers'
-distribution, reproducibly, and top_k=1 is greedy; the `jaxlm generate` command, its bad
-flags, and the runs it refuses.
+distribution, reproducibly, and top_k=1 is greedy; the generator keeps the decoder's layers
+apart (sharded, no second copy, its `params` the run's); the `jaxlm generate` command, its
+bad flags, and the runs it refuses.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxlm.infer import seq2seq
 from jaxlm.infer.beam import Beam, BeamError
@@ -272,6 +274,34 @@ def test_greedy_equals_transformers(t5_run, case, seed):
     assert len({t for row in got for t in row}) >= 6 and sum(len(r) for r in got) >= 14
     # each input alone gives what it gives in the padded batch
     assert [ours(generator, [i])[0] for i in INPUTS] == got
+
+
+def test_generator_keeps_the_decoder_layers_apart(t5_run):
+    """The generator holds each decoder layer's parameters apart in place of the stacked
+    arrays (no second copy of the decoder), each sharded as its slice of the stack would
+    be; `params` stacks them again: the run's parameters, bit for bit."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxlm.checkpoint import rundir
+    from jaxlm.infer import run_params
+    from jaxlm.model import zoo
+    from jaxlm.parallel import mesh as mesh_lib
+    from jaxlm.parallel import rules
+
+    _, generator, run = t5_run("v1_1_gated_untied", 1)
+    saved, step_dir = rundir.saved_config(run)
+    restored = run_params.restore(mesh_lib.fit_mesh(saved), step_dir, generator.mesh)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(generator.params),
+                 jax.device_get(restored))
+    kept = jax.tree.leaves((generator._rest, generator._layers))
+    assert sum(a.size for a in kept) == sum(a.size for a in jax.tree.leaves(restored))
+    assert "decoder_blocks" not in generator._rest and len(generator._layers) == 3
+    stacks = rules.shardings_of(nnx.split(zoo.abstract(generator.cfg))[1], generator.mesh)
+    for layer in generator._layers:
+        for got, stack in zip(jax.tree.leaves(layer), jax.tree.leaves(stacks["decoder_blocks"])):
+            want = NamedSharding(generator.mesh, PartitionSpec(*stack.spec[1:]))
+            assert got.sharding.is_equivalent_to(want, got.ndim), (got.sharding, want)
+    assert any("fsdp" in str(a.sharding.spec) for a in jax.tree.leaves(generator._layers))
 
 
 @pytest.mark.parametrize("case,seed", CASES)

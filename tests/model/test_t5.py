@@ -248,39 +248,69 @@ def test_packed_rows_do_not_depend_on_example_order():
 @pytest.mark.parametrize("case", ["v1_0_relu_tied", "v1_1_gated_untied"])
 def test_step_by_step_decoding_equals_teacher_forcing(case):
     """Steps of 1, 3 and 1 tokens over an encoder with padding equal `decode` on the whole
-    sequence; `select_rows` then reorders (and repeats) rows mid-sequence."""
+    sequence; `select_rows` then reorders (and repeats) rows mid-sequence. Both ways of
+    running the decoder's layers: a scan over the stacked parameters (layers=None), and a
+    loop over them apart (`unstack_decoder`, generation's way): the same cache and logits."""
     cfg = t5_cfg(case)
-    model, _ = make_model(cfg, seed=6)
+    model, params = make_model(cfg, seed=6)
     graphdef, state = nnx.split(model)
+    layers = t5.unstack_decoder(params)[1]
     enc, dec = tokens(30, (2, 10)), tokens(31, (2, 9))
     segs = np.ones((2, 10), np.int32)
     segs[0, 6:] = 0
     run = lambda f: fast_jit(lambda s, *a: f(nnx.merge(graphdef, s), *a))
     encode = run(lambda m, x, g: m.encode(x, segment_ids_BxS=g))
     decode = run(lambda m, y, e, g: m.decode(y, e, enc_segment_ids_BxS=g))
-    init = run(lambda m, e, g: m.init_cache(e, g, 12))
-    step = run(lambda m, y, c: m.decode_step(y, c))
+    init = run(lambda m, e, g, ls: m.init_cache(e, g, 12, layers=ls))
+    step = run(lambda m, y, c, ls: m.decode_step(y, c, layers=ls))
     enc_out = encode(state, enc, segs)
     full = np.asarray(decode(state, dec, enc_out, segs))
+    atol = 1e-5 * np.abs(full).max()
 
-    cache = init(state, enc_out, segs)
-    assert cache.k.shape == (3, 2, 3, 12, 7) and cache.cross_k.shape == (3, 2, 3, 10, 7)
-    outs = []
-    for a, b in ((0, 1), (1, 4), (4, 5)):
-        logits, cache = step(state, dec[:, a:b], cache)
-        outs.append(np.asarray(logits))
-    stepped = np.concatenate(outs, axis=1)
-    np.testing.assert_allclose(stepped, full[:, :5], rtol=0, atol=1e-5 * np.abs(full).max())
-    assert int(cache.index) == 5
+    results = {}
+    for way, ls in (("scan", None), ("apart", layers)):
+        cache = init(state, enc_out, segs, ls)
+        assert cache.k.shape == (3, 2, 3, 12, 7) and cache.cross_k.shape == (3, 2, 3, 10, 7)
+        outs = []
+        for a, b in ((0, 1), (1, 4), (4, 5)):
+            logits, cache = step(state, dec[:, a:b], cache, ls)
+            outs.append(np.asarray(logits))
+        stepped = np.concatenate(outs, axis=1)
+        np.testing.assert_allclose(stepped, full[:, :5], rtol=0, atol=atol, err_msg=way)
+        assert int(cache.index) == 5
 
-    rows = np.array([1, 0, 1])
-    cache = t5.select_rows(cache, jnp.asarray(rows))
-    outs = []
-    for t in range(5, 9):
-        logits, cache = step(state, dec[rows, t:t + 1], cache)
-        outs.append(np.asarray(logits))
-    np.testing.assert_allclose(np.concatenate(outs, axis=1), full[rows, 5:], rtol=0,
-                               atol=1e-5 * np.abs(full).max())
+        rows = np.array([1, 0, 1])
+        cache = t5.select_rows(cache, jnp.asarray(rows))
+        for t in range(5, 9):
+            logits, cache = step(state, dec[rows, t:t + 1], cache, ls)
+            outs.append(np.asarray(logits))
+        np.testing.assert_allclose(np.concatenate(outs[3:], axis=1), full[rows, 5:], rtol=0,
+                                   atol=atol, err_msg=way)
+        results[way] = outs, jax.device_get(cache)
+    for a, b in zip(results["scan"][0], results["apart"][0]):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * np.abs(full).max())
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
+                 results["scan"][1], results["apart"][1])
+    # The layers given are what runs: the last layer's MLP zeroed changes the logits.
+    zeroed = layers[:-1] + (dict(layers[-1], mlp=jax.tree.map(jnp.zeros_like,
+                                                                layers[-1]["mlp"])),)
+    logits, _ = step(state, dec[:, :1], init(state, enc_out, segs, zeroed), zeroed)
+    assert np.abs(np.asarray(logits) - full[:, :1]).max() > 100 * atol
+
+
+def test_unstack_and_restack_decoder():
+    """unstack_decoder: each decoder layer's slice of every stacked array (none of the
+    other parameters); restack_decoder gives the tree back, bit for bit."""
+    cfg = t5_cfg("v1_0_relu_tied")
+    _, _, params = random_params(cfg, seed=8)
+    rest, layers = t5.unstack_decoder(params)
+    assert "decoder_blocks" not in rest and set(rest) | {"decoder_blocks"} == set(params)
+    assert len(layers) == 3
+    for i, layer in enumerate(layers):
+        jax.tree.map(lambda a, b, i=i: np.testing.assert_array_equal(a, np.asarray(b)[i]),
+                     layer, params["decoder_blocks"])
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)),
+                 t5.restack_decoder(rest, layers), params)
 
 
 VARIANTS = [(True, "none"), (True, "full"), (True, "save_matmuls"), (False, "none"),
