@@ -97,25 +97,26 @@ def sample(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Arr
 # ---- the generator -----------------------------------------------------------------------
 
 def check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, vocab_size: int,
-                  max_seq_len: int) -> list[np.ndarray]:
+                  max_seq_len: int | None, what: str = "prompt") -> list[np.ndarray]:
     """The prompts as int32 arrays; GenerationError naming the first prompt that is empty,
-    holds an id outside the vocabulary, or does not fit max_seq_len with max_new_tokens."""
+    holds an id outside the vocabulary, or does not fit max_seq_len with max_new_tokens
+    (None: no limit, as for an encoder's inputs). `what` names them in errors ("input")."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
             or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if len(prompts) == 0:
-        raise GenerationError("no prompts given")
+        raise GenerationError(f"no {what}s given")
     arrays = []
     for i, prompt in enumerate(prompts):
         ids = np.asarray(prompt)
         if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-            raise GenerationError(f"prompt {i}: expected a non-empty list of token ids, "
+            raise GenerationError(f"{what} {i}: expected a non-empty list of token ids, "
                                   f"got shape {ids.shape} of {ids.dtype}")
         bad = ids[(ids < 0) | (ids >= vocab_size)]
         if bad.size:
-            raise GenerationError(f"prompt {i}: token id {int(bad[0])} is outside the "
+            raise GenerationError(f"{what} {i}: token id {int(bad[0])} is outside the "
                                   f"model's vocabulary [0, {vocab_size})")
-        if ids.size + max_new_tokens > max_seq_len:
+        if max_seq_len is not None and ids.size + max_new_tokens > max_seq_len:
             raise GenerationError(
                 f"prompt {i} has {ids.size} tokens; with max_new_tokens={max_new_tokens} "
                 f"generation needs {ids.size + max_new_tokens} positions, more than the "

@@ -42,7 +42,7 @@ from jaxlm.checkpoint import rundir
 from jaxlm.errors import ConfigError
 from jaxlm.infer import run_params
 from jaxlm.infer.beam import Beam, search
-from jaxlm.infer.generate import GenerationError, Sampling, sample
+from jaxlm.infer.generate import GenerationError, Sampling, check_prompts, sample
 from jaxlm.model import zoo
 from jaxlm.parallel import mesh as mesh_lib
 from jaxlm.parallel import rules
@@ -118,25 +118,9 @@ def beam_searched(model: Any, select_rows: Callable[[Any, jax.Array], Any],
 
 def check_inputs(inputs: Sequence[Sequence[int]], max_new_tokens: int,
                  vocab_size: int) -> list[np.ndarray]:
-    """The inputs as int32 arrays; GenerationError naming the first input that is empty or
-    holds an id outside the vocabulary, or a max_new_tokens that is not a positive integer."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
-            or max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if len(inputs) == 0:
-        raise GenerationError("no inputs given")
-    arrays = []
-    for i, ids in enumerate(inputs):
-        ids = np.asarray(ids)
-        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-            raise GenerationError(f"input {i}: expected a non-empty list of token ids, "
-                                  f"got shape {ids.shape} of {ids.dtype}")
-        bad = ids[(ids < 0) | (ids >= vocab_size)]
-        if bad.size:
-            raise GenerationError(f"input {i}: token id {int(bad[0])} is outside the "
-                                  f"model's vocabulary [0, {vocab_size})")
-        arrays.append(ids.astype(np.int32))
-    return arrays
+    """The encoder inputs as int32 arrays (generate.check_prompts, with no length limit:
+    the encoder reads any length its position buckets cover)."""
+    return check_prompts(inputs, max_new_tokens, vocab_size, None, what="input")
 
 
 def check_request(inputs: Sequence[Sequence[int]], max_new_tokens: int, vocab_size: int,
