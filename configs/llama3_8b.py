@@ -9,10 +9,12 @@ chips, no tensor parallelism. Checked from any host (needs the `tpu` extra):
 
     jaxlm compile --config configs/llama3_8b.py
 
-prints per chip: arguments 1.41 GiB, temporaries 60.45 GiB, total 61.91 of 95.74 GiB
-usable HBM (fits), and 7.35 s per step (2.1M tokens) at 50% MFU. Two such slices, data
-parallel across them over DCN (--config.mesh.dcn_data=2 --config.data.global_batch_size=512):
-total 86.89 GiB per chip (fits), the same 7.35 s per step for twice the tokens.
+prints per chip: arguments 1.41 GiB, temporaries 22.49 GiB, total 23.94 of 95.74 GiB
+usable HBM (fits), and 7.35 s per step (2.1M tokens) at 50% MFU. Attention is splash
+(model.attention auto on TPU); with --config.model.attention=xla, which materialises every
+layer's score matrices, the total is 59.64 GiB. Two such slices, data parallel across them
+over DCN (--config.mesh.dcn_data=2 --config.data.global_batch_size=512): total 25.67 GiB per
+chip (fits), the same 7.35 s per step for twice the tokens.
 """
 
 from jaxlm.config import defaults

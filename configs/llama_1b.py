@@ -25,7 +25,7 @@ def get_config():
                      tie_embeddings=True, dtype="bfloat16", remat="save_matmuls")
     cfg.data.update(seq_len=2048, global_batch_size=256)
     cfg.mesh.update(data=1, fsdp=-1, tensor=1, topology="v5p-8")
-    cfg.optim.update(learning_rate=3e-4, warmup_steps=2000, min_lr_ratio=0.1, grad_accum_steps=4)
+    cfg.optim.update(learning_rate=3e-4, warmup_steps=2000, min_lr_ratio=0.1, grad_accum_steps=2)
     cfg.train.update(steps=100_000, log_every=50)
     cfg.checkpoint.update(every=1000, keep=3)
     return cfg

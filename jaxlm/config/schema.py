@@ -30,7 +30,7 @@ from jaxlm.errors import ConfigError
 
 ROPE_SCALINGS = ("none", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "save_matmuls")
-ATTENTION_BACKENDS = ("xla", "cudnn")
+ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "splash")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")  # model.activation (bert, t5)
 OBJECTIVES = ("causal_lm", "masked_lm", "span_corruption")  # objective.name
 DTYPES = ("float32", "bfloat16")
@@ -149,7 +149,10 @@ def defaults() -> ml_collections.ConfigDict:
             init_std=0.02,
             dtype="float32",  # compute dtype; parameters are always float32
             remat="full",  # none | full | save_matmuls
-            attention="xla",  # xla | cudnn (GPU only)
+            # auto: splash on TPU, xla elsewhere | xla | cudnn (NVIDIA GPUs) | splash (TPU;
+            # interpreted elsewhere, slowly: what the CPU tests run)
+            attention="auto",
+            splash_block=0,  # splash q and kv tile; 0: 512, 256 or 128, whichever divides L
             scan_layers=True,
         )
     )
@@ -201,6 +204,10 @@ def defaults() -> ml_collections.ConfigDict:
             weight_decay=0.1,  # not applied to norms, biases or embeddings
             clip_norm=1.0,  # global-norm clipping; 0 disables
             z_loss=0.0,  # coefficient of log(Z)^2; 0 disables
+            # Positions per block of the blockwise cross-entropy (logits made and dropped a
+            # block at a time); 0: the whole row while its float32 logits fit 64 MiB, else
+            # the largest divisor of data.seq_len that does.
+            loss_block=0,
             grad_accum_steps=1,  # microbatches per step
         )
     )

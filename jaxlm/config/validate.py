@@ -193,6 +193,7 @@ def _check_model(m: ml_collections.ConfigDict) -> None:
     require_int(m.n_decoder_layers, "model.n_decoder_layers", 0, MAX_LAYERS)  # 0: n_layers
     require_int(m.relative_buckets, "model.relative_buckets", 2, MAX_SEQ_LEN)
     require_int(m.relative_max_distance, "model.relative_max_distance", 1, MAX_SEQ_LEN)
+    require_int(m.splash_block, "model.splash_block", 0, MAX_SEQ_LEN)  # 0: by sequence length
 
 
 def _check_data(d: ml_collections.ConfigDict, m: ml_collections.ConfigDict) -> None:
@@ -201,6 +202,13 @@ def _check_data(d: ml_collections.ConfigDict, m: ml_collections.ConfigDict) -> N
              f"{d.seq_len} is longer than the model's positions (model.max_seq_len="
              f"{m.max_seq_len}" + (f" less model.position_offset={m.position_offset}"
                                    if m.position_offset else "") + ")")
+    if m.attention == "splash":  # the kernel's kv tiles are whole 128-lane blocks
+        require(d.seq_len % 128 == 0, "data.seq_len",
+                f"{d.seq_len} is not a multiple of 128, which model.attention='splash' needs")
+        require(not m.splash_block or (m.splash_block % 128 == 0
+                                       and d.seq_len % m.splash_block == 0),
+                "model.splash_block", f"{m.splash_block} is not a multiple of 128 that "
+                f"divides data.seq_len={d.seq_len}")
     require_int(d.global_batch_size, "data.global_batch_size", 1, MAX_GLOBAL_BATCH)
     require(d.global_batch_size * d.seq_len <= MAX_BATCH_TOKENS, "data.global_batch_size",
             f"{d.global_batch_size} rows of data.seq_len={d.seq_len} are "
@@ -233,6 +241,9 @@ def _check_optim(o: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> 
     require_real(o.weight_decay, "optim.weight_decay", 0)
     require_real(o.clip_norm, "optim.clip_norm", 0)  # 0 disables
     require_real(o.z_loss, "optim.z_loss", 0)  # 0 disables
+    require_int(o.loss_block, "optim.loss_block", 0, d.seq_len)  # 0: automatic
+    require(not o.loss_block or d.seq_len % o.loss_block == 0, "optim.loss_block",
+            f"{o.loss_block} does not divide data.seq_len={d.seq_len}")
     require_int(o.grad_accum_steps, "optim.grad_accum_steps", 1, d.global_batch_size)
 
 

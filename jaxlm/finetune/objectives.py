@@ -111,7 +111,9 @@ class SFT(FinetuneObjective):
         return rows
 
     def sums(self, graphdef, params, head, batch, train):
-        return lm.loss_sums(graphdef, params, batch, self.cfg.optim.z_loss if train else 0.0)
+        optim = self.cfg.optim
+        return lm.loss_sums(graphdef, params, batch, optim.z_loss if train else 0.0,
+                            optim.loss_block)
 
     def metrics(self, sums, denom):
         return lm.token_metrics(sums, denom)

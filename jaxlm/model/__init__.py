@@ -11,9 +11,11 @@ Owns:
     t5, t5_layers   the encoder-decoder family (T5 v1.0, v1.1, mT5) and its layers
     layers, attention, kv_cache   shared layers: norms, MLPs, rotary embeddings, attention
                 backends, the KV cache of generation
+    splash      the splash attention backend (Pallas, TPU; interpreted elsewhere)
     counts      head size, matmul parameters, analytic FLOPs
     adapters    LoRA adapters folded into the weights they adapt (merge, on the host)
 
-May import: jaxlm.errors, jaxlm.config, jaxlm.parallel.rules (logical axis names; the mesh
-never appears here), JAX and Flax. `zoo` and `counts` import no JAX.
+May import: jaxlm.errors, jaxlm.config, jaxlm.parallel.rules (logical axis names, and
+shard_map by them for kernels XLA cannot partition; the mesh never appears here), JAX and
+Flax. `zoo` and `counts` import no JAX.
 """

@@ -1,7 +1,11 @@
 """Multi-head / grouped-query self-attention with causal and document (segment) masking.
 
-Backends: "xla" (plain einsums, any device) and "cudnn" (fused flash attention through
-`jax.nn.dot_product_attention`, NVIDIA GPUs, bfloat16/float16). Decoders attend causally
+Backends: "xla" (plain einsums, any device), "cudnn" (fused flash attention through
+`jax.nn.dot_product_attention`, NVIDIA GPUs, bfloat16/float16), "splash" (Pallas splash
+attention, TPU; interpreted elsewhere: jaxlm/model/splash.py) and "auto", the default:
+splash when the mesh's devices are TPUs, xla elsewhere. Splash runs sequences of whole
+128-lane tiles; any other length (a generation prefill of a prompt's length) takes the xla
+path, decided when the mask is prepared. Decoders attend causally
 (the default); an encoder (`causal=False`: BERT) attends to every position of its document.
 """
 
@@ -9,10 +13,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
+from jaxlm.model import splash
 from jaxlm.model.layers import RopeSpec, apply_rope, constant, param, project
-from jaxlm.parallel.rules import constrain
+from jaxlm.parallel.rules import constrain, platform
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: rows never become NaN
 QUERY_CHUNKS = 4  # causal blocks: chunk i attends keys of chunks 0..i only (10/16 of the work)
@@ -90,14 +96,37 @@ def cudnn_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL, causal: bool 
                                         is_causal=causal, implementation="cudnn")
 
 
-# backend -> (prepare the mask input once per step, attend)
-BACKENDS = {"xla": (xla_prepare, xla_attention), "cudnn": (cudnn_prepare, cudnn_attention)}
+def resolve(backend: str, platform: str, length: int) -> str:
+    """The backend that runs: "auto" is splash on TPU and xla elsewhere; splash runs whole
+    128-lane tiles only, other lengths (a prompt's prefill) run on xla."""
+    if backend == "auto":
+        backend = "splash" if platform == "tpu" else "xla"
+    return "xla" if backend == "splash" and not splash.supports(length) else backend
 
 
-def prepare_mask(backend: str, segment_ids_BxL: jax.Array | None, length: int,
-                 heads_per_kv: int, causal: bool = True):
-    """The mask input every layer's attention takes, computed once outside the layer scan
+def splash_or_xla_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask, causal: bool = True):
+    """Splash when the prepared mask is a splash one, else xla (see `resolve`)."""
+    if isinstance(mask, splash.SplashMask):
+        return splash.splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask, causal)
+    return xla_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask, causal)
+
+
+# backend -> (prepare the mask input once per step, attend); "splash" and "auto" prepare
+# through `resolve` in prepare_mask.
+BACKENDS = {"xla": (xla_prepare, xla_attention), "cudnn": (cudnn_prepare, cudnn_attention),
+            "splash": (None, splash_or_xla_attention),
+            "auto": (None, splash_or_xla_attention)}
+
+
+def prepare_mask(model_cfg: ml_collections.ConfigDict, segment_ids_BxL: jax.Array | None,
+                 length: int, causal: bool = True):
+    """The mask input every layer's attention takes (model_cfg.attention's backend, as
+    `resolve` settles it on this mesh's platform), computed once outside the layer scan
     (`causal` as the layers' Attention)."""
+    backend = resolve(model_cfg.attention, platform(), length)
+    if backend == "splash":
+        return splash.splash_prepare(segment_ids_BxL, length, model_cfg.splash_block)
+    heads_per_kv = model_cfg.n_heads // model_cfg.n_kv_heads
     return BACKENDS[backend][0](segment_ids_BxL, length, heads_per_kv, causal)
 
 

@@ -94,7 +94,7 @@ class Bert(nnx.Module):
         0..L-1 (one document per row); segment ids (documents packed in one row, 0 =
         padding) keep attention within each document; token types default to 0."""
         x_BxLxD = self.hidden_states(tokens_BxL, positions_BxL, segment_ids_BxL, token_types_BxL)
-        return self.mlm_logits(x_BxLxD)
+        return self.head_logits(x_BxLxD)
 
     def hidden_states(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
                       segment_ids_BxL: jax.Array | None = None,
@@ -111,11 +111,12 @@ class Bert(nnx.Module):
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(length), tokens_BxL.shape)
         x_BxLxD = self._embed(tokens_BxL, positions_BxL, token_types_BxL)
-        mask = attention.prepare_mask(cfg.attention, segment_ids_BxL, length, 1, causal=False)
+        mask = attention.prepare_mask(cfg, segment_ids_BxL, length, causal=False)
         return run_blocks(self.blocks, cfg, x_BxLxD, positions_BxL, mask)
 
-    def mlm_logits(self, x_BxLxD: jax.Array) -> jax.Array:
-        """The masked-LM head over hidden states: float32 logits, B x L x V."""
+    def head_logits(self, x_BxLxD: jax.Array) -> jax.Array:
+        """The masked-LM head over hidden states (any run of positions; the blockwise loss
+        calls it block by block): float32 logits, B x L x V."""
         dt = jnp.dtype(self.cfg.dtype)
         h_BxLxD = dense(x_BxLxD, self.head_dense[...], dt) + self.head_bias[...].astype(dt)
         h_BxLxD = self.head_norm(ACTIVATIONS[self.cfg.activation](h_BxLxD))

@@ -112,25 +112,21 @@ class DecoderLM(nnx.Module):
         packed in one row, 0 = padding) restrict attention to the same document.
         With `cache` (generation): the tokens are written into the KV cache and attend to
         it; returns (logits of the last position only, B x 1 x V; the updated cache)."""
-        cfg = self.cfg
-        dtype = jnp.dtype(cfg.dtype)
+        if cache is None:
+            return self.head_logits(self.hidden_states(tokens_BxL, positions_BxL, segment_ids_BxL))
         positions_BxL = _positions(tokens_BxL, positions_BxL)
         x_BxLxD = self._embed(tokens_BxL, positions_BxL)
+        x_BxLxD, cache = kv_cache.run_blocks(self.blocks, self.cfg, x_BxLxD, positions_BxL, cache)
+        # generation needs the next token's logits only
+        return self.head_logits(self.final_norm(x_BxLxD[:, -1:])), cache
 
-        if cache is not None:
-            x_BxLxD, cache = kv_cache.run_blocks(self.blocks, cfg, x_BxLxD, positions_BxL, cache)
-            x_BxLxD = x_BxLxD[:, -1:]  # generation needs the next token's logits only
-        else:
-            mask = attention.prepare_mask(cfg.attention, segment_ids_BxL, tokens_BxL.shape[1],
-                                          cfg.n_heads // cfg.n_kv_heads)
-            x_BxLxD = self._run_blocks(x_BxLxD, positions_BxL, mask)
-
-        x_BxLxD = self.final_norm(x_BxLxD)
-        head_DxV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(dtype),
+    def head_logits(self, x_BxLxD: jax.Array) -> jax.Array:
+        """The LM head over final-normed hidden states (any run of positions; the blockwise
+        loss calls it block by block): float32 logits, B x L x V."""
+        head_DxV = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        logits = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(jnp.dtype(self.cfg.dtype)),
                             preferred_element_type=jnp.float32)
-        logits = constrain(logits, ("batch", "sequence", "act_vocab"))
-        return logits if cache is None else (logits, cache)
+        return constrain(logits, ("batch", "sequence", "act_vocab"))
 
     def hidden_states(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
                       segment_ids_BxL: jax.Array | None = None) -> jax.Array:
@@ -138,8 +134,7 @@ class DecoderLM(nnx.Module):
         classification head pools them (jaxlm/finetune/classify.py)."""
         cfg = self.cfg
         positions_BxL = _positions(tokens_BxL, positions_BxL)
-        mask = attention.prepare_mask(cfg.attention, segment_ids_BxL, tokens_BxL.shape[1],
-                                      cfg.n_heads // cfg.n_kv_heads)
+        mask = attention.prepare_mask(cfg, segment_ids_BxL, tokens_BxL.shape[1])
         x_BxLxD = self._run_blocks(self._embed(tokens_BxL, positions_BxL), positions_BxL, mask)
         return self.final_norm(x_BxLxD)
 

@@ -139,8 +139,7 @@ def run_blocks(blocks: nnx.Module, model_cfg: ml_collections.ConfigDict, x_BxLxD
     if cache.prefill:
         slot_L = jnp.arange(new_tokens, dtype=jnp.int32)
         segment_ids_BxL = (slot_L[None, :] >= cache.start_B[:, None]).astype(jnp.int32)
-        mask = attention.prepare_mask(model_cfg.attention, segment_ids_BxL, new_tokens,
-                                      heads_per_kv)
+        mask = attention.prepare_mask(model_cfg, segment_ids_BxL, new_tokens)
     else:
         mask = decode_biases(cache, new_tokens, heads_per_kv)
     graphdef, stacked = nnx.split(blocks)

@@ -152,9 +152,9 @@ def _t5_validate(cfg: ml_collections.ConfigDict) -> None:
             "n_heads)")
     require(cfg.activation in ("gelu_tanh", "relu", "gelu"), "model.activation",
             f"{cfg.activation!r} is not a T5 activation")
-    require(cfg.attention == "xla", "model.attention",
+    require(cfg.attention in ("auto", "xla"), "model.attention",
             "family='t5' runs its attention (with the relative-position bias) on the 'xla' "
-            "backend only")
+            "backend only ('auto' means xla for t5)")
     require(cfg.relative_buckets >= 4, "model.relative_buckets",
             f"T5's buckets need at least 4 (half exact, half logarithmic), got "
             f"{cfg.relative_buckets}")
@@ -229,6 +229,15 @@ def flops_per_token(model_cfg: ml_collections.ConfigDict, seq_len: int, *, lm_he
     return counts.train_flops_per_token(
         fam.matmul_params(model_cfg), model_cfg.d_model * model_cfg.vocab_size, attention,
         lm_head=lm_head, frozen=frozen, adapter_params=adapter_params)
+
+
+def attention_backend(model_cfg: ml_collections.ConfigDict, platform: str, length: int) -> str:
+    """The attention backend that runs for model.attention on `platform` at `length`
+    (jaxlm.model.attention.resolve); t5's attention is its own xla code."""
+    if family(model_cfg.family).kind == "encoder_decoder":
+        return "xla"
+    from jaxlm.model import attention  # needs JAX; checking a config does not
+    return attention.resolve(model_cfg.attention, platform, length)
 
 
 def build(model_cfg: ml_collections.ConfigDict, rngs: Any) -> Any:

@@ -13,6 +13,7 @@ also span the slices (config mesh.dcn_data, mesh.dcn_fsdp), so "batch" still map
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax
@@ -89,6 +90,36 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     if not flax_spmd.get_logical_axis_rules() or jax.sharding.get_abstract_mesh().empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes))
+
+
+def platform() -> str:
+    """The platform of the mesh in context (`jax.set_mesh`, inside a trace too), else JAX's
+    default backend: "tpu" also when compiling for a TPU topology on a CPU host."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+
+
+def logical_size(name: str) -> int:
+    """How many ways the mesh in context splits logical axis `name` (1 outside a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    axes = logical_to_spec((name,))[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return int(math.prod(mesh.shape[a] for a in axes))
+
+
+def shard_map(f, in_axes: Sequence[Sequence[str | None] | None],
+              out_axes: Sequence[str | None]):
+    """`f` mapped over the shards of the mesh in context (jax.shard_map), each argument split
+    along its logical axes (None: an argument that is not an array); `f` itself outside a
+    mesh. For kernels XLA cannot partition (Pallas)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return f
+    specs = tuple(None if axes is None else logical_to_spec(axes) for axes in in_axes)
+    return jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=logical_to_spec(out_axes),
+                         check_vma=False)
 
 
 def axis_rules():

@@ -84,6 +84,7 @@ class CompileReport:
     scan_layers: bool
     mfu: float
     compile_s: float
+    attention: str = "xla"  # the backend that runs (model.attention resolved for TPU)
 
     @property
     def chips(self) -> int:
@@ -168,7 +169,8 @@ def compile_for_topology(make_task: Callable[[int], Task], cfg: ml_collections.C
                                     task.abstract_batch())),
         memory=memory, required_bytes=required, usable_hbm_bytes=usable,
         model_flops=task.flops_per_token() * batch * seq_len,
-        xla_flops=xla_flops, scan_layers=cfg.model.scan_layers, mfu=mfu, compile_s=compile_s)
+        xla_flops=xla_flops, scan_layers=cfg.model.scan_layers, mfu=mfu, compile_s=compile_s,
+        attention=zoo.attention_backend(cfg.model, "tpu", seq_len))
 
 
 def _gib(n: int) -> str:
@@ -194,6 +196,8 @@ def format_report(r: CompileReport) -> str:
         f"mesh            {' x '.join(f'{k} {v}' for k, v in r.mesh_shape.items())}",
         f"model           {r.params:,} parameters; batch {r.global_batch} x {r.seq_len} = "
         f"{r.global_batch * r.seq_len:,} tokens per step",
+        f"attention       {r.attention}" + (" (Pallas splash kernel)" if r.attention == "splash"
+                                            else ""),
         f"compiled in     {r.compile_s:.1f} s" if m else
         f"compiler        stopped after {r.compile_s:.1f} s: out of HBM",
         "per-chip memory" + (" (XLA buffer assignment)" if m else ""),
@@ -219,6 +223,8 @@ def format_report(r: CompileReport) -> str:
     if r.xla_flops is not None:
         note = ("the scanned layer loop's body counted once" if r.scan_layers else
                 "every executed FLOP, remat recompute included")
+        if r.attention == "splash":
+            note += "; the splash kernel's not at all"
         lines.append(f"  XLA            {r.xla_flops:.3e}   cost analysis x {r.chips} chips; "
                      f"{note}")
     peak = t.chip.peak_flops

@@ -4,7 +4,10 @@
 
 Loss is cross-entropy averaged over the weighted target tokens (causal LM: every real next
 token, never padding; masked LM: the selected positions, predicting the original token),
-plus an optional z-loss (coefficient optim.z_loss on log(Z)^2). Both call the model as
+plus an optional z-loss (coefficient optim.z_loss on log(Z)^2). It is computed blockwise
+along the sequence (optim.loss_block): the head's float32 logits of one block of positions
+exist at a time, forward and backward (each block is recomputed in the backward pass), so
+a 128k vocabulary never materialises B x L x V logits. Both call the model as
 model(inputs, positions, segment_ids); only the data differs, and the pipeline
 (jaxlm.data.pipeline) makes it from the objective section. The state is the model's
 parameters, from scratch or from `checkpoint.init_from`. Evaluation reads a split once, in
@@ -42,11 +45,54 @@ from jaxlm.train.task import (
 from jaxlm.train.validate import validate
 
 
-def loss_sums(graphdef: Any, params: Any, batch: dict, z_loss: float) -> tuple[jax.Array, dict]:
-    """Summed (not averaged) objective over the batch's weighted tokens, and its parts."""
+LOGITS_PER_BLOCK_ROW = 1 << 24  # automatic loss_block: 64 MiB of float32 logits per row
+
+
+def loss_block(length: int, vocab: int, configured: int = 0) -> int:
+    """Positions per block of the blockwise cross-entropy: `configured` if set; else the
+    whole row while its logits fit LOGITS_PER_BLOCK_ROW, else the largest divisor of the
+    length that does (one position at the least)."""
+    if configured:
+        return configured
+    fits = max(LOGITS_PER_BLOCK_ROW // vocab, 1)
+    return max(c for c in range(1, min(length, fits) + 1) if length % c == 0)
+
+
+def loss_sums(graphdef: Any, params: Any, batch: dict, z_loss: float, block: int = 0
+              ) -> tuple[jax.Array, dict]:
+    """Summed (not averaged) objective over the batch's weighted tokens, and its parts;
+    `block`: optim.loss_block."""
     model = nnx.merge(graphdef, params)
-    logits_BxLxV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-    return cross_entropy_sums(logits_BxLxV, batch, z_loss)
+    x_BxLxD = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
+    size = loss_block(x_BxLxD.shape[1], model.cfg.vocab_size, block)
+    return blockwise_cross_entropy_sums(x_BxLxD, model.head_logits, batch, z_loss, size)
+
+
+def blockwise_cross_entropy_sums(x_BxLxD: jax.Array, head_logits, batch: dict, z_loss: float,
+                                 block: int) -> tuple[jax.Array, dict]:
+    """cross_entropy_sums of head_logits(x) computed `block` positions at a time: a scan
+    over the blocks, each under jax.checkpoint, so one block's logits (B x block x V) live at
+    a time in the forward pass and again in the backward pass."""
+    b, length = x_BxLxD.shape[:2]
+    if block >= length:
+        return cross_entropy_sums(head_logits(x_BxLxD), batch, z_loss)
+    n = length // block
+
+    def blocks(a_BxL):  # B x L x ... -> n x B x block x ...
+        return a_BxL.reshape(b, n, block, *a_BxL.shape[2:]).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(x_BxCxD, targets_BxC, weights_BxC):
+        return cross_entropy_sums(head_logits(x_BxCxD),
+                                  {"targets": targets_BxC, "weights": weights_BxC}, z_loss)[1]
+
+    def add(total, xs):
+        return jax.tree.map(jnp.add, total, one(*xs)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    sums, _ = jax.lax.scan(add, {"ce_sum": zero, "z_sum": zero, "weight_sum": zero},
+                           (blocks(x_BxLxD), blocks(batch["targets"]), blocks(batch["weights"])))
+    return sums["ce_sum"] + z_loss * sums["z_sum"], sums
 
 
 def cross_entropy_sums(logits_BxLxV: jax.Array, batch: dict, z_loss: float
@@ -140,10 +186,11 @@ class CausalLM(Task):
         return spec
 
     def objective(self) -> Objective:
-        graphdef, z_loss = self.graphdef, self.cfg.optim.z_loss
+        graphdef, optim = self.graphdef, self.cfg.optim
 
         def sums(trainable, frozen, batch, key, train):
-            return loss_sums(graphdef, trainable["params"], batch, z_loss if train else 0.0)
+            return loss_sums(graphdef, trainable["params"], batch,
+                             optim.z_loss if train else 0.0, optim.loss_block)
 
         return Objective(sums, token_metrics)
 

@@ -40,7 +40,7 @@ def test_bench_step_runs_the_family_config_and_prints_its_figures(capsys, config
     assert code == 0, out
     rows = table_rows(out)
     assert rows["config"].startswith(f"{family} d=24 ")
-    assert f"objective={objective}" in rows["config"] and "remat=full" in rows["config"]
+    assert f"objective={objective}" in rows["config"] and "remat=save_matmuls" in rows["config"]
     task = pretraining.task(config_lib.load(f"configs/{config}", tiny))
     assert rows["parameters"] == f"{zoo.param_count(task.cfg.model):,}"
     assert rows["model FLOPs per token"] == f"{task.flops_per_token():,.0f} FLOP"

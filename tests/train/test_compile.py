@@ -77,7 +77,8 @@ def wide_config(**mesh):
     cfg = config_lib.defaults()
     cfg.model.update(d_model=512, n_layers=2, n_heads=16, n_kv_heads=16, head_dim=128,
                      d_ff=1024, vocab_size=1024, max_seq_len=128, dtype="bfloat16",
-                     remat="none", scan_layers=False, tie_embeddings=False)
+                     remat="none", scan_layers=False, tie_embeddings=False,
+                     attention="xla")  # XLA counts its FLOPs (not a splash kernel's)
     cfg.data.update(seq_len=128, global_batch_size=16)
     cfg.mesh.update(**mesh)
     return cfg
@@ -181,24 +182,42 @@ def test_a_step_that_does_not_fit_exits_nonzero_with_the_figures(aot, capsys):
     assert re.search(r"step time\s+[\d.]+ ms at 50% MFU \(197 TFLOP/s", out)
 
 
-@pytest.mark.slow
-def test_llama3_8b_compiles_for_its_topology_within_hbm(aot):
-    """The shipped 8B config on the slice it names (v5p-128), as a user runs it."""
-    cfg = config_lib.load_config_file(REPO / "configs" / "llama3_8b.py")
-    assert cfg.mesh.topology == "v5p-128"
+def compile_llama3_8b(*overrides):
     run = subprocess.run([sys.executable, "-m", "jaxlm.cli", "compile", "--config",
-                          str(REPO / "configs" / "llama3_8b.py")],
+                          str(REPO / "configs" / "llama3_8b.py"), *overrides],
                          capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
-    out = run.stdout
+    return run.stdout
+
+
+def gib(out, row):
+    return float(re.search(rf"{row}\s+([\d.]+) GiB", out).group(1))
+
+
+@pytest.mark.slow
+def test_llama3_8b_compiles_for_its_topology_within_hbm_with_splash(aot):
+    """The shipped 8B config on the slice it names (v5p-128), as a user runs it: splash
+    attention (model.attention auto, on TPU); and the xla backend for comparison, which
+    needs at least one layer's score matrices more per chip."""
+    from jaxlm.model import attention
+    cfg = config_lib.load_config_file(REPO / "configs" / "llama3_8b.py")
+    assert cfg.mesh.topology == "v5p-128" and cfg.model.attention == "auto"
+    out = compile_llama3_8b()
     assert "64 chips of TPU v5" in out and "fsdp 64" in out
+    assert re.search(r"attention\s+splash", out)
     params = 8_030_261_248
     assert f"{params:,} parameters" in out
-    arguments = float(re.search(r"arguments\s+([\d.]+) GiB", out).group(1))
+    arguments = gib(out, "arguments")
     batch = 5 * 4 * (256 // 64) * 8192
     assert arguments == pytest.approx((12 * params / 64 + batch) / GiB, abs=0.01)
     total = float(re.search(r"total\s+([\d.]+) GiB\s+of 95.74 GiB", out).group(1))
     assert arguments < total < 95.74
+
+    xla = compile_llama3_8b("--config.model.attention=xla")
+    assert re.search(r"attention\s+xla", xla)
+    rows, heads, length, chunks = 256 // 64, 32, 8192, attention.QUERY_CHUNKS
+    scores = rows * heads * length * length * 4 * (chunks + 1) / (2 * chunks)  # float32
+    assert gib(xla, "total") - total >= scores / GiB, (gib(xla, "total"), total)
 
 
 @pytest.mark.parametrize("name", ["gpt2_124m", "llama_1b", "llama3_8b"])
