@@ -35,7 +35,7 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu")  # model.activation (bert, t5)
 OBJECTIVES = ("causal_lm", "masked_lm", "span_corruption")  # objective.name
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "wsd")
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 # Mesh axis -> the key of its factor across slices (over the data-center network, DCN).
 DCN_KEYS = {"data": "dcn_data", "fsdp": "dcn_fsdp"}
 BUILTIN_DATASETS = ("stdlib",)
@@ -183,6 +183,10 @@ def defaults() -> ml_collections.ConfigDict:
     cfg.mesh = ml_collections.ConfigDict(dict(
         # Axis sizes inside one slice (over ICI); -1 takes the slice's remaining devices.
         data=1, fsdp=-1, tensor=1,
+        # Context parallelism: each sequence split over this many devices (activations'
+        # sequence axis; causal rows in load-balanced chunks). data.seq_len must divide
+        # into 2 x context chunks (of 128-position tiles with splash attention).
+        context=1,
         # Factors across slices (over DCN): the mesh's data axis is dcn_data x data and its
         # fsdp axis dcn_fsdp x fsdp; dcn_data x dcn_fsdp must equal the number of slices.
         dcn_data=1, dcn_fsdp=1,

@@ -142,6 +142,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     finetune_section.validate(cfg.finetune, cfg.checkpoint.init_from)
 
     shape = mesh_shape(cfg.mesh, num_devices)
+    _check_context(shape["context"], m, d, o)
     tensor = shape["tensor"]
     require(m.n_heads % tensor == 0, "model.n_heads",
              f"{m.n_heads} heads are not divisible by the tensor axis ({tensor})")
@@ -160,6 +161,26 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     require(microbatches % batch_shards == 0, "data.global_batch_size",
              f"{d.global_batch_size} (microbatch {microbatches}) is not divisible by the "
              f"{batch_shards} data shards (mesh data x fsdp, DCN factors included)")
+
+
+def _check_context(context: int, m: ml_collections.ConfigDict, d: ml_collections.ConfigDict,
+                   o: ml_collections.ConfigDict) -> None:
+    """Context parallelism: rows cut into 2 x context chunks (the balanced layout)."""
+    if context == 1:
+        return
+    require(d.seq_len % (2 * context) == 0, "data.seq_len",
+            f"{d.seq_len} does not split into 2 x mesh.context={context} chunks (context "
+            "parallelism's balanced layout)")
+    require(m.attention != "cudnn", "model.attention",
+            f"'cudnn' does not run under context parallelism (mesh.context={context}); use "
+            "'xla' (or 'auto')")
+    if m.attention == "splash":
+        require(d.seq_len % (256 * context) == 0, "data.seq_len",
+                f"{d.seq_len} does not split into 2 x mesh.context={context} chunks of whole "
+                "128-position tiles, which splash needs under context parallelism")
+    require(not o.loss_block or (d.seq_len // context) % o.loss_block == 0, "optim.loss_block",
+            f"{o.loss_block} does not divide the {d.seq_len // context} positions of each "
+            f"context shard (data.seq_len / mesh.context={context})")
 
 
 def _check_model(m: ml_collections.ConfigDict) -> None:

@@ -12,6 +12,7 @@ Owns:
     layers, attention, kv_cache   shared layers: norms, MLPs, rotary embeddings, attention
                 backends, the KV cache of generation
     splash      the splash attention backend (Pallas, TPU; interpreted elsewhere)
+    context     context parallelism's balanced layout of a row over the context axis
     counts      head size, matmul parameters, analytic FLOPs
     adapters    LoRA adapters folded into the weights they adapt (merge, on the host)
 

@@ -7,6 +7,11 @@ splash when the mesh's devices are TPUs, xla elsewhere. Splash runs sequences of
 128-lane tiles; any other length (a generation prefill of a prompt's length) takes the xla
 path, decided when the mask is prepared. Decoders attend causally
 (the default); an encoder (`causal=False`: BERT) attends to every position of its document.
+
+Under context parallelism (jaxlm/model/context.py) a causal row arrives in the balanced
+order: `order` gives each position's original index, and causality follows it. The xla
+backend then attends over every key (XLA gathers the sequence-split keys and values);
+splash gathers them inside its shard_map.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from jaxlm.model import splash
+from jaxlm.model import context, splash
 from jaxlm.model.layers import RopeSpec, apply_rope, constant, param, project
 from jaxlm.parallel.rules import constrain, platform
 
@@ -24,29 +29,29 @@ _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: rows never become 
 QUERY_CHUNKS = 4  # causal blocks: chunk i attends keys of chunks 0..i only (10/16 of the work)
 
 
-def attention_mask(segment_ids_BxL: jax.Array | None, length: int,
-                   causal: bool = True) -> jax.Array | None:
-    """Boolean B(or 1)x1xLxL mask: causal (when `causal`), and within one document when
-    segment ids are given; None when neither restricts anything."""
+def attention_mask(segment_ids_BxL: jax.Array | None, length: int, causal: bool = True,
+                   order=None) -> jax.Array | None:
+    """Boolean B(or 1)x1xLxL mask: causal (when `causal`; by `order`, the positions'
+    original indices, when given), and within one document when segment ids are given;
+    None when neither restricts anything."""
+    pos = jnp.arange(length) if order is None else jnp.asarray(order)
     if segment_ids_BxL is None:
         if not causal:
             return None
-        pos = jnp.arange(length)
         return (pos[:, None] >= pos[None, :])[None, None]
     same_doc_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
     if causal:
-        pos = jnp.arange(length)
         same_doc_BxLxL = (pos[:, None] >= pos[None, :])[None] & same_doc_BxLxL
     return same_doc_BxLxL[:, None]
 
 
 def xla_prepare(segment_ids_BxL: jax.Array | None, length: int, heads_per_kv: int,
-                causal: bool = True) -> jax.Array | None:
+                causal: bool = True, order=None) -> jax.Array | None:
     """Additive float32 mask bias, B x 1 x (L*R) x L, built once per step for every layer
     (None: nothing masked, bidirectional attention over one document).
 
     Row l*R + j belongs to position l, query head j of its kv group (see xla_attention)."""
-    mask = attention_mask(segment_ids_BxL, length, causal)
+    mask = attention_mask(segment_ids_BxL, length, causal, order)
     if mask is None:
         return None
     bias = jnp.where(mask, 0.0, _MASKED).astype(jnp.float32)
@@ -66,7 +71,9 @@ def xla_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, bias_Bx1xLRxL, causal: bool =
         b, length, g, r, kd).transpose(0, 2, 1, 3, 4).reshape(b, g, length * r, kd)
     k_BxGxLxK = k_BxLxGxK.transpose(0, 2, 1, 3)
     v_BxGxLxK = v_BxLxGxK.transpose(0, 2, 1, 3)
-    chunks = QUERY_CHUNKS if causal and length % QUERY_CHUNKS == 0 else 1
+    # (Under context parallelism rows are in the balanced order: no causal prefix to skip.)
+    chunks = (QUERY_CHUNKS if causal and length % QUERY_CHUNKS == 0 and context.shards() == 1
+              else 1)
     size = length // chunks
     outs = []
     for i in range(chunks):
@@ -96,12 +103,15 @@ def cudnn_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL, causal: bool 
                                         is_causal=causal, implementation="cudnn")
 
 
-def resolve(backend: str, platform: str, length: int) -> str:
+def resolve(backend: str, platform: str, length: int, shards: int = 1) -> str:
     """The backend that runs: "auto" is splash on TPU and xla elsewhere; splash runs whole
-    128-lane tiles only, other lengths (a prompt's prefill) run on xla."""
+    128-lane tiles only (each of the 2 x `shards` chunks of context parallelism), other
+    lengths (a prompt's prefill) run on xla."""
     if backend == "auto":
         backend = "splash" if platform == "tpu" else "xla"
-    return "xla" if backend == "splash" and not splash.supports(length) else backend
+    if backend == "splash" and not splash.supports(length, shards):
+        return "xla"
+    return backend
 
 
 def splash_or_xla_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask, causal: bool = True):
@@ -119,14 +129,20 @@ BACKENDS = {"xla": (xla_prepare, xla_attention), "cudnn": (cudnn_prepare, cudnn_
 
 
 def prepare_mask(model_cfg: ml_collections.ConfigDict, segment_ids_BxL: jax.Array | None,
-                 length: int, causal: bool = True):
+                 length: int, causal: bool = True, order=None):
     """The mask input every layer's attention takes (model_cfg.attention's backend, as
     `resolve` settles it on this mesh's platform), computed once outside the layer scan
-    (`causal` as the layers' Attention)."""
-    backend = resolve(model_cfg.attention, platform(), length)
+    (`causal` as the layers' Attention; `order`: the balanced layout of context
+    parallelism, context.balanced_order, for causal rows split over the context axis)."""
+    shards = context.shards()
+    backend = resolve(model_cfg.attention, platform(), length, shards)
+    if backend == "splash" and causal and shards > 1 and order is None:
+        backend = "xla"  # a causal row in its own order on a split sequence (a prefill)
     if backend == "splash":
-        return splash.splash_prepare(segment_ids_BxL, length, model_cfg.splash_block)
+        return splash.splash_prepare(segment_ids_BxL, length, model_cfg.splash_block, shards)
     heads_per_kv = model_cfg.n_heads // model_cfg.n_kv_heads
+    if backend == "xla":
+        return xla_prepare(segment_ids_BxL, length, heads_per_kv, causal, order)
     return BACKENDS[backend][0](segment_ids_BxL, length, heads_per_kv, causal)
 
 
@@ -168,9 +184,9 @@ class Attention(nnx.Module):
         if self.rope_theta is not None:
             q = apply_rope(q, positions_BxL, self.rope_theta)
             k = apply_rope(k, positions_BxL, self.rope_theta)
-        q = constrain(q, ("batch", "sequence", "act_heads", None))
-        k = constrain(k, ("batch", "sequence", "act_kv_heads", None))
-        v = constrain(v, ("batch", "sequence", "act_kv_heads", None))
+        q = constrain(q, ("batch", "act_sequence", "act_heads", None))
+        k = constrain(k, ("batch", "act_sequence", "act_kv_heads", None))
+        v = constrain(v, ("batch", "act_sequence", "act_kv_heads", None))
         if cache is None:
             out_BxLxHxK = BACKENDS[self.backend][1](q, k, v, mask, causal=self.causal)
         else:  # generation: attend over the KV cache too (jaxlm/model/kv_cache.py)

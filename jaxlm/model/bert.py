@@ -122,7 +122,7 @@ class Bert(nnx.Module):
         h_BxLxD = self.head_norm(ACTIVATIONS[self.cfg.activation](h_BxLxD))
         logits = jnp.einsum("bld,vd->blv", h_BxLxD, self.embed[...].astype(dt),
                             preferred_element_type=jnp.float32) + self.out_bias[...]
-        return constrain(logits, ("batch", "sequence", "act_vocab"))
+        return constrain(logits, ("batch", "act_sequence", "act_vocab"))
 
     def _embed(self, tokens_BxL, positions_BxL, token_types_BxL):
         # Tables gathered whole before the lookup (as DecoderLM._embed does for `embed`).

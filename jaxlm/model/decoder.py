@@ -20,9 +20,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
-from jaxlm.model import attention, counts, kv_cache
+from jaxlm.model import attention, context, counts, kv_cache
 from jaxlm.model.layers import param
 from jaxlm.parallel.rules import constrain
 
@@ -31,7 +32,7 @@ REMAT_POLICIES = {
     "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
-ACT_AXES = ("batch", "sequence", "act_embed")
+ACT_AXES = ("batch", "act_sequence", "act_embed")
 
 
 class PreNormBlock(nnx.Module):
@@ -126,17 +127,25 @@ class DecoderLM(nnx.Module):
         head_DxV = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
         logits = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(jnp.dtype(self.cfg.dtype)),
                             preferred_element_type=jnp.float32)
-        return constrain(logits, ("batch", "sequence", "act_vocab"))
+        return constrain(logits, ("batch", "act_sequence", "act_vocab"))
 
     def hidden_states(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
                       segment_ids_BxL: jax.Array | None = None) -> jax.Array:
         """The final-normed hidden states (B x L x D, compute dtype) the LM head reads; a
         classification head pools them (jaxlm/finetune/classify.py)."""
         cfg = self.cfg
+        length = tokens_BxL.shape[1]
         positions_BxL = _positions(tokens_BxL, positions_BxL)
-        mask = attention.prepare_mask(cfg, segment_ids_BxL, tokens_BxL.shape[1])
+        shards = context.shards()
+        order = context.balanced_order(length, shards) if shards > 1 else None
+        if order is not None:  # context parallelism: the rows in the balanced order
+            tokens_BxL, positions_BxL = tokens_BxL[:, order], positions_BxL[:, order]
+            if segment_ids_BxL is not None:
+                segment_ids_BxL = segment_ids_BxL[:, order]
+        mask = attention.prepare_mask(cfg, segment_ids_BxL, length, order=order)
         x_BxLxD = self._run_blocks(self._embed(tokens_BxL, positions_BxL), positions_BxL, mask)
-        return self.final_norm(x_BxLxD)
+        x_BxLxD = self.final_norm(x_BxLxD)
+        return x_BxLxD if order is None else constrain(x_BxLxD[:, np.argsort(order)], ACT_AXES)
 
     def _embed(self, tokens_BxL, positions_BxL):
         # Gather the table's fsdp shards first (as FSDP does for any weight): a lookup into a

@@ -2,9 +2,10 @@
 topologies.
 
 Owns:
-    mesh        the (data, fsdp, tensor) mesh from config, one slice or several; placing
-                host data on it; the mesh + rules context every jit traces under
-    rules       the one table from logical axis names to mesh axes; shardings of trees
+    mesh        the (data, fsdp, context, tensor) mesh from config, one slice or several;
+                placing host data on it; the mesh + rules context every jit traces under
+    rules       the one table from logical axis names to mesh axes; shardings of trees;
+                shard_map by logical names (kernels XLA cannot partition)
     distributed JAX's multi-controller start-up (explicit, local rehearsal, SLURM, TPU
                 VMs), this process's rows of the batch, host collectives of JSON
     topology    the chip table (HBM, peak FLOP/s), TPU slice names, compile-only devices

@@ -1,7 +1,7 @@
 """The device mesh: built from the config's `mesh` section, one slice or several, and what
 places host data and code on it.
 
-Every mesh jaxlm builds comes from `make_mesh`, with the axes (data, fsdp, tensor); the
+Every mesh jaxlm builds comes from `make_mesh`, with the axes (data, fsdp, context, tensor); the
 logical names that model code uses map onto these axes in jaxlm.parallel.rules.
 """
 
@@ -25,10 +25,10 @@ from jaxlm.parallel import rules
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The (data, fsdp, tensor) mesh from config over `devices` (default: all of JAX's).
+    """The (data, fsdp, context, tensor) mesh from config over `devices` (default: all of JAX's).
 
     One slice: jax.make_mesh orders the devices by the physical topology so the innermost
-    axis (tensor) gets the fastest links. Several slices (mesh.dcn_data x mesh.dcn_fsdp > 1):
+    axes (tensor, then context) get the fastest links. Several slices (mesh.dcn_data x mesh.dcn_fsdp > 1):
     a hybrid mesh, each slice laid out as that same ICI mesh and the slices stacked along
     the data and fsdp axes, so only those axes' collectives cross the data-center network."""
     devices = list(devices if devices is not None else jax.devices())
@@ -40,8 +40,14 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict,
     # Auto axes: jit places what the shardings leave open.
     axis_types = (jax.sharding.AxisType.Auto,) * len(ici_sizes)
     if len(groups) == 1:
-        return jax.make_mesh(ici_sizes, config_lib.MESH_AXES, devices=devices,
-                             axis_types=axis_types)
+        try:
+            return jax.make_mesh(ici_sizes, config_lib.MESH_AXES, devices=devices,
+                                 axis_types=axis_types)
+        except NotImplementedError:  # the TPU chip grid cannot be cut into these axes
+            raise ConfigError(
+                f"config.mesh: axes {dict(zip(config_lib.MESH_AXES, ici_sizes))} do not map "
+                f"onto the slice's chip grid: each axis size must be a product of whole "
+                f"physical axes (e.g. 4, 16 or 64 on a 4x4x4 v5p cube)") from None
     # As mesh_utils.create_hybrid_device_mesh, with slices also for devices that carry no
     # slice_index: slice s sits at position s of the (dcn_data, dcn_fsdp, 1) grid. As in
     # jax.make_mesh, a v5e/v6e slice may split a physical axis across two mesh axes.

@@ -3,10 +3,11 @@
 Model code names logical axes only (`("embed", "mlp")`); `RULES` maps each name to mesh
 axes. Parameters use the plain names, activations the `act_*` names, so the two can be
 sharded differently (FSDP shards weights over `fsdp` while activations stay whole along
-`embed`). Axes reserved for later parallelism (`sequence`, `expert`, `stage`) get a rule
-here when their mesh axis exists.
+`embed`). The sequence of activations (`act_sequence`) is split over `context` (context
+parallelism); the batch's and the caches' (`sequence`) stay whole. Axes reserved for later
+parallelism (`expert`, `stage`) get a rule here when their mesh axis exists.
 
-Across TPU slices (multi-slice), the mesh keeps these three axes: its data and fsdp axes
+Across TPU slices (multi-slice), the mesh keeps these axes: its data and fsdp axes
 also span the slices (config mesh.dcn_data, mesh.dcn_fsdp), so "batch" still maps to
 (data, fsdp) and model code is the same on one slice or many.
 """
@@ -38,7 +39,8 @@ RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("layers", None),
     # activations
     ("batch", ("data", "fsdp")),
-    ("sequence", None),
+    ("sequence", None),  # inputs, caches: whole rows (each device of a context group reads them)
+    ("act_sequence", "context"),  # activations: split over the context axis
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
@@ -99,14 +101,16 @@ def platform() -> str:
     return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
 
 
+def mesh_axes(name: str) -> tuple[str, ...]:
+    """The mesh axes logical axis `name` maps to (collectives inside shard_map name them)."""
+    axes = logical_to_spec((name,))[0]
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
 def logical_size(name: str) -> int:
     """How many ways the mesh in context splits logical axis `name` (1 outside a mesh)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return 1
-    axes = logical_to_spec((name,))[0]
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return int(math.prod(mesh.shape[a] for a in axes))
+    return 1 if mesh.empty else int(math.prod(mesh.shape[a] for a in mesh_axes(name)))
 
 
 def shard_map(f, in_axes: Sequence[Sequence[str | None] | None],

@@ -30,7 +30,7 @@ from jaxlm import config as config_lib
 from jaxlm.checkpoint import manager as checkpoint_lib
 from jaxlm.data import pipeline, sources, tokenizers
 from jaxlm.errors import ConfigError, UserError
-from jaxlm.model import zoo
+from jaxlm.model import context, zoo
 from jaxlm.parallel import rules
 from jaxlm.train import state as state_lib
 from jaxlm.train.step import Objective
@@ -48,14 +48,16 @@ from jaxlm.train.validate import validate
 LOGITS_PER_BLOCK_ROW = 1 << 24  # automatic loss_block: 64 MiB of float32 logits per row
 
 
-def loss_block(length: int, vocab: int, configured: int = 0) -> int:
-    """Positions per block of the blockwise cross-entropy: `configured` if set; else the
-    whole row while its logits fit LOGITS_PER_BLOCK_ROW, else the largest divisor of the
-    length that does (one position at the least)."""
+def loss_block(length: int, vocab: int, configured: int = 0, shards: int = 1) -> int:
+    """Positions per block of the blockwise cross-entropy (of each of the `shards` context
+    shards of a row): `configured` if set; else the whole shard while its logits fit
+    LOGITS_PER_BLOCK_ROW, else the largest divisor of the shard's length that does (one
+    position at the least)."""
     if configured:
         return configured
     fits = max(LOGITS_PER_BLOCK_ROW // vocab, 1)
-    return max(c for c in range(1, min(length, fits) + 1) if length % c == 0)
+    part = length // shards
+    return max(c for c in range(1, min(part, fits) + 1) if part % c == 0)
 
 
 def loss_sums(graphdef: Any, params: Any, batch: dict, z_loss: float, block: int = 0
@@ -64,22 +66,27 @@ def loss_sums(graphdef: Any, params: Any, batch: dict, z_loss: float, block: int
     `block`: optim.loss_block."""
     model = nnx.merge(graphdef, params)
     x_BxLxD = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
-    size = loss_block(x_BxLxD.shape[1], model.cfg.vocab_size, block)
-    return blockwise_cross_entropy_sums(x_BxLxD, model.head_logits, batch, z_loss, size)
+    shards = context.shards()
+    size = loss_block(x_BxLxD.shape[1], model.cfg.vocab_size, block, shards)
+    return blockwise_cross_entropy_sums(x_BxLxD, model.head_logits, batch, z_loss, size, shards)
 
 
 def blockwise_cross_entropy_sums(x_BxLxD: jax.Array, head_logits, batch: dict, z_loss: float,
-                                 block: int) -> tuple[jax.Array, dict]:
+                                 block: int, shards: int = 1) -> tuple[jax.Array, dict]:
     """cross_entropy_sums of head_logits(x) computed `block` positions at a time: a scan
     over the blocks, each under jax.checkpoint, so one block's logits (B x block x V) live at
-    a time in the forward pass and again in the backward pass."""
+    a time in the forward pass and again in the backward pass. Under context parallelism
+    (rows split into `shards` along the context axis) each scan step takes block k of every
+    shard, so every device works on its own positions."""
     b, length = x_BxLxD.shape[:2]
-    if block >= length:
+    if block * shards >= length:
         return cross_entropy_sums(head_logits(x_BxLxD), batch, z_loss)
-    n = length // block
+    n = length // (shards * block)
 
-    def blocks(a_BxL):  # B x L x ... -> n x B x block x ...
-        return a_BxL.reshape(b, n, block, *a_BxL.shape[2:]).swapaxes(0, 1)
+    def blocks(a_BxL):  # B x L x ... -> n x B x (shards * block) x ...
+        rest = a_BxL.shape[2:]
+        a = jnp.moveaxis(a_BxL.reshape(b, shards, n, block, *rest), 2, 0)
+        return a.reshape(n, b, shards * block, *rest)
 
     @jax.checkpoint
     def one(x_BxCxD, targets_BxC, weights_BxC):

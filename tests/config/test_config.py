@@ -91,7 +91,9 @@ def test_override_values_take_the_type_of_the_default():
 def test_mesh_minus_one_takes_the_remaining_devices():
     cfg = tiny()
     cfg.mesh.update(data=2, fsdp=-1, tensor=2)
-    assert config_lib.mesh_shape(cfg.mesh, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert config_lib.mesh_shape(cfg.mesh, 8) == {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}
+    cfg.mesh.update(fsdp=1, context=-1)
+    assert config_lib.mesh_shape(cfg.mesh, 8) == {"data": 2, "fsdp": 1, "context": 2, "tensor": 2}
 
 
 def test_dataset_names_match_the_builders():

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sharded_step import assert_same_step, step_on_mesh  # tests/sharded_step.py
+
 from jaxlm import config as config_lib
-from jaxlm.bench.step import synthetic_batch
-from jaxlm.cli import tasks
 from jaxlm.errors import ConfigError
 from jaxlm.model import attention, splash, zoo
 from jaxlm.parallel import mesh as mesh_lib
@@ -123,34 +123,12 @@ def step_config(family, attention_backend):
     return cfg
 
 
-def step(family, attention_backend, mesh_sizes):
-    cfg = step_config(family, attention_backend)
-    cfg.mesh.update(**mesh_sizes)
-    n = int(np.prod(list(mesh_sizes.values())))
-    mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:n])
-    task = tasks.pretraining(cfg, num_devices=n)
-    with mesh_lib.use(mesh):
-        task.build(mesh)
-        state = task.init_state()
-        batch = synthetic_batch(task, seed=1)
-        sums = task.objective().sums
-        grads = jax.jit(jax.grad(lambda p, b: sums({"params": p}, {}, b, None, False)[0]))(
-            state["params"], batch)
-        _, metrics = task.train_step(state, {}, batch)
-        return jax.device_get(metrics), jax.device_get(grads)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "bert"])
 def test_train_step_with_splash_equals_xla(family):
-    ref_metrics, ref_grads = step(family, "xla", {"data": 1, "fsdp": 1, "tensor": 1})
+    want = step_on_mesh(step_config(family, "xla"), {"data": 1, "fsdp": 1, "tensor": 1})
     for sizes in ({"data": 1, "fsdp": 1, "tensor": 1}, {"data": 1, "fsdp": 4, "tensor": 2}):
-        metrics, grads = step(family, "splash", sizes)
-        np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
-        np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-4)
-        scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads))
-        jax.tree.map(lambda r, g: np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * scale),
-                     ref_grads, grads)
+        assert_same_step(step_on_mesh(step_config(family, "splash"), sizes), want)
 
 
 def test_auto_means_splash_on_tpu_and_whole_tiles_only():

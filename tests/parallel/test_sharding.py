@@ -127,7 +127,7 @@ def test_simulated_slices_lie_along_the_dcn_axis():
     cfg = small_config()
     cfg.mesh.update(dcn_data=2, data=1, fsdp=2, tensor=2)
     mesh = mesh_lib.make_mesh(cfg.mesh)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}
     ids = np.vectorize(lambda d: d.id)(mesh.devices)
     # Slice s is devices 4s..4s+3 (a run in id order) and fills data index s.
     assert sorted(ids[0].ravel()) == [0, 1, 2, 3] and sorted(ids[1].ravel()) == [4, 5, 6, 7]
@@ -166,11 +166,11 @@ def test_tpu_slices_lie_along_the_dcn_axis(two_tpu_slices):
     cfg = small_config()
     cfg.mesh.update(dcn_data=2, data=1, fsdp=-1, tensor=1)
     mesh = mesh_lib.make_mesh(cfg.mesh, two_tpu_slices)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}
     slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
-    np.testing.assert_array_equal(slice_of[:, :, 0], [[0] * 4, [1] * 4])
+    np.testing.assert_array_equal(slice_of[:, :, 0, 0], [[0] * 4, [1] * 4])
     # The same placement as JAX's own hybrid mesh for devices that carry slice_index.
-    expected = mesh_utils.create_hybrid_device_mesh((1, 4, 1), (2, 1, 1), two_tpu_slices)
+    expected = mesh_utils.create_hybrid_device_mesh((1, 4, 1, 1), (2, 1, 1, 1), two_tpu_slices)
     np.testing.assert_array_equal(mesh.devices, expected)
 
 

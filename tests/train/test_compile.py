@@ -111,10 +111,11 @@ def aot():
 
 COMPILES = {
     # one v5p-8 slice (4 chips): FSDP and tensor parallelism
-    "v5p-8": ("v5p-8", dict(data=1, fsdp=2, tensor=2), dict(data=1, fsdp=2, tensor=2)),
+    "v5p-8": ("v5p-8", dict(data=1, fsdp=2, tensor=2),
+              dict(data=1, fsdp=2, context=1, tensor=2)),
     # two v5p-8 slices over DCN: data parallel across them, FSDP inside each
     "2xv5p-8": ("v5p-8", dict(data=1, fsdp=4, tensor=1, dcn_data=2),
-                dict(data=2, fsdp=4, tensor=1)),
+                dict(data=2, fsdp=4, context=1, tensor=1)),
 }
 
 
@@ -229,3 +230,12 @@ def test_accelerator_configs_name_a_topology_their_mesh_fits(name):
     t = topology.parse(cfg.mesh.topology)
     validate(cfg, t.chips * config_lib.num_slices(cfg.mesh))
     assert f"jaxlm compile --config configs/{name}.py" in (REPO / "configs" / f"{name}.py").read_text()
+
+
+def test_a_mesh_the_chip_grid_cannot_hold_is_one_line_exit_2(aot, capsys):
+    # fsdp 8 x context 8 on v5p-128's 4x4x4 cube: 8 is not a product of whole cube edges.
+    code = cli.main(["compile", "--config", str(REPO / "configs" / "llama3_8b.py"),
+                     "--config.mesh.context=8", "--config.data.global_batch_size=64"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "config.mesh: axes {'data': 1, 'fsdp': 8, 'context': 8, 'tensor': 1} do not map" in err
