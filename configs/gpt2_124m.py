@@ -10,8 +10,9 @@ For accelerators. Target: a TPU v5p-8 slice (4 chips, mesh.topology), FSDP over 
 
 prints per chip: arguments 0.38 GiB, temporaries 34.57 GiB, total 34.98 of 95.74 GiB
 usable HBM (fits), and 0.46 s per step at 50% MFU (splash attention, model.attention auto
-on TPU, and the blockwise loss in blocks of 256 positions; before both: 66.96 GiB). With the byte tokenizer the wide
-vocabulary is mostly unused; a GPT-2 tokenizer comes with the data issue.
+on TPU, and the blockwise loss in blocks of 256 positions; before both: 66.96 GiB). With the
+byte tokenizer the wide vocabulary is mostly unused; a GPT-2 tokenizer comes with the data
+issue.
 """
 
 from jaxlm.config import defaults

@@ -88,7 +88,8 @@ class SwiGLU(nnx.Module):
         dt = self.dtype
         gate_BxLxF = project(self, "w_gate", x_BxLxD, dt)
         up_BxLxF = project(self, "w_up", x_BxLxD, dt)
-        h_BxLxF = constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "act_sequence", "act_mlp"))
+        h_BxLxF = constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF,
+                            ("batch", "act_sequence", "act_mlp"))
         return project(self, "w_down", h_BxLxF, dt)
 
 
@@ -117,7 +118,8 @@ class GeluMLP(nnx.Module):
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         dt = self.dtype
         h_BxLxF = project(self, "w_in", x_BxLxD, dt) + self.b_in[...].astype(dt)
-        h_BxLxF = constrain(ACTIVATIONS[self.activation](h_BxLxF), ("batch", "act_sequence", "act_mlp"))
+        h_BxLxF = constrain(ACTIVATIONS[self.activation](h_BxLxF),
+                            ("batch", "act_sequence", "act_mlp"))
         return project(self, "w_out", h_BxLxF, dt) + self.b_out[...].astype(dt)
 
 

@@ -5,9 +5,11 @@ segment ids, and grouped-query attention that never repeats K/V.
 The kernel cannot be partitioned automatically, so it runs under shard_map over the mesh in
 context (jaxlm.parallel.rules.shard_map, by logical axis names; one device without a mesh):
 rows split over the batch axes, kv heads over the head axis where they divide it, otherwise
-the query heads of each kv group (MQA on a tensor-parallel mesh: K/V replicated along it). Inside, each
-device runs the MQA kernel once per (row, kv head): the R = H/G query heads that share a kv
-head attend to it together, so K/V stay G heads wide in memory.
+the query heads of each kv group (MQA on a tensor-parallel mesh: K/V replicated along it).
+Inside, each device runs the MQA kernel once per (row, kv head): the R = H/G query heads
+that share a kv head attend to it together, so K/V stay G heads wide in memory. Under
+context parallelism each device all-gathers the keys and values of its rows
+(`_context_local`).
 
 On TPU the kernel is compiled by Mosaic; on any other platform it runs in Pallas interpret
 mode (slow; it is how the tests check it on a CPU). The platform is the mesh's, so `jaxlm

@@ -34,9 +34,9 @@ of a scan over the stacked layers that slices every layer's weights out of the s
 every token (on CPU, copies costing about twice the step's matmuls).
 
 The attention is plain XLA einsums: its scores carry the position bias, so model.attention
-must be "xla" (or "auto", which is xla here), and the bucket settings must make sense (relative_buckets >= 4,
-relative_max_distance > relative_buckets // 2): the t5 record of jaxlm.model.zoo checks
-both.
+must be "xla" (or "auto", which is xla here), and the bucket settings must make sense
+(relative_buckets >= 4, relative_max_distance > relative_buckets // 2): the t5 record of
+jaxlm.model.zoo checks both.
 """
 
 from __future__ import annotations

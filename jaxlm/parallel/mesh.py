@@ -28,7 +28,8 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict,
     """The (data, fsdp, context, tensor) mesh from config over `devices` (default: all of JAX's).
 
     One slice: jax.make_mesh orders the devices by the physical topology so the innermost
-    axes (tensor, then context) get the fastest links. Several slices (mesh.dcn_data x mesh.dcn_fsdp > 1):
+    axes (tensor, then context) get the fastest links. Several slices (mesh.dcn_data x
+    mesh.dcn_fsdp > 1):
     a hybrid mesh, each slice laid out as that same ICI mesh and the slices stacked along
     the data and fsdp axes, so only those axes' collectives cross the data-center network."""
     devices = list(devices if devices is not None else jax.devices())

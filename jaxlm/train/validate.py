@@ -38,7 +38,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ConfigError(f"config.objective.name: {cfg.objective.name!r} trains "
                           f"{OBJECTIVE_KINDS[cfg.objective.name]} models ({', '.join(fitting)}); "
                           f"family {fam.name!r} is {fam.kind}")
-    if fam.kind == "encoder_decoder" and config_lib.mesh_shape(cfg.mesh, num_devices)["context"] > 1:
+    context = config_lib.mesh_shape(cfg.mesh, num_devices)["context"]
+    if fam.kind == "encoder_decoder" and context > 1:
         raise ConfigError(f"config.mesh.context: context parallelism is built for the decoder "
                           f"and encoder families; family {fam.name!r} is {fam.kind}")
     if not cfg.finetune.task and cfg.objective.name == "span_corruption":
