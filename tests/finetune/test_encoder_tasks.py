@@ -28,6 +28,7 @@ from jaxlm.cli import tasks as cli_tasks
 from jaxlm.finetune import predict, qa, squad
 from jaxlm.finetune.examples import data_path
 from jaxlm.infer import evaluate as evaluate_lib
+from jaxlm.infer import seq2seq as infer_seq2seq
 
 pytestmark = pytest.mark.slow
 
@@ -103,7 +104,6 @@ def test_qa_reaches_90_percent_exact_match_on_held_out_questions(tmp_path):
 
 
 def test_t5_translation_reaches_90_percent_exact_match_on_held_out_sentences(tmp_path):
-    from jaxlm.infer import seq2seq as infer_seq2seq
     train_file, train = read("translate_tiny_train.jsonl")
     eval_file, held = read("translate_tiny_eval.jsonl")
     tok = word_tokenizer(tmp_path / "tok" / "tokenizer.json",

@@ -25,9 +25,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxlm.infer import seq2seq
+from jaxlm import cli
+from jaxlm.checkpoint import rundir
+from jaxlm.convert.hf_import import import_hf
+from jaxlm.infer import run_params, seq2seq
 from jaxlm.infer.beam import Beam, BeamError
-from jaxlm.infer.generate import GenerationError, Sampling
+from jaxlm.infer.generate import GenerationError, Sampling, sample
+from jaxlm.model import zoo
+from jaxlm.parallel import mesh as mesh_lib
+from jaxlm.parallel import rules
 
 # ---- a stand-in encoder-decoder ------------------------------------------------------------
 
@@ -185,7 +191,6 @@ def t5_run(tmp_path_factory):
     built on first use."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from jaxlm.convert.hf_import import import_hf
 
     t5_parity = _load("jaxlm_tests_seq2seq_t5_parity", TESTS / "convert" / "test_t5_parity.py")
     hf_models = _load("jaxlm_tests_seq2seq_hf_models", TESTS / "convert" / "hf_models.py")
@@ -282,11 +287,6 @@ def test_generator_keeps_the_decoder_layers_apart(t5_run):
     be; `params` stacks them again: the run's parameters, bit for bit."""
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from jaxlm.checkpoint import rundir
-    from jaxlm.infer import run_params
-    from jaxlm.model import zoo
-    from jaxlm.parallel import mesh as mesh_lib
-    from jaxlm.parallel import rules
 
     _, generator, run = t5_run("v1_1_gated_untied", 1)
     saved, step_dir = rundir.saved_config(run)
@@ -333,8 +333,6 @@ def test_sampling_draws_from_the_transformers_distribution(t5_run):
     the batch row's draw (rows padded to the mesh's batch shards) from HF's distribution."""
     import torch
 
-    from jaxlm.infer.generate import sample
-    from jaxlm.parallel import mesh as mesh_lib
 
     model, generator, _ = t5_run("v1_1_gated_untied", 1)
     sampling = Sampling(temperature=0.8, top_k=40, top_p=0.9)
@@ -368,7 +366,6 @@ def test_generate_command_on_a_converted_t5(t5_run, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     import run_fixture  # tests/run_fixture.py (tests/ is on sys.path: tests/conftest.py)
 
-    from jaxlm import cli
 
     model, _, run = t5_run("v1_1_gated_untied", 1)
     hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(run.parent / "hf" /
@@ -402,8 +399,6 @@ def test_generate_command_on_a_converted_t5(t5_run, tmp_path, capsys):
 
 def test_generate_command_refuses_what_it_cannot_run(tmp_path, capsys):
     """An encoder-only run (bert) has no decoder; beam search is for encoder-decoders."""
-    from jaxlm import cli
-    from jaxlm.convert.hf_import import import_hf
 
     hf_models = _load("jaxlm_tests_seq2seq_hf_models", TESTS / "convert" / "hf_models.py")
     for family in ("bert", "llama"):

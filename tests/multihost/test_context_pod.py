@@ -11,6 +11,10 @@ import numpy as np
 import pytest
 from test_rehearsal import REPO, losses, overrides
 
+from jaxlm import config as config_lib
+from jaxlm.train import loop
+from jaxlm.train.lm import CausalLM
+
 STEPS = 3
 CONTEXT = ["--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.tensor=1",
            "--config.mesh.context=8"]
@@ -18,9 +22,6 @@ CONTEXT = ["--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.tensor
 
 @pytest.mark.slow
 def test_context_across_processes_equals_one_process(stdlib_data_dir, tmp_path):
-    from jaxlm import config as config_lib
-    from jaxlm.train import loop
-    from jaxlm.train.lm import CausalLM
 
     args = overrides(stdlib_data_dir, STEPS, every=1000) + CONTEXT
     cfg = config_lib.load(REPO / "configs" / "tiny.py", args)

@@ -4,16 +4,16 @@ fsdp 2 and context 2 x tensor 2 x fsdp 2) a step on packed causal rows gives the
 loss and gradients, with the xla and the splash backends; so does an encoder's."""
 
 import jax
-import numpy as np
 import pytest
-
+from flax import nnx
 from sharded_step import assert_same_step, step_on_mesh  # tests/sharded_step.py
 
 from jaxlm import config as config_lib
 from jaxlm.bench.step import synthetic_batch
 from jaxlm.cli import tasks
 from jaxlm.errors import ConfigError
-from jaxlm.model import context
+from jaxlm.infer.generate import Generator
+from jaxlm.model import context, zoo
 from jaxlm.parallel import mesh as mesh_lib
 from jaxlm.train.validate import validate
 
@@ -113,10 +113,7 @@ def test_the_sequence_is_split_over_the_context_axis(backend, kernel):
 def test_generation_on_a_context_parallel_mesh_equals_one_device():
     # The prefill runs with the prompt's positions split over the context axis (xla, its
     # own order); the one-token decode steps too.
-    from flax import nnx
 
-    from jaxlm.infer.generate import Generator
-    from jaxlm.model import zoo
 
     cfg = step_config("llama", "auto").model
     cfg.update(max_seq_len=64)

@@ -16,6 +16,7 @@ import pytest
 
 from jaxlm import cli
 from jaxlm import config as config_lib
+from jaxlm.model import attention
 from jaxlm.parallel import topology
 from jaxlm.parallel.topology import GiB
 from jaxlm.train.lm import CausalLM
@@ -146,7 +147,6 @@ def test_memory_figures_match_the_state_layout(compiled):
 
 
 def test_flops_match_an_independent_count(compiled):
-    from jaxlm.model import attention
     cfg, _, report = compiled
     m = cfg.model
     d, f, v, n, h, k = m.d_model, m.d_ff, m.vocab_size, m.n_layers, m.n_heads, m.head_dim
@@ -200,7 +200,6 @@ def test_llama3_8b_compiles_for_its_topology_within_hbm_with_splash(aot):
     """The shipped 8B config on the slice it names (v5p-128), as a user runs it: splash
     attention (model.attention auto, on TPU); and the xla backend for comparison, which
     needs at least one layer's score matrices more per chip."""
-    from jaxlm.model import attention
     cfg = config_lib.load_config_file(REPO / "configs" / "llama3_8b.py")
     assert cfg.mesh.topology == "v5p-128" and cfg.model.attention == "auto"
     out = compile_llama3_8b()
