@@ -15,6 +15,13 @@ gives the available HBM as v4 30.75, v5e 15.75, v5p 95.74, v6e 31.25 GiB (libtpu
 Peak FLOP/s are dense bfloat16 per chip from the vendors' data sheets (the same pages for
 TPUs; NVIDIA's for GPUs).
 
+Bandwidths (TPUs; what `jaxlm plan`'s roofline divides by): HBM per chip from the same Cloud
+pages (v5p 2,765, v5e 819, v6e 1,640 GB/s) and v4's 1.2e12 from "How to Scale Your Model"
+(jax-ml.github.io/scaling-book/tpus, part 2); inter-chip links one way, per link, from the
+scaling book (4.5e10 v4 and v5e, 9e10 v5p and v6e; a ring with wrap-around uses both
+directions); data-center network per chip: the scaling book's 6.25e9 (v4, v5p; Cloud's v5p
+page: 50 Gbps per chip), 3.125e9 (v5e) and 1.25e10 (v6e) bytes/s.
+
 Owns the only table of chip facts: MFU (jaxlm.train.metrics), `jaxlm compile` and the
 launchers read it. Importing this module imports no JAX (the launchers run without it).
 """
@@ -46,6 +53,9 @@ class Chip:
     usable_hbm_bytes: int = 0  # TPUs: what the TPU compiler lets one program use
     cores_in_name: int = 1  # TPUs: TensorCores per chip counted by the accelerator-type name
     dims: int = 0  # TPUs: 3 (3-D torus of 4x4x4 cubes) or 2 (2-D grid); 0: not a TPU slice
+    hbm_bw: float = 0.0  # TPUs: HBM bytes/s
+    ici_link_bw: float = 0.0  # TPUs: bytes/s one way over one inter-chip link
+    dcn_bw: float = 0.0  # TPUs: data-center network bytes/s per chip
 
     @property
     def device_kind(self) -> str:
@@ -53,10 +63,14 @@ class Chip:
 
 
 CHIPS = {
-    "v4": Chip("v4", ("TPU v4",), 275e12, 32 * GiB, int(30.75 * GiB), 2, 3),
-    "v5p": Chip("v5p", ("TPU v5", "TPU v5p"), 459e12, 95 * GiB, int(95.74 * GiB), 2, 3),
-    "v5e": Chip("v5e", ("TPU v5 lite", "TPU v5e"), 197e12, 16 * GiB, int(15.75 * GiB), 1, 2),
-    "v6e": Chip("v6e", ("TPU v6 lite", "TPU v6e"), 918e12, 32 * GiB, int(31.25 * GiB), 1, 2),
+    "v4": Chip("v4", ("TPU v4",), 275e12, 32 * GiB, int(30.75 * GiB), 2, 3,
+               1.2e12, 4.5e10, 6.25e9),
+    "v5p": Chip("v5p", ("TPU v5", "TPU v5p"), 459e12, 95 * GiB, int(95.74 * GiB), 2, 3,
+                2.765e12, 9e10, 6.25e9),
+    "v5e": Chip("v5e", ("TPU v5 lite", "TPU v5e"), 197e12, 16 * GiB, int(15.75 * GiB), 1, 2,
+                8.19e11, 4.5e10, 3.125e9),
+    "v6e": Chip("v6e", ("TPU v6 lite", "TPU v6e"), 918e12, 32 * GiB, int(31.25 * GiB), 1, 2,
+                1.64e12, 9e10, 1.25e10),
     "a100": Chip("a100", ("NVIDIA A100",), 312e12, 80 * GiB),
     "h100": Chip("h100", ("NVIDIA H100",), 989e12, 80 * GiB),
     "h200": Chip("h200", ("NVIDIA H200",), 989e12, 141 * 10**9),

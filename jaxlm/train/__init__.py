@@ -23,6 +23,8 @@ Owns:
     compat      what a resume may change: fixed, guarded and free config keys; the
                 run's tokenizer
     aot         `jaxlm compile`: a task's step compiled for a TPU topology on any host
+    hlo_cost    what a compiled program executes per chip, loops counted as they run
+    plan        `jaxlm plan`: the mesh, remat, accumulation and attention to train with
 
 May import: jaxlm.errors, console, config, parallel, model, data, checkpoint; wandb. Fine-tuning tasks
 (jaxlm.finetune) build on this package; nothing here knows them.

@@ -39,6 +39,7 @@ from jaxlm.model import zoo
 from jaxlm.parallel import mesh as mesh_lib
 from jaxlm.parallel import topology as topology_lib
 from jaxlm.parallel.topology import GiB
+from jaxlm.train import hlo_cost
 from jaxlm.train.task import Task
 
 DOES_NOT_FIT_EXIT_CODE = 1
@@ -85,6 +86,11 @@ class CompileReport:
     mfu: float
     compile_s: float
     attention: str = "xla"  # the backend that runs (model.attention resolved for TPU)
+    # With analyse=True (jaxlm plan): XLA's per-chip bytes accessed, the compiled text's
+    # trip-count-weighted cost, and the mesh's devices (logical ids are their flat order).
+    xla_bytes: float | None = None
+    hlo: hlo_cost.HloCost | None = None
+    mesh_devices: np.ndarray | None = None
 
     @property
     def chips(self) -> int:
@@ -117,10 +123,12 @@ def parse_oom(message: str) -> tuple[int, int] | None:
 
 
 def compile_for_topology(make_task: Callable[[int], Task], cfg: ml_collections.ConfigDict,
-                         topology_name: str, mfu: float = 0.5) -> CompileReport:
+                         topology_name: str, mfu: float = 0.5, *,
+                         analyse: bool = False) -> CompileReport:
     """Compiles the train step of the task `make_task(num_devices)` builds from `cfg` for
     `mesh.dcn_data x mesh.dcn_fsdp` slices of `topology_name`. Raises TopologyError /
-    ConfigError before compiling anything.
+    ConfigError before compiling anything. `analyse`: also read the compiled program's
+    text (jaxlm.train.hlo_cost) for the report's xla_bytes, hlo and mesh_devices.
 
     This host's own computations (none are needed to build the state layout) run on its
     default backend: on a host with libtpu but no TPU, set JAX_PLATFORMS=cpu (`jaxlm
@@ -143,6 +151,7 @@ def compile_for_topology(make_task: Callable[[int], Task], cfg: ml_collections.C
     with mesh_lib.use(mesh):
         lowered = task.lower()
     memory, xla_flops, usable = None, None, topology.chip.usable_hbm_bytes
+    xla_bytes, hlo = None, None
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
@@ -161,6 +170,10 @@ def compile_for_topology(make_task: Callable[[int], Task], cfg: ml_collections.C
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         if cost and "flops" in cost:  # one chip's program (SPMD): times the chips
             xla_flops = float(cost["flops"]) * len(devices)
+        if analyse:
+            xla_bytes = float((cost or {}).get("bytes accessed", 0.0))
+            hlo = hlo_cost.analyse(compiled.as_text())
+        del compiled
     compile_s = time.perf_counter() - start
     return CompileReport(
         topology=topology, num_slices=slices, mesh_shape=dict(mesh.shape),
@@ -170,7 +183,8 @@ def compile_for_topology(make_task: Callable[[int], Task], cfg: ml_collections.C
         memory=memory, required_bytes=required, usable_hbm_bytes=usable,
         model_flops=task.flops_per_token() * batch * seq_len,
         xla_flops=xla_flops, scan_layers=cfg.model.scan_layers, mfu=mfu, compile_s=compile_s,
-        attention=zoo.attention_backend(cfg.model, "tpu", seq_len))
+        attention=zoo.attention_backend(cfg.model, "tpu", seq_len),
+        xla_bytes=xla_bytes, hlo=hlo, mesh_devices=mesh.devices if analyse else None)
 
 
 def _gib(n: int) -> str:
@@ -234,17 +248,24 @@ def format_report(r: CompileReport) -> str:
     return "\n".join(lines)
 
 
-def run(make_task: Callable[[int], Task], cfg: ml_collections.ConfigDict, topology_name: str,
-        mfu: float, out: Callable[[str], None] = print) -> int:
-    """The `compile` verb: prints the report; DOES_NOT_FIT_EXIT_CODE when over HBM."""
+def topology_of(topology_name: str, cfg: ml_collections.ConfigDict) -> topology_lib.Topology:
+    """The slice a verb compiles for: `topology_name` (--topology), else config.mesh.topology;
+    ConfigError naming which one is wrong."""
     name = topology_name or cfg.mesh.topology
     if not name:
-        raise ConfigError("config.mesh.topology: empty; name the TPU slice to "
-                                     "compile for (--topology v5p-128 or the config key)")
+        raise ConfigError("config.mesh.topology: empty; name the TPU slice to compile for "
+                          "(--topology v5p-128 or the config key)")
     try:
-        report = compile_for_topology(make_task, cfg, name, mfu)
+        return topology_lib.parse(name)
     except topology_lib.TopologyError as e:
         where = "--topology" if topology_name else "config.mesh.topology"
         raise ConfigError(f"{where}: {e}") from None
+
+
+def run(make_task: Callable[[int], Task], cfg: ml_collections.ConfigDict, topology_name: str,
+        mfu: float, out: Callable[[str], None] = print) -> int:
+    """The `compile` verb: prints the report; DOES_NOT_FIT_EXIT_CODE when over HBM."""
+    topology = topology_of(topology_name, cfg)
+    report = compile_for_topology(make_task, cfg, topology.name, mfu)
     out(format_report(report))
     return 0 if report.fits else DOES_NOT_FIT_EXIT_CODE
