@@ -212,21 +212,21 @@ def analyse(text: str) -> HloCost:
     weight[entry] = 1.0
     control = {entry}  # computations that run as programs (not fused or reducer bodies)
     loops: dict[str, int | None] = {}
-    # Callers before callees: weights add up over call sites (an HLO call graph is a DAG).
-    order, pending = [], {entry}
+    # The call graph from the entry; then weights, callers before callees (an HLO call
+    # graph is a DAG), adding up over call sites.
+    seen = {entry}
     callers: dict[str, list[tuple[str, int, bool]]] = {}
     queue = [entry]
     while queue:
         name = queue.pop(0)
-        order.append(name)
         callers[name] = []
         for inst in computations.get(name, []):
             for callee, times, is_control in _callees(inst, computations, loops):
                 callers[name].append((callee, times, is_control))
                 if is_control:
                     control.add(callee)
-                if callee not in pending and callee in computations:
-                    pending.add(callee)
+                if callee not in seen and callee in computations:
+                    seen.add(callee)
                     queue.append(callee)
     for name in _topological(callers, entry):
         for callee, times, _ in callers.get(name, []):
@@ -236,8 +236,9 @@ def analyse(text: str) -> HloCost:
     found: list[Collective] = []
     for name, insts in computations.items():
         w = weight.get(name, 0.0)
-        scatter_fusion = (name in computations and any(i.root and i.opcode == "dynamic-slice"
-                                                       for i in insts)) or "scatter" in name
+        # On TPU a reduce-scatter is an all-reduce in a fusion that keeps one slice of it.
+        scatter_fusion = "scatter" in name or any(i.root and i.opcode == "dynamic-slice"
+                                                  for i in insts)
         for inst in insts:
             f = _matmul_flops(inst, types)
             flops_once += f
