@@ -12,6 +12,7 @@ A config is an `ml_collections.ConfigDict` with one sub-config per component:
     checkpoint  save cadence and retention, init_from
     metrics     peak FLOP/s override for MFU, TensorBoard
     objective   the pretraining objective: causal LM, masked LM, span corruption
+    quant       quantized training (int8 / fp8 matmuls through Qwix)
     finetune    `jaxlm finetune`: task, base checkpoint, data, template, LoRA, classifier
                 (keys in jaxlm/config/finetune.py)
 
@@ -33,6 +34,7 @@ REMAT_POLICIES = ("none", "full", "save_matmuls")
 ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "splash")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")  # model.activation (bert, t5)
 OBJECTIVES = ("causal_lm", "masked_lm", "span_corruption")  # objective.name
+QUANT_TYPES = ("none", "int8", "fp8")  # quant.training, quant.backward
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "wsd")
 MESH_AXES = ("data", "fsdp", "context", "tensor")
@@ -268,6 +270,15 @@ def defaults() -> ml_collections.ConfigDict:
         # span_corruption: decoder length; 0: enough for the targets of data.seq_len inputs
         # at this density and span length (T5's formula)
         targets_len=0,
+    ))
+    # Quantized training (jaxlm/quant): the matmuls of the model's hidden states (attention
+    # and MLP projections; the LM head and the attention scores stay in the compute dtype)
+    # run on quantized operands, forward (and backward when `backward` is set). The
+    # parameters, the optimizer and checkpoints stay float (master weights).
+    cfg.quant = ml_collections.ConfigDict(dict(
+        training="none",  # none | int8 | fp8 (weights and activations, forward)
+        backward="none",  # none | int8 | fp8: the gradients of the quantized matmuls
+        layers=".*",  # regex over module paths ("blocks/attn", "blocks/mlp") to quantize
     ))
     cfg.finetune = finetune_section.defaults()
     return cfg

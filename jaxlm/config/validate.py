@@ -10,6 +10,8 @@ run config is checked by `jaxlm.train.validate`.
 
 from __future__ import annotations
 
+import re
+
 import ml_collections
 
 from jaxlm.config import finetune as finetune_section
@@ -37,6 +39,7 @@ from jaxlm.config.schema import (
     OBJECTIVES,
     ON_ALL_CORRUPT,
     PACKINGS,
+    QUANT_TYPES,
     REMAT_POLICIES,
     ROPE_SCALINGS,
     SCHEDULES,
@@ -138,6 +141,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     _check_optim(o, d)
     _check_run(cfg)
     _check_objective(cfg.objective)
+    _check_quant(cfg.quant)
     _check_finetune_numbers(cfg.finetune)
     finetune_section.validate(cfg.finetune, cfg.checkpoint.init_from)
 
@@ -303,6 +307,20 @@ def _check_objective(o: ml_collections.ConfigDict) -> None:
                  high_open=True)
     require_real(o.mean_span_length, "objective.mean_span_length", 1, MAX_SEQ_LEN)
     require_int(o.targets_len, "objective.targets_len", 0, MAX_SEQ_LEN)  # 0: derived
+
+
+def _check_quant(q: ml_collections.ConfigDict) -> None:
+    """Quantized training's types and layer pattern (which tasks take it:
+    jaxlm.train.validate)."""
+    require(q.training in QUANT_TYPES, "quant.training", f"{q.training!r} not in {QUANT_TYPES}")
+    require(q.backward in QUANT_TYPES, "quant.backward", f"{q.backward!r} not in {QUANT_TYPES}")
+    require(q.backward == "none" or q.training != "none", "quant.backward",
+            f"{q.backward!r} needs quant.training (the forward's quantization) too")
+    try:
+        re.compile(q.layers)
+    except re.error as e:
+        raise ConfigError(f"config.quant.layers: {q.layers!r} is not a regular expression "
+                          f"({e})") from None
 
 
 def _check_finetune_numbers(f: ml_collections.ConfigDict) -> None:

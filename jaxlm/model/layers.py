@@ -33,10 +33,15 @@ def dense(x_BxLxD: jax.Array, w: jax.Array, dtype) -> jax.Array:
     """x @ w over the last axis of x and the first of w (trailing axes of w are kept).
 
     The matmul runs on 2-D operands, (B*L) x D by D x N: on XLA:CPU the gradient of a 3-D
-    einsum is about a third slower than the same work as plain 2-D GEMMs."""
+    einsum is about a third slower than the same work as plain 2-D GEMMs. It is a direct
+    `lax.dot_general`, the call quantized training intercepts (jaxlm.quant.training), with
+    no jitted wrapper (jnp.dot) whose trace cache could hand a quantized trace to a float
+    model or the reverse."""
     b, length, d = x_BxLxD.shape
     out_shape = w.shape[1:]
-    y = jnp.dot(x_BxLxD.reshape(b * length, d), w.reshape(d, -1).astype(dtype))
+    common = jnp.promote_types(x_BxLxD.dtype, dtype)  # as jnp.dot(x, w.astype(dtype)) types it
+    y = jax.lax.dot_general(x_BxLxD.reshape(b * length, d).astype(common),
+                            w.reshape(d, -1).astype(common), (((1,), (0,)), ((), ())))
     return y.reshape(b, length, *out_shape)
 
 

@@ -26,6 +26,6 @@ Owns:
     hlo_cost    what a compiled program executes per chip, loops counted as they run
     plan        `jaxlm plan`: the mesh, remat, accumulation and attention to train with
 
-May import: jaxlm.errors, console, config, parallel, model, data, checkpoint; wandb. Fine-tuning tasks
+May import: jaxlm.errors, console, config, parallel, model, data, quant, checkpoint; wandb. Fine-tuning tasks
 (jaxlm.finetune) build on this package; nothing here knows them.
 """

@@ -30,7 +30,7 @@ from jaxlm.errors import UserError
 FREE = ("mesh.", "checkpoint.", "metrics.", "train.log_every", "train.nonfinite",
         "train.allow_config_change", "model.remat", "model.attention", "data.data_dir",
         "data.prefetch", "finetune.eval_file", "finetune.eval_every", "finetune.base")
-GUARDED = ("optim.", "train.steps", "model.dtype")
+GUARDED = ("optim.", "train.steps", "model.dtype", "quant.")
 
 
 class ResumeConfigError(UserError):

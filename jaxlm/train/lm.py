@@ -32,6 +32,7 @@ from jaxlm.data import pipeline, sources, tokenizers
 from jaxlm.errors import ConfigError, UserError
 from jaxlm.model import context, zoo
 from jaxlm.parallel import rules
+from jaxlm.quant import training as quant_training
 from jaxlm.train import state as state_lib
 from jaxlm.train.step import Objective
 from jaxlm.train.task import (
@@ -121,10 +122,16 @@ def token_metrics(sums: dict, denom: jax.Array) -> dict:
             "target_tokens": sums["weight_sum"]}
 
 
-def model_state_spec(model_cfg: ml_collections.ConfigDict, tx, mesh, seed: int
+def model_state_spec(model_cfg: ml_collections.ConfigDict, tx, mesh, seed: int,
+                     quant_cfg: ml_collections.ConfigDict | None = None
                      ) -> tuple[Any, state_lib.StateSpec]:
-    """(graphdef, the state layout) of a task that trains every parameter of the model."""
-    graphdef, params = nnx.split(zoo.abstract(model_cfg, seed))
+    """(graphdef, the state layout) of a task that trains every parameter of the model;
+    with `quant_cfg` (config `quant`) quantizing its matmuls, the graphdef runs them
+    quantized (jaxlm.quant.training) on the same float state."""
+    model = zoo.abstract(model_cfg, seed)
+    graphdef, params = nnx.split(model)
+    if quant_cfg is not None and quant_cfg.training != "none":
+        graphdef = quant_training.training_graphdef(model, quant_cfg)
     spec = state_lib.make_spec({"params": rules.abstract_of(params, mesh)},
                                {"params": rules.axes_of(params)}, tx, mesh)
     return graphdef, spec
@@ -189,7 +196,8 @@ class CausalLM(Task):
     # ---- state and objective ---------------------------------------------------------------
 
     def state_spec(self, tx, mesh) -> state_lib.StateSpec:
-        self.graphdef, spec = model_state_spec(self.cfg.model, tx, mesh, self.cfg.train.seed)
+        self.graphdef, spec = model_state_spec(self.cfg.model, tx, mesh, self.cfg.train.seed,
+                                               self.cfg.quant)
         return spec
 
     def objective(self) -> Objective:

@@ -42,6 +42,10 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     if fam.kind == "encoder_decoder" and context > 1:
         raise ConfigError(f"config.mesh.context: context parallelism is built for the decoder "
                           f"and encoder families; family {fam.name!r} is {fam.kind}")
+    if cfg.quant.training != "none" and (cfg.finetune.task or fam.kind == "encoder_decoder"):
+        raise ConfigError(f"config.quant.training: {cfg.quant.training!r} quantizes the "
+                          f"pretraining of decoder and encoder families (`jaxlm train`); "
+                          f"not yet fine-tuning or {fam.kind} family {fam.name!r}")
     if not cfg.finetune.task and cfg.objective.name == "span_corruption":
         if cfg.data.packing != "concat":
             raise ConfigError("config.data.packing: span corruption packs examples in order, "
