@@ -1,6 +1,6 @@
 """Quantized training (QAT) through Qwix.
 
-Qwix intercepts `jax.lax.dot_general` (what every projection's `jnp.dot` calls,
+Qwix intercepts `jax.lax.dot_general` (the call every projection makes,
 jaxlm.model.layers.dense) while a model method runs, and quantizes the operands of the
 calls whose module path matches a rule: per-channel absmax scales, an integer (or fp8)
 matmul, the result rescaled; gradients pass straight through the rounding (and are
