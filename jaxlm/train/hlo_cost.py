@@ -239,6 +239,8 @@ def analyse(text: str) -> HloCost:
         # On TPU a reduce-scatter is an all-reduce in a fusion that keeps one slice of it.
         scatter_fusion = "scatter" in name or any(i.root and i.opcode == "dynamic-slice"
                                                   for i in insts)
+        if name not in callers:
+            continue  # not reached from the entry
         for inst in insts:
             f = _matmul_flops(inst, types)
             flops_once += f

@@ -133,6 +133,7 @@ class Outcome:
     compile_s: float
     estimate: Estimate | None  # None: does not fit
     attention: str  # the backend that ran (plan.attention resolved for TPU)
+    state_bytes: float  # per chip: train state and float32 gradients
     own: bool = False  # the config's own plan
 
 
@@ -247,7 +248,6 @@ class Search:
         self.slowest = 0.0
         self.outcomes: dict[Plan, Outcome] = {}
         self.untried = 0  # meshes the budget left out
-        self.state_bytes = 0.0  # the last compile's train state and gradients per chip
 
     def time_left(self) -> bool:
         return self.clock() - self.start + 1.2 * self.slowest <= self.budget_s
@@ -264,10 +264,9 @@ class Search:
         self.slowest = max(self.slowest, report.compile_s)
         outcome = Outcome(plan, report.required_bytes, report.usable_hbm_bytes,
                           report.compile_s, estimate(report, cfg) if report.fits else None,
-                          report.attention, own)
+                          report.attention, report.argument_bytes * STATE_PER_ARGUMENTS, own)
         self.outcomes[plan] = outcome
         self.out(progress_line(outcome, self.clock() - self.start))
-        self.state_bytes = report.argument_bytes * STATE_PER_ARGUMENTS
         return outcome
 
     def smallest_fit(self, plan: Plan) -> Plan | None:
@@ -283,10 +282,10 @@ class Search:
                 return None
             if outcome.estimate is not None:
                 return plan
-            target = HEADROOM * outcome.usable_bytes - self.state_bytes
+            target = HEADROOM * outcome.usable_bytes - outcome.state_bytes
             if target <= 0:
                 return None  # the state alone does not fit: no accumulation helps
-            need = plan.accum * (outcome.required_bytes - self.state_bytes) / target
+            need = plan.accum * (outcome.required_bytes - outcome.state_bytes) / target
             options = [k for k in options if k > plan.accum and k >= need]
         return None
 

@@ -199,8 +199,6 @@ def test_roofline_splits_collectives_by_the_axes_they_cross(compiled):
     assert (e.exposed_s > 0) == (sizes["tensor"] > 1)
     assert (e.dcn_s > 0) == (report.num_slices > 1)
     assert e.flops_s > 0 and e.hbm_s > 0
-    assert e.step_s == max(e.flops_s, e.hbm_s, e.ici_s, e.dcn_s) + e.exposed_s
-    assert e.mfu == pytest.approx(report.model_flops / report.chips / (e.step_s * 459e12))
 
 
 def test_a_step_that_does_not_fit_exits_nonzero_with_the_figures(aot, capsys):
