@@ -10,6 +10,8 @@ Owns:
     generate_seq2seq  `jaxlm bench generate --family t5`: encoder-decoder greedy decoding
                 against transformers' T5
     convert     `jaxlm bench convert`: peak memory of a Hugging Face conversion
+    quant       `jaxlm bench quant`: a trained run quantized (int8, int4, nf4) and with the
+                int8 KV cache: bytes, perplexity, greedy agreement, decode tokens/s
     table       how figures are printed
     conditions  the host's load, other runnable processes and cores at a benchmark's
                 start and end (a warning row when the load exceeds the cores); sides

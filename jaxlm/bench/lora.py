@@ -1,18 +1,21 @@
-"""`jaxlm bench lora`: a LoRA fine-tuning step against a full fine-tuning step on one shape,
-and the size of what each checkpoints.
+"""`jaxlm bench lora`: a LoRA fine-tuning step against a full fine-tuning step and a QLoRA
+step on one shape, the memory each step holds, and the size of what each checkpoints.
 
     jaxlm bench lora --config configs/bench_cpu.py [--steps 2] [--rounds 5]
 
-Both steps are the real fine-tuning steps (the SFT task of `jaxlm finetune`: same state
-layout, sharding, jit and donation) on the same synthetic SFT batch (loss on the second half
-of every row), from the same random base, written as a run directory first. The shape is the config's; LoRA uses the config's
-finetune.lora keys (default rank 8, alpha 16, targets q,k,v,o,mlp; dropout is set to 0 so
-both steps run the same model). On a shared machine timings drift, so the two steps
-alternate: `rounds` rounds of `steps` steps each, the order swapped every round, and the
-medians of the per-step times are compared (printed with their min and max, and the
-per-round ratio). Checkpoint sizes are the bytes of the state each
-method saves (LoRA: adapters and their Adam moments; full: every parameter and its moments),
-and the files of one real save of each.
+The steps are the real fine-tuning steps (the SFT task of `jaxlm finetune`: same state
+layout, sharding, jit and donation) on the same synthetic SFT batch (loss on the second
+half of every row), from the same random base, written as a run directory first. The
+shape is the config's; LoRA uses the config's finetune.lora keys (default rank 8, alpha
+16, targets q,k,v,o,mlp; dropout is set to 0 so the steps run the same model); QLoRA is
+LoRA on the base held as nf4 codes (finetune.base_quant, groups of 64). On a shared
+machine timings drift, so the steps alternate: `rounds` rounds of `steps` steps each, the
+order swapped every round, and the medians of the per-step times are compared (printed
+with their min and max, and the per-round ratio). Step memory is XLA's memory analysis of
+each compiled step on one device (what it holds at its peak: state, frozen base, batch,
+temporaries). Checkpoint sizes are the bytes of the state each method saves (LoRA:
+adapters and their Adam moments; full: every parameter and its moments), and the files of
+one real save of each.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from jaxlm.checkpoint import manager as checkpoint_lib
 from jaxlm.checkpoint.inspect import disk_bytes, format_bytes
 from jaxlm.finetune.tasks import FinetuneTask
 from jaxlm.parallel import mesh as mesh_lib
+from jaxlm.train import aot
 from jaxlm.train.lm import CausalLM
 
 
@@ -56,17 +60,20 @@ def write_random_base(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
 class _Method:
     """One method's task, compiled step and state."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, method: str, base: pathlib.Path):
+    def __init__(self, cfg: ml_collections.ConfigDict, method: str, base: pathlib.Path,
+                 base_quant: str = "none"):
         cfg = ml_collections.ConfigDict(cfg.to_dict())
-        cfg.finetune.update(task="sft", method=method, base=str(base), train_file="unused")
-        cfg.finetune.lora.dropout = 0.0  # both steps run the same model
-        self.name = method
+        cfg.finetune.update(task="sft", method=method, base=str(base), train_file="unused",
+                            base_quant=base_quant)
+        cfg.finetune.lora.dropout = 0.0  # the steps run the same model
+        self.name = "qlora" if base_quant != "none" else method
         task = FinetuneTask(cfg)
         self.run = BenchRun(task)
         self.run.batch = synthetic_batch(task, prompt_fraction=0.5)
         self.trainable = task.spec.trainable_count
         self.state_bytes = checkpoint_lib.state_nbytes(task.spec.abstract)
         self.compile_s = self.run.compile_s
+        self.memory = aot.memory_of(self.run.compiled).total  # one device's step, at its peak
         self.times: list[float] = []
         self.last_loss = float("nan")
 
@@ -94,8 +101,9 @@ def bench_lora(cfg: ml_collections.ConfigDict, steps: int = 2, rounds: int = 5) 
     with tempfile.TemporaryDirectory(prefix="jaxlm_bench_lora_") as tmp:
         base = pathlib.Path(tmp) / "base"
         write_random_base(cfg, base)
-        methods = [_Method(cfg, "lora", base), _Method(cfg, "full", base)]
-        lora_m, full_m = methods
+        methods = [_Method(cfg, "lora", base), _Method(cfg, "full", base),
+                   _Method(cfg, "lora", base, base_quant="nf4")]
+        lora_m, full_m, qlora_m = methods
         for method in methods:  # one untimed warm step each
             method.steps(1, record=False)
         round_s = interleaved({m.name: (lambda m=m: m.steps(steps)) for m in methods}, rounds)
@@ -103,6 +111,7 @@ def bench_lora(cfg: ml_collections.ConfigDict, steps: int = 2, rounds: int = 5) 
     cfg, mesh, m = lora_m.run.cfg, lora_m.run.mesh, lora_m.run.cfg.model
 
     full_s, lora_s = float(np.median(full_m.times)), float(np.median(lora_m.times))
+    qlora_s = float(np.median(qlora_m.times))
     round_ratios = [a / b for a, b in zip(round_s["lora"], round_s["full"])]  # paired
     figures = {
         **median_min_max("full_step_s", full_m.times),
@@ -114,6 +123,9 @@ def bench_lora(cfg: ml_collections.ConfigDict, steps: int = 2, rounds: int = 5) 
         "full_checkpoint_disk_bytes": float(disk["full"]),
         "lora_checkpoint_disk_bytes": float(disk["lora"]),
         "lora_trainable": float(lora_m.trainable), "full_trainable": float(full_m.trainable),
+        **median_min_max("qlora_step_s", qlora_m.times), "qlora_step_ratio": qlora_s / lora_s,
+        **{f"{m.name}_step_memory_bytes": float(m.memory) for m in methods},
+        "qlora_memory_ratio": qlora_m.memory / lora_m.memory,
         **host.figures(),
     }
     lora_cfg = cfg.finetune.lora
@@ -129,6 +141,7 @@ def bench_lora(cfg: ml_collections.ConfigDict, steps: int = 2, rounds: int = 5) 
         (f"step time ({rounds} rounds x {steps} steps, interleaved)", ""),
         ("  full", spread([t * 1e3 for t in full_m.times], ".0f", "ms")),
         ("  LoRA", spread([t * 1e3 for t in lora_m.times], ".0f", "ms")),
+        ("  QLoRA (nf4 base)", spread([t * 1e3 for t in qlora_m.times], ".0f", "ms")),
         ("LoRA step / full step", (f"{lora_s / full_s:.3f}x of the medians (target <= 0.8x); "
                                    f"per round {spread(round_ratios, '.3f')}")),
         ("checkpointed state", f"full {format_bytes(full_m.state_bytes)} / LoRA "
@@ -137,7 +150,15 @@ def bench_lora(cfg: ml_collections.ConfigDict, steps: int = 2, rounds: int = 5) 
         ("checkpoint on disk", f"full {format_bytes(disk['full'])} / LoRA "
                                f"{format_bytes(disk['lora'])} "
                                f"({100 * disk['lora'] / disk['full']:.2f}%)"),
-        ("last loss", f"full {full_m.last_loss:.4f} / LoRA {lora_m.last_loss:.4f}"),
+        ("QLoRA step / LoRA step", f"{qlora_s / lora_s:.3f}x of the medians"),
+        ("step memory (one device)", f"full {format_bytes(full_m.memory)} / LoRA "
+                                     f"{format_bytes(lora_m.memory)} / QLoRA "
+                                     f"{format_bytes(qlora_m.memory)} (XLA's memory analysis "
+                                     f"of each compiled step: arguments, outputs and "
+                                     f"temporaries, less what the outputs alias)"),
+        ("QLoRA / LoRA step memory", f"{qlora_m.memory / lora_m.memory:.3f}x (target <= 0.6x)"),
+        ("last loss", f"full {full_m.last_loss:.4f} / LoRA {lora_m.last_loss:.4f} / QLoRA "
+                      f"{qlora_m.last_loss:.4f}"),
         *host.rows(),
     ])
     return figures

@@ -8,6 +8,7 @@
     jaxlm bench lora --config configs/bench_cpu.py [--steps 2] [--rounds 5]
     jaxlm bench generate [--rounds 5] [--family t5]
     jaxlm bench convert [--size-mb 300] [--dir DIR]
+    jaxlm bench quant --workdir runs/tiny [--rounds 5]
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ VERBS = ("bench",)
 def add_parsers(verbs) -> None:
     bench = verbs.add_parser("bench", help="benchmarks that print figures", description=__doc__,
                              epilog=helptext.overrides_epilog() + " (step, data, checkpoint, "
-                             "lora; generate and convert take no config)")
+                             "lora; generate, convert and quant take no config)")
     bench.add_argument("what", choices=["step", "data", "checkpoint", "generate", "lora",
-                                        "convert"], help="the benchmark")
+                                        "convert", "quant"], help="the benchmark")
+    bench.add_argument("--workdir", default=None,
+                       help="quant: the trained decoder run to quantize (read only)")
     add_config_argument(bench)
     bench.add_argument("--steps", type=int, default=None,
                        help="step: timed steps after compilation (default 5); checkpoint: "
@@ -60,6 +63,16 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.family is not None and args.what != "generate":
         raise config_lib.ConfigError(f"--family: only `jaxlm bench generate` takes it, not "
                                      f"`jaxlm bench {args.what}`")
+    if (args.workdir is None) != (args.what != "quant"):
+        raise config_lib.ConfigError("--workdir: `jaxlm bench quant` needs it (the trained run "
+                                     "to quantize); no other benchmark takes it")
+    if args.what == "quant":
+        if overrides or args.config:
+            raise config_lib.ConfigError("`jaxlm bench quant` takes no config: the run's own")
+        from jaxlm.bench.quant import bench_quant
+        from jaxlm.cli import tasks
+        bench_quant(args.workdir, tasks.for_run, rounds=args.rounds)
+        return errors.DONE
     if args.what in ("generate", "convert"):  # fixed models of their own
         if overrides or args.config:
             raise config_lib.ConfigError(f"`jaxlm bench {args.what}` takes no config")

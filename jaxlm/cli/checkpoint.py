@@ -1,10 +1,11 @@
-"""`jaxlm checkpoint {ls,inspect,export-params}` and `jaxlm lora merge`: what a run's
-checkpoints hold, and new run directories made from them (no config is read).
+"""`jaxlm checkpoint {ls,inspect,export-params}`, `jaxlm lora merge` and `jaxlm quantize`:
+what a run's checkpoints hold, and new run directories made from them (no config overrides).
 
     jaxlm checkpoint ls WORKDIR
     jaxlm checkpoint inspect WORKDIR [--step N] [--json]
     jaxlm checkpoint export-params WORKDIR --out DIR [--dtype bfloat16] [--step N]
     jaxlm lora merge WORKDIR --out OUT [--step N]
+    jaxlm quantize --workdir RUN --out OUT --weights int8|int4|nf4 [--group-size N]
 
 WORKDIR may also be `WORKDIR/checkpoints` or one step, `WORKDIR/checkpoints/STEP`.
 """
@@ -16,7 +17,9 @@ import pathlib
 
 from jaxlm import errors
 
-VERBS = ("checkpoint", "lora")
+VERBS = ("checkpoint", "lora", "quantize")
+# jaxlm.config.schema.WEIGHT_FORMATS less "float" (a test checks they agree).
+WEIGHT_FORMATS = ("int8", "int4", "nf4")
 # jaxlm.checkpoint.export.EXPORT_DTYPES (a test checks they agree), named here so that
 # `--help` does not import JAX.
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
@@ -51,12 +54,31 @@ def add_parsers(verbs) -> None:
     merge.add_argument("--out", required=True, help="directory to create (new or empty)")
     merge.add_argument("--step", type=int, default=None, help="default: the latest")
 
+    quant = verbs.add_parser(
+        "quantize", help="write a run's weights quantized (int8, int4, nf4) as a new run for "
+        "generate, eval and scoring",
+        description="Post-training weight-only quantization of a decoder run's newest "
+        "checkpoint (jaxlm/infer/quantize.py): projections, embedding and LM head stored as "
+        "integer codes with float scales; norms and biases float.")
+    quant.add_argument("--workdir", required=True, help="the float run (read only)")
+    quant.add_argument("--out", required=True, help="directory to create (new or empty)")
+    quant.add_argument("--weights", required=True, choices=WEIGHT_FORMATS,
+                       help="int8 (absmax, symmetric), int4, or nf4 (NormalFloat4 levels)")
+    quant.add_argument("--group-size", type=int, default=None,
+                       help="inputs per scale; 0: one scale per output channel (default: 0 "
+                            "for int8, 32 for int4 and nf4); must divide d_model, d_ff and "
+                            "head_dim")
+
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from jaxlm.checkpoint.rundir import RunDirError
     if overrides:
-        raise RunDirError(f"`jaxlm {args.verb} {args.action}` takes no config overrides: "
-                          f"{' '.join(overrides)}")
+        verb = " ".join([args.verb] + ([args.action] if "action" in args else []))
+        raise RunDirError(f"`jaxlm {verb}` takes no config overrides: {' '.join(overrides)}")
+    if args.verb == "quantize":
+        from jaxlm.infer import quantize
+        quantize.quantize_run(args.workdir, args.out, args.weights, args.group_size)
+        return errors.DONE
     if args.verb == "lora":
         from jaxlm.finetune import merge
         merge.merge_run(args.workdir, args.out, args.step)

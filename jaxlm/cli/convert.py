@@ -2,6 +2,7 @@
 
     jaxlm convert from-hf HF_DIR --out WORKDIR
     jaxlm convert to-hf WORKDIR --out HF_DIR [--dtype bfloat16] [--max-shard-size 5GB] [--step N]
+        [--dequantize]
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def add_parsers(verbs) -> None:
                      help="larger models are split into shards of at most this size (5GB, 500MiB)")
     exp.add_argument("--step", type=int, default=None,
                      help="checkpoint step to convert (default: the latest)")
+    exp.add_argument("--dequantize", action="store_true",
+                     help="a quantized run (`jaxlm quantize`): write the float values its "
+                          "codes and scales stand for (default: refused)")
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -52,5 +56,5 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     else:
         from jaxlm.convert.hf_export import export_hf
         export_hf(args.workdir, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                  step=args.step)
+                  step=args.step, dequantize=args.dequantize)
     return errors.DONE

@@ -33,6 +33,7 @@ from jaxlm.config.schema import (
     source_defaults,
 )
 from jaxlm.config.validate import (
+    grouped_dims,
     ici_mesh_shape,
     mesh_shape,
     num_slices,
@@ -45,7 +46,7 @@ from jaxlm.errors import ConfigError
 
 __all__ = [
     "BUILTIN_DATASETS", "DCN_KEYS", "MESH_AXES", "SOURCE_KINDS", "ConfigError",
-    "apply_override", "apply_overrides", "defaults", "ici_mesh_shape", "load",
+    "apply_override", "apply_overrides", "defaults", "grouped_dims", "ici_mesh_shape", "load",
     "load_config_file", "merge_overrides", "mesh_shape", "num_slices", "parse_mixture",
     "require", "resolve_vocab", "resolved", "source_defaults", "split_overrides", "validate",
 ]

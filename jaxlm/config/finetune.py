@@ -13,6 +13,7 @@ from jaxlm.errors import ConfigError
 
 TASKS = ("sft", "classify", "qa", "seq2seq")
 METHODS = ("full", "lora")
+BASE_QUANTS = ("none", "int8", "nf4")  # QLoRA: the frozen base stored quantized
 OVERLONG = ("error", "skip")
 POOLINGS = ("last", "mean", "first")
 LORA_TARGETS = ("q", "k", "v", "o", "mlp")
@@ -53,6 +54,12 @@ def defaults() -> ml_collections.ConfigDict:
         input_field="input",  # seq2seq
         target_field="target",  # seq2seq
         target_len=0,  # seq2seq: decoder tokens per row; 0: data.seq_len
+        # QLoRA (method lora): the frozen base held quantized, int8 or nf4 (NormalFloat4),
+        # with a scale per group of base_quant_group inputs (0: per output channel); the
+        # adapters train in float on the weights the codes stand for
+        # (jaxlm/model/quantized.py). none: the base in float32.
+        base_quant="none",
+        base_quant_group=64,
         lora=ml_collections.ConfigDict(dict(
             rank=8,
             alpha=16.0,  # the adapter's output is scaled by alpha / rank
@@ -127,6 +134,11 @@ def validate(ft_cfg: ml_collections.ConfigDict, init_from: str = "") -> None:
         if ft_cfg.task == task:
             for key in keys:
                 _require(bool(ft_cfg[key]), key, "must name a JSON field")
+    _require(ft_cfg.base_quant in BASE_QUANTS, "base_quant",
+             f"{ft_cfg.base_quant!r} not in {BASE_QUANTS}")
+    _require(ft_cfg.base_quant == "none" or ft_cfg.method == "lora", "base_quant",
+             f"{ft_cfg.base_quant!r} quantizes a frozen base: it needs method 'lora' (QLoRA); "
+             f"full fine-tuning trains every weight in float")
     lora = ft_cfg.lora
     if ft_cfg.method == "lora":
         targets = lora_targets(lora)

@@ -13,6 +13,7 @@ A config is an `ml_collections.ConfigDict` with one sub-config per component:
     metrics     peak FLOP/s override for MFU, TensorBoard
     objective   the pretraining objective: causal LM, masked LM, span corruption
     quant       quantized training (int8 / fp8 matmuls through Qwix)
+    generate    generation from a run (`jaxlm generate`, scoring): the KV cache's dtype
     finetune    `jaxlm finetune`: task, base checkpoint, data, template, LoRA, classifier
                 (keys in jaxlm/config/finetune.py)
 
@@ -35,6 +36,8 @@ ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "splash")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")  # model.activation (bert, t5)
 OBJECTIVES = ("causal_lm", "masked_lm", "span_corruption")  # objective.name
 QUANT_TYPES = ("none", "int8", "fp8")  # quant.training, quant.backward
+WEIGHT_FORMATS = ("float", "int8", "int4", "nf4")  # model.weights
+KV_CACHE_DTYPES = ("model", "int8")  # generate.kv_cache_dtype
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "wsd")
 MESH_AXES = ("data", "fsdp", "context", "tensor")
@@ -156,6 +159,11 @@ def defaults() -> ml_collections.ConfigDict:
             attention="auto",
             splash_block=0,  # splash q and kv tile; 0: 512, 256 or 128, whichever divides L
             scan_layers=True,
+            # A quantized run (`jaxlm quantize`; inference only): float | int8 | int4 | nf4,
+            # the projections, embedding and LM head stored as codes with scales per group
+            # of `weight_group` inputs (0: per output channel). jaxlm/model/quantized.py.
+            weights="float",
+            weight_group=0,
         )
     )
 
@@ -280,5 +288,9 @@ def defaults() -> ml_collections.ConfigDict:
         backward="none",  # none | int8 | fp8: the gradients of the quantized matmuls
         layers=".*",  # regex over module paths ("blocks/attn", "blocks/mlp") to quantize
     ))
+    # Generation (jaxlm/infer/generate.py): the KV cache keeps keys and values in the model's
+    # compute dtype ("model") or as int8 with a scale per slot and kv head (a quarter of
+    # float32's bytes; jaxlm/model/kv_cache.py).
+    cfg.generate = ml_collections.ConfigDict(dict(kv_cache_dtype="model"))
     cfg.finetune = finetune_section.defaults()
     return cfg

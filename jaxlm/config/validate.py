@@ -21,6 +21,7 @@ from jaxlm.config.schema import (
     BUILTIN_DATASETS,
     DCN_KEYS,
     DTYPES,
+    KV_CACHE_DTYPES,
     MAX_BATCH_TOKENS,
     MAX_DOCUMENT_BYTES,
     MAX_GLOBAL_BATCH,
@@ -46,6 +47,7 @@ from jaxlm.config.schema import (
     SOURCE_KINDS,
     TOKENIZERS,
     WANDB_MODES,
+    WEIGHT_FORMATS,
     defaults,
     require,
     require_int,
@@ -142,6 +144,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     _check_run(cfg)
     _check_objective(cfg.objective)
     _check_quant(cfg.quant)
+    require(cfg.generate.kv_cache_dtype in KV_CACHE_DTYPES, "generate.kv_cache_dtype",
+            f"{cfg.generate.kv_cache_dtype!r} not in {KV_CACHE_DTYPES}")
     _check_finetune_numbers(cfg.finetune)
     finetune_section.validate(cfg.finetune, cfg.checkpoint.init_from)
 
@@ -209,6 +213,7 @@ def _check_model(m: ml_collections.ConfigDict) -> None:
     require_real(m.norm_eps, "model.norm_eps", 0, 1, low_open=True, high_open=True)
     require_real(m.init_std, "model.init_std", 0, low_open=True)
     _check_rope_scaling(m.rope_scaling)
+    _check_weights(m)
     require(m.activation in ACTIVATIONS, "model.activation",
             f"{m.activation!r} not in {ACTIVATIONS}")
     require(isinstance(m.gated_mlp, bool), "model.gated_mlp",
@@ -309,6 +314,31 @@ def _check_objective(o: ml_collections.ConfigDict) -> None:
     require_int(o.targets_len, "objective.targets_len", 0, MAX_SEQ_LEN)  # 0: derived
 
 
+def grouped_dims(m: ml_collections.ConfigDict) -> dict[str, int]:
+    """The sizes a quantized model's groups of inputs run along (jaxlm/model/quantized.py),
+    by model key: a group size must divide each."""
+    return {"d_model": m.d_model, "d_ff": m.d_ff, "head_dim": m.head_dim or m.d_model // m.n_heads}
+
+
+def _check_weights(m: ml_collections.ConfigDict) -> None:
+    """A quantized run's weight format, and a group size that divides every axis the
+    groups run along (jaxlm/model/quantized.py)."""
+    require(m.weights in WEIGHT_FORMATS, "model.weights",
+            f"{m.weights!r} not in {WEIGHT_FORMATS}")
+    require_int(m.weight_group, "model.weight_group", 0, MAX_WIDTH)
+    if m.weights == "float":
+        return
+    for key, size in grouped_dims(m).items():
+        require(not m.weight_group or size % m.weight_group == 0, "model.weight_group",
+                f"{m.weight_group} does not divide model.{key}={size} (the {m.weights} "
+                f"groups run along it)")
+    if m.weights in ("int4", "nf4"):  # two codes a byte along each weight's last axis
+        last = {**grouped_dims(m), **({} if m.tie_embeddings else {"vocab_size": m.vocab_size})}
+        for key, size in last.items():
+            require(size % 2 == 0, "model.weights",
+                    f"{m.weights} packs two codes a byte along model.{key}, which is odd ({size})")
+
+
 def _check_quant(q: ml_collections.ConfigDict) -> None:
     """Quantized training's types and layer pattern (which tasks take it:
     jaxlm.train.validate)."""
@@ -331,6 +361,7 @@ def _check_finetune_numbers(f: ml_collections.ConfigDict) -> None:
     require_int(f.num_labels, "finetune.num_labels", 2, finetune_section.MAX_LABELS)
     require_int(f.max_answer_tokens, "finetune.max_answer_tokens", 1, MAX_SEQ_LEN)
     require_int(f.target_len, "finetune.target_len", 0, MAX_SEQ_LEN)  # 0: data.seq_len
+    require_int(f.base_quant_group, "finetune.base_quant_group", 0, MAX_WIDTH)
     require_int(f.lora.rank, "finetune.lora.rank", 1, finetune_section.MAX_LORA_RANK)
     require_real(f.lora.alpha, "finetune.lora.alpha", 0, low_open=True)
     require_real(f.lora.dropout, "finetune.lora.dropout", 0, 1, high_open=True)

@@ -33,6 +33,7 @@ import pathlib
 import re
 from typing import Any, Callable
 
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -43,6 +44,7 @@ from jaxlm.convert import safetensors_io as st
 from jaxlm.convert.hf_import import ConversionError
 from jaxlm.data import tokenizers
 from jaxlm.errors import ConfigError
+from jaxlm.model import quantized
 
 EXPORT_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
                  "bfloat16": st.DTYPES["BF16"]}
@@ -332,11 +334,24 @@ def write_tokenizer(tokenizer_dir: pathlib.Path, out: pathlib.Path, max_len: int
     return special
 
 
+def dequantizing(reader: ParamReader, model_cfg) -> Callable[[str], np.ndarray]:
+    """`reader` for a quantized run (jaxlm/model/quantized.py), reading every quantized
+    weight as the float32 values its codes and scales stand for."""
+    def read(name: str) -> np.ndarray:
+        if name + "_scale" not in reader.saved:
+            return reader(name)
+        return np.asarray(quantized.dequantize(reader(name), reader(name + "_scale"),
+                                               model_cfg.weights))
+    return read
+
+
 def export_hf(workdir: str | pathlib.Path, out: str | pathlib.Path, dtype: str = "float32",
               max_shard_size: str | int = DEFAULT_MAX_SHARD, step: int | None = None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              log: Callable[[str], None] = print, dequantize: bool = False) -> dict[str, Any]:
     """Writes the Hugging Face directory `out` for a checkpoint of `workdir` (a run
-    directory, its checkpoints/ or one step; default the latest step). Returns a summary."""
+    directory, its checkpoints/ or one step; default the latest step). Returns a summary.
+    A quantized run (`jaxlm quantize`) is refused unless `dequantize`: then its weights
+    are written as the float values its codes and scales stand for."""
     if dtype not in EXPORT_DTYPES:
         raise ConversionError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     max_bytes = parse_size(max_shard_size)
@@ -363,13 +378,25 @@ def export_hf(workdir: str | pathlib.Path, out: str | pathlib.Path, dtype: str =
     if extra:  # exporting without them would silently drop trained weights
         raise ConversionError(f"checkpoint parameter {extra[0]!r} has no place in a Hugging Face "
                               f"{model_cfg.family} model ({len(extra)} such){lora_hint}")
+    param: Callable[[str], np.ndarray] = reader
+    if model_cfg.weights != "float":
+        if not dequantize:
+            raise ConversionError(
+                f"{reader.step_dir} is a quantized run (model.weights={model_cfg.weights!r}); "
+                f"a Hugging Face {model_cfg.family} checkpoint holds float weights: export the "
+                f"float run it was quantized from, or give --dequantize to write the float "
+                f"values its codes and scales stand for")
+        param = dequantizing(reader, model_cfg)
+        model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+        model_cfg.weights = "float"
     # Everything that may refuse the export (the tokenizer, config.json's values, the
     # family's tensor rules) runs before anything is written into --out.
     tokenizer_out, special = tokenizer_files(reader.workdir / "tokenizer", model_cfg.family,
                                              model_cfg.max_seq_len, log)
     config = families.hf_config(model_cfg, dtype, special)
-    reader.keep = max(len(rule.params) for rule in families.rules(model_cfg))
-    plans = tensor_plans(model_cfg, reader, EXPORT_DTYPES[dtype])
+    # a quantized weight is read as its codes and its scales
+    reader.keep = 2 * max(len(rule.params) for rule in families.rules(model_cfg))
+    plans = tensor_plans(model_cfg, param, EXPORT_DTYPES[dtype])
     out.mkdir(parents=True, exist_ok=True)
     files = st.write_checkpoint(out, plans, max_bytes)
     for name, data in tokenizer_out.items():

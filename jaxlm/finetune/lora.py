@@ -7,10 +7,18 @@ of the attention or MLP module, and `layers.project` lets it compute the project
 
 The step never computes the frozen W's gradient matmul (x^T dy, a third of a layer's matmul
 work): `lora_matmul` multiplies x by W' = W + scale A^T B (one GEMM, as W alone would cost),
-and its backward computes dx = dy W'^T and the adapters' gradients from the thin products
-h = x A^T and dh = dy B^T; dW = x^T dy is returned for correctness but nothing uses it when
-only the adapters train, so XLA removes it. With dropout the adapter's input differs from
-W's, so the adapter is applied as a separate term, (dropout(x) A^T) B.
+and its backward forms W' again (keeping it from the forward would hold a float copy of
+every layer's weights until the backward) and computes dx = dy W'^T and the adapters'
+gradients from the thin products h = x A^T and dh = dy B^T; dW = x^T dy is returned for
+correctness but nothing uses it when only the adapters train, so XLA removes it. With
+dropout the adapter's input differs from W's, so the adapter is applied as a separate
+term, (dropout(x) A^T) B.
+
+QLoRA (finetune.base_quant int8 | nf4): the frozen base is held as codes and scales
+(jaxlm/model/quantized.py) and `lora_matmul` takes them instead of W: W is rebuilt from
+them inside the forward and again inside the backward, one projection at a time, so the
+base never exists in float as a whole. The base is quantized when the run loads it (from
+the float base run, every time the same way: its fingerprint is the quantized base's).
 
 Adapters live in the stacked layer modules like every weight: A is (layers, r, *in), B is
 (layers, r, *out), with the logical axes of W's input and output dimensions ("embed",
@@ -40,37 +48,53 @@ from flax import nnx
 from jaxlm.config import finetune as finetune_section
 from jaxlm.errors import ConfigError
 from jaxlm.model import adapters as adapters_lib
+from jaxlm.model import quantized
 from jaxlm.model.layers import dense
 from jaxlm.model.zoo import Family
 from jaxlm.parallel import rules
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def lora_matmul(x_TxI: jax.Array, w_IxO: jax.Array, a_RxI: jax.Array, b_RxO: jax.Array,
-                scale: float, dtype) -> jax.Array:
-    """x (W + scale A^T B), in `dtype`, with the backward described in the module docstring."""
-    return jnp.dot(x_TxI, _merged(w_IxO, a_RxI, b_RxO, scale).astype(dtype))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def lora_matmul(x_TxI: jax.Array, w: Any, a_RxI: jax.Array | None, b_RxO: jax.Array | None,
+                scale: float, dtype, fmt: str | None) -> jax.Array:
+    """x (W + scale A^T B), in `dtype`, with the backward described in the module docstring.
+    `w`: W as I x O, or with `fmt` (QLoRA) the (codes, scales) of a quantized W in their
+    stored shapes. Without adapters (a, b None): x W, with the same backward."""
+    return jnp.dot(x_TxI, _merged(_weight(w, fmt, x_TxI.shape[1]), a_RxI, b_RxO, scale
+                                  ).astype(dtype))
+
+
+def _weight(w, fmt, n_in):
+    """W as I x O: the float weight, or the one a quantized weight's codes stand for."""
+    return w if fmt is None else quantized.dequantize(*w, fmt).reshape(n_in, -1)
 
 
 def _merged(w_IxO, a_RxI, b_RxO, scale):
-    return w_IxO + scale * jnp.dot(a_RxI.T, b_RxO)
+    return w_IxO if a_RxI is None else w_IxO + scale * jnp.dot(a_RxI.T, b_RxO)
 
 
-def _lora_matmul_fwd(x_TxI, w_IxO, a_RxI, b_RxO, scale, dtype):
-    merged_IxO = _merged(w_IxO, a_RxI, b_RxO, scale).astype(dtype)  # formed once, reused below
-    return jnp.dot(x_TxI, merged_IxO), (x_TxI, merged_IxO, w_IxO, a_RxI, b_RxO)
+def _lora_matmul_fwd(x_TxI, w, a_RxI, b_RxO, scale, dtype, fmt):
+    y = lora_matmul(x_TxI, w, a_RxI, b_RxO, scale, dtype, fmt)
+    return y, (x_TxI, w, a_RxI, b_RxO)
 
 
-def _lora_matmul_bwd(scale, dtype, residuals, dy_TxO):
-    x_TxI, merged_IxO, w_IxO, a_RxI, b_RxO = residuals
-    dx_TxI = jnp.dot(dy_TxO, merged_IxO.T)
+def _lora_matmul_bwd(scale, dtype, fmt, residuals, dy_TxO):
+    # W' is formed again here rather than kept from the forward: no float copy of every
+    # layer's weight waits for the backward (with QLoRA, none of the base ever exists in
+    # float beyond the projection being computed).
+    x_TxI, w, a_RxI, b_RxO = residuals
+    w_IxO = _weight(w, fmt, x_TxI.shape[1])
+    dx_TxI = jnp.dot(dy_TxO, _merged(w_IxO, a_RxI, b_RxO, scale).astype(dtype).T)
+    # the frozen W's gradient (dead code, removed by XLA); a quantized W has none
+    dw = jnp.dot(x_TxI.T, dy_TxO).astype(w.dtype) if fmt is None else (None, None)
+    if a_RxI is None:
+        return dx_TxI.astype(x_TxI.dtype), dw, None, None
     h_TxR = jnp.dot(x_TxI, a_RxI.astype(dtype).T)
     dh_TxR = jnp.dot(dy_TxO, b_RxO.astype(dtype).T)
     # Rank-major products (r x T) @ (T x n): the fast layout on XLA:CPU.
     db_RxO = (scale * jnp.dot(h_TxR.T, dy_TxO)).astype(b_RxO.dtype)
     da_RxI = (scale * jnp.dot(dh_TxR.T, x_TxI)).astype(a_RxI.dtype)
-    dw_IxO = jnp.dot(x_TxI.T, dy_TxO).astype(w_IxO.dtype)  # dead code when W is frozen
-    return dx_TxI.astype(x_TxI.dtype), dw_IxO, da_RxI, db_RxO
+    return dx_TxI.astype(x_TxI.dtype), dw, da_RxI, db_RxO
 
 
 lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)
@@ -94,17 +118,22 @@ class LoRA(nnx.Module):
         self.dtype = dtype
         self.key = key
 
-    def project(self, x_BxLxI: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    def project(self, x_BxLxI: jax.Array, w: Any, dtype, fmt: str | None = None
+                ) -> jax.Array:
         """The adapted projection x W + scale (x A^T) B; `w` is W with its input axes
-        flattened or not (as layers.dense takes it)."""
-        if self.dropout > 0:
-            return dense(x_BxLxI, w, dtype) + self(x_BxLxI).astype(dtype)
+        flattened or not (as layers.dense takes it), or with `fmt` (QLoRA) the (codes,
+        scales) of a quantized W, rebuilt inside the matmul (`lora_matmul`)."""
         b, length, i = x_BxLxI.shape
-        a_RxI = self.lora_a[...].reshape(-1, i)
-        b_RxO = self.lora_b[...].reshape(a_RxI.shape[0], -1)
-        y = lora_matmul(x_BxLxI.reshape(b * length, i), w.reshape(i, -1), a_RxI, b_RxO,
-                        float(self.scale), jnp.dtype(dtype))
-        return y.reshape(b, length, *w.shape[1:])
+        shape = quantized.unpacked_shape(w[0].shape, fmt) if fmt else w.shape
+        out_shape = shape[next(k for k in range(len(shape) + 1) if math.prod(shape[:k]) == i):]
+        w = w.reshape(i, -1) if fmt is None else w
+        a_RxI, b_RxO = None, None  # with dropout the adapter's term is added apart
+        if self.dropout == 0:
+            a_RxI = self.lora_a[...].reshape(-1, i)
+            b_RxO = self.lora_b[...].reshape(a_RxI.shape[0], -1)
+        y = lora_matmul(x_BxLxI.reshape(b * length, i), w, a_RxI, b_RxO, float(self.scale),
+                        jnp.dtype(dtype), fmt).reshape(b, length, *out_shape)
+        return y if self.dropout == 0 else y + self(x_BxLxI).astype(dtype)
 
     def __call__(self, x_BxLxI: jax.Array) -> jax.Array:
         """The adapter's term alone, scale (dropout(x) A^T) B."""

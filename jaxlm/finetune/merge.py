@@ -21,13 +21,17 @@ from typing import Any
 
 import jax
 import ml_collections
+from flax import nnx
 
 from jaxlm import config as config_lib
 from jaxlm.checkpoint import manager as checkpoint_lib
 from jaxlm.checkpoint import rundir
 from jaxlm.finetune import lora
 from jaxlm.finetune.tasks import FinetuneTask
+from jaxlm.model import quantized, zoo
 from jaxlm.parallel import mesh as mesh_lib
+from jaxlm.parallel import rules
+from jaxlm.quant import weights as quant_weights
 
 
 def restore_run(workdir: str | os.PathLike, step: int | None = None
@@ -62,14 +66,17 @@ def merge_run(workdir: str | os.PathLike, out: str | os.PathLike, step: int | No
     task, state, metadata = restore_run(workdir, step)
     cfg = task.cfg
     saved_step = int(jax.device_get(state["step"]))
-    merged = jax.tree.map(jax.numpy.asarray, lora.merge(task.frozen["params"], state["adapters"],
-                                                        cfg.finetune.lora))
+    base = jax.device_get(task.frozen["params"])
+    if cfg.model.weights != "float":  # QLoRA: the float weights the base's codes stand for
+        base = quantized.dequantize_tree(base, cfg.model.weights)
+    merged = jax.tree.map(jax.numpy.asarray, lora.merge(base, state["adapters"], cfg.finetune.lora))
     tree = {"step": state["step"], "params": merged}
     if "head" in state:
         tree["head"] = state["head"]
     source = rundir.locate(workdir).workdir
-    out_meta = checkpoint_lib.run_metadata(merged_config(cfg), task.base_axes,
-                                           metadata.get("tokenizer", ""))
+    out_cfg = merged_config(cfg)
+    axes = rules.axes_of(nnx.split(zoo.abstract(out_cfg.model))[1])  # the float model's
+    out_meta = checkpoint_lib.run_metadata(out_cfg, axes, metadata.get("tokenizer", ""))
     out_meta["finetune"] = {**metadata.get("finetune", {}), "method": "full",
                             "groups": sorted(set(tree) - {"step"}),
                             "lora_merged": {"workdir": str(source), "step": saved_step}}
@@ -94,7 +101,9 @@ def merge_run(workdir: str | os.PathLike, out: str | os.PathLike, step: int | No
 def merged_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The config saved with the merged run: the LoRA run's, with finetune.method "full"
     (its checkpoint holds the whole model, as a full fine-tuning run's does), so that
-    `jaxlm eval` restores its parameters instead of looking for adapters."""
+    `jaxlm eval` restores its parameters instead of looking for adapters; a QLoRA run's
+    with float weights."""
     out = ml_collections.ConfigDict(cfg.to_dict())
-    out.finetune.method = "full"
+    out.finetune.method, out.finetune.base_quant = "full", "none"
+    out.model = quant_weights.float_config(cfg.model)  # QLoRA's merge is a float model
     return out

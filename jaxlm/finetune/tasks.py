@@ -39,8 +39,9 @@ from jaxlm.errors import ConfigError, UserError
 from jaxlm.finetune import classify, lora, objectives
 from jaxlm.finetune import records as records_lib
 from jaxlm.finetune import rows as rows_lib
-from jaxlm.model import zoo
+from jaxlm.model import quantized, zoo
 from jaxlm.parallel import distributed, rules
+from jaxlm.quant import weights as quant_weights
 from jaxlm.train import state as state_lib
 from jaxlm.train.step import Objective
 from jaxlm.train.task import Batches, BatchLayout, Say, Task
@@ -74,6 +75,17 @@ def run_config(cfg: ml_collections.ConfigDict, base: Base, num_devices: int
     model = ml_collections.ConfigDict(base.config.model.to_dict())
     for key in RUNTIME_MODEL_KEYS:
         model[key] = cfg.model[key]
+    if model.weights != "float":
+        raise ConfigError(f"config.finetune.base: {base.step_dir} is a quantized run "
+                          f"(model.weights={model.weights!r}, for inference); fine-tune the "
+                          f"float run it came from (with QLoRA: finetune.base_quant)")
+    if cfg.finetune.base_quant != "none":  # QLoRA: the base held quantized
+        group = int(cfg.finetune.base_quant_group)
+        for key, size in config_lib.grouped_dims(model).items():
+            if group and size % group:
+                raise ConfigError(f"config.finetune.base_quant_group: {group} does not divide "
+                                  f"the base's model.{key}={size} (the groups run along it)")
+        model.weights, model.weight_group = cfg.finetune.base_quant, group
     out.model = model
     out.data.tokenizer = base.config.data.tokenizer
     out.data.tokenizer_path = base.config.data.tokenizer_path
@@ -85,10 +97,13 @@ def run_config(cfg: ml_collections.ConfigDict, base: Base, num_devices: int
 def build_model(model_cfg: ml_collections.ConfigDict, ft_cfg: ml_collections.ConfigDict,
                 seed: int, train: bool = True) -> nnx.Module:
     """The model with adapters attached when the method is LoRA (without dropout unless
-    `train`)."""
-    model = zoo.create(model_cfg, seed)
+    `train`); QLoRA's with its base weights quantized (the adapters sized by the float
+    weights)."""
+    model = zoo.create(quant_weights.float_config(model_cfg), seed)
     if ft_cfg.method == "lora":
         lora.attach(model, zoo.family(model_cfg.family), ft_cfg.lora, seed, train=train)
+    if model_cfg.weights != "float":
+        quantized.quantize_model(model, model_cfg.weights, model_cfg.weight_group)
     return model
 
 
@@ -204,7 +219,10 @@ class FinetuneTask(Task):
         return trainable["params"]
 
     def _base_params(self) -> Any:
-        return checkpoint_lib.restore_params(self.base.step_dir, self.base_abstract)
+        """The base's parameters; QLoRA's quantized where they are read, shard by shard."""
+        if self.cfg.model.weights == "float":
+            return checkpoint_lib.restore_params(self.base.step_dir, self.base_abstract)
+        return quant_weights.restore_quantized(self.base.step_dir, self.cfg.model, self.mesh)
 
     def init_state(self) -> state_lib.TrainState:
         """The base's parameters (full) or new adapters (LoRA), a new head (classification),

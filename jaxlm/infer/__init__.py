@@ -10,6 +10,8 @@ Owns:
     score       log-likelihood of continuations (multiple-choice benchmarks)
     run_params  the parameters a run's checkpoint stands for (a LoRA run: its base with
                 the adapters merged in memory, never written)
+    quantize    `jaxlm quantize`: a run's weights quantized for inference (int8, int4,
+                nf4), written as a new run that generation, evaluation and scoring read
 
 May import: jaxlm.errors, config, parallel, model, data, checkpoint, train (a task's
 evaluation). It never imports jaxlm.finetune: the command line hands it the task.

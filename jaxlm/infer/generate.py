@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.checkpoint import rundir
+from jaxlm.config.schema import KV_CACHE_DTYPES
 from jaxlm.errors import ConfigError, UserError
 from jaxlm.infer import run_params
 from jaxlm.model import kv_cache, zoo
@@ -126,6 +127,12 @@ def check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, vocab_s
     return arrays
 
 
+def check_kv_cache_dtype(kv_cache_dtype: str) -> None:
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise GenerationError(f"config.generate.kv_cache_dtype: {kv_cache_dtype!r} not in "
+                              f"{KV_CACHE_DTYPES}")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Batch:
     tokens_BxP: np.ndarray  # left-padded prompts (pad id 0: masked, never attended)
@@ -139,8 +146,11 @@ class Generator:
 
     def __init__(self, model_cfg: ml_collections.ConfigDict, params: Any,
                  mesh: jax.sharding.Mesh | None = None, prompt_bucket: int = 16,
-                 block: int = 16):
+                 block: int = 16, kv_cache_dtype: str = "model"):
+        """`kv_cache_dtype`: config generate.kv_cache_dtype ("model" or "int8")."""
+        check_kv_cache_dtype(kv_cache_dtype)
         self.cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+        self.kv_cache_dtype = kv_cache_dtype
         self.mesh = mesh if mesh is not None else mesh_lib.single_device_mesh()
         self.prompt_bucket = max(int(prompt_bucket), 1)
         self.block = max(int(block), 1)  # new tokens per device call (1: a call per token)
@@ -161,7 +171,7 @@ class Generator:
     # -- jitted functions --
     def _prefill_fn(self, params, tokens_BxP, start_B, key, stop_ids, *, sampling, cache_len):
         model = nnx.merge(self.graphdef, params)
-        cache = kv_cache.init_cache(self.cfg, start_B, cache_len)
+        cache = kv_cache.init_cache(self.cfg, start_B, cache_len, self.kv_cache_dtype)
         logits_Bx1xV, cache = model(tokens_BxP, kv_cache.positions(cache, tokens_BxP.shape[1]),
                                     cache=cache)
         token_B = sample(logits_Bx1xV[:, 0], jax.random.fold_in(key, 0), sampling)
@@ -284,9 +294,11 @@ def load(workdir: str | pathlib.Path, cfg: ml_collections.ConfigDict | None = No
         raise ConfigError(
             f"config.model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
             f"{tokenizer.vocab_size} ids ({rundir.locate(workdir).workdir / 'tokenizer'})")
+    check_kv_cache_dtype(cfg.generate.kv_cache_dtype)  # before the parameters are read
     mesh = mesh_lib.make_mesh(cfg.mesh)
     params = run_params.restore(cfg, step_dir, mesh)
-    return Generator(cfg.model, params, mesh, prompt_bucket), tokenizer, cfg
+    return (Generator(run_params.model_config(cfg, step_dir), params, mesh, prompt_bucket,
+                      kv_cache_dtype=cfg.generate.kv_cache_dtype), tokenizer, cfg)
 
 
 def default_stop_ids(tokenizer, step_dir: str | pathlib.Path) -> list[int]:

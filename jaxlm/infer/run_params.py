@@ -6,6 +6,11 @@ into their shards. A LoRA run saves adapters only: its parameters are its record
 the run started) with the adapters folded in, in memory, by the same float64 host merge
 that `jaxlm lora merge` writes (jaxlm.model.adapters), so generating or scoring from the
 LoRA run gives what the merged run gives, bit for bit. Nothing is written anywhere.
+
+A QLoRA run (finetune.base_quant) trained on its base quantized: its base is read and
+quantized as the run did (checked against the fingerprint of the quantized base), and the
+adapters are folded into the float weights the codes stand for; the run stands for a
+float model (`model_config`).
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from jaxlm.checkpoint import manager as checkpoint_lib
 from jaxlm.config import finetune as finetune_section
 from jaxlm.errors import UserError
 from jaxlm.model import adapters as adapters_lib
-from jaxlm.model import zoo
+from jaxlm.model import quantized, zoo
 from jaxlm.parallel import rules
+from jaxlm.quant import weights as quant_weights
 
 ADAPTERS = "adapters"  # the checkpoint group of a LoRA run's adapters
 
@@ -48,21 +54,35 @@ def restore(cfg: ml_collections.ConfigDict, step_dir: pathlib.Path,
     abstract = rules.abstract_of(abstract_state, mesh)
     if not is_lora(cfg, step_dir):
         return checkpoint_lib.restore_params(step_dir, abstract)
-    base = restore_base(cfg, step_dir, abstract)
+    base = jax.device_get(restore_base(cfg, step_dir, abstract, mesh))
+    if cfg.model.weights != "float":  # QLoRA: the weights the codes stand for
+        base = quantized.dequantize_tree(base, cfg.model.weights)
     adapters = checkpoint_lib.restore_groups(
         step_dir, {ADAPTERS: abstract_adapters(step_dir, mesh)})[ADAPTERS]
-    return adapters_lib.merge(jax.device_get(base), jax.device_get(adapters),
+    return adapters_lib.merge(base, jax.device_get(adapters),
                               finetune_section.lora_scale(cfg.finetune.lora))
 
 
-def restore_base(cfg: ml_collections.ConfigDict, step_dir: pathlib.Path, abstract: Any) -> Any:
-    """The LoRA run's base parameters, checked against the fingerprint the run recorded."""
+def model_config(cfg: ml_collections.ConfigDict, step_dir: pathlib.Path
+                 ) -> ml_collections.ConfigDict:
+    """The model config of the parameters `restore` gives: the run's, but float for a
+    QLoRA run (its adapters are folded into float weights)."""
+    if cfg.model.weights != "float" and is_lora(cfg, step_dir):
+        return quant_weights.float_config(cfg.model)
+    return cfg.model
+
+
+def restore_base(cfg: ml_collections.ConfigDict, step_dir: pathlib.Path, abstract: Any,
+                 mesh: jax.sharding.Mesh) -> Any:
+    """The LoRA run's base parameters (QLoRA's quantized as the run quantized them),
+    checked against the fingerprint the run recorded."""
     base_dir = pathlib.Path(cfg.finetune.base)
     if not base_dir.is_dir():
         raise LoraBaseError(f"{step_dir} is a LoRA run (adapters only) whose base "
                             f"{base_dir} (config.finetune.base) does not exist: restore it "
                             f"there, or generate from a merged copy (`jaxlm lora merge`)")
-    base = checkpoint_lib.restore_params(base_dir, abstract)
+    base = (checkpoint_lib.restore_params(base_dir, abstract) if cfg.model.weights == "float"
+            else quant_weights.restore_quantized(base_dir, cfg.model, mesh))
     recorded = rundir.read_metadata(step_dir).get("finetune", {}).get("base_fingerprint")
     found = fingerprint.digest(base)
     if found != recorded:  # none recorded: nothing vouches for this base

@@ -15,6 +15,8 @@ Owns:
     context     context parallelism's balanced layout of a row over the context axis
     counts      head size, matmul parameters, analytic FLOPs
     adapters    LoRA adapters folded into the weights they adapt (merge, on the host)
+    quantized   weights stored as int8 / int4 / nf4 codes with scales (a quantized run,
+                model.weights), rebuilt layer by layer inside the jitted computation
 
 May import: jaxlm.errors, jaxlm.config, jaxlm.parallel.rules (logical axis names, and
 shard_map by them for kernels XLA cannot partition; the mesh never appears here), JAX and

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from jaxlm.model import context, splash
+from jaxlm.model import context, quantized, splash
 from jaxlm.model.layers import RopeSpec, apply_rope, constant, param, project
 from jaxlm.parallel.rules import constrain, platform
 
@@ -192,7 +192,8 @@ class Attention(nnx.Module):
         else:  # generation: attend over the KV cache too (jaxlm/model/kv_cache.py)
             out_BxLxHxK, cache = cache.attend(q, k, v, mask, BACKENDS[self.backend][1])
         b, length = out_BxLxHxK.shape[:2]
-        wo_HKxD = self.wo[...].reshape(-1, self.wo.shape[-1])
+        wo_HxKxD = quantized.weight(self, "wo", dt)
+        wo_HKxD = wo_HxKxD.reshape(-1, wo_HxKxD.shape[-1])
         out = project(self, "wo", out_BxLxHxK.reshape(b, length, -1), dt, wo_HKxD)
         out = out + self.bo[...].astype(dt) if self.use_bias else out
         return out if cache is None else (out, cache)

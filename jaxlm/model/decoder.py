@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxlm.model import attention, context, counts, kv_cache
+from jaxlm.model import attention, context, counts, kv_cache, quantized
 from jaxlm.model.layers import param
 from jaxlm.parallel.rules import constrain
 
@@ -124,8 +124,10 @@ class DecoderLM(nnx.Module):
     def head_logits(self, x_BxLxD: jax.Array) -> jax.Array:
         """The LM head over final-normed hidden states (any run of positions; the blockwise
         loss calls it block by block): float32 logits, B x L x V."""
-        head_DxV = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-        logits = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(jnp.dtype(self.cfg.dtype)),
+        dt = jnp.dtype(self.cfg.dtype)
+        head_DxV = (quantized.weight(self, "embed", dt).T if self.cfg.tie_embeddings
+                    else quantized.weight(self, "lm_head", dt))
+        logits = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(dt),
                             preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "act_sequence", "act_vocab"))
 
@@ -150,8 +152,8 @@ class DecoderLM(nnx.Module):
     def _embed(self, tokens_BxL, positions_BxL):
         # Gather the table's fsdp shards first (as FSDP does for any weight): a lookup into a
         # table sharded along embed would come out sharded along embed, not batch.
-        embed_VxD = constrain(self.embed[...], ("vocab", None))
-        x_BxLxD = self.add_positions(jnp.take(embed_VxD, tokens_BxL, axis=0), positions_BxL)
+        rows_BxLxD = quantized.take_rows(self, "embed", tokens_BxL, ("vocab", None))
+        x_BxLxD = self.add_positions(rows_BxLxD, positions_BxL)
         return constrain(x_BxLxD.astype(jnp.dtype(self.cfg.dtype)), ACT_AXES)
 
     def _run_blocks(self, x_BxLxD, positions_BxL, mask):

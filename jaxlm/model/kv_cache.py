@@ -8,6 +8,13 @@ T cache slots, K head_dim):
 kv heads come before slots so the decode matmuls read the cache as it lies (a B x T x G x K
 cache would be transposed in every layer of every step).
 
+The cache holds keys and values in the model's compute dtype, or in int8
+(`generate.kv_cache_dtype`): each key and value vector (one slot of one kv head) as int8
+codes with its own float32 scale (absmax / 127 over head_dim), k_scale, v_scale: N x B x G x T.
+The scales enter the attention as factors of the scores (keys) and of the softmax weights
+(values), so no float copy of the cache is made; a token's own key and value, and the
+prompt's during the prefill, are used before rounding.
+
 Prompts are left-padded to a common length P: row b's real tokens occupy slots
 start[b] .. P-1 and generated tokens follow at the same slot in every row, so one write
 index serves the whole batch. Slot s of row b is a key of a query at slot q iff
@@ -44,6 +51,8 @@ class KVCache:
     v: jax.Array  # N x B x G x T x K
     start_B: jax.Array  # int32: first real slot of each row (left padding before it)
     index: jax.Array  # int32 scalar: the slot the next token is written to
+    k_scale: jax.Array | None = None  # N x B x G x T float32 when k is int8 codes
+    v_scale: jax.Array | None = None
     prefill: bool = struct.field(pytree_node=False, default=False)
 
     @property
@@ -51,13 +60,19 @@ class KVCache:
         return self.k.shape[3]
 
 
-def init_cache(model_cfg: ml_collections.ConfigDict, start_B: jax.Array, length: int) -> KVCache:
+def init_cache(model_cfg: ml_collections.ConfigDict, start_B: jax.Array, length: int,
+               dtype: str = "model") -> KVCache:
     """An empty cache of `length` slots for rows whose prompts start at `start_B`, ready for
-    a prefill. Keys and values are kept in the model's compute dtype."""
+    a prefill. Keys and values are kept in the model's compute dtype, or as int8 codes
+    with scales (`dtype` "int8")."""
     shape = (model_cfg.n_layers, start_B.shape[0], model_cfg.n_kv_heads, length,
              counts.head_dim(model_cfg))
-    zeros = constrain(jnp.zeros(shape, jnp.dtype(model_cfg.dtype)), CACHE_AXES)
-    return KVCache(zeros, zeros, start_B.astype(jnp.int32), jnp.zeros((), jnp.int32), True)
+    int8 = dtype == "int8"
+    zeros = constrain(jnp.zeros(shape, jnp.int8 if int8 else jnp.dtype(model_cfg.dtype)),
+                      CACHE_AXES)
+    scales = constrain(jnp.zeros(shape[:-1], jnp.float32), CACHE_AXES[:-1]) if int8 else None
+    return KVCache(zeros, zeros, start_B.astype(jnp.int32), jnp.zeros((), jnp.int32),
+                   scales, scales, True)
 
 
 def positions(cache: KVCache, new_tokens: int) -> jax.Array:
@@ -72,8 +87,9 @@ class LayerCache:
     stacked cache once, after the scan (in place in the donated buffer; writing inside the
     scan would copy every layer's cache on every step)."""
 
-    def __init__(self, k_BxGxTxK, v_BxGxTxK, prefill: bool):
+    def __init__(self, k_BxGxTxK, v_BxGxTxK, k_scale_BxGxT, v_scale_BxGxT, prefill: bool):
         self.k_BxGxTxK, self.v_BxGxTxK, self.prefill = k_BxGxTxK, v_BxGxTxK, prefill
+        self.k_scale_BxGxT, self.v_scale_BxGxT = k_scale_BxGxT, v_scale_BxGxT
         self.new_k_BxLxGxK = self.new_v_BxLxGxK = None
 
     def attend(self, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask, backend_attention: Callable):
@@ -82,14 +98,16 @@ class LayerCache:
         if self.prefill:  # an empty cache: the prompt attends to itself, the backend's way
             return backend_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask), self
         return cached_attention(q_BxLxHxK, self.k_BxGxTxK, self.v_BxGxTxK, k_BxLxGxK,
-                                v_BxLxGxK, mask), self
+                                v_BxLxGxK, mask, self.k_scale_BxGxT, self.v_scale_BxGxT), self
 
 
-def cached_attention(q_BxLxHxK, k_BxGxTxK, v_BxGxTxK, k_BxLxGxK, v_BxLxGxK, biases):
+def cached_attention(q_BxLxHxK, k_BxGxTxK, v_BxGxTxK, k_BxLxGxK, v_BxLxGxK, biases,
+                     k_scale_BxGxT=None, v_scale_BxGxT=None):
     """Softmax attention over the cache slots and the new tokens together (one softmax,
     computed in two parts). `biases`: (B x 1 x LR x T over the cache, 1 x 1 x LR x L among
     the new tokens), finite large negatives where masked. The R = H/G query heads of a kv
-    head are folded into the query axis, position-major (as attention.xla_attention)."""
+    head are folded into the query axis, position-major (as attention.xla_attention).
+    With scales, the cache holds int8 codes: slot t's key is k[t] * k_scale[t]."""
     bias_cache, bias_new = biases
     b, length, h, kd = q_BxLxHxK.shape
     g = k_BxGxTxK.shape[1]
@@ -100,12 +118,17 @@ def cached_attention(q_BxLxHxK, k_BxGxTxK, v_BxGxTxK, k_BxLxGxK, v_BxLxGxK, bias
     k_new_BxGxLxK = k_BxLxGxK.transpose(0, 2, 1, 3)
     v_new_BxGxLxK = v_BxLxGxK.transpose(0, 2, 1, 3)
     s_cache = jnp.einsum("bgqk,bgtk->bgqt", q_BxGxLRxK, k_BxGxTxK.astype(dt),
-                         preferred_element_type=jnp.float32) + bias_cache
+                         preferred_element_type=jnp.float32)
+    if k_scale_BxGxT is not None:
+        s_cache = s_cache * k_scale_BxGxT[:, :, None, :]
+    s_cache = s_cache + bias_cache
     s_new = jnp.einsum("bgqk,bglk->bgql", q_BxGxLRxK, k_new_BxGxLxK,
                        preferred_element_type=jnp.float32) + bias_new
     top = jnp.maximum(s_cache.max(-1, keepdims=True), s_new.max(-1, keepdims=True))
     e_cache, e_new = jnp.exp(s_cache - top), jnp.exp(s_new - top)
     denom = e_cache.sum(-1, keepdims=True) + e_new.sum(-1, keepdims=True)
+    if v_scale_BxGxT is not None:  # the weights of the slots' values times their scales
+        e_cache = e_cache * v_scale_BxGxT[:, :, None, :]
     out = (jnp.einsum("bgqt,bgtk->bgqk", e_cache.astype(dt), v_BxGxTxK.astype(dt),
                       preferred_element_type=jnp.float32)
            + jnp.einsum("bgql,bglk->bgqk", e_new.astype(dt), v_new_BxGxLxK,
@@ -145,18 +168,33 @@ def run_blocks(blocks: nnx.Module, model_cfg: ml_collections.ConfigDict, x_BxLxD
     graphdef, stacked = nnx.split(blocks)
 
     def layer(x, xs):
-        layer_state, k, v = xs
+        layer_state, k, v, k_scale, v_scale = xs
         block = nnx.merge(graphdef, layer_state)
-        x, layer_cache = block(x, positions_BxL, mask, cache=LayerCache(k, v, cache.prefill))
+        x, layer_cache = block(x, positions_BxL, mask,
+                               cache=LayerCache(k, v, k_scale, v_scale, cache.prefill))
         return x, (layer_cache.new_k_BxLxGxK, layer_cache.new_v_BxLxGxK)
 
-    x_BxLxD, (k_NxBxLxGxK, v_NxBxLxGxK) = jax.lax.scan(layer, x_BxLxD,
-                                                        (stacked, cache.k, cache.v))
+    x_BxLxD, (k_NxBxLxGxK, v_NxBxLxGxK) = jax.lax.scan(
+        layer, x_BxLxD, (stacked, cache.k, cache.v, cache.k_scale, cache.v_scale))
 
-    def write(cache_NxBxGxTxK, new_NxBxLxGxK):
-        new = new_NxBxLxGxK.transpose(0, 1, 3, 2, 4).astype(cache_NxBxGxTxK.dtype)
-        updated = jax.lax.dynamic_update_slice_in_dim(cache_NxBxGxTxK, new, cache.index, axis=3)
-        return constrain(updated, CACHE_AXES)
+    def write(cache_NxBxGxT_, new_NxBxGxL_):
+        updated = jax.lax.dynamic_update_slice_in_dim(
+            cache_NxBxGxT_, new_NxBxGxL_.astype(cache_NxBxGxT_.dtype), cache.index, axis=3)
+        return constrain(updated, CACHE_AXES[:updated.ndim])
 
-    return x_BxLxD, KVCache(write(cache.k, k_NxBxLxGxK), write(cache.v, v_NxBxLxGxK),
-                            cache.start_B, cache.index + new_tokens, prefill=False)
+    k_NxBxGxLxK, v_NxBxGxLxK = (a.transpose(0, 1, 3, 2, 4) for a in (k_NxBxLxGxK, v_NxBxLxGxK))
+    scales = (None, None)
+    if cache.k_scale is not None:
+        (k_NxBxGxLxK, k_scale), (v_NxBxGxLxK, v_scale) = map(quantize_int8,
+                                                             (k_NxBxGxLxK, v_NxBxGxLxK))
+        scales = (write(cache.k_scale, k_scale), write(cache.v_scale, v_scale))
+    return x_BxLxD, KVCache(write(cache.k, k_NxBxGxLxK), write(cache.v, v_NxBxGxLxK),
+                            cache.start_B, cache.index + new_tokens, *scales, prefill=False)
+
+
+def quantize_int8(x_xK: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(int8 codes, float32 scales) of vectors along the last axis: x = codes * scale."""
+    scale = jnp.max(jnp.abs(x_xK.astype(jnp.float32)), axis=-1) / 127.0
+    safe = jnp.where(scale == 0, 1.0, scale)
+    codes = jnp.clip(jnp.round(x_xK.astype(jnp.float32) / safe[..., None]), -127, 127)
+    return codes.astype(jnp.int8), scale

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlm.model import quantized
 from jaxlm.parallel.rules import constrain
 
 
@@ -47,12 +48,18 @@ def dense(x_BxLxD: jax.Array, w: jax.Array, dtype) -> jax.Array:
 
 def project(module: nnx.Module, name: str, x_BxLxI: jax.Array, dtype,
             w: jax.Array | None = None) -> jax.Array:
-    """dense(x, module.<name>) (or `w`, the same weight reshaped for the matmul); when a
+    """dense(x, module.<name>) (or `w`, the same weight reshaped for the matmul; a
+    quantized weight is rebuilt in the compute dtype, jaxlm.model.quantized); when a
     low-rank adapter is attached as `module.lora_<name>` (jaxlm/finetune/lora.py), the
-    adapter computes the projection, without the frozen weight's gradient matmul."""
-    w = getattr(module, name)[...] if w is None else w
+    adapter computes the projection, without the frozen weight's gradient matmul (on a
+    quantized weight, QLoRA, from its codes and scales)."""
     adapter = getattr(module, "lora_" + name, None)
-    return dense(x_BxLxI, w, dtype) if adapter is None else adapter.project(x_BxLxI, w, dtype)
+    if adapter is None:
+        return dense(x_BxLxI, quantized.weight(module, name, dtype) if w is None else w, dtype)
+    if quantized.is_quantized(module, name):
+        parts = (getattr(module, name)[...], getattr(module, name + "_scale")[...])
+        return adapter.project(x_BxLxI, parts, dtype, getattr(module, name + "_format"))
+    return adapter.project(x_BxLxI, getattr(module, name)[...] if w is None else w, dtype)
 
 
 class RMSNorm(nnx.Module):

@@ -246,10 +246,16 @@ def build(model_cfg: ml_collections.ConfigDict, rngs: Any) -> Any:
 
 
 def create(model_cfg: ml_collections.ConfigDict, seed: int = 0) -> Any:
-    """An unsharded model (tests, tools); training creates it sharded inside a jit."""
+    """An unsharded model (tests, tools); training creates it sharded inside a jit. With
+    model.weights quantized, its weights are stored quantized (jaxlm.model.quantized)."""
     from flax import nnx  # the networks need JAX; checking a config does not
+
+    from jaxlm.model import quantized
     with nnx.use_eager_sharding(False):  # shardings are applied by jit, from the rules
-        return build(model_cfg, nnx.Rngs(params=seed))
+        model = build(model_cfg, nnx.Rngs(params=seed))
+    if model_cfg.weights != "float":
+        quantized.quantize_model(model, model_cfg.weights, model_cfg.weight_group)
+    return model
 
 
 def abstract(model_cfg: ml_collections.ConfigDict, seed: int = 0) -> Any:

@@ -106,6 +106,15 @@ class CompileReport:
         return self.model_flops / (self.mfu * self.topology.chip.peak_flops * self.chips)
 
 
+def memory_of(compiled: jax.stages.Compiled) -> MemoryFigures:
+    """What XLA's memory analysis says one device's program holds at its peak."""
+    stats = compiled.memory_analysis()
+    return MemoryFigures(
+        arguments=stats.argument_size_in_bytes, outputs=stats.output_size_in_bytes,
+        aliased=stats.alias_size_in_bytes, temporaries=stats.temp_size_in_bytes,
+        generated_code=stats.generated_code_size_in_bytes)
+
+
 def shard_bytes(tree: Any) -> int:
     """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
@@ -160,11 +169,7 @@ def compile_for_topology(make_task: Callable[[int], Task], cfg: ml_collections.C
             raise
         required, usable = oom
     else:
-        stats = compiled.memory_analysis()
-        memory = MemoryFigures(
-            arguments=stats.argument_size_in_bytes, outputs=stats.output_size_in_bytes,
-            aliased=stats.alias_size_in_bytes, temporaries=stats.temp_size_in_bytes,
-            generated_code=stats.generated_code_size_in_bytes)
+        memory = memory_of(compiled)
         required = memory.total
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -35,7 +35,7 @@ from jaxlm.checkpoint import manager as checkpoint_lib
 from jaxlm.checkpoint import rundir
 from jaxlm.checkpoint.manager import CheckpointStorageError
 from jaxlm.data import tokenizers
-from jaxlm.errors import NonFiniteLoss, Preempted, UserError
+from jaxlm.errors import ConfigError, NonFiniteLoss, Preempted, UserError
 from jaxlm.parallel import distributed, rules
 from jaxlm.parallel import mesh as mesh_lib
 from jaxlm.train import compat, preemption, wandb_writer
@@ -144,6 +144,10 @@ def check_resume(task: Task, checkpointer: checkpoint_lib.Checkpointer,
 def train(task: Task, workdir: str | os.PathLike) -> list[dict[str, Any]]:
     """Trains `task` to its config's train.steps, resuming from the workdir's latest
     checkpoint. Returns the logged metrics (train steps; evaluations as eval_* keys)."""
+    if task.cfg.model.weights != "float" and task.cfg.finetune.base_quant == "none":
+        raise ConfigError(f"config.model.weights={task.cfg.model.weights!r}: a quantized run "
+                          f"(`jaxlm quantize`) is for generation, evaluation and scoring; "
+                          f"train its float run")
     with preemption.watch() as watch:
         lock = None
         try:

@@ -197,7 +197,10 @@ class Task(abc.ABC):
     def sum_batches(self, state: TrainState, host_batches: Iterator[dict[str, np.ndarray]],
                     max_batches: int | None = None) -> tuple[dict[str, float], int]:
         """(every sum of `eval_sums` added over the batches in float64 on the host, the
-        number of batches). Results are read once at the end: no host sync per batch."""
+        number of batches). Results are read once at the end; while batch k runs, the host
+        prepares batch k + 1 and waits for k - 1 no sooner (XLA:CPU's in-process collectives
+        can deadlock with hundreds of sharded steps queued at once: seen with 4-bit weights
+        gathered over 8 simulated devices)."""
         trainable = {g: state[g] for g in self.spec.groups}
         pending = []
         with mesh_lib.use(self.mesh):
@@ -205,6 +208,8 @@ class Task(abc.ABC):
                 if max_batches is not None and i >= max_batches:
                     break
                 pending.append(self.eval_sums(trainable, self.frozen, self.to_global(host)))
+                if len(pending) > 1:
+                    jax.block_until_ready(pending[-2])
         totals: dict[str, float] = {}
         for sums in jax.device_get(pending):
             for k, v in sums.items():
