@@ -9,7 +9,9 @@ temporary directory with `jaxlm quantize`'s code. For float32 and each format:
     float32, and the checkpoint's bytes on disk;
   * the validation loss and perplexity (`jaxlm eval`'s figures) and the perplexity's change;
   * greedy agreement with the float run: the share of 64 new tokens equal, position by
-    position, over 4 prompts;
+    position, over 4 prompts (one early near-tie flips every token after it), and the
+    teacher-forced agreement: the share of a validation batch's target positions where the
+    variant's most likely next token is the float run's;
   * decode tokens/s at batch 1 and batch 8 (prompts of 32 tokens, 128 new tokens):
     rows x (N - 1) / (time of N new tokens - time of 1), the median over `rounds` rounds in
     which every variant runs once, interleaved (compilation excluded).
@@ -26,6 +28,7 @@ import tempfile
 
 import jax
 import numpy as np
+from flax import nnx
 
 from jaxlm.bench.conditions import HostConditions, interleaved, spread
 from jaxlm.bench.table import print_table
@@ -37,6 +40,7 @@ from jaxlm.infer import evaluate as evaluate_lib
 from jaxlm.infer import generate
 from jaxlm.infer import quantize as quantize_lib
 from jaxlm.model import counts
+from jaxlm.parallel import mesh as mesh_lib
 from jaxlm.train.task import Task
 
 FORMATS = {"int8": 0, "int4": 32, "nf4": 32}
@@ -71,21 +75,36 @@ def bench_quant(workdir: str, task_for_run, rounds: int = 3, new_tokens: int = 1
             quantize_lib.quantize_run(source, runs[fmt], fmt, group, log=lambda _: None)
         figures = {name: _files_and_quality(run, task_for_run(run)) for name, run in runs.items()}
         gens = {name: generate.load(run)[0] for name, run in runs.items()}
+        validation = next(iter(task_for_run(source).batches("validation", process_index=0,
+                                                       process_count=1)))
     for name in ("float32", "int8"):
         base = gens[name]
         gens[f"{name} + int8 cache"] = generate.Generator(base.cfg, base.params, base.mesh,
                                                           kv_cache_dtype="int8")
     prompts = [generate.encode_prompt(tok, p) for p in AGREE_PROMPTS]
     want = gens["float32"].generate(prompts, AGREE_TOKENS)
+    next_float = _next_tokens(gens["float32"], validation)
+    mask = validation["weights"] > 0
     for name, gen in gens.items():
         got = gen.generate(prompts, AGREE_TOKENS)
         figures.setdefault(name, {})["agree"] = float(np.mean(
             [np.mean(a == b) for a, b in zip(got, want)]))
+        if "cache" not in name:  # the cache plays no part in a forward pass
+            figures[name]["forced"] = float(np.mean(
+                (_next_tokens(gen, validation) == next_float)[mask]))
     figures.update({name: {**figures[name], **rates} for name, rates in
                     _decode_rates(gens, cfg.model.vocab_size, rounds, new_tokens, prompt_len,
                                   batch).items()})
     _print(figures, cfg.model, host, rounds, prompt_len, new_tokens, batch)
     return figures
+
+
+def _next_tokens(gen: generate.Generator, batch: dict) -> np.ndarray:
+    """The most likely next token at every position of a packed batch (B x L)."""
+    fn = jax.jit(lambda p, t, pos, seg: nnx.merge(gen.graphdef, p)(t, pos, seg).argmax(-1))
+    with mesh_lib.use(gen.mesh):
+        return np.asarray(fn(gen.params, *(jax.numpy.asarray(batch[k]) for k in
+                                           ("inputs", "positions", "segment_ids"))))
 
 
 def _files_and_quality(run: pathlib.Path, task: Task) -> dict:
@@ -136,8 +155,11 @@ def _print(figures: dict, model_cfg, host: HostConditions, rounds: int, prompt_l
                                f"checkpoint {format_bytes(f['disk'])} on disk; validation "
                                f"loss {f['loss']:.4f}, perplexity {f['perplexity']:.3f} "
                                f"({(f['perplexity'] / floats['perplexity'] - 1) * 100:+.2f}%)"))
+        forced = (f"; teacher-forced next-token agreement {f['forced'] * 100:.1f}%"
+                  if "forced" in f else "")
         rows.append((f"{name} decode", f"{decode}; greedy agreement with float32 "
-                                       f"{f['agree'] * 100:.1f}% of {AGREE_TOKENS} tokens"))
+                                       f"{f['agree'] * 100:.1f}% of {AGREE_TOKENS} tokens"
+                                       + forced))
     rows.append(("KV cache per token", f"{model_cfg.dtype} {cache_float:,} bytes, int8 "
                                        f"{cache_int8:,} bytes (codes + a float32 scale per "
                                        f"slot and kv head)"))
