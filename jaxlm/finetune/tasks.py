@@ -86,6 +86,8 @@ def run_config(cfg: ml_collections.ConfigDict, base: Base, num_devices: int
                 raise ConfigError(f"config.finetune.base_quant_group: {group} does not divide "
                                   f"the base's model.{key}={size} (the groups run along it)")
         model.weights, model.weight_group = cfg.finetune.base_quant, group
+    elif cfg.model.weights != "float":  # a fine-tuned run quantized by `jaxlm quantize`
+        model.weights, model.weight_group = cfg.model.weights, cfg.model.weight_group
     out.model = model
     out.data.tokenizer = base.config.data.tokenizer
     out.data.tokenizer_path = base.config.data.tokenizer_path

@@ -64,8 +64,10 @@ def quantize_run(workdir: str | os.PathLike, out: str | os.PathLike, weights: st
         raise rundir.RunDirError(f"--out {out}: exists and is not an empty directory")
     cfg, step_dir = rundir.saved_config(workdir)
     cfg = mesh_lib.fit_mesh(cfg)
-    cfg.model = run_params.model_config(cfg, step_dir)  # a QLoRA run stands for float weights
-    qcfg = quantized_config(cfg, weights, group)
+    # a QLoRA run stands for float weights (its adapters folded into them)
+    float_cfg = ml_collections.ConfigDict(cfg.to_dict())
+    float_cfg.model = run_params.model_config(cfg, step_dir)
+    qcfg = quantized_config(float_cfg, weights, group)
     mesh = mesh_lib.make_mesh(cfg.mesh)
     fmt, size = qcfg.model.weights, qcfg.model.weight_group
     with mesh_lib.use(mesh):

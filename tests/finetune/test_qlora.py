@@ -2,7 +2,8 @@
 stays bit-identical in its quantized form (what quantizing the base run gives, every
 time) and the base run is untouched; the loss falls as LoRA's does on the same data; merge
 writes a float run whose logits equal the quantized base plus adapters; generation from
-the QLoRA run equals generation from its merge; a sharded run's losses equal a
+the QLoRA run equals generation from its merge, and `jaxlm quantize` of it evaluates
+within 1% of the merge; a sharded run's losses equal a
 data-parallel one's; bad input is one line and exit 2."""
 
 import jax
@@ -14,9 +15,10 @@ from flax import nnx
 
 from jaxlm import cli
 from jaxlm.checkpoint import fingerprint
+from jaxlm.cli import tasks
 from jaxlm.finetune import merge
 from jaxlm.finetune.tasks import FinetuneTask
-from jaxlm.infer import generate, quantize
+from jaxlm.infer import evaluate, generate, quantize
 from jaxlm.parallel import mesh as mesh_lib
 from jaxlm.quant import weights as quant_weights
 from jaxlm.train import loop
@@ -95,6 +97,11 @@ def test_merge_is_the_quantized_base_plus_adapters(runs, tmp_path):
     direct, _, _ = generate.load(workdir)
     assert [list(o) for o in direct.generate(prompts, 12)] == \
         [list(o) for o in gen.generate(prompts, 12)]
+    # `jaxlm quantize` reads the QLoRA run as its merge; `jaxlm eval` reads what it writes
+    quantize.quantize_run(workdir, tmp_path / "int8", "int8", log=lambda _: None)
+    losses = [evaluate.evaluate(tasks.for_run(w), w)["loss"]
+              for w in (tmp_path / "merged", tmp_path / "int8")]
+    assert abs(np.exp(losses[1] - losses[0]) - 1) < 0.01, losses
 
 
 def test_sharded_qlora_equals_data_parallel(make_cfg, sft_file, tmp_path):
