@@ -101,4 +101,3 @@ def quantize_run(workdir: str | os.PathLike, out: str | os.PathLike, weights: st
         + f"; parameter bytes {stored:,} ({stored / float_bytes:.3f}x of float32)\n"
           f"generate, eval and scoring read it; {source} is unchanged")
     return out / "checkpoints" / str(step)
-

@@ -46,6 +46,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ConfigError(f"config.quant.training: {cfg.quant.training!r} quantizes the "
                           f"pretraining of decoder and encoder families (`jaxlm train`); "
                           f"not yet fine-tuning or {fam.kind} family {fam.name!r}")
+    if cfg.model.weights != "float" and fam.kind != "decoder":
+        raise ConfigError(f"config.model.weights: {cfg.model.weights!r} weights serve the "
+                          f"decoder-only families; family {fam.name!r} is {fam.kind}")
     if not cfg.finetune.task and cfg.objective.name == "span_corruption":
         if cfg.data.packing != "concat":
             raise ConfigError("config.data.packing: span corruption packs examples in order, "
