@@ -194,3 +194,17 @@ def test_perplexity_and_stored_bytes_through_bench_quant(runs, capsys):
     assert figures["int8"]["forced"] >= 0.9
     printed = capsys.readouterr().out
     assert "int4 decode" in printed and "host load" in printed
+
+
+def test_scoring_reads_a_quantized_run(runs):
+    """The scoring API on the int8 run (loaded as `jaxlm generate` loads it): each choice's
+    log-likelihood within 1% of the float run's, the same choice ranked first."""
+    from jaxlm.infer.score import score
+    choices = [" os", " sys", " json", " re"]
+    got = {}
+    for name in ("float", "int8"):
+        gen, tok, _ = generate.load(runs[name])
+        got[name] = [lp for lp, _ in score(gen.model, tok, ["import"] * 4, choices)]
+    np.testing.assert_allclose(got["int8"], got["float"], rtol=0.01)
+    assert np.argmax(got["int8"]) == np.argmax(got["float"])
+    assert len(set(np.round(got["float"], 3))) == 4  # the choices do differ
