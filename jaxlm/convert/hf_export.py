@@ -395,7 +395,8 @@ def export_hf(workdir: str | pathlib.Path, out: str | pathlib.Path, dtype: str =
                                              model_cfg.max_seq_len, log)
     config = families.hf_config(model_cfg, dtype, special)
     # a quantized weight is read as its codes and its scales
-    reader.keep = 2 * max(len(rule.params) for rule in families.rules(model_cfg))
+    reader.keep = (1 if param is reader else 2) * max(len(rule.params)
+                                                     for rule in families.rules(model_cfg))
     plans = tensor_plans(model_cfg, param, EXPORT_DTYPES[dtype])
     out.mkdir(parents=True, exist_ok=True)
     files = st.write_checkpoint(out, plans, max_bytes)

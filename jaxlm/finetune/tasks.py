@@ -222,9 +222,8 @@ class FinetuneTask(Task):
 
     def _base_params(self) -> Any:
         """The base's parameters; QLoRA's quantized where they are read, shard by shard."""
-        if self.cfg.model.weights == "float":
-            return checkpoint_lib.restore_params(self.base.step_dir, self.base_abstract)
-        return quant_weights.restore_quantized(self.base.step_dir, self.cfg.model, self.mesh)
+        return quant_weights.restore_params(self.base.step_dir, self.cfg.model,
+                                            self.base_abstract, self.mesh)
 
     def init_state(self) -> state_lib.TrainState:
         """The base's parameters (full) or new adapters (LoRA), a new head (classification),

@@ -81,8 +81,7 @@ def restore_base(cfg: ml_collections.ConfigDict, step_dir: pathlib.Path, abstrac
         raise LoraBaseError(f"{step_dir} is a LoRA run (adapters only) whose base "
                             f"{base_dir} (config.finetune.base) does not exist: restore it "
                             f"there, or generate from a merged copy (`jaxlm lora merge`)")
-    base = (checkpoint_lib.restore_params(base_dir, abstract) if cfg.model.weights == "float"
-            else quant_weights.restore_quantized(base_dir, cfg.model, mesh))
+    base = quant_weights.restore_params(base_dir, cfg.model, abstract, mesh)
     recorded = rundir.read_metadata(step_dir).get("finetune", {}).get("base_fingerprint")
     found = fingerprint.digest(base)
     if found != recorded:  # none recorded: nothing vouches for this base

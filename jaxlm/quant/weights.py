@@ -45,3 +45,12 @@ def restore_quantized(path: str | os.PathLike, model_cfg: ml_collections.ConfigD
     _, state = nnx.split(zoo.abstract(float_config(model_cfg)))
     params = checkpoint_lib.restore_params(path, rules.abstract_of(state, mesh))
     return quantize_placed(params, model_cfg, mesh)
+
+
+def restore_params(path: str | os.PathLike, model_cfg: ml_collections.ConfigDict,
+                   abstract: Any, mesh: jax.sharding.Mesh) -> Any:
+    """The parameters of checkpoint `path` for `model_cfg`'s model: read into `abstract`
+    as saved, or (quantized weights: a float base of QLoRA) restored float and quantized."""
+    if model_cfg.weights == "float":
+        return checkpoint_lib.restore_params(path, abstract)
+    return restore_quantized(path, model_cfg, mesh)

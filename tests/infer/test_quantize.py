@@ -190,7 +190,6 @@ def test_perplexity_and_stored_bytes_through_bench_quant(runs, capsys):
     floats = figures["float32"]["param_bytes"]
     assert figures["int8"]["param_bytes"] <= 0.27 * floats
     assert figures["int4"]["param_bytes"] == figures["nf4"]["param_bytes"] <= 0.15 * floats
-    assert figures["float32"]["agree"] == figures["float32"]["forced"] == 1.0
     assert figures["int8"]["forced"] >= 0.9
     printed = capsys.readouterr().out
     assert "int4 decode" in printed and "host load" in printed
