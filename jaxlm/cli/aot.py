@@ -1,7 +1,8 @@
 """`jaxlm compile`: a config's train step compiled for a TPU topology on any host, with
 per-chip memory, FLOPs and the step time at a given MFU (jaxlm.train.aot). `jaxlm plan`:
-the mesh, remat, gradient accumulation and attention that fit that topology and run
-fastest by a roofline estimate, found by such compiles (jaxlm.train.plan).
+the mesh, remat, gradient accumulation and attention (and, when --search names quant,
+quantized training) that fit that topology and run fastest by a roofline estimate, found by
+such compiles (jaxlm.train.plan).
 
     jaxlm compile --config configs/llama3_8b.py [--topology v5p-128] [--mfu 0.5]
     jaxlm plan --config configs/llama3_8b.py [--topology v5p-128] [--budget 840]
@@ -26,9 +27,9 @@ def add_parsers(verbs) -> None:
     comp = verbs.add_parser("compile", help="compile the train step for a TPU topology (on any "
                             "host) and print per-chip memory, FLOPs and step time",
                             description=__doc__, epilog=helptext.overrides_epilog())
-    plan = verbs.add_parser("plan", help="find the mesh, remat, gradient accumulation and "
-                            "attention that fit a TPU topology and run fastest (compiles "
-                            "candidates on any host)", description=__doc__,
+    plan = verbs.add_parser("plan", help="find the mesh, remat, gradient accumulation, "
+                            "attention (and quantized training) that fit a TPU topology and "
+                            "run fastest (compiles candidates on any host)", description=__doc__,
                             epilog=helptext.overrides_epilog())
     for parser in (comp, plan):
         add_config_argument(parser)
@@ -40,8 +41,10 @@ def add_parsers(verbs) -> None:
     plan.add_argument("--budget", type=float, default=840,
                       help="seconds the search may spend compiling (default 840)")
     plan.add_argument("--search", default="mesh,remat,accum,attention",
-                      help="what to vary, comma-separated; the rest keep the config's values "
-                           "(default: mesh,remat,accum,attention)")
+                      help="what to vary, comma-separated, of mesh, remat, accum, attention "
+                           "and quant (quantized training: it changes the numerics, so only "
+                           "when named); the rest keep the config's values (default: "
+                           "mesh,remat,accum,attention)")
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:

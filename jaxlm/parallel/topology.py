@@ -13,7 +13,9 @@ gives v4 32, v5e 16, v5p 95, v6e 32 "GB", in binary units; what a program may us
 different, and is what the TPU compiler checks a step against: its out-of-memory message
 gives the available HBM as v4 30.75, v5e 15.75, v5p 95.74, v6e 31.25 GiB (libtpu 0.0.42).
 Peak FLOP/s are dense bfloat16 per chip from the vendors' data sheets (the same pages for
-TPUs; NVIDIA's for GPUs).
+TPUs; NVIDIA's for GPUs), and beside them the dense int8 and fp8 peaks where a chip runs
+those faster (Cloud TPU pages: int8 394 TOPS v5e, 918 v5p, 1,836 v6e, v4's 275 the same as
+bf16, no fp8 unit on any of them; NVIDIA: A100 624 int8, H100/H200 1,979 int8 and fp8).
 
 Bandwidths (TPUs; what `jaxlm plan`'s roofline divides by): HBM per chip from the same Cloud
 pages (v5p 2,765, v5e 819, v6e 1,640 GB/s) and v4's 1.2e12 from "How to Scale Your Model"
@@ -56,6 +58,12 @@ class Chip:
     hbm_bw: float = 0.0  # TPUs: HBM bytes/s
     ici_link_bw: float = 0.0  # TPUs: bytes/s one way over one inter-chip link
     dcn_bw: float = 0.0  # TPUs: data-center network bytes/s per chip
+    int8_flops: float = 0.0  # dense int8 ops/s per chip; 0: no faster than bf16
+    fp8_flops: float = 0.0  # dense fp8 FLOP/s per chip; 0: no faster than bf16
+
+    def peak_of(self, kind: str) -> float:
+        """Peak per chip of matmuls on `kind` operands ("int8", "fp8"; else bf16)."""
+        return {"int8": self.int8_flops, "fp8": self.fp8_flops}.get(kind) or self.peak_flops
 
     @property
     def device_kind(self) -> str:
@@ -66,14 +74,16 @@ CHIPS = {
     "v4": Chip("v4", ("TPU v4",), 275e12, 32 * GiB, int(30.75 * GiB), 2, 3,
                1.2e12, 4.5e10, 6.25e9),
     "v5p": Chip("v5p", ("TPU v5", "TPU v5p"), 459e12, 95 * GiB, int(95.74 * GiB), 2, 3,
-                2.765e12, 9e10, 6.25e9),
+                2.765e12, 9e10, 6.25e9, int8_flops=918e12),
     "v5e": Chip("v5e", ("TPU v5 lite", "TPU v5e"), 197e12, 16 * GiB, int(15.75 * GiB), 1, 2,
-                8.19e11, 4.5e10, 3.125e9),
+                8.19e11, 4.5e10, 3.125e9, int8_flops=394e12),
     "v6e": Chip("v6e", ("TPU v6 lite", "TPU v6e"), 918e12, 32 * GiB, int(31.25 * GiB), 1, 2,
-                1.64e12, 9e10, 1.25e10),
-    "a100": Chip("a100", ("NVIDIA A100",), 312e12, 80 * GiB),
-    "h100": Chip("h100", ("NVIDIA H100",), 989e12, 80 * GiB),
-    "h200": Chip("h200", ("NVIDIA H200",), 989e12, 141 * 10**9),
+                1.64e12, 9e10, 1.25e10, int8_flops=1836e12),
+    "a100": Chip("a100", ("NVIDIA A100",), 312e12, 80 * GiB, int8_flops=624e12),
+    "h100": Chip("h100", ("NVIDIA H100",), 989e12, 80 * GiB, int8_flops=1979e12,
+                 fp8_flops=1979e12),
+    "h200": Chip("h200", ("NVIDIA H200",), 989e12, 141 * 10**9, int8_flops=1979e12,
+                 fp8_flops=1979e12),
 }
 TPU_GENERATIONS = tuple(name for name, chip in CHIPS.items() if chip.dims)
 

@@ -11,7 +11,9 @@ loops around it:
   condition `compare(counter, constant N), direction=LT` (the TPU compiler's form; jax's
   scan and fori_loop count from 0);
 - FLOPs: 2 x output elements x contracted size for every `dot` and `convolution` (the TPU
-  compiler turns dots into convolutions), inside fusions too;
+  compiler turns dots into convolutions), inside fusions too; those whose two operands are
+  8-bit integers (quantized training's int8 x int8 matmuls) or 8-bit floats are also
+  counted apart, since chips run them at their own peak;
 - bytes: operands and results of the top-level instructions (the fusions' HBM traffic, not
   their insides). Used as a ratio, scaled / once-counted, to correct XLA's own "bytes
   accessed";
@@ -43,6 +45,8 @@ _SHAPE = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\]")
 _COMPUTATION = re.compile(r"^(ENTRY )?%([\w.\-]+) \(.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$", re.DOTALL)
 _NAME = re.compile(r"%([\w.\-]+)")
+# Matmul operand types a chip may run faster than bfloat16 (jaxlm.parallel.topology.Chip).
+LOW_PRECISION = {"s8": "int8", "u8": "int8", "f8e4m3fn": "fp8", "f8e5m2": "fp8"}
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 # Top-level instructions that move no data of their own.
 _NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
@@ -79,6 +83,9 @@ class HloCost:
     bytes: float
     collectives: tuple[Collective, ...]
     loops: dict[str, int | None]  # while instruction -> trip count (None: not found)
+    # Weighted FLOPs of the matmuls on 8-bit operands (both of them), by LOW_PRECISION kind;
+    # part of `flops`.
+    low_precision: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def corrected(self, xla_flops: float, xla_bytes: float) -> tuple[float, float]:
         """XLA's per-chip (flops, bytes accessed) with loop bodies counted as often as they
@@ -233,6 +240,7 @@ def analyse(text: str) -> HloCost:
             weight[callee] += weight[name] * times
 
     flops_once = flops = bytes_once = bytes_scaled = 0.0
+    low_precision: dict[str, float] = collections.defaultdict(float)
     found: list[Collective] = []
     for name, insts in computations.items():
         w = weight.get(name, 0.0)
@@ -245,6 +253,9 @@ def analyse(text: str) -> HloCost:
             f = _matmul_flops(inst, types)
             flops_once += f
             flops += f * w
+            kind = _low_precision(inst, types) if f else None
+            if kind:
+                low_precision[kind] += f * w
             if name in control and inst.opcode not in _NO_TRAFFIC and w:
                 b = _traffic(inst, types, computations)
                 bytes_once += b
@@ -252,7 +263,8 @@ def analyse(text: str) -> HloCost:
             c = _collective(inst, types, w, scatter_fusion)
             if c is not None:
                 found.append(c)
-    return HloCost(flops_once, flops, bytes_once, bytes_scaled, tuple(found), loops)
+    return HloCost(flops_once, flops, bytes_once, bytes_scaled, tuple(found), loops,
+                   dict(low_precision))
 
 
 def _traffic(inst: Instruction, types: dict[str, str],
@@ -364,6 +376,13 @@ def _matmul_flops(inst: Instruction, types: dict[str, str]) -> float:
                       for d, w in zip(spatial, windows))
     out_spatial = math.prod(out[0][1][out_labels.index(d)] for d in spatial)
     return 2.0 * out_elements / out_spatial * features * pairs
+
+
+def _low_precision(inst: Instruction, types: dict[str, str]) -> str | None:
+    """The LOW_PRECISION kind of a matmul whose two operands are both of it, else None."""
+    kinds = [LOW_PRECISION.get(dtype) for o in inst.operands[:2]
+             for dtype, _ in shapes(types.get(o, ""))[:1]]
+    return kinds[0] if len(kinds) == 2 and kinds[0] == kinds[1] else None
 
 
 def _window(rest: str, rank: int) -> list[tuple[int, int, int, int, int]]:

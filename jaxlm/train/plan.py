@@ -1,6 +1,7 @@
-"""`jaxlm plan`: which mesh, remat policy, gradient accumulation and attention backend to
-train a config with on a TPU slice, answered by compiling candidates ahead of time (as
-`jaxlm compile` does, on any host) and ranking those that fit by a roofline estimate.
+"""`jaxlm plan`: which mesh, remat policy, gradient accumulation and attention backend (and,
+when asked, quantized training) to train a config with on a TPU slice, answered by compiling
+candidates ahead of time (as `jaxlm compile` does, on any host) and ranking those that fit
+by a roofline estimate.
 
     jaxlm plan --config configs/llama3_8b.py [--topology v5p-128] [--budget 840]
 
@@ -26,7 +27,11 @@ a 2-core host; a fitting 8B compile takes about 30 s, one that runs out of HBM 1
 5. Attention: the config's backend as it resolves on TPU (splash by default); `xla` is
    tried on the best plan only (with the accumulation it needs to fit), for comparison: it
    does the same matmuls plus the materialised score matrices, so it cannot win elsewhere.
-6. A time budget (--budget seconds): a compile starts only while 1.2 x the slowest compile
+6. Quantized training, only when --search names `quant` (it changes the model's numerics):
+   the 8-bit matmul types the chip runs faster than bf16 (int8 on v5e, v5p and v6e; none
+   on v4), and no quantization if the config has some, are compiled on the best plan (with
+   the accumulation each needs to fit).
+7. A time budget (--budget seconds): a compile starts only while 1.2 x the slowest compile
    so far still fits in what is left; what was not tried is counted in the output.
 
 Estimate (per chip, seconds per step), from the compiled program:
@@ -34,7 +39,8 @@ Estimate (per chip, seconds per step), from the compiled program:
   (jaxlm.train.hlo_cost), plus splash attention's FLOPs, which XLA cannot see inside the
   kernel (analytic: the causal half of the score and value matmuls forward, backward with
   the probabilities recomputed by both of splash's backward kernels, forward again under
-  remat), over the chip's peak;
+  remat), over the chip's bf16 peak; the matmuls on int8 (fp8) operands over the chip's
+  int8 (fp8) peak;
 - hbm: XLA's bytes accessed, loop-weighted by the ratio of the text's traffic counted as
   the loops run to counted once (within 20% of XLA's count of the unrolled program in the
   tests: the text does not show XLA's per-operand view), over HBM bandwidth;
@@ -60,6 +66,7 @@ import ml_collections
 import numpy as np
 
 from jaxlm import config as config_lib
+from jaxlm.config.schema import QUANT_TYPES
 from jaxlm.errors import ConfigError
 from jaxlm.model import counts, zoo
 from jaxlm.parallel import mesh as mesh_lib
@@ -69,7 +76,8 @@ from jaxlm.train import aot, hlo_cost
 from jaxlm.train.task import Task
 
 REMATS = ("full", "save_matmuls", "none")  # most memory saved first
-DIMENSIONS = ("mesh", "remat", "accum", "attention")  # what --search may vary
+DIMENSIONS = ("mesh", "remat", "accum", "attention", "quant")  # what --search may vary
+DEFAULT_SEARCH = "mesh,remat,accum,attention"  # quant changes numerics: only when asked
 ACTIVATION_AXES = ("tensor", "context")  # collectives on these are not overlapped
 STATE_PER_ARGUMENTS = 4 / 3  # float32 gradients beside parameters and two Adam moments
 HEADROOM = 0.95  # the accumulation jump aims at this share of usable HBM
@@ -82,6 +90,7 @@ class Plan:
     remat: str
     accum: int
     attention: str
+    quant: str  # quant.training
 
     def overrides(self) -> list[str]:
         keys = dict(zip(config_lib.MESH_AXES, self.mesh))
@@ -89,7 +98,9 @@ class Plan:
         return ([f"--config.mesh.{k}={v}" for k, v in keys.items()] +
                 [f"--config.model.remat={self.remat}",
                  f"--config.optim.grad_accum_steps={self.accum}",
-                 f"--config.model.attention={self.attention}"])
+                 f"--config.model.attention={self.attention}",
+                 f"--config.quant.training={self.quant}"] +
+                (["--config.quant.backward=none"] if self.quant == "none" else []))
 
     def apply(self, cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         cfg = ml_collections.ConfigDict(cfg.to_dict())
@@ -98,6 +109,9 @@ class Plan:
         cfg.model.remat = self.remat
         cfg.model.attention = self.attention
         cfg.optim.grad_accum_steps = self.accum
+        cfg.quant.training = self.quant
+        if self.quant == "none":
+            cfg.quant.backward = "none"  # it quantizes the gradients of quantized matmuls
         return cfg
 
     def label(self) -> str:
@@ -156,6 +170,8 @@ def estimate(report: aot.CompileReport, cfg: ml_collections.ConfigDict) -> Estim
     flops, hbm_bytes = hlo.corrected(report.xla_flops / report.chips, report.xla_bytes or 0.0)
     if report.attention == "splash":
         flops += splash_flops_per_chip(cfg, report.chips)
+    flops_s = ((flops - sum(hlo.low_precision.values())) / chip.peak_flops
+               + sum(f / chip.peak_of(kind) for kind, f in hlo.low_precision.items()))
     devices = report.mesh_devices
     first_slice = getattr(devices.flat[0], "slice_index", 0)
     # A slice's program names its own devices: their flat positions in the mesh order.
@@ -181,7 +197,7 @@ def estimate(report: aot.CompileReport, cfg: ml_collections.ConfigDict) -> Estim
             exposed += seconds
         else:
             ici += seconds
-    return Estimate(flops_s=flops / chip.peak_flops, hbm_s=hbm_bytes / chip.hbm_bw, ici_s=ici,
+    return Estimate(flops_s=flops_s, hbm_s=hbm_bytes / chip.hbm_bw, ici_s=ici,
                     exposed_s=exposed, dcn_s=dcn,
                     model_flops_per_chip=report.model_flops / report.chips,
                     peak=chip.peak_flops)
@@ -207,7 +223,8 @@ def candidate_meshes(cfg: ml_collections.ConfigDict, topology: topology_lib.Topo
         if shape["context"] > 1 and cfg.data.global_batch_size >= chips * slices:
             continue
         for dcn in dcns:
-            plan = Plan(sizes, dcn, cfg.model.remat, 1, cfg.model.attention)
+            plan = Plan(sizes, dcn, cfg.model.remat, 1, cfg.model.attention,
+                        cfg.quant.training)
             try:
                 candidate = plan.apply(cfg)
                 config_lib.validate(candidate, chips * slices)
@@ -224,7 +241,7 @@ def own_plan(cfg: ml_collections.ConfigDict, num_devices: int) -> Plan:
     shape = config_lib.ici_mesh_shape(cfg.mesh, num_devices)
     return Plan(tuple(shape[a] for a in config_lib.MESH_AXES),
                 (cfg.mesh.dcn_data, cfg.mesh.dcn_fsdp), cfg.model.remat,
-                cfg.optim.grad_accum_steps, cfg.model.attention)
+                cfg.optim.grad_accum_steps, cfg.model.attention, cfg.quant.training)
 
 
 def accumulations(cfg: ml_collections.ConfigDict, plan: Plan) -> list[int]:
@@ -238,10 +255,11 @@ class Search:
     """Compiles plans in the module docstring's order within a time budget."""
 
     def __init__(self, make_task: Callable[[ml_collections.ConfigDict, int], Task],
-                 cfg: ml_collections.ConfigDict, topology_name: str, budget_s: float,
-                 out: Callable[[str], None], dimensions: tuple[str, ...] = DIMENSIONS,
+                 cfg: ml_collections.ConfigDict, topology: topology_lib.Topology,
+                 budget_s: float, out: Callable[[str], None],
+                 dimensions: tuple[str, ...] = DIMENSIONS,
                  clock: Callable[[], float] = time.perf_counter):
-        self.make_task, self.cfg, self.topology_name = make_task, cfg, topology_name
+        self.make_task, self.cfg, self.topology = make_task, cfg, topology
         self.dimensions = dimensions
         self.budget_s, self.out, self.clock = budget_s, out, clock
         self.start = clock()
@@ -260,7 +278,7 @@ class Search:
             return None
         cfg = plan.apply(self.cfg)
         report = aot.compile_for_topology(lambda n: self.make_task(cfg, n), cfg,
-                                          self.topology_name, analyse=True)
+                                          self.topology.name, analyse=True)
         self.slowest = max(self.slowest, report.compile_s)
         outcome = Outcome(plan, report.required_bytes, report.usable_hbm_bytes,
                           report.compile_s, estimate(report, cfg) if report.fits else None,
@@ -298,23 +316,35 @@ class Search:
             accum = 1 if "accum" in self.dimensions else own.accum
             remats = REMATS if "remat" in self.dimensions else (own.remat,)
             for remat in remats:
-                fit = self.smallest_fit(Plan(mesh, dcn, remat, accum, own.attention))
+                fit = self.smallest_fit(Plan(mesh, dcn, remat, accum, own.attention, own.quant))
                 if fit is None:
                     break  # less remat needs more memory
                 accum = fit.accum
         best = self.best()
         if best is not None and best.attention == "splash" and "attention" in self.dimensions:
             self.smallest_fit(dataclasses.replace(best.plan, attention="xla"))
+        best = self.best()
+        if best is not None and "quant" in self.dimensions:
+            for kind in quant_options(self.topology.chip, best.plan.quant):
+                self.smallest_fit(dataclasses.replace(best.plan, quant=kind))
 
     def best(self) -> Outcome | None:
         fitting = [o for o in self.outcomes.values() if o.estimate is not None]
         return min(fitting, key=lambda o: o.estimate.step_s) if fitting else None
 
 
+def quant_options(chip: topology_lib.Chip, own: str) -> list[str]:
+    """quant.training values to try beside `own`: the 8-bit types `chip` runs faster than
+    bf16, and none."""
+    faster = [q for q in QUANT_TYPES if q != "none" and chip.peak_of(q) > chip.peak_flops]
+    return [q for q in ["none", *faster] if q != own]
+
+
 def progress_line(o: Outcome, elapsed: float) -> str:
     verdict = (f"est. {o.estimate.step_s:.3f} s/step" if o.estimate else "does not fit")
     return (f"[{elapsed:6.0f} s] mesh {o.plan.label():12} remat {o.plan.remat:12} "
-            f"accum {o.plan.accum:<3} {o.attention:6} {o.required_bytes / GiB:7.2f} GiB  "
+            f"accum {o.plan.accum:<3} {o.attention:6} {o.plan.quant:5} "
+            f"{o.required_bytes / GiB:7.2f} GiB  "
             f"{verdict} ({o.compile_s:.1f} s)")
 
 
@@ -323,13 +353,14 @@ def format_table(outcomes: list[Outcome]) -> str:
     ranked = sorted(outcomes, key=lambda o: (o.estimate is None,
                                              o.estimate.step_s if o.estimate else o.required_bytes))
     head = (f"  {'mesh d x f x c x t':20} {'remat':12} {'accum':>5} {'attention':9} "
+            f"{'quant':5} "
             f"{'HBM GiB':>8} {'flops s':>8} {'hbm s':>7} {'ici s':>7} {'exposed':>8} "
             f"{'dcn s':>7} {'step s':>8} {'est. MFU':>8}")
     lines = [head]
     for o in ranked:
         e = o.estimate
         row = (f"{'*' if o.own else ' '} {o.plan.label():20} {o.plan.remat:12} {o.plan.accum:>5} "
-               f"{o.attention:9} {o.required_bytes / GiB:8.2f} ")
+               f"{o.attention:9} {o.plan.quant:5} {o.required_bytes / GiB:8.2f} ")
         if e is None:
             row += f"{'does not fit':>8}"
         else:
@@ -341,7 +372,7 @@ def format_table(outcomes: list[Outcome]) -> str:
 
 def run(make_task: Callable[[ml_collections.ConfigDict, int], Task],
         cfg: ml_collections.ConfigDict, topology_name: str, budget_s: float, command: str,
-        search_text: str = ",".join(DIMENSIONS), out: Callable[[str], None] = print) -> int:
+        search_text: str = DEFAULT_SEARCH, out: Callable[[str], None] = print) -> int:
     """The `plan` verb: searches `search_text`'s dimensions (comma-separated; the others
     keep the config's values), prints the table and the best plan's command line; exit
     aot.DOES_NOT_FIT_EXIT_CODE when no plan fits."""
@@ -352,7 +383,6 @@ def run(make_task: Callable[[ml_collections.ConfigDict, int], Task],
     if budget_s <= 0:
         raise ConfigError(f"--budget {budget_s}: must be a positive number of seconds")
     topology = aot.topology_of(topology_name, cfg)
-    name = topology.name
     slices = config_lib.num_slices(cfg.mesh)
     chips = topology.chips * slices
     config_lib.validate(cfg, chips)  # the config itself, before any compile
@@ -364,7 +394,7 @@ def run(make_task: Callable[[ml_collections.ConfigDict, int], Task],
         f"{cfg.data.global_batch_size} x {cfg.data.seq_len}) on "
         f"{f'{slices} slices of ' if slices > 1 else ''}{topology.name} ({chips} chips): "
         f"searching {', '.join(dimensions)} ({len(meshes)} meshes); budget {budget_s:.0f} s")
-    search = Search(make_task, cfg, name, budget_s, out, dimensions)
+    search = Search(make_task, cfg, topology, budget_s, out, dimensions)
     search.run(meshes, own)
     outcomes = list(search.outcomes.values())
     out("")

@@ -5,6 +5,7 @@ The compiled models here are wider than the other tests' (d_model 512, head_dim 
 compiled for a TPU, never run, and TPU tiles pad dimensions under 128, which would blur the
 comparison of XLA's argument bytes with the unpadded shard sizes."""
 
+import dataclasses
 import math
 import pathlib
 import re
@@ -199,6 +200,28 @@ def test_roofline_splits_collectives_by_the_axes_they_cross(compiled):
     assert (e.exposed_s > 0) == (sizes["tensor"] > 1)
     assert (e.dcn_s > 0) == (report.num_slices > 1)
     assert e.flops_s > 0 and e.hbm_s > 0
+
+
+def test_int8_training_matmuls_are_counted_apart_at_the_int8_peak(aot):
+    """Quantized training's int8 x int8 matmuls (the block projections' forward and, with
+    quant.backward=int8, their two gradient matmuls: 3 x the forward's FLOPs) are what
+    hlo_cost counts apart, and the roofline runs them at v5p's int8 peak (918 TOPS)."""
+    cfg = wide_config(data=1, fsdp=2, tensor=2)
+    cfg.quant.update(training="int8", backward="int8")
+    report = aot.compile_for_topology(lambda n: CausalLM(cfg, num_devices=n), cfg, "v5p-8",
+                                      analyse=True)
+    m = cfg.model
+    projections = m.n_layers * (4 * m.d_model * m.n_heads * m.head_dim + 3 * m.d_model * m.d_ff)
+    tokens = cfg.data.global_batch_size * cfg.data.seq_len
+    int8 = 3 * 2 * tokens * projections / report.chips
+    assert report.hlo.low_precision == {"int8": int8}
+    bf16_only = plan.estimate(dataclasses.replace(
+        report, hlo=dataclasses.replace(report.hlo, low_precision={})), cfg)
+    assert plan.estimate(report, cfg).flops_s == pytest.approx(
+        bf16_only.flops_s - int8 / 459e12 + int8 / 918e12, rel=1e-9)
+    assert plan.quant_options(topology.CHIPS["v5p"], "none") == ["int8"]
+    assert plan.quant_options(topology.CHIPS["v4"], "none") == []  # int8 at bf16's rate
+    assert plan.quant_options(topology.CHIPS["h100"], "int8") == ["none", "fp8"]
 
 
 def test_a_step_that_does_not_fit_exits_nonzero_with_the_figures(aot, capsys):

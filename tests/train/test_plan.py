@@ -1,5 +1,6 @@
 """`jaxlm plan` on a small topology (v5p-8): the plan it chooses fits when `jaxlm compile`
-checks it, and a plan it rejects as not fitting fails `jaxlm compile`. (The parts: the
+checks it, and a plan it rejects as not fitting fails `jaxlm compile`; asked to, it chooses
+int8 training where v5p's int8 peak makes the step faster. (The parts: the
 HLO cost reading in test_hlo_cost.py, the roofline's terms in test_compile.py.)"""
 
 import pathlib
@@ -31,26 +32,33 @@ def jaxlm(*args):
 @pytest.mark.slow
 def test_the_chosen_plan_fits_and_a_rejected_one_does_not():
     pytest.importorskip("libtpu", reason="compiling for a TPU topology needs libtpu")
-    run = jaxlm("plan", "--config", LLAMA, *SMALL, "--search", "accum")
+    run = jaxlm("plan", "--config", LLAMA, *SMALL, "--search", "accum,quant")
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
-    rows = re.findall(r"^[* ] (\S+)\s+(\w+)\s+(\d+)\s+(\w+)\s+([\d.]+) (.*)$", run.stdout, re.M)
-    rejected = [r for r in rows if "does not fit" in r[5]]
-    chosen = [r for r in rows if "does not fit" not in r[5]]
+    rows = re.findall(r"^[* ] (\S+)\s+(\w+)\s+(\d+)\s+(\w+)\s+(\w+)\s+([\d.]+) (.*)$",
+                      run.stdout, re.M)
+    rejected = [r for r in rows if "does not fit" in r[6]]
+    chosen = [r for r in rows if "does not fit" not in r[6]]
     assert rejected and chosen, run.stdout
     # The accumulation search: one microbatch does not fit, the smallest that does is next.
-    assert rejected[0][:4] == ("1x4x1x1", "none", "1", "splash")
-    assert chosen[0][:4] == ("1x4x1x1", "none", "2", "splash")
+    assert rejected[0][:5] == ("1x4x1x1", "none", "1", "splash", "none")
+    # Then int8 training on that plan: its forward projections at v5p's int8 peak (twice
+    # bf16's) make the estimated step faster, in about the same memory.
+    assert [r[:5] for r in chosen] == [("1x4x1x1", "none", "2", "splash", "int8"),
+                                       ("1x4x1x1", "none", "2", "splash", "none")]
+    assert float(chosen[0][5]) == pytest.approx(float(chosen[1][5]), rel=0.01)
+    step_s = [float(r[6].split()[-2]) for r in chosen]
+    assert step_s[0] < step_s[1]
     line = re.search(r"^  jaxlm train --config (\S+) (.*)$", run.stdout, re.M)
     assert line.group(1) == LLAMA
     overrides = line.group(2).split()
-    assert "--config.optim.grad_accum_steps=2" in overrides
+    assert {"--config.optim.grad_accum_steps=2", "--config.quant.training=int8"} <= set(overrides)
 
     fits = jaxlm("compile", "--config", LLAMA, *SMALL, *overrides)
     assert fits.returncode == 0, fits.stdout + fits.stderr[-3000:]
     assert "fits" in fits.stdout
     # The planner's figure is the compile's.
     total = re.search(r"total\s+([\d.]+) GiB", fits.stdout).group(1)
-    assert float(total) == pytest.approx(float(chosen[0][4]), abs=0.01)
+    assert float(total) == pytest.approx(float(chosen[0][5]), abs=0.01)
 
     rejected_plan = [o.replace("grad_accum_steps=2", "grad_accum_steps=1") for o in overrides]
     too_big = jaxlm("compile", "--config", LLAMA, *SMALL, *rejected_plan)
@@ -87,4 +95,5 @@ def test_candidate_plans_follow_the_chip_grid_and_the_config():
     contexts = {m[2] for m, _ in plan.candidate_meshes(
         cfg, t, plan.topology_lib.compile_only_devices(t), 1)}
     assert contexts == {1, 4, 16, 64}  # 64: auto attention falls back to xla there
-    assert plan.accumulations(cfg, plan.Plan((1, 16, 4, 1), (1, 1), "full", 1, "auto")) == [1]
+    assert plan.accumulations(
+        cfg, plan.Plan((1, 16, 4, 1), (1, 1), "full", 1, "auto", "none")) == [1]
