@@ -55,13 +55,16 @@ def tiny_run_config(data_dir: str, data: dict | None = None, **model):
 
 
 def write_run(workdir: pathlib.Path, cfg, seed: int = 0, step: int = 1,
-              poisoned: bool = False) -> dict:
+              poisoned: bool = False, edit=None) -> dict:
     """Writes checkpoints/<step> (params, metadata with the config) and tokenizer/ as
     `jaxlm train` leaves them; returns the parameters (nested dict of float32 arrays). The
     shapes come from eval_shape: nothing is initialised eagerly. `poisoned`: the embedding
-    holds a NaN (a diverged run)."""
+    holds a NaN (a diverged run). `edit(params)`: changes the random parameters in place
+    before they are written."""
     state = nnx.state(zoo.abstract(cfg.model))
     params = random_params(nnx.to_pure_dict(state), seed)
+    if edit is not None:
+        edit(params)
     if poisoned:
         params["embed"] = params["embed"].at[:, 0].set(jnp.nan)
     ByteTokenizer().save(workdir / "tokenizer")

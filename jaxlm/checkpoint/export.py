@@ -22,6 +22,7 @@ from jaxlm import __version__
 from jaxlm.checkpoint.rundir import (
     RunDirError,
     locate,
+    new_output,
     open_readonly,
     quiet_orbax,
     reading,
@@ -75,9 +76,7 @@ def export_params(path: str | os.PathLike, out: str | os.PathLike, dtype: str = 
     if dtype not in EXPORT_DTYPES:
         raise RunDirError(
             f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
-    out = pathlib.Path(out).expanduser().absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise RunDirError(f"output exists and is not an empty directory: {out}")
+    out = new_output(out)
     location = locate(path, step)
     params, run_meta, step = read_params(path, step)
     params = cast_params(params, dtype)

@@ -360,6 +360,23 @@ def _verify(restored: Any, expected: dict[str, int] | None, saved: dict[str, Any
                                          f"fingerprint saved with it (damaged data)")
 
 
+def write_derived_run(out: pathlib.Path, step: int, tree: dict[str, Any],
+                      metadata: dict[str, Any], checkpoint_cfg: ml_collections.ConfigDict,
+                      source: pathlib.Path) -> pathlib.Path:
+    """Writes a run made from run `source` (`jaxlm lora merge`, `quantize`, `prune`): one
+    checkpoint of `tree` at `step` with `metadata`, and a copy of the source's tokenizer/.
+    `out` comes from rundir.new_output. Returns the step directory."""
+    checkpointer = Checkpointer(out, checkpoint_cfg)
+    try:
+        checkpointer.save(step, tree, {}, metadata)
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+    if (source / "tokenizer").is_dir():
+        shutil.copytree(source / "tokenizer", out / "tokenizer")
+    return out / "checkpoints" / str(step)
+
+
 def run_metadata(cfg: ml_collections.ConfigDict, param_axes: Any, tokenizer: str) -> dict[str, Any]:
     """What a checkpoint says about itself: config, parameter layout, jaxlm version and
     tokenizer (its files are in the run's `tokenizer/` directory)."""

@@ -179,3 +179,12 @@ def saved_config(path: str | os.PathLike, step: int | None = None
 def load_tokenizer(path: str | os.PathLike) -> tokenizers.Tokenizer:
     """The tokenizer a run saved (WORKDIR/tokenizer); `path` as `locate` takes it."""
     return tokenizers.load_saved(locate(path).workdir / "tokenizer")
+
+
+def new_output(out: str | os.PathLike) -> pathlib.Path:
+    """The absolute path of a directory a command is about to create (a derived run, an
+    export): RunDirError, before anything is read, when it exists and is not empty."""
+    out = pathlib.Path(out).expanduser().absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RunDirError(f"output exists and is not an empty directory: {out}")
+    return out

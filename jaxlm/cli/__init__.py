@@ -10,6 +10,7 @@
     jaxlm checkpoint ls|inspect|export-params WORKDIR ...
     jaxlm lora merge runs/lora_tiny --out runs/lora_tiny-merged
     jaxlm quantize --workdir runs/tiny --out runs/tiny-int8 --weights int8
+    jaxlm prune --workdir runs/tiny --out runs/tiny-pruned --layers 2
     jaxlm convert from-hf|to-hf ...
     jaxlm tokenizer train --config configs/tiny.py --vocab-size 8000 --out tok.model
     jaxlm bench step|data|checkpoint|generate|lora|convert --config configs/bench_cpu.py
@@ -26,7 +27,7 @@ applied to every verb), one module per verb group:
     train       train, finetune (multi-host start-up before a verb touches a device)
     aot         compile, plan
     infer       generate, eval, classify
-    checkpoint  checkpoint ls|inspect|export-params, lora merge, quantize
+    checkpoint  checkpoint ls|inspect|export-params, lora merge, quantize, prune
     convert     convert from-hf|to-hf
     tokenizer   tokenizer train
     bench       bench step|data|checkpoint|lora|generate|convert
@@ -63,7 +64,7 @@ GROUP_NAMES = ("train", "aot", "infer", "checkpoint", "convert", "tokenizer", "b
 TRAINING_VERBS = ("train", "finetune")
 # Verbs on one process that use a device: their backends start before the verb runs
 # (train, finetune and eval start theirs after the multi-host runtime).
-BACKEND_VERBS = ("generate", "classify", "bench", "convert", "lora", "quantize")
+BACKEND_VERBS = ("generate", "classify", "bench", "convert", "lora", "quantize", "prune")
 
 
 def groups() -> list:

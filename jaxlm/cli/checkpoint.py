@@ -1,11 +1,14 @@
-"""`jaxlm checkpoint {ls,inspect,export-params}`, `jaxlm lora merge` and `jaxlm quantize`:
-what a run's checkpoints hold, and new run directories made from them (no config overrides).
+"""`jaxlm checkpoint {ls,inspect,export-params}`, `jaxlm lora merge`, `jaxlm quantize` and
+`jaxlm prune`: what a run's checkpoints hold, and new run directories made from them (no
+config overrides).
 
     jaxlm checkpoint ls WORKDIR
     jaxlm checkpoint inspect WORKDIR [--step N] [--json]
     jaxlm checkpoint export-params WORKDIR --out DIR [--dtype bfloat16] [--step N]
     jaxlm lora merge WORKDIR --out OUT [--step N]
     jaxlm quantize --workdir RUN --out OUT --weights int8|int4|nf4 [--group-size N]
+    jaxlm prune --workdir RUN --out OUT --method depth (--layers N | --ratio R) [--batches 8]
+    jaxlm prune --workdir RUN --out OUT --method width [--d-ff F] [--kv-heads G] [--ratio R]
 
 WORKDIR may also be `WORKDIR/checkpoints` or one step, `WORKDIR/checkpoints/STEP`.
 """
@@ -17,7 +20,9 @@ import pathlib
 
 from jaxlm import errors
 
-VERBS = ("checkpoint", "lora", "quantize")
+VERBS = ("checkpoint", "lora", "quantize", "prune")
+# jaxlm.compress.prune.METHODS (a test checks they agree).
+PRUNE_METHODS = ("depth", "width")
 # jaxlm.config.schema.WEIGHT_FORMATS less "float" (a test checks they agree).
 WEIGHT_FORMATS = ("int8", "int4", "nf4")
 # jaxlm.checkpoint.export.EXPORT_DTYPES (a test checks they agree), named here so that
@@ -70,6 +75,28 @@ def add_parsers(verbs) -> None:
                             "head_dim")
 
 
+    prune = verbs.add_parser(
+        "prune", help="write a run with its least important blocks (depth) or MLP units and "
+        "attention heads (width) removed, as a new run",
+        description="Structured pruning of a decoder run's newest checkpoint "
+        "(jaxlm/compress/prune.py), by importance measured on training batches: depth "
+        "removes whole blocks (1 - mean cosine of a block's input and output); width removes "
+        "MLP units and kv-head groups in every block (mean activation x outgoing weight norm).")
+    prune.add_argument("--workdir", required=True, help="the float run (read only)")
+    prune.add_argument("--out", required=True, help="directory to create (new or empty)")
+    prune.add_argument("--method", default="depth", choices=PRUNE_METHODS,
+                       help="depth: remove whole blocks; width: MLP units and kv heads")
+    prune.add_argument("--layers", type=int, default=None, help="depth: blocks to keep")
+    prune.add_argument("--d-ff", type=int, default=None, help="width: MLP units to keep")
+    prune.add_argument("--kv-heads", type=int, default=None,
+                       help="width: kv heads to keep (with the query heads that share them)")
+    prune.add_argument("--ratio", type=float, default=None,
+                       help="share of the parameters to keep, in (0, 1]: depth keeps the most "
+                            "blocks, width the largest d_ff, whose model fits in it")
+    prune.add_argument("--batches", type=int, default=8,
+                       help="training batches the importance is measured on (default 8)")
+
+
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from jaxlm.checkpoint.rundir import RunDirError
     if overrides:
@@ -78,6 +105,12 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.verb == "quantize":
         from jaxlm.infer import quantize
         quantize.quantize_run(args.workdir, args.out, args.weights, args.group_size)
+        return errors.DONE
+    if args.verb == "prune":
+        from jaxlm.compress import prune
+        prune.prune_run(args.workdir, args.out, args.method, layers=args.layers,
+                        d_ff=args.d_ff, kv_heads=args.kv_heads, ratio=args.ratio,
+                        batches=args.batches)
         return errors.DONE
     if args.verb == "lora":
         from jaxlm.finetune import merge

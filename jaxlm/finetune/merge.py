@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import shutil
 from typing import Any
 
 import jax
@@ -60,9 +59,7 @@ def restore_run(workdir: str | os.PathLike, step: int | None = None
 def merge_run(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None = None,
               log=print) -> pathlib.Path:
     """Writes the merged run directory `out`; returns its step directory."""
-    out = pathlib.Path(out).expanduser().absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise rundir.RunDirError(f"output exists and is not an empty directory: {out}")
+    out = rundir.new_output(out)
     task, state, metadata = restore_run(workdir, step)
     cfg = task.cfg
     saved_step = int(jax.device_get(state["step"]))
@@ -80,16 +77,8 @@ def merge_run(workdir: str | os.PathLike, out: str | os.PathLike, step: int | No
     out_meta["finetune"] = {**metadata.get("finetune", {}), "method": "full",
                             "groups": sorted(set(tree) - {"step"}),
                             "lora_merged": {"workdir": str(source), "step": saved_step}}
-    checkpointer = checkpoint_lib.Checkpointer(out, cfg.checkpoint)
-    try:
-        checkpointer.save(saved_step, tree, {}, out_meta)
-        checkpointer.wait()
-    finally:
-        checkpointer.close()
-    tokenizer_dir = rundir.locate(workdir).workdir / "tokenizer"
-    if tokenizer_dir.is_dir():
-        shutil.copytree(tokenizer_dir, out / "tokenizer")
-    step_dir = out / "checkpoints" / str(saved_step)
+    step_dir = checkpoint_lib.write_derived_run(out, saved_step, tree, out_meta, cfg.checkpoint,
+                                                source)
     log(f"wrote a new run {out} (checkpoint {step_dir}): base {cfg.finetune.base} with the "
         f"{len(jax.tree.leaves(state['adapters'])) // 2} adapters (rank "
         f"{cfg.finetune.lora.rank}, alpha {cfg.finetune.lora.alpha}) of {source} step "

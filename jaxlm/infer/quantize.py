@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import shutil
 
 import jax
 import ml_collections
@@ -59,9 +58,7 @@ def quantized_config(cfg: ml_collections.ConfigDict, weights: str, group: int | 
 def quantize_run(workdir: str | os.PathLike, out: str | os.PathLike, weights: str,
                  group: int | None = None, log=print) -> pathlib.Path:
     """Writes the quantized run `out`; returns its step directory."""
-    out = pathlib.Path(out).expanduser().absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise rundir.RunDirError(f"--out {out}: exists and is not an empty directory")
+    out = rundir.new_output(out)
     cfg, step_dir = rundir.saved_config(workdir)
     cfg = mesh_lib.fit_mesh(cfg)
     # a QLoRA run stands for float weights (its adapters folded into them)
@@ -84,15 +81,9 @@ def quantize_run(workdir: str | os.PathLike, out: str | os.PathLike, weights: st
                              "group": size}
     if meta.get("hf_source"):  # its stop ids (default_stop_ids) come with it
         out_meta["hf_source"] = meta["hf_source"]
-    checkpointer = checkpoint_lib.Checkpointer(out, qcfg.checkpoint)
-    try:
-        checkpointer.save(step, {"step": jax.numpy.asarray(step), "params": qparams}, {},
-                          out_meta)
-        checkpointer.wait()
-    finally:
-        checkpointer.close()
-    if (source / "tokenizer").is_dir():
-        shutil.copytree(source / "tokenizer", out / "tokenizer")
+    step_dir = checkpoint_lib.write_derived_run(
+        out, step, {"step": jax.numpy.asarray(step), "params": qparams}, out_meta,
+        qcfg.checkpoint, source)
     stored = sum(x.size * jax.dtypes.itemsize_bits(x.dtype) // 8
                  for x in jax.tree.leaves(qparams))
     log(f"wrote a quantized run {out} (checkpoint {out / 'checkpoints' / str(step)}): "
@@ -100,4 +91,4 @@ def quantize_run(workdir: str | os.PathLike, out: str | os.PathLike, weights: st
         + (f" in groups of {size}" if size else " with a scale per output channel")
         + f"; parameter bytes {stored:,} ({stored / float_bytes:.3f}x of float32)\n"
           f"generate, eval and scoring read it; {source} is unchanged")
-    return out / "checkpoints" / str(step)
+    return step_dir

@@ -174,6 +174,14 @@ class Attention(nnx.Module):
     def __call__(self, x_BxLxD, positions_BxL, mask, cache=None):
         """`mask` comes from `prepare_mask` for this module's backend. With `cache` (a
         kv_cache.LayerCache, generation) returns (out, cache updated)."""
+        if cache is None:
+            return self.output(self.heads(x_BxLxD, positions_BxL, mask))
+        out_BxLxHxK, cache = self.heads(x_BxLxD, positions_BxL, mask, cache)
+        return self.output(out_BxLxHxK), cache
+
+    def heads(self, x_BxLxD, positions_BxL, mask, cache=None):
+        """Every head's attention output, B x L x H x K, before the output projection (with
+        `cache`: and the cache updated)."""
         dt = self.dtype
         q = project(self, "wq", x_BxLxD, dt)
         k = project(self, "wk", x_BxLxD, dt)
@@ -188,12 +196,15 @@ class Attention(nnx.Module):
         k = constrain(k, ("batch", "act_sequence", "act_kv_heads", None))
         v = constrain(v, ("batch", "act_sequence", "act_kv_heads", None))
         if cache is None:
-            out_BxLxHxK = BACKENDS[self.backend][1](q, k, v, mask, causal=self.causal)
-        else:  # generation: attend over the KV cache too (jaxlm/model/kv_cache.py)
-            out_BxLxHxK, cache = cache.attend(q, k, v, mask, BACKENDS[self.backend][1])
+            return BACKENDS[self.backend][1](q, k, v, mask, causal=self.causal)
+        # generation: attend over the KV cache too (jaxlm/model/kv_cache.py)
+        return cache.attend(q, k, v, mask, BACKENDS[self.backend][1])
+
+    def output(self, out_BxLxHxK):
+        """The heads' outputs projected back to the model: B x L x D."""
+        dt = self.dtype
         b, length = out_BxLxHxK.shape[:2]
         wo_HxKxD = quantized.weight(self, "wo", dt)
         wo_HKxD = wo_HxKxD.reshape(-1, wo_HxKxD.shape[-1])
         out = project(self, "wo", out_BxLxHxK.reshape(b, length, -1), dt, wo_HKxD)
-        out = out + self.bo[...].astype(dt) if self.use_bias else out
-        return out if cache is None else (out, cache)
+        return out + self.bo[...].astype(dt) if self.use_bias else out

@@ -15,7 +15,7 @@ own tables (e.g. `pos_embed`), `blocks/{attn_norm, attn, mlp_norm, mlp}`, `final
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +53,16 @@ class PreNormBlock(nnx.Module):
         x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
         x_BxLxD = constrain(x_BxLxD, ACT_AXES)
         return x_BxLxD if cache is None else (x_BxLxD, cache)
+
+    def activations(self, x_BxLxD, positions_BxL, mask) -> dict[str, jax.Array]:
+        """The block's output ("out", B x L x D) with what it is made of: every head's
+        attention output before the output projection ("heads", B x L x H x K) and the MLP's
+        hidden units before its down projection ("units", B x L x F)."""
+        heads_BxLxHxK = self.attn.heads(self.attn_norm(x_BxLxD), positions_BxL, mask)
+        h_BxLxD = x_BxLxD + self.attn.output(heads_BxLxHxK)
+        units_BxLxF = self.mlp.hidden(self.mlp_norm(h_BxLxD))
+        return {"out": h_BxLxD + self.mlp.output(units_BxLxF), "heads": heads_BxLxHxK,
+                "units": units_BxLxF}
 
 
 class DecoderLM(nnx.Module):
@@ -148,6 +158,23 @@ class DecoderLM(nnx.Module):
         x_BxLxD = self._run_blocks(self._embed(tokens_BxL, positions_BxL), positions_BxL, mask)
         x_BxLxD = self.final_norm(x_BxLxD)
         return x_BxLxD if order is None else constrain(x_BxLxD[:, np.argsort(order)], ACT_AXES)
+
+    def layer_statistics(self, fn: Callable[[jax.Array, dict], Any],
+                         tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
+                         segment_ids_BxL: jax.Array | None = None) -> Any:
+        """fn(a block's input B x L x D, block.activations(input)) of every block, stacked
+        along a leading layers axis: what each block does and is made of (pruning's
+        calibration, jaxlm/compress/prune.py). Without context parallelism."""
+        positions_BxL = _positions(tokens_BxL, positions_BxL)
+        mask = attention.prepare_mask(self.cfg, segment_ids_BxL, tokens_BxL.shape[1])
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def layer(x_BxLxD, layer_state):
+            acts = nnx.merge(graphdef, layer_state).activations(x_BxLxD, positions_BxL, mask)
+            return acts["out"], fn(x_BxLxD, acts)
+
+        _, stats = jax.lax.scan(layer, self._embed(tokens_BxL, positions_BxL), stacked)
+        return stats
 
     def _embed(self, tokens_BxL, positions_BxL):
         # Gather the table's fsdp shards first (as FSDP does for any weight): a lookup into a

@@ -97,12 +97,16 @@ class SwiGLU(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-        dt = self.dtype
-        gate_BxLxF = project(self, "w_gate", x_BxLxD, dt)
-        up_BxLxF = project(self, "w_up", x_BxLxD, dt)
-        h_BxLxF = constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF,
-                            ("batch", "act_sequence", "act_mlp"))
-        return project(self, "w_down", h_BxLxF, dt)
+        return self.output(self.hidden(x_BxLxD))
+
+    def hidden(self, x_BxLxD: jax.Array) -> jax.Array:
+        """The hidden units, silu(x W_gate) * (x W_up): B x L x F."""
+        gate_BxLxF = project(self, "w_gate", x_BxLxD, self.dtype)
+        up_BxLxF = project(self, "w_up", x_BxLxD, self.dtype)
+        return constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "act_sequence", "act_mlp"))
+
+    def output(self, h_BxLxF: jax.Array) -> jax.Array:
+        return project(self, "w_down", h_BxLxF, self.dtype)
 
 
 # config model.activation -> the function: exact (erf) GELU as Hugging Face "gelu", the tanh
@@ -128,11 +132,17 @@ class GeluMLP(nnx.Module):
         self.activation = activation
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        return self.output(self.hidden(x_BxLxD))
+
+    def hidden(self, x_BxLxD: jax.Array) -> jax.Array:
+        """The hidden units, act(x W_in + b_in): B x L x F."""
         dt = self.dtype
         h_BxLxF = project(self, "w_in", x_BxLxD, dt) + self.b_in[...].astype(dt)
-        h_BxLxF = constrain(ACTIVATIONS[self.activation](h_BxLxF),
-                            ("batch", "act_sequence", "act_mlp"))
-        return project(self, "w_out", h_BxLxF, dt) + self.b_out[...].astype(dt)
+        return constrain(ACTIVATIONS[self.activation](h_BxLxF),
+                         ("batch", "act_sequence", "act_mlp"))
+
+    def output(self, h_BxLxF: jax.Array) -> jax.Array:
+        return project(self, "w_out", h_BxLxF, self.dtype) + self.b_out[...].astype(self.dtype)
 
 
 @dataclasses.dataclass(frozen=True)

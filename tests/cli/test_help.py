@@ -129,3 +129,5 @@ def test_help_imports_no_jax_and_its_copied_constants_agree():
     assert tuple(checkpoint_cli.EXPORT_DTYPES) == tuple(export.EXPORT_DTYPES)
     assert tuple(convert_cli.EXPORT_DTYPES) == tuple(hf_export.EXPORT_DTYPES)
     assert convert_cli.DEFAULT_MAX_SHARD == hf_export.DEFAULT_MAX_SHARD
+    from jaxlm.compress import prune
+    assert tuple(checkpoint_cli.PRUNE_METHODS) == tuple(prune.METHODS)
