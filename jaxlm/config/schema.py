@@ -14,6 +14,7 @@ A config is an `ml_collections.ConfigDict` with one sub-config per component:
     objective   the pretraining objective: causal LM, masked LM, span corruption
     quant       quantized training (int8 / fp8 matmuls through Qwix)
     generate    generation from a run (`jaxlm generate`, scoring): the KV cache's dtype
+    distill     knowledge distillation: the teacher run, the KL weight, the temperature
     finetune    `jaxlm finetune`: task, base checkpoint, data, template, LoRA, classifier
                 (keys in jaxlm/config/finetune.py)
 
@@ -292,5 +293,13 @@ def defaults() -> ml_collections.ConfigDict:
     # compute dtype ("model") or as int8 with a scale per slot and kv head (a quarter of
     # float32's bytes; jaxlm/model/kv_cache.py).
     cfg.generate = ml_collections.ConfigDict(dict(kv_cache_dtype="model"))
+    # Knowledge distillation (jaxlm/train/distill.py): with a teacher, pretraining trains
+    # the model on alpha x T^2 x KL(teacher || model at temperature T) + (1 - alpha) x the
+    # cross-entropy, the teacher's forward pass in the same step.
+    cfg.distill = ml_collections.ConfigDict(dict(
+        teacher="",  # a jaxlm run (or step directory) of the same tokenizer; "": no teacher
+        alpha=0.5,  # weight of the KL term, in [0, 1]
+        temperature=1.0,  # softmax temperature of both distributions in the KL term
+    ))
     cfg.finetune = finetune_section.defaults()
     return cfg

@@ -144,6 +144,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     _check_run(cfg)
     _check_objective(cfg.objective)
     _check_quant(cfg.quant)
+    _check_distill(cfg)
     require(cfg.generate.kv_cache_dtype in KV_CACHE_DTYPES, "generate.kv_cache_dtype",
             f"{cfg.generate.kv_cache_dtype!r} not in {KV_CACHE_DTYPES}")
     _check_finetune_numbers(cfg.finetune)
@@ -337,6 +338,18 @@ def _check_weights(m: ml_collections.ConfigDict) -> None:
         for key, size in last.items():
             require(size % 2 == 0, "model.weights",
                     f"{m.weights} packs two codes a byte along model.{key}, which is odd ({size})")
+
+
+def _check_distill(cfg: ml_collections.ConfigDict) -> None:
+    dist = cfg.distill
+    require_real(dist.alpha, "distill.alpha", 0.0, 1.0)
+    require_real(dist.temperature, "distill.temperature", 0, 1e3, low_open=True)
+    if dist.teacher:
+        require(not cfg.finetune.task, "distill.teacher",
+                "distillation trains with pretraining data (`jaxlm train`); fine-tuning "
+                "tasks do not take a teacher yet")
+        require(cfg.objective.name == "causal_lm", "distill.teacher",
+                f"distillation trains a causal LM; objective.name is {cfg.objective.name!r}")
 
 
 def _check_quant(q: ml_collections.ConfigDict) -> None:

@@ -7,7 +7,8 @@ config now, key by key, in three classes:
   each step reads: `model.*` (except how it is computed: `remat`, `attention`, `dtype`),
   `data.*` (except where the cache lives and how far ahead it reads: `data_dir`,
   `prefetch`), `objective.*`, `train.seed`, `finetune.*` (except `eval_file`, `eval_every`, and `base`,
-  whose parameters are checked by their fingerprint instead);
+  whose parameters are checked by their fingerprint instead), `distill.*` (except
+  `teacher`, checked by its fingerprint too);
 - guarded (accepted only with `--config.train.allow_config_change=true`, then printed as a
   table and recorded in the checkpoint metadata as `config_changes`): the optimizer and the
   schedule (`optim.*`, `train.steps`) and the compute dtype (`model.dtype`);
@@ -29,7 +30,8 @@ from jaxlm.errors import UserError
 
 FREE = ("mesh.", "checkpoint.", "metrics.", "train.log_every", "train.nonfinite",
         "train.allow_config_change", "model.remat", "model.attention", "data.data_dir",
-        "data.prefetch", "finetune.eval_file", "finetune.eval_every", "finetune.base")
+        "data.prefetch", "finetune.eval_file", "finetune.eval_every", "finetune.base",
+        "distill.teacher")
 GUARDED = ("optim.", "train.steps", "model.dtype", "quant.")
 
 

@@ -45,7 +45,6 @@ from jaxlm.train.task import (
 )
 from jaxlm.train.validate import validate
 
-
 LOGITS_PER_BLOCK_ROW = 1 << 24  # automatic loss_block: 64 MiB of float32 logits per row
 
 
@@ -74,14 +73,27 @@ def loss_sums(graphdef: Any, params: Any, batch: dict, z_loss: float, block: int
 
 def blockwise_cross_entropy_sums(x_BxLxD: jax.Array, head_logits, batch: dict, z_loss: float,
                                  block: int, shards: int = 1) -> tuple[jax.Array, dict]:
-    """cross_entropy_sums of head_logits(x) computed `block` positions at a time: a scan
-    over the blocks, each under jax.checkpoint, so one block's logits (B x block x V) live at
-    a time in the forward pass and again in the backward pass. Under context parallelism
-    (rows split into `shards` along the context axis) each scan step takes block k of every
-    shard, so every device works on its own positions."""
-    b, length = x_BxLxD.shape[:2]
+    """cross_entropy_sums of head_logits(x) computed `block` positions at a time
+    (blockwise_sums)."""
+    def one(x_BxCxD, targets_BxC, weights_BxC):
+        return cross_entropy_sums(head_logits(x_BxCxD),
+                                  {"targets": targets_BxC, "weights": weights_BxC}, z_loss)[1]
+
+    sums = blockwise_sums(one, (x_BxLxD, batch["targets"], batch["weights"]), block, shards)
+    return sums["ce_sum"] + z_loss * sums["z_sum"], sums
+
+
+def blockwise_sums(fn, arrays: tuple[jax.Array, ...], block: int, shards: int = 1
+                   ) -> dict[str, jax.Array]:
+    """fn(*arrays) (a dict of sums over positions; each array B x L x ...) computed `block`
+    positions at a time and added up: a scan over the blocks, each under jax.checkpoint, so
+    one block's logits (B x block x V) live at a time in the forward pass and again in the
+    backward pass. Under context parallelism (rows split into `shards` along the context
+    axis) each scan step takes block k of every shard, so every device works on its own
+    positions."""
+    b, length = arrays[0].shape[:2]
     if block * shards >= length:
-        return cross_entropy_sums(head_logits(x_BxLxD), batch, z_loss)
+        return fn(*arrays)
     n = length // (shards * block)
 
     def blocks(a_BxL):  # B x L x ... -> n x B x (shards * block) x ...
@@ -89,18 +101,15 @@ def blockwise_cross_entropy_sums(x_BxLxD: jax.Array, head_logits, batch: dict, z
         a = jnp.moveaxis(a_BxL.reshape(b, shards, n, block, *rest), 2, 0)
         return a.reshape(n, b, shards * block, *rest)
 
-    @jax.checkpoint
-    def one(x_BxCxD, targets_BxC, weights_BxC):
-        return cross_entropy_sums(head_logits(x_BxCxD),
-                                  {"targets": targets_BxC, "weights": weights_BxC}, z_loss)[1]
+    one = jax.checkpoint(fn)
 
     def add(total, xs):
         return jax.tree.map(jnp.add, total, one(*xs)), None
 
-    zero = jnp.zeros((), jnp.float32)
-    sums, _ = jax.lax.scan(add, {"ce_sum": zero, "z_sum": zero, "weight_sum": zero},
-                           (blocks(x_BxLxD), blocks(batch["targets"]), blocks(batch["weights"])))
-    return sums["ce_sum"] + z_loss * sums["z_sum"], sums
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                        jax.eval_shape(fn, *(a[:, :shards * block] for a in arrays)))
+    sums, _ = jax.lax.scan(add, zero, tuple(blocks(a) for a in arrays))
+    return sums
 
 
 def cross_entropy_sums(logits_BxLxV: jax.Array, batch: dict, z_loss: float
@@ -123,17 +132,18 @@ def token_metrics(sums: dict, denom: jax.Array) -> dict:
 
 
 def model_state_spec(model_cfg: ml_collections.ConfigDict, tx, mesh, seed: int,
-                     quant_cfg: ml_collections.ConfigDict | None = None
-                     ) -> tuple[Any, state_lib.StateSpec]:
+                     quant_cfg: ml_collections.ConfigDict | None = None,
+                     frozen: dict[str, Any] | None = None) -> tuple[Any, state_lib.StateSpec]:
     """(graphdef, the state layout) of a task that trains every parameter of the model;
     with `quant_cfg` (config `quant`) quantizing its matmuls, the graphdef runs them
-    quantized (jaxlm.quant.training) on the same float state."""
+    quantized (jaxlm.quant.training) on the same float state. `frozen`: the abstract
+    inputs the step reads beside the state (a distillation teacher)."""
     model = zoo.abstract(model_cfg, seed)
     graphdef, params = nnx.split(model)
     if quant_cfg is not None and quant_cfg.training != "none":
         graphdef = quant_training.training_graphdef(model, quant_cfg)
     spec = state_lib.make_spec({"params": rules.abstract_of(params, mesh)},
-                               {"params": rules.axes_of(params)}, tx, mesh)
+                               {"params": rules.axes_of(params)}, tx, mesh, frozen)
     return graphdef, spec
 
 

@@ -17,8 +17,7 @@ import run_fixture  # tests/run_fixture.py (tests/ is on sys.path: tests/conftes
 from jaxlm import config as config_lib
 from jaxlm import errors
 from jaxlm.finetune.tasks import FinetuneTask
-from jaxlm.train import loop
-from jaxlm.train import pretraining
+from jaxlm.train import loop, pretraining
 from jaxlm.train.task import Task
 
 TESTS = pathlib.Path(__file__).parents[1]
@@ -36,14 +35,16 @@ def base_dir(tmp_path_factory):
 
 def task_config(name, data_dir, base):
     """Each task's shipped config (tiny.py, bert_tiny.py, t5_tiny.py, lora_tiny.py,
-    classify_tiny.py) cut to test size."""
-    if name in ("causal_lm", "bert_tiny", "t5_tiny"):
-        cfg = config_lib.load_config_file(CONFIGS / ("tiny.py" if name == "causal_lm" else
-                                                     f"{name}.py"))
+    classify_tiny.py) cut to test size; distill: tiny.py taught by the base run."""
+    if name in ("causal_lm", "distill", "bert_tiny", "t5_tiny"):
+        cfg = config_lib.load_config_file(CONFIGS / (f"{name}.py" if "tiny" in name else
+                                                     "tiny.py"))
         cfg.model.update(d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=64,
                          max_seq_len=64)
-        if name == "causal_lm":
+        if name in ("causal_lm", "distill"):
             cfg.model.n_kv_heads = 2
+        if name == "distill":
+            cfg.distill.update(teacher=str(base), temperature=2.0)
         if name == "t5_tiny":
             cfg.model.update(n_decoder_layers=2, head_dim=8)
         cfg.data.update(data_dir=data_dir, seq_len=32, global_batch_size=8)
@@ -67,7 +68,7 @@ def metrics(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("name", ["causal_lm", "bert_tiny", "t5_tiny", "lora_tiny",
+@pytest.mark.parametrize("name", ["causal_lm", "distill", "bert_tiny", "t5_tiny", "lora_tiny",
                                   "classify_tiny"])
 def test_every_task_is_preempted_and_resumes_exactly_in_the_one_loop(
         name, stdlib_data_dir, base_dir, tmp_path, monkeypatch):
