@@ -73,7 +73,7 @@ def bench_quant(workdir: str, task_for_run, rounds: int = 3, new_tokens: int = 1
         for fmt, group in FORMATS.items():
             runs[fmt] = pathlib.Path(tmp) / fmt
             quantize_lib.quantize_run(source, runs[fmt], fmt, group, log=lambda _: None)
-        figures = {name: _files_and_quality(run, task_for_run(run)) for name, run in runs.items()}
+        figures = {name: files_and_quality(run, task_for_run(run)) for name, run in runs.items()}
         gens = {name: generate.load(run)[0] for name, run in runs.items()}
         validation = next(iter(task_for_run(source).batches("validation", process_index=0,
                                                        process_count=1)))
@@ -93,7 +93,7 @@ def bench_quant(workdir: str, task_for_run, rounds: int = 3, new_tokens: int = 1
             figures[name]["forced"] = float(np.mean(
                 (_next_tokens(gen, validation) == next_float)[mask]))
     figures.update({name: {**figures[name], **rates} for name, rates in
-                    _decode_rates(gens, cfg.model.vocab_size, rounds, new_tokens, prompt_len,
+                    decode_rates(gens, cfg.model.vocab_size, rounds, new_tokens, prompt_len,
                                   batch).items()})
     _print(figures, cfg.model, host, rounds, prompt_len, new_tokens, batch)
     return figures
@@ -107,13 +107,13 @@ def _next_tokens(gen: generate.Generator, batch: dict) -> np.ndarray:
                                            ("inputs", "positions", "segment_ids"))))
 
 
-def _files_and_quality(run: pathlib.Path, task: Task) -> dict:
+def files_and_quality(run: pathlib.Path, task: Task) -> dict:
     ev = evaluate_lib.evaluate(task, run)
     return {"param_bytes": param_bytes(run), "disk": disk_bytes(rundir.latest_step_dir(run)),
             "loss": ev["loss"], "perplexity": float(np.exp(ev["loss"]))}
 
 
-def _decode_rates(gens: dict, vocab: int, rounds: int, new_tokens: int, prompt_len: int,
+def decode_rates(gens: dict, vocab: int, rounds: int, new_tokens: int, prompt_len: int,
                   batch: int) -> dict[str, dict]:
     rng = np.random.default_rng(0)
     prompts = {rows: list(rng.integers(1, vocab, size=(rows, prompt_len)).astype(np.int32))

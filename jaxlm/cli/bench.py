@@ -9,6 +9,7 @@
     jaxlm bench generate [--rounds 5] [--family t5]
     jaxlm bench convert [--size-mb 300] [--dir DIR]
     jaxlm bench quant --workdir runs/tiny [--rounds 5]
+    jaxlm bench compress --workdir runs/tiny --runs pruned=runs/tiny-half,... [--rounds 3]
 """
 
 from __future__ import annotations
@@ -26,11 +27,15 @@ VERBS = ("bench",)
 def add_parsers(verbs) -> None:
     bench = verbs.add_parser("bench", help="benchmarks that print figures", description=__doc__,
                              epilog=helptext.overrides_epilog() + " (step, data, checkpoint, "
-                             "lora; generate, convert and quant take no config)")
+                             "lora; generate, convert, quant and compress take no config)")
     bench.add_argument("what", choices=["step", "data", "checkpoint", "generate", "lora",
-                                        "convert", "quant"], help="the benchmark")
+                                        "convert", "quant", "compress"], help="the benchmark")
     bench.add_argument("--workdir", default=None,
-                       help="quant: the trained decoder run to quantize (read only)")
+                       help="quant: the trained decoder run to quantize; compress: the teacher "
+                            "(read only)")
+    bench.add_argument("--runs", default=None,
+                       help="compress: NAME=RUN,... the runs made from the teacher (pruned, "
+                            "trained on, distilled) to compare with it")
     add_config_argument(bench)
     bench.add_argument("--steps", type=int, default=None,
                        help="step: timed steps after compilation (default 5); checkpoint: "
@@ -63,9 +68,19 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.family is not None and args.what != "generate":
         raise config_lib.ConfigError(f"--family: only `jaxlm bench generate` takes it, not "
                                      f"`jaxlm bench {args.what}`")
-    if (args.workdir is None) != (args.what != "quant"):
-        raise config_lib.ConfigError("--workdir: `jaxlm bench quant` needs it (the trained run "
-                                     "to quantize); no other benchmark takes it")
+    if (args.workdir is None) != (args.what not in ("quant", "compress")):
+        raise config_lib.ConfigError("--workdir: `jaxlm bench quant` and `jaxlm bench compress` "
+                                     "need it (the trained run); no other benchmark takes it")
+    if (args.runs is None) != (args.what != "compress"):
+        raise config_lib.ConfigError("--runs: `jaxlm bench compress` needs it (NAME=RUN,...); "
+                                     "no other benchmark takes it")
+    if args.what == "compress":
+        if overrides or args.config:
+            raise config_lib.ConfigError("`jaxlm bench compress` takes no config: the runs' own")
+        from jaxlm.bench.compress import bench_compress, parse_runs
+        from jaxlm.cli import tasks
+        bench_compress(args.workdir, parse_runs(args.runs), tasks.for_run, rounds=args.rounds)
+        return errors.DONE
     if args.what == "quant":
         if overrides or args.config:
             raise config_lib.ConfigError("`jaxlm bench quant` takes no config: the run's own")

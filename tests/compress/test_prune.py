@@ -15,9 +15,11 @@ import run_fixture  # tests/run_fixture.py (tests/ is on sys.path: tests/conftes
 from flax import nnx
 
 from jaxlm import cli
+from jaxlm.bench import compress as bench_compress
 from jaxlm.checkpoint import rundir
 from jaxlm.cli import tasks
 from jaxlm.compress import prune
+from jaxlm.errors import ConfigError
 from jaxlm.infer import evaluate as evaluate_lib
 from jaxlm.infer import run_params
 from jaxlm.model import zoo
@@ -137,3 +139,6 @@ def test_bad_targets_are_one_line_and_exit_2(source, tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1, err
     assert "prune target on the run's mesh" in err and "31 is not divisible by the tensor" in err
     assert not out.exists()
+    # `jaxlm bench compress --runs` (its figures: the README's recipe table).
+    with pytest.raises(ConfigError, match="--runs: 'x' is not NAME=RUN"):
+        bench_compress.parse_runs("x")

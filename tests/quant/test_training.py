@@ -90,7 +90,6 @@ def test_int8_training_tracks_the_float_run(stdlib_data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("training, mesh", [
-    ("int8", dict(data=1, fsdp=4, context=1, tensor=2)),
     ("int8", dict(data=2, fsdp=2, context=1, tensor=2)),
     ("fp8", dict(data=1, fsdp=4, context=1, tensor=2))])
 def test_a_sharded_quantized_step_equals_one_device(stdlib_data_dir, training, mesh):
