@@ -12,6 +12,8 @@ Owns:
     convert     `jaxlm bench convert`: peak memory of a Hugging Face conversion
     quant       `jaxlm bench quant`: a trained run quantized (int8, int4, nf4) and with the
                 int8 KV cache: bytes, perplexity, greedy agreement, decode tokens/s
+    compress    `jaxlm bench compress`: a teacher run and the runs made from it (pruned,
+                trained on, distilled): size, validation loss, train-step and decode speed
     table       how figures are printed
     conditions  the host's load, other runnable processes and cores at a benchmark's
                 start and end (a warning row when the load exceeds the cores); sides

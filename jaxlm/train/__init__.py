@@ -8,7 +8,9 @@ Owns:
     lm          token-level pretraining, the task of `jaxlm train`: causal LM (decoders)
                 and masked LM (encoders), as objective.name says
     seq2seq     span-corruption pretraining of an encoder-decoder (T5)
-    pretraining which of those a config runs (objective.name)
+    distill     causal-LM pretraining against a teacher run's predictions (knowledge
+                distillation: KL at a temperature beside the cross-entropy)
+    pretraining which of those a config runs (objective.name, distill.teacher)
     state       the train state's layout, created sharded
     step        the train step of every task (gradients, accumulation, update) and the
                 evaluation sums
@@ -24,7 +26,8 @@ Owns:
                 run's tokenizer
     aot         `jaxlm compile`: a task's step compiled for a TPU topology on any host
     hlo_cost    what a compiled program executes per chip, loops counted as they run
-    plan        `jaxlm plan`: the mesh, remat, accumulation and attention to train with
+    plan        `jaxlm plan`: the mesh, remat, accumulation and attention (and, asked,
+                quantized training) to train with
 
 May import: jaxlm.errors, console, config, parallel, model, data, quant, checkpoint; wandb. Fine-tuning tasks
 (jaxlm.finetune) build on this package; nothing here knows them.

@@ -108,6 +108,10 @@ class Distill(CausalLM):
         if zoo.family(self.teacher_model.family).kind != "decoder":
             raise ConfigError(f"config.distill.teacher: {self.teacher_dir} is a "
                               f"{self.teacher_model.family} run; a teacher is a decoder")
+        if self.teacher_model.max_seq_len < self.cfg.data.seq_len:
+            raise ConfigError(f"config.distill.teacher: {self.teacher_dir} holds "
+                              f"{self.teacher_model.max_seq_len} positions (model.max_seq_len); "
+                              f"data.seq_len is {self.cfg.data.seq_len}")
         teacher_tok = rundir.load_tokenizer(self.teacher_dir)
         mine = (self.tokenizer.name, self.cfg.model.vocab_size)
         theirs = (teacher_tok.name, self.teacher_model.vocab_size)

@@ -1,8 +1,8 @@
 """Knowledge distillation (jaxlm/train/distill.py): the loss against a float64 NumPy
 computation on a hand-built batch (packed documents, padding, zero loss weights,
 temperature, computed blockwise); with alpha 0 the plain training loss bit for bit; a
-teacher of another vocabulary refused in one line. (Preemption and exact resume: the
-one-loop test, tests/train/test_one_loop.py, runs distillation too.)"""
+teacher of another vocabulary, or shorter than the sequences, refused in one line.
+(Preemption and exact resume: tests/train/test_one_loop.py runs distillation too.)"""
 
 import jax
 import numpy as np
@@ -106,16 +106,19 @@ def test_alpha_zero_is_plain_training_bit_for_bit(models):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_a_teacher_of_another_vocabulary_is_one_line_exit_2(stdlib_data_dir, tmp_path,
-                                                             capsys):
+def test_a_teacher_that_cannot_teach_is_one_line_exit_2(stdlib_data_dir, tmp_path, capsys):
+    """Another vocabulary (both named); fewer positions than the student's sequences."""
     teacher = tmp_path / "teacher"
-    cfg = run_fixture.tiny_run_config(stdlib_data_dir)
+    cfg = run_fixture.tiny_run_config(stdlib_data_dir)  # 64 positions
     cfg.model.vocab_size = 512
     run_fixture.write_run(teacher, cfg)
-    code = cli.main(["train", "--config", str(run_fixture.CONFIG_DIR / "tiny.py"),
-                     f"--config.data.data_dir={stdlib_data_dir}",
-                     f"--config.distill.teacher={teacher}", "--workdir", str(tmp_path / "s")])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1, err
-    assert "config.distill.teacher" in err and "512" in err and "the student's" in err
-    assert not (tmp_path / "s" / "checkpoints").exists()
+    for seq_len, says in ((32, ["the teacher's tokenizer and vocabulary", "512", "the student's"]),
+                          (128, ["holds 64 positions", "data.seq_len is 128"])):
+        code = cli.main(["train", "--config", str(run_fixture.CONFIG_DIR / "tiny.py"),
+                         f"--config.data.data_dir={stdlib_data_dir}",
+                         f"--config.data.seq_len={seq_len}",
+                         f"--config.distill.teacher={teacher}", "--workdir", str(tmp_path / "s")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert "config.distill.teacher" in err and all(s in err for s in says), err
+        assert not (tmp_path / "s" / "checkpoints").exists()
