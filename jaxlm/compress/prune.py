@@ -84,7 +84,7 @@ def target(model_cfg: ml_collections.ConfigDict, method: str, tensor: int = 1, *
             raise ConfigError("prune --method depth: give one of --layers N or --ratio R")
         _within("--layers", layers, m.n_layers, "blocks")
         if layers is None:
-            layers = _largest(m, ratio, range(1, m.n_layers + 1), "n_layers", "one block")
+            layers = _largest(m, m, ratio, range(1, m.n_layers + 1), "n_layers", "one block")
         return Target(layers, m.d_ff, m.n_kv_heads)
     if layers is not None:
         raise ConfigError("--layers is depth pruning's (--method depth)")
@@ -97,8 +97,9 @@ def target(model_cfg: ml_collections.ConfigDict, method: str, tensor: int = 1, *
     kv_heads = m.n_kv_heads if kv_heads is None else kv_heads
     if d_ff is None and ratio is not None:
         step = max(tensor, 1)
-        d_ff = _largest(_replaced(m, n_kv_heads=kv_heads, n_heads=kv_heads * _per_kv(m)), ratio,
-                        range(step, m.d_ff + 1, step), "d_ff", f"d_ff {step}")
+        fewer_heads = _replaced(m, n_kv_heads=kv_heads, n_heads=kv_heads * _per_kv(m))
+        d_ff = _largest(fewer_heads, m, ratio, range(step, m.d_ff + 1, step), "d_ff",
+                        f"d_ff {step}")
     return Target(m.n_layers, m.d_ff if d_ff is None else d_ff, kv_heads)
 
 
@@ -119,10 +120,11 @@ def _replaced(m: ml_collections.ConfigDict, **values) -> ml_collections.ConfigDi
     return out
 
 
-def _largest(m: ml_collections.ConfigDict, ratio: float, sizes: range, key: str,
-             smallest: str) -> int:
-    """The largest of `sizes` for model key `key` whose model has <= ratio x m's params."""
-    total = zoo.param_count(m)
+def _largest(m: ml_collections.ConfigDict, whole: ml_collections.ConfigDict, ratio: float,
+             sizes: range, key: str, smallest: str) -> int:
+    """The largest of `sizes` for key `key` of model `m` whose model has at most ratio x
+    the parameters of model `whole` (the run's)."""
+    total = zoo.param_count(whole)
     fits = [n for n in sizes if zoo.param_count(_replaced(m, **{key: n})) <= ratio * total]
     if not fits:
         least = zoo.param_count(_replaced(m, **{key: sizes[0]}))

@@ -15,6 +15,7 @@ import run_fixture  # tests/run_fixture.py (tests/ is on sys.path: tests/conftes
 from flax import nnx
 
 from jaxlm import cli
+from jaxlm import config as config_lib
 from jaxlm.bench import compress as bench_compress
 from jaxlm.checkpoint import rundir
 from jaxlm.cli import tasks
@@ -106,6 +107,21 @@ def test_keeping_every_block_reproduces_the_logits_exactly(source, tmp_path):
     assert cli.main(["prune", "--workdir", str(source), "--out", str(tmp_path / "all"),
                      "--ratio", "1", "--batches", "1"]) == 0
     np.testing.assert_array_equal(logits(tmp_path / "all"), logits(source))
+
+
+def test_a_ratio_is_a_share_of_the_runs_parameters():
+    """--ratio with --kv-heads: d_ff is the largest whose model, with the heads removed too,
+    has at most that share of the run's parameters."""
+    m = config_lib.load_config_file(run_fixture.CONFIG_DIR / "tiny.py").model
+    m.vocab_size = 384
+    goal = prune.target(m, "width", 1, kv_heads=2, ratio=0.75)
+    assert goal.n_kv_heads == 2
+
+    def params(d_ff):
+        return zoo.param_count(prune._replaced(m, d_ff=d_ff, n_kv_heads=2, n_heads=2))
+    assert params(goal.d_ff) <= 0.75 * zoo.param_count(m) < params(goal.d_ff + 1)
+    depth = prune.target(m, "depth", 1, ratio=0.6)
+    assert depth.n_layers == 2  # 3 blocks keep 0.757x
 
 
 def test_bad_targets_are_one_line_and_exit_2(source, tmp_path, capsys):
