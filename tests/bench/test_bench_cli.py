@@ -10,9 +10,15 @@ def test_rounds_below_one_are_refused(tmp_path):
     assert done.stderr == "jaxlm: --rounds: must be at least 1, got 0\n"
 
 
-def test_workdir_is_for_bench_quant_only(capsys):
+def test_workdir_and_runs_are_for_the_run_benchmarks_only(capsys):
     from jaxlm import cli
-    assert cli.main(["bench", "quant"]) == 2
-    assert "--workdir: `jaxlm bench quant` needs it" in capsys.readouterr().err
-    assert cli.main(["bench", "step", "--workdir", "runs/x"]) == 2
-    assert "no other benchmark takes it" in capsys.readouterr().err
+    for argv, says in ((["bench", "quant"], "--workdir: `jaxlm bench quant` and `jaxlm bench "
+                                            "compress` need it"),
+                       (["bench", "step", "--workdir", "runs/x"], "no other benchmark takes it"),
+                       (["bench", "compress", "--workdir", "runs/x"], "--runs: `jaxlm bench "
+                                                                      "compress` needs it"),
+                       (["bench", "quant", "--workdir", "runs/x", "--runs", "a=b"],
+                        "--runs: `jaxlm bench compress` needs it (NAME=RUN,...); no other")):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, (argv, err)
