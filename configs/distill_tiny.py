@@ -13,16 +13,15 @@ predictions (alpha 0.5, temperature 2), starting from the pruned weights.
 The README's "Pruning and distillation" section has the figures of this recipe.
 """
 
-from jaxlm.config import defaults
+import pathlib
+
+from jaxlm.config import load_config_file
 
 
 def get_config():
-    cfg = defaults()
-    # configs/tiny.py's model with 2 of its 4 blocks: the pruned run's shape
-    cfg.model.update(family="llama", d_model=256, n_layers=2, n_heads=4, n_kv_heads=4,
-                     d_ff=704, vocab_size=0, max_seq_len=1024, dtype="float32", remat="none")
-    cfg.data.update(seq_len=256, global_batch_size=16)
-    cfg.optim.update(learning_rate=3e-3, warmup_steps=30, schedule="cosine")
+    # The teacher's config (configs/tiny.py) with 2 of its 4 blocks: the pruned run's shape.
+    cfg = load_config_file(pathlib.Path(__file__).with_name("tiny.py"))
+    cfg.model.n_layers = 2
     cfg.train.update(steps=100, log_every=10)
     cfg.checkpoint.update(every=100, keep=2, init_from="runs/half")
     cfg.distill.update(teacher="runs/teacher", alpha=0.5, temperature=2.0)
