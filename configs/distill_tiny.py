@@ -7,8 +7,12 @@ predictions (alpha 0.5, temperature 2), starting from the pruned weights.
     jaxlm train --config configs/distill_tiny.py --workdir runs/half-distilled
     jaxlm train --config configs/distill_tiny.py --config.distill.teacher= \
         --workdir runs/half-plain                      # the same steps without a teacher
-    jaxlm bench compress --workdir runs/teacher \
-        --runs pruned=runs/half,plain=runs/half-plain,distilled=runs/half-distilled
+    jaxlm distill cache --config configs/distill_tiny.py --out runs/teacher-top64 \
+        --top-k 64                                     # offline: the teacher's top 64, once
+    jaxlm train --config configs/distill_tiny.py \
+        --config.distill.cache=runs/teacher-top64 --workdir runs/half-offline
+    jaxlm bench compress --workdir runs/teacher --runs pruned=runs/half,plain=runs/half-plain,\
+distilled=runs/half-distilled,offline=runs/half-offline
 
 The README's "Pruning and distillation" section has the figures of this recipe.
 """

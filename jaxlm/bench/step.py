@@ -43,7 +43,8 @@ def synthetic_batch(task: Task, seed: int = 0, prompt_fraction: float = 0.0) -> 
     placed as the task's step takes it. Token-level tasks (causal or masked LM, SFT): targets
     are the inputs shifted by one, every target counted except the first `prompt_fraction`
     of each row (an SFT "prompt"). Encoder-decoder (span corruption): random encoder
-    inputs, random targets, decoder inputs the targets shifted right after id 0."""
+    inputs, random targets, decoder inputs the targets shifted right after id 0. Other keys
+    (offline distillation's cached teacher logits and ids): random values."""
     rng = np.random.default_rng(seed)
     layout = task.batch_layout()
     vocab = task.cfg.model.vocab_size
@@ -63,6 +64,11 @@ def synthetic_batch(task: Task, seed: int = 0, prompt_fraction: float = 0.0) -> 
     else:
         tokens = rng.integers(3, vocab, size=(rows, length + 1), dtype=np.int32)
         host["inputs"], host["targets"] = tokens[:, :-1], tokens[:, 1:]
+    for key, (shape, dtype, _) in layout.items():  # a cached teacher's top-k logits and ids
+        if key not in host:
+            host[key] = (rng.integers(0, vocab, size=shape, dtype=np.int32)
+                         if np.issubdtype(dtype, np.integer) else
+                         rng.standard_normal(shape).astype(np.float32))
     return {k: jax.device_put(host[k], s) for k, s in task.batch_shardings().items()}
 
 

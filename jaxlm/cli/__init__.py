@@ -2,6 +2,7 @@
 
     jaxlm train [--config configs/tiny.py] [--config.train.steps=100] [--workdir runs/x]
     jaxlm finetune --config configs/sft_tiny.py [--workdir runs/sft_tiny]
+    jaxlm distill cache --config configs/distill_tiny.py --out runs/teacher-top64 [--top-k 64]
     jaxlm compile --config configs/llama3_8b.py [--topology v5p-128] [--mfu 0.5]
     jaxlm plan --config configs/llama3_8b.py [--topology v5p-128] [--budget 840]
     jaxlm generate --workdir runs/tiny --prompt "import os"
@@ -24,7 +25,8 @@ Configs follow the ml_collections convention: `--config FILE` names a config fil
 
 Owns: the verbs' arguments and the one place errors become exit codes (jaxlm.errors' table,
 applied to every verb), one module per verb group:
-    train       train, finetune (multi-host start-up before a verb touches a device)
+    train       train, finetune, distill cache (multi-host start-up before a verb touches a
+                device)
     aot         compile, plan
     infer       generate, eval, classify
     checkpoint  checkpoint ls|inspect|export-params, lora merge, quantize, prune

@@ -42,7 +42,7 @@ def for_run(workdir: str | os.PathLike, overrides: Sequence[str] = ()) -> Task:
     cfg, _ = rundir.saved_config(workdir)
     config_lib.apply_overrides(cfg, overrides)
     cfg = mesh_lib.fit_mesh(cfg)
-    cfg.distill.teacher = ""  # a distilled run is read as the model it trained
+    cfg.distill.update(teacher="", cache="")  # a distilled run is read as the model it trained
     if cfg.finetune.task:
         return finetuning(cfg, workdir)
     return pretraining(cfg, tokenizer=rundir.load_tokenizer(workdir))

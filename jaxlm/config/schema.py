@@ -295,9 +295,12 @@ def defaults() -> ml_collections.ConfigDict:
     cfg.generate = ml_collections.ConfigDict(dict(kv_cache_dtype="model"))
     # Knowledge distillation (jaxlm/train/distill.py): with a teacher, pretraining trains
     # the model on alpha x T^2 x KL(teacher || model at temperature T) + (1 - alpha) x the
-    # cross-entropy, the teacher's forward pass in the same step.
+    # cross-entropy, the teacher's forward pass in the same step (or its cached top-k).
     cfg.distill = ml_collections.ConfigDict(dict(
         teacher="",  # a jaxlm run (or step directory) of the same tokenizer; "": no teacher
+        # A teacher's predictions cached by `jaxlm distill cache` (offline distillation: no
+        # teacher in the step); "": none. With it, teacher may be "" or the cached run.
+        cache="",
         alpha=0.5,  # weight of the KL term, in [0, 1]
         temperature=1.0,  # softmax temperature of both distributions in the KL term
     ))

@@ -344,11 +344,16 @@ def _check_distill(cfg: ml_collections.ConfigDict) -> None:
     dist = cfg.distill
     require_real(dist.alpha, "distill.alpha", 0.0, 1.0)
     require_real(dist.temperature, "distill.temperature", 0, 1e3, low_open=True)
-    if dist.teacher:
-        require(not cfg.finetune.task, "distill.teacher",
-                "distillation trains with pretraining data (`jaxlm train`); fine-tuning "
-                "tasks do not take a teacher yet")
-        require(cfg.objective.name == "causal_lm", "distill.teacher",
+    if dist.cache:
+        require(not cfg.finetune.task, "distill.cache",
+                "a cache holds a teacher's predictions on pretraining batches (`jaxlm "
+                "train`); fine-tuning (sft) takes distill.teacher, run in the step")
+    if dist.teacher or dist.cache:
+        key = "distill.cache" if dist.cache else "distill.teacher"
+        require(cfg.finetune.task in ("", "sft"), key,
+                f"distillation trains a causal LM: pretraining or finetune.task='sft', not "
+                f"{cfg.finetune.task!r}")
+        require(cfg.objective.name == "causal_lm", key,
                 f"distillation trains a causal LM; objective.name is {cfg.objective.name!r}")
 
 

@@ -12,6 +12,8 @@ Owns:
                 encoder/decoder row pairs
     longdocs    documents longer than data.max_document_bytes: where they are cut into
                 pieces, and reading them in bounded memory
+    teacher_cache  a teacher's cached top-k logits per training batch (offline
+                distillation): the format, its writer, and the batches read with them
     jsonl       JSON Lines read a line at a time, errors naming file:line (corpora and
                 fine-tuning examples)
 

@@ -178,6 +178,11 @@ class BatchIterator:
     def __next__(self) -> Batch:
         return next(self._iterator)
 
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The settings that decide the batches (dataset, tokenizer, seq_len, seed, ...)."""
+        return dict(self._meta)
+
     def get_state(self) -> dict[str, Any]:
         """Position after the last batch returned (not after what is prefetched), of this
         iterator's rows."""
@@ -347,13 +352,22 @@ def make_iterator(data_cfg: ml_collections.ConfigDict, *, split: str = "train",
     it_ds = grain.experimental.ThreadPrefetchIterDataset(
         _RowBatches(streams, to_example, padding), prefetch_buffer_size=int(data_cfg.prefetch))
 
+    return BatchIterator(it_ds, order_meta(data_cfg, split, tokenizer, objective), rows)
+
+
+def order_meta(data_cfg: ml_collections.ConfigDict, split: str,
+               tokenizer: tokenizers.Tokenizer, objective: Any = None) -> dict[str, Any]:
+    """The settings that decide which tokens batch k holds (a BatchIterator's `meta`, saved
+    with its state); `objective`: objectives.resolve's (None: causal LM)."""
     meta = {"dataset": data_cfg.dataset, "split": split, "tokenizer": tokenizer.fingerprint,
             "packing": data_cfg.packing, "seq_len": int(data_cfg.seq_len),
-            "global_batch": int(global_batch), "shuffle_seed": int(data_cfg.shuffle_seed)}
+            "global_batch": int(data_cfg.global_batch_size),
+            "shuffle_seed": int(data_cfg.shuffle_seed)}
+    limit = sources.max_document_bytes(data_cfg)
     if limit != DEFAULT_MAX_DOCUMENT_BYTES:
         # Recorded only when it differs from the default: states saved before the key
         # existed (read with the default) stay valid.
         meta["max_document_bytes"] = limit
     if objective is not None:  # (causal LM: none, as states saved before objectives)
         meta["objective"] = objective.meta()
-    return BatchIterator(it_ds, meta, rows)
+    return meta

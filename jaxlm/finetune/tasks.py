@@ -42,6 +42,7 @@ from jaxlm.finetune import rows as rows_lib
 from jaxlm.model import quantized, zoo
 from jaxlm.parallel import distributed, rules
 from jaxlm.quant import weights as quant_weights
+from jaxlm.train import distill
 from jaxlm.train import state as state_lib
 from jaxlm.train.step import Objective
 from jaxlm.train.task import Batches, BatchLayout, Say, Task
@@ -133,6 +134,11 @@ class FinetuneTask(Task):
         if self.lora:
             lora.check_targets(zoo.family(self.cfg.model.family), self.cfg.finetune.lora)
         self.kind = objectives.make(self.cfg, self.tokenizer, self.base.step_dir)
+        self.teacher = None  # SFT distilled from distill.teacher (jaxlm.train.distill)
+        if self.cfg.distill.teacher:
+            self.teacher = distill.Teacher(self.cfg.distill.teacher,
+                                           (self.tokenizer.name, self.cfg.model.vocab_size),
+                                           self.cfg.data.seq_len)
         self.frozen = {}
         self._rows: tuple[dict, dict] | None = None
         self._data_fingerprint: str | None = None
@@ -188,6 +194,9 @@ class FinetuneTask(Task):
             self.key_template = keys if jax.tree.leaves(keys) else None
         else:
             trainable["params"], axes["params"] = self.base_abstract, self.base_axes
+        if self.teacher is not None:
+            self.teacher.place(mesh)
+            frozen["teacher"] = self.teacher.abstract
         if self.kind.head_outputs:
             c = self.kind.head_outputs
             shapes = {"w": (cfg.d_model, c), "b": (c,)}
@@ -200,6 +209,8 @@ class FinetuneTask(Task):
     def objective(self) -> Objective:
         graphdef, eval_graphdef, key_template = self.graphdef, self.eval_graphdef, self.key_template
         kind, use_lora = self.kind, self.lora
+        teacher_graphdef = self.teacher.graphdef if self.teacher is not None else None
+        optim, dist = self.cfg.optim, self.cfg.distill
 
         def sums(trainable, frozen, batch, key, train):
             if use_lora:
@@ -209,9 +220,15 @@ class FinetuneTask(Task):
                 params = lora.combine(*parts)
             else:
                 params = trainable["params"]
+            if train and teacher_graphdef is not None:  # (evaluation: the student's own loss)
+                return distill.distill_sums(graphdef, params, teacher_graphdef,
+                                            frozen["teacher"], batch, dist, optim.z_loss,
+                                            optim.loss_block)
             return kind.sums(graphdef if train else eval_graphdef, params,
                              trainable.get("head"), batch, train)
 
+        if teacher_graphdef is not None:
+            return Objective(sums, lambda s, denom: distill.distill_metrics(s, denom, dist.alpha))
         return Objective(sums, kind.metrics)
 
     def eval_params(self, trainable: dict, frozen: dict) -> Any:
@@ -246,6 +263,8 @@ class FinetuneTask(Task):
             return out
 
         self.frozen = {"params": base} if self.lora else {}
+        if self.teacher is not None:
+            self.frozen["teacher"] = self.teacher.load()
         # Full fine-tuning: the base's buffers become the state's (donated, not copied).
         return state_lib.init_state(self.spec, self.tx, groups, base, donate=not self.lora)
 
@@ -260,6 +279,8 @@ class FinetuneTask(Task):
                 raise BaseMismatchError(f"base {self.base.step_dir} does not match the one this "
                                         f"run started from (fingerprint {found} != {recorded})")
             self.frozen = {"params": base}
+        if self.teacher is not None:
+            self.frozen["teacher"] = self.teacher.load(metadata)
         self.base_fingerprint = recorded
         return state
 
@@ -274,18 +295,22 @@ class FinetuneTask(Task):
                            "train_rows": len(train_rows),
                            "train_rows_fingerprint": self._data_fingerprint,
                            "groups": list(self.spec.groups)}
+        if self.teacher is not None:
+            out["distill"] = self.teacher.record()
         return out
 
     def describe(self) -> str:
         ft = self.cfg.finetune
         return (f"fine-tuning ({ft.task}, {ft.method}): {self.spec.trainable_count:,} trainable "
-                f"parameters")
+                f"parameters" + (f"; {self.teacher.describe(self.cfg.distill)}"
+                                 if self.teacher is not None else ""))
 
     def flops_per_token(self) -> float:
         adapters = self.spec.trainable_count if self.lora else 0
         if self.kind.head_outputs:
             adapters -= sum(int(x.size) for x in jax.tree.leaves(self.spec.abstract["head"]))
-        return self.kind.flops_per_token(self.lora, max(adapters, 0))
+        teacher = self.teacher.forward_flops(self.cfg.data.seq_len) if self.teacher else 0.0
+        return self.kind.flops_per_token(self.lora, max(adapters, 0)) + teacher
 
     # ---- evaluation ------------------------------------------------------------------------
 

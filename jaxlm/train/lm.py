@@ -91,16 +91,8 @@ def blockwise_sums(fn, arrays: tuple[jax.Array, ...], block: int, shards: int = 
     backward pass. Under context parallelism (rows split into `shards` along the context
     axis) each scan step takes block k of every shard, so every device works on its own
     positions."""
-    b, length = arrays[0].shape[:2]
-    if block * shards >= length:
+    if block * shards >= arrays[0].shape[1]:
         return fn(*arrays)
-    n = length // (shards * block)
-
-    def blocks(a_BxL):  # B x L x ... -> n x B x (shards * block) x ...
-        rest = a_BxL.shape[2:]
-        a = jnp.moveaxis(a_BxL.reshape(b, shards, n, block, *rest), 2, 0)
-        return a.reshape(n, b, shards * block, *rest)
-
     one = jax.checkpoint(fn)
 
     def add(total, xs):
@@ -108,8 +100,38 @@ def blockwise_sums(fn, arrays: tuple[jax.Array, ...], block: int, shards: int = 
 
     zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                         jax.eval_shape(fn, *(a[:, :shards * block] for a in arrays)))
-    sums, _ = jax.lax.scan(add, zero, tuple(blocks(a) for a in arrays))
+    sums, _ = jax.lax.scan(add, zero, _blocks(arrays, block, shards))
     return sums
+
+
+def blockwise_map(fn, arrays: tuple[jax.Array, ...], block: int, shards: int = 1) -> Any:
+    """fn(*arrays) (position-wise: each output B x L x ...) computed `block` positions at a
+    time (blockwise_sums' blocks, forward only), the outputs put back in order."""
+    b, length = arrays[0].shape[:2]
+    if block * shards >= length:
+        return fn(*arrays)
+    n = length // (shards * block)
+
+    def unblock(a):  # n x B x (shards * block) x ... -> B x L x ...
+        rest = a.shape[3:]
+        a = jnp.moveaxis(a.reshape(n, b, shards, block, *rest), 0, 2)
+        return a.reshape(b, length, *rest)
+
+    return jax.tree.map(unblock, jax.lax.map(lambda xs: fn(*xs),
+                                             _blocks(arrays, block, shards)))
+
+
+def _blocks(arrays: tuple[jax.Array, ...], block: int, shards: int) -> tuple[jax.Array, ...]:
+    """Each B x L x ... array as n x B x (shards * block) x ...: block k of every shard."""
+    b, length = arrays[0].shape[:2]
+    n = length // (shards * block)
+
+    def blocks(a_BxL):
+        rest = a_BxL.shape[2:]
+        a = jnp.moveaxis(a_BxL.reshape(b, shards, n, block, *rest), 2, 0)
+        return a.reshape(n, b, shards * block, *rest)
+
+    return tuple(blocks(a) for a in arrays)
 
 
 def cross_entropy_sums(logits_BxLxV: jax.Array, batch: dict, z_loss: float

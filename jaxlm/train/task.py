@@ -159,8 +159,8 @@ class Task(abc.ABC):
             step_lib.make_train_step(objective, self.spec.groups, cfg.optim, self.tx,
                                      self.schedule, cfg.train.seed, cfg.train.nonfinite),
             self.spec, self.batch_shardings(), mesh)
-        self.eval_sums = step_lib.jit_eval_sums(objective, self.spec, self.batch_shardings(),
-                                                mesh)
+        self.eval_sums = step_lib.jit_eval_sums(objective, self.spec,
+                                                self.eval_batch_shardings(), mesh)
 
     def restore_newest(self, workdir: str | os.PathLike) -> tuple[TrainState, pathlib.Path]:
         """(state, step directory) of the run's newest checkpoint, on a mesh built for this
@@ -178,6 +178,11 @@ class Task(abc.ABC):
         mesh = mesh or self.mesh
         return {k: NamedSharding(mesh, rules.logical_to_spec(axes))
                 for k, (_, _, axes) in self.batch_layout().items()}
+
+    def eval_batch_shardings(self) -> dict[str, NamedSharding]:
+        """An evaluation batch's (the training batch's, unless training batches carry more:
+        a cached teacher's predictions)."""
+        return self.batch_shardings()
 
     def abstract_batch(self, mesh: Mesh | None = None) -> dict[str, jax.ShapeDtypeStruct]:
         shardings = self.batch_shardings(mesh)

@@ -2,7 +2,15 @@
 computation on a hand-built batch (packed documents, padding, zero loss weights,
 temperature, computed blockwise); with alpha 0 the plain training loss bit for bit; a
 teacher of another vocabulary, or shorter than the sequences, refused in one line.
-(Preemption and exact resume: tests/train/test_one_loop.py runs distillation too.)"""
+Offline (`jaxlm distill cache`, jaxlm/data/teacher_cache.py): with top-k = the vocabulary
+the same loss as online, on a hand-built batch and through whole runs; a truncated top-k
+against float64 NumPy; a cached run preempted and resumed; caches that do not fit refused.
+(Preemption and exact resume of online distillation: tests/train/test_one_loop.py.)"""
+
+import json
+import os
+import re
+import signal
 
 import jax
 import numpy as np
@@ -10,10 +18,14 @@ import pytest
 import run_fixture  # tests/run_fixture.py (tests/ is on sys.path: tests/conftest.py)
 from flax import nnx
 
-from jaxlm import cli
+from jaxlm import cli, errors
+from jaxlm.cli import tasks
 from jaxlm import config as config_lib
+from jaxlm.errors import ConfigError
+from jaxlm.finetune.tasks import FinetuneTask
 from jaxlm.model import zoo
-from jaxlm.train import distill, lm
+from jaxlm.parallel import mesh as mesh_lib
+from jaxlm.train import distill, lm, loop, pretraining
 
 VOCAB = 64
 
@@ -122,3 +134,160 @@ def test_a_teacher_that_cannot_teach_is_one_line_exit_2(stdlib_data_dir, tmp_pat
         assert code == 2 and err.count("\n") == 1, err
         assert "config.distill.teacher" in err and all(s in err for s in says), err
         assert not (tmp_path / "s" / "checkpoints").exists()
+
+
+def log_softmax64(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("block", [0, 4])
+def test_offline_with_the_whole_vocabulary_is_the_online_loss(models, block):
+    """The teacher's top-k logits as the cache holds them: k = V gives the online loss and
+    gradients (up to float32 summation order); k = 5, the KL to the teacher renormalised
+    over its top 5, as float64 NumPy computes it."""
+    (graphdef, params), (t_graphdef, t_params) = models
+    batch = hand_batch()
+    dist = config_lib.defaults().distill
+    dist.update(alpha=0.3, temperature=2.0)
+    online = jax.jit(jax.value_and_grad(lambda p: distill.distill_sums(
+        graphdef, p, t_graphdef, t_params, batch, dist, 1e-4, block), has_aux=True))(params)
+    for k in (VOCAB, 5):
+        t_logits, t_ids = jax.jit(lambda t, b: distill.teacher_topk(t_graphdef, t, b, k, block)
+                                  )(t_params, batch)
+        cached = {**batch, "teacher_logits": t_logits, "teacher_ids": t_ids}
+        (objective, sums), grads = jax.jit(jax.value_and_grad(lambda p: distill.cached_distill_sums(
+            graphdef, p, cached, dist, 1e-4, block), has_aux=True))(params)
+        if k == VOCAB:
+            (want, want_sums), want_grads = online
+            np.testing.assert_allclose(float(objective), float(want), rtol=1e-6)
+            for key in ("ce_sum", "kd_sum", "z_sum", "weight_sum"):
+                np.testing.assert_allclose(float(sums[key]), float(want_sums[key]), rtol=1e-5)
+            for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+            continue
+        t64, s64 = logits64(t_graphdef, t_params, batch), logits64(graphdef, params, batch)
+        ids = np.argsort(-t64, axis=-1)[..., :k]
+        np.testing.assert_array_equal(np.sort(np.asarray(t_ids), -1), np.sort(ids, -1))
+        log_t = log_softmax64(np.take_along_axis(t64, ids, -1) / 2.0)
+        log_s = np.take_along_axis(log_softmax64(s64 / 2.0), ids, -1)
+        kd = 4.0 * ((np.exp(log_t) * (log_t - log_s)).sum(-1) * batch["weights"]).sum()
+        np.testing.assert_allclose(float(sums["kd_sum"]), kd, rtol=1e-5)
+
+
+def cached_config(data_dir, teacher, **distill_keys):
+    cfg = run_fixture.tiny_run_config(data_dir, n_layers=1)
+    cfg.train.update(steps=4, log_every=1)
+    cfg.checkpoint.update(every=1000, keep=3)
+    cfg.distill.update(teacher=str(teacher), alpha=0.5, temperature=2.0, **distill_keys)
+    return cfg
+
+
+def test_a_cached_teacher_trains_as_the_online_one_and_resumes(stdlib_data_dir, tmp_path,
+                                                                monkeypatch, capsys):
+    """`jaxlm distill cache --top-k <vocabulary>` then a cached run: the online run's losses
+    and gradient norms at every step; the cached run preempted at step 2 resumes from its
+    cache position to the same figures."""
+    teacher, cache = tmp_path / "teacher", tmp_path / "cache"
+    run_fixture.write_run(teacher, run_fixture.tiny_run_config(stdlib_data_dir), seed=3)
+    cfg = cached_config(stdlib_data_dir, teacher)
+    vocab = cfg.model.vocab_size
+    overrides = [f"--config.data.data_dir={stdlib_data_dir}", f"--config.distill.teacher={teacher}",
+                 "--config.model.n_layers=1", "--config.model.d_model=32",
+                 "--config.model.n_heads=4", "--config.model.n_kv_heads=2",
+                 "--config.model.d_ff=48", "--config.data.seq_len=32",
+                 "--config.data.global_batch_size=8"]
+    code = cli.main(["distill", "cache", "--config", str(run_fixture.CONFIG_DIR / "tiny.py"),
+                     "--out", str(cache), "--top-k", str(vocab), "--steps", "4", *overrides])
+    assert code == 0, capsys.readouterr().err
+    meta = json.loads((cache / "meta.json").read_text())
+    assert (meta["steps"], meta["top_k"], meta["global_batch"]) == (4, vocab, 8)
+
+    online = [m for m in loop.train(pretraining.task(cfg), tmp_path / "online") if "loss" in m]
+    cached_cfg = cached_config(stdlib_data_dir, teacher, cache=str(cache))
+    read = {"batches": 0}
+    real = loop.batch_stats
+
+    def preempting(batch, bos_id):
+        read["batches"] += 1
+        if read["batches"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(batch, bos_id)
+
+    monkeypatch.setattr(loop, "batch_stats", preempting)
+    with pytest.raises(errors.Preempted):
+        loop.train(pretraining.task(cached_cfg), tmp_path / "cached")
+    monkeypatch.undo()
+    loop.train(pretraining.task(cached_cfg), tmp_path / "cached")
+    cached = [json.loads(x) for x in (tmp_path / "cached" / "metrics.jsonl").read_text(
+        ).splitlines() if "loss" in json.loads(x)]
+    assert [m["step"] for m in cached] == [1, 2, 3, 4]
+    for key in ("loss", "ce_loss", "kd_loss", "grad_norm"):
+        np.testing.assert_allclose([m[key] for m in cached], [m[key] for m in online],
+                                   rtol=2e-5, err_msg=key)
+    # Its evaluation is the student's own: what `jaxlm eval` reads of the run.
+    task = pretraining.task(cached_cfg)
+    state, _ = task.restore_newest(tmp_path / "cached")
+    plain = tasks.for_run(tmp_path / "cached")
+    assert task.evaluate(state, max_batches=2) == plain.evaluate(
+        plain.restore_newest(tmp_path / "cached")[0], max_batches=2)
+
+    # Caches that do not fit: fewer steps than train.steps, other batches; one line, exit 2.
+    capsys.readouterr()
+    for extra, says in ((["--config.train.steps=5"], "holds 4 steps; train.steps is 5"),
+                        (["--config.data.shuffle_seed=9"], "was made for other batches")):
+        code = cli.main(["train", "--config", str(run_fixture.CONFIG_DIR / "tiny.py"),
+                         *overrides, f"--config.distill.cache={cache}", "--config.train.steps=4",
+                         *extra, "--workdir", str(tmp_path / "refused")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and says in err, err
+        assert not (tmp_path / "refused" / "checkpoints").exists()
+
+
+def test_sft_distillation_teaches_the_response_tokens(stdlib_data_dir, tmp_path):
+    """A fine-tuning (SFT) student with a teacher: the step's objective on the first SFT
+    batch (templated examples packed, loss on the responses only) against float64 NumPy of
+    both models' logits; evaluation stays the student's own cross-entropy. Only SFT takes a
+    teacher, and only online."""
+    base, teacher = tmp_path / "base", tmp_path / "teacher"
+    run_fixture.write_run(base, run_fixture.tiny_run_config(stdlib_data_dir), seed=1)
+    run_fixture.write_run(teacher, run_fixture.tiny_run_config(
+        stdlib_data_dir, d_model=48, n_layers=3, d_ff=64), seed=2)
+    cfg = config_lib.load_config_file(run_fixture.CONFIG_DIR / "sft_tiny.py")
+    cfg.finetune.update(base=str(base), overlong="skip")
+    cfg.data.update(seq_len=64, global_batch_size=8)
+    cfg.optim.z_loss = 0.0
+    cfg.distill.update(teacher=str(teacher), alpha=0.3, temperature=2.0)
+    task = FinetuneTask(cfg)
+    mesh = mesh_lib.make_mesh(task.cfg.mesh)
+    with mesh_lib.use(mesh):
+        task.build(mesh)
+        state = task.init_state()
+        batches = task.train_batches(list(range(8)), lambda line: None)
+        host = next(batches)
+        batches.close()
+        sums_fn = task.objective().sums
+        objective, sums = jax.jit(lambda t, f, b: sums_fn(t, f, b, jax.random.key(0), True))(
+            {"params": state["params"]}, task.frozen, task.to_global(host))
+        eval_sums = task.eval_sums({"params": state["params"]}, task.frozen, task.to_global(host))
+    assert 0 < host["weights"].sum() < (host["segment_ids"] > 0).sum()  # responses only
+    student = nnx.split(zoo.abstract(task.cfg.model))[0]
+    teacher_graphdef = nnx.split(zoo.abstract(task.teacher.model))[0]
+    want, ce, kd = reference(logits64(student, jax.device_get(state["params"]), host),
+                             logits64(teacher_graphdef, jax.device_get(task.frozen["teacher"]),
+                                      host), host, 0.3, 2.0)
+    np.testing.assert_allclose(float(sums["ce_sum"]), ce, rtol=1e-5)
+    np.testing.assert_allclose(float(sums["kd_sum"]), kd, rtol=1e-5)
+    np.testing.assert_allclose(float(objective), want, rtol=1e-5)
+    assert "kd_sum" not in eval_sums
+    np.testing.assert_allclose(float(eval_sums["ce_sum"]), ce, rtol=1e-5)
+
+    for update, says in (({"finetune.task": "classify"}, "finetune.task='sft', not 'classify'"),
+                         ({"distill.cache": str(tmp_path)}, "fine-tuning (sft) takes")):
+        bad = config_lib.load_config_file(run_fixture.CONFIG_DIR / "sft_tiny.py")
+        bad.distill.teacher = str(teacher)
+        for key, value in update.items():
+            section, name = key.split(".")
+            bad[section][name] = value
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            config_lib.validate(bad, 1)

@@ -35,7 +35,8 @@ def base_dir(tmp_path_factory):
 
 def task_config(name, data_dir, base):
     """Each task's shipped config (tiny.py, bert_tiny.py, t5_tiny.py, lora_tiny.py,
-    classify_tiny.py) cut to test size; distill: tiny.py taught by the base run."""
+    classify_tiny.py) cut to test size; distill: tiny.py taught by the base run; lora_tiny
+    taught by it too (SFT distillation)."""
     if name in ("causal_lm", "distill", "bert_tiny", "t5_tiny"):
         cfg = config_lib.load_config_file(CONFIGS / (f"{name}.py" if "tiny" in name else
                                                      "tiny.py"))
@@ -54,6 +55,8 @@ def task_config(name, data_dir, base):
         cfg.data.update(seq_len=64, global_batch_size=8)
         if name == "classify_tiny":
             cfg.finetune.method = "full"  # the shipped config is LoRA: cover both methods
+        if name == "lora_tiny":  # SFT distillation: LoRA adapters taught by their own base
+            cfg.distill.update(teacher=str(base), temperature=2.0)
     cfg.train.update(steps=STEPS, log_every=1)
     cfg.checkpoint.update(every=1000, keep=3)  # only the preemption and the last step save
     cfg.metrics.update(peak_flops=1e11, tensorboard=False)
@@ -97,6 +100,7 @@ def test_every_task_is_preempted_and_resumes_exactly_in_the_one_loop(
 
     resumed = loop.train(make_task(cfg, cut_dir), cut_dir)
     train = [m for m in resumed if "loss" in m]
+    assert all(("kd_loss" in m) == bool(cfg.distill.teacher) for m in train)
     assert [m["step"] for m in train] == list(range(PREEMPT_AT + 1, STEPS + 1))
     for key in ("loss", "grad_norm", "learning_rate"):
         assert [m[key] for m in train] == [m[key] for m in full if "loss" in m][PREEMPT_AT:], key
