@@ -345,16 +345,17 @@ def _check_distill(cfg: ml_collections.ConfigDict) -> None:
     require_real(dist.alpha, "distill.alpha", 0.0, 1.0)
     require_real(dist.temperature, "distill.temperature", 0, 1e3, low_open=True)
     if dist.cache:
-        require(not cfg.finetune.task, "distill.cache",
-                "a cache holds a teacher's predictions on pretraining batches (`jaxlm "
-                "train`); fine-tuning (sft) takes distill.teacher, run in the step")
-    if dist.teacher or dist.cache:
-        key = "distill.cache" if dist.cache else "distill.teacher"
-        require(cfg.finetune.task in ("", "sft"), key,
-                f"distillation trains a causal LM: pretraining or finetune.task='sft', not "
-                f"{cfg.finetune.task!r}")
-        require(cfg.objective.name == "causal_lm", key,
-                f"distillation trains a causal LM; objective.name is {cfg.objective.name!r}")
+        require(not cfg.finetune.task and cfg.objective.name == "causal_lm", "distill.cache",
+                "a cache holds a teacher's predictions on causal-LM pretraining batches; "
+                "fine-tuning (sft, seq2seq) and span corruption take distill.teacher, run in "
+                "the step")
+    if dist.teacher:
+        require(cfg.finetune.task in ("", "sft", "seq2seq"), "distill.teacher",
+                f"distillation trains token predictions: pretraining or finetune.task 'sft' or "
+                f"'seq2seq', not {cfg.finetune.task!r}")
+        require(cfg.finetune.task or cfg.objective.name in ("causal_lm", "span_corruption"),
+                "distill.teacher", f"distillation pretrains by causal LM or span corruption; "
+                f"objective.name is {cfg.objective.name!r}")
 
 
 def _check_quant(q: ml_collections.ConfigDict) -> None:

@@ -138,7 +138,8 @@ class FinetuneTask(Task):
         if self.cfg.distill.teacher:
             self.teacher = distill.Teacher(self.cfg.distill.teacher,
                                            (self.tokenizer.name, self.cfg.model.vocab_size),
-                                           self.cfg.data.seq_len)
+                                           self.cfg.data.seq_len,
+                                           zoo.family(self.cfg.model.family).kind)
         self.frozen = {}
         self._rows: tuple[dict, dict] | None = None
         self._data_fingerprint: str | None = None
@@ -210,6 +211,7 @@ class FinetuneTask(Task):
         graphdef, eval_graphdef, key_template = self.graphdef, self.eval_graphdef, self.key_template
         kind, use_lora = self.kind, self.lora
         teacher_graphdef = self.teacher.graphdef if self.teacher is not None else None
+        taught = distill.teacher_sums(self.teacher.kind) if self.teacher is not None else None
         optim, dist = self.cfg.optim, self.cfg.distill
 
         def sums(trainable, frozen, batch, key, train):
@@ -221,9 +223,8 @@ class FinetuneTask(Task):
             else:
                 params = trainable["params"]
             if train and teacher_graphdef is not None:  # (evaluation: the student's own loss)
-                return distill.distill_sums(graphdef, params, teacher_graphdef,
-                                            frozen["teacher"], batch, dist, optim.z_loss,
-                                            optim.loss_block)
+                return taught(graphdef, params, teacher_graphdef, frozen["teacher"], batch, dist,
+                              optim.z_loss, optim.loss_block)
             return kind.sums(graphdef if train else eval_graphdef, params,
                              trainable.get("head"), batch, train)
 

@@ -19,8 +19,10 @@ are made `optim.loss_block` positions at a time, as the cross-entropy's are.
 Offline (`CachedDistill`, distill.cache): the teacher's top-k logits of every training
 batch, written once by `jaxlm distill cache` (jaxlm.compress.distill_cache) and read with
 the batches (jaxlm.data.teacher_cache); the KL term renormalises the teacher over its k
-tokens (k = the vocabulary: the online loss). SFT: a fine-tuning task (jaxlm.finetune.tasks)
-with finetune.task='sft' takes a `Teacher` and `distill_sums` as its training objective.
+tokens (k = the vocabulary: the online loss). Encoder-decoder students (span corruption:
+`SpanCorruptionDistill`) take an encoder-decoder teacher, the KL over the decoder's targets
+(`seq2seq_distill_sums`). Fine-tuning (jaxlm.finetune.tasks, finetune.task 'sft' or
+'seq2seq') takes a `Teacher` and `teacher_sums` of its kind as its training objective.
 
 Metrics: `loss` (the objective above), `ce_loss` and `kd_loss` (its two parts), per target
 token. Evaluation (`jaxlm eval`, in-run) is the student's own cross-entropy.
@@ -43,6 +45,7 @@ from jaxlm.data import pipeline, teacher_cache
 from jaxlm.errors import ConfigError, UserError
 from jaxlm.model import context, zoo
 from jaxlm.parallel import rules
+from jaxlm.train import seq2seq as seq2seq_train
 from jaxlm.train import state as state_lib
 from jaxlm.train.lm import (
     CausalLM,
@@ -50,10 +53,10 @@ from jaxlm.train.lm import (
     blockwise_sums,
     cross_entropy_sums,
     loss_block,
-    loss_sums,
     model_state_spec,
     token_metrics,
 )
+from jaxlm.train.seq2seq import SpanCorruption
 from jaxlm.train.step import Objective
 from jaxlm.train.task import Batches, BatchLayout
 
@@ -98,9 +101,12 @@ def _taught_sums(model, x_BxLxD: jax.Array, teacher: tuple[jax.Array, ...], kd, 
 
     sums = blockwise_sums(one, (x_BxLxD, batch["targets"], batch["weights"], *teacher), size,
                           shards)
-    objective = (dist.alpha * sums["kd_sum"] + (1.0 - dist.alpha) * sums["ce_sum"]
-                 + z_loss * sums["z_sum"])
-    return objective, sums
+    return _mixed(sums, dist, z_loss), sums
+
+
+def _mixed(sums: dict, dist: ml_collections.ConfigDict, z_loss: float) -> jax.Array:
+    return (dist.alpha * sums["kd_sum"] + (1.0 - dist.alpha) * sums["ce_sum"]
+            + z_loss * sums["z_sum"])
 
 
 def _inputs(batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -121,6 +127,25 @@ def distill_sums(graphdef: Any, params: Any, teacher_graphdef: Any, teacher_para
 
     return _taught_sums(model, model.hidden_states(*_inputs(batch)), (t_BxLxD,), kd, batch,
                         dist, z_loss, block)
+
+
+def seq2seq_distill_sums(graphdef: Any, params: Any, teacher_graphdef: Any,
+                         teacher_params: Any, batch: dict, dist: ml_collections.ConfigDict,
+                         z_loss: float, block: int = 0) -> tuple[jax.Array, dict]:
+    """distill_sums of an encoder-decoder student and teacher over the decoder's targets
+    (teacher-forced row pairs: span corruption, seq2seq fine-tuning); their logits whole, as
+    the student's own loss makes them (`block` is not used)."""
+    logits_BxTxV = seq2seq_train.logits(graphdef, params, batch)
+    teacher_BxTxV = seq2seq_train.logits(teacher_graphdef, jax.lax.stop_gradient(teacher_params),
+                                         batch)
+    sums = cross_entropy_sums(logits_BxTxV, batch, z_loss)[1]
+    sums["kd_sum"] = kd_sums(logits_BxTxV, teacher_BxTxV, batch["weights"], dist.temperature)
+    return _mixed(sums, dist, z_loss), sums
+
+
+def teacher_sums(kind: str):
+    """The taught objective of a student of this kind ("decoder", "encoder_decoder")."""
+    return seq2seq_distill_sums if kind == "encoder_decoder" else distill_sums
 
 
 def cached_distill_sums(graphdef: Any, params: Any, batch: dict,
@@ -157,13 +182,12 @@ def distill_metrics(sums: dict, denom: jax.Array, alpha: float) -> dict:
     return out
 
 
-def _objective(graphdef: Any, optim: ml_collections.ConfigDict,
-               dist: ml_collections.ConfigDict, taught) -> Objective:
+def _objective(plain: Objective, dist: ml_collections.ConfigDict, taught) -> Objective:
     """A pretraining student's objective: taught(params, frozen, batch) in training; in
-    evaluation the student's own cross-entropy (no teacher)."""
+    evaluation its task's own (`plain`: the student's cross-entropy, no teacher)."""
     def sums(trainable, frozen, batch, key, train):
         if not train:
-            return loss_sums(graphdef, trainable["params"], batch, 0.0, optim.loss_block)
+            return plain.sums(trainable, frozen, batch, key, False)
         return taught(trainable["params"], frozen, batch)
 
     return Objective(sums, lambda s, denom: distill_metrics(s, denom, dist.alpha))
@@ -190,12 +214,15 @@ class Teacher:
     and sequence length; `place(mesh)`, then `load()` its parameters (a frozen input of the
     step; `load(metadata)` checks them against what a resumed run recorded)."""
 
-    def __init__(self, path: str, student: tuple[str, int], seq_len: int):
+    def __init__(self, path: str, student: tuple[str, int], seq_len: int,
+                 kind: str = "decoder"):
         self.step_dir = rundir.latest_step_dir(path)
         self.model = rundir.config_of(rundir.read_metadata(self.step_dir), self.step_dir).model
+        self.kind = kind
         where = f"config.distill.teacher: {self.step_dir}"
-        if zoo.family(self.model.family).kind != "decoder":
-            raise ConfigError(f"{where} is a {self.model.family} run; a teacher is a decoder")
+        if zoo.family(self.model.family).kind != kind:
+            raise ConfigError(f"{where} is a {self.model.family} run; this student's teacher "
+                              f"is {'an' if kind[0] in 'ae' else 'a'} {kind.replace('_', '-')}")
         if self.model.max_seq_len < seq_len:
             raise ConfigError(f"{where} holds {self.model.max_seq_len} positions "
                               f"(model.max_seq_len); data.seq_len is {seq_len}")
@@ -230,10 +257,12 @@ class Teacher:
         return zoo.flops_per_token(self.model, seq_len) / 3
 
 
-class Distill(CausalLM):
-    """Causal-LM pretraining of the config's model against `distill.teacher`."""
+class _Taught:
+    """What an online teacher adds to a pretraining task (mixed in before it): the teacher
+    in the step as a frozen input, its objective in training, the task's own in
+    evaluation."""
 
-    name = "distill"
+    cfg: ml_collections.ConfigDict
 
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None,
                  **kwargs):
@@ -241,7 +270,7 @@ class Distill(CausalLM):
         self.name = "distill"
         self.teacher = Teacher(self.cfg.distill.teacher,
                                (self.tokenizer.name, self.cfg.model.vocab_size),
-                               self.cfg.data.seq_len)
+                               self.cfg.data.seq_len, zoo.family(self.cfg.model.family).kind)
 
     def state_spec(self, tx, mesh) -> state_lib.StateSpec:
         self.teacher.place(mesh)
@@ -253,7 +282,8 @@ class Distill(CausalLM):
     def objective(self) -> Objective:
         graphdef, teacher_graphdef = self.graphdef, self.teacher.graphdef
         optim, dist = self.cfg.optim, self.cfg.distill
-        return _objective(graphdef, optim, dist, lambda p, frozen, batch: distill_sums(
+        taught = teacher_sums(self.teacher.kind)
+        return _objective(super().objective(), dist, lambda p, frozen, batch: taught(
             graphdef, p, teacher_graphdef, frozen["teacher"], batch, dist, optim.z_loss,
             optim.loss_block))
 
@@ -276,6 +306,19 @@ class Distill(CausalLM):
     def flops_per_token(self) -> float:
         """The student's training FLOPs and the teacher's forward pass."""
         return super().flops_per_token() + self.teacher.forward_flops(self.cfg.data.seq_len)
+
+
+class Distill(_Taught, CausalLM):
+    """Causal-LM pretraining of the config's model against `distill.teacher`."""
+
+    name = "distill"
+
+
+class SpanCorruptionDistill(_Taught, SpanCorruption):
+    """Span-corruption pretraining of an encoder-decoder against an encoder-decoder
+    `distill.teacher`, over the decoder's targets."""
+
+    name = "distill"
 
 
 class CachedDistill(CausalLM):
@@ -317,7 +360,7 @@ class CachedDistill(CausalLM):
 
     def objective(self) -> Objective:
         graphdef, optim, dist = self.graphdef, self.cfg.optim, self.cfg.distill
-        return _objective(graphdef, optim, dist, lambda p, frozen, batch: cached_distill_sums(
+        return _objective(super().objective(), dist, lambda p, frozen, batch: cached_distill_sums(
             graphdef, p, batch, dist, optim.z_loss, optim.loss_block))
 
     def resume(self, state: state_lib.TrainState, metadata: dict[str, Any]) -> state_lib.TrainState:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxlm.train.distill import CachedDistill, Distill
+from jaxlm.train.distill import CachedDistill, Distill, SpanCorruptionDistill
 from jaxlm.train.lm import CausalLM
 from jaxlm.train.seq2seq import SpanCorruption
 
@@ -15,6 +15,8 @@ from jaxlm.train.seq2seq import SpanCorruption
 def task(cfg: ml_collections.ConfigDict, **kwargs) -> CausalLM:
     """The pretraining task of `cfg` (kwargs: CausalLM's tokenizer, num_devices)."""
     if cfg.objective.name == "span_corruption":
+        if cfg.distill.teacher:
+            return SpanCorruptionDistill(cfg, **kwargs)
         return SpanCorruption(cfg, **kwargs)
     if cfg.distill.cache:
         return CachedDistill(cfg, **kwargs)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -33,14 +34,17 @@ def targets_len(cfg) -> int:
     return objectives.check_span_corruption(cfg.objective, cfg.data.seq_len)[1]
 
 
-def loss_sums(graphdef: Any, params: Any, batch: dict, z_loss: float):
+def logits(graphdef: Any, params: Any, batch: dict) -> jax.Array:
+    """The decoder's logits (B x T x V) of a row pair, teacher-forced."""
     model = nnx.merge(graphdef, params)
-    logits_BxTxV = model(batch["inputs"], batch["decoder_inputs"],
-                         input_positions=batch["input_positions"],
-                         input_segment_ids=batch["input_segment_ids"],
-                         decoder_positions=batch["positions"],
-                         decoder_segment_ids=batch["segment_ids"])
-    return cross_entropy_sums(logits_BxTxV, batch, z_loss)
+    return model(batch["inputs"], batch["decoder_inputs"],
+                 input_positions=batch["input_positions"],
+                 input_segment_ids=batch["input_segment_ids"],
+                 decoder_positions=batch["positions"], decoder_segment_ids=batch["segment_ids"])
+
+
+def loss_sums(graphdef: Any, params: Any, batch: dict, z_loss: float):
+    return cross_entropy_sums(logits(graphdef, params, batch), batch, z_loss)
 
 
 class SpanCorruption(CausalLM):

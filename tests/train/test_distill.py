@@ -19,13 +19,14 @@ import run_fixture  # tests/run_fixture.py (tests/ is on sys.path: tests/conftes
 from flax import nnx
 
 from jaxlm import cli, errors
-from jaxlm.cli import tasks
 from jaxlm import config as config_lib
+from jaxlm.cli import tasks
 from jaxlm.errors import ConfigError
 from jaxlm.finetune.tasks import FinetuneTask
 from jaxlm.model import zoo
 from jaxlm.parallel import mesh as mesh_lib
 from jaxlm.train import distill, lm, loop, pretraining
+from jaxlm.train import seq2seq as seq2seq_train
 
 VOCAB = 64
 
@@ -247,8 +248,8 @@ def test_a_cached_teacher_trains_as_the_online_one_and_resumes(stdlib_data_dir, 
 def test_sft_distillation_teaches_the_response_tokens(stdlib_data_dir, tmp_path):
     """A fine-tuning (SFT) student with a teacher: the step's objective on the first SFT
     batch (templated examples packed, loss on the responses only) against float64 NumPy of
-    both models' logits; evaluation stays the student's own cross-entropy. Only SFT takes a
-    teacher, and only online."""
+    both models' logits; evaluation stays the student's own cross-entropy. Classification
+    takes no teacher, and fine-tuning no cache."""
     base, teacher = tmp_path / "base", tmp_path / "teacher"
     run_fixture.write_run(base, run_fixture.tiny_run_config(stdlib_data_dir), seed=1)
     run_fixture.write_run(teacher, run_fixture.tiny_run_config(
@@ -282,8 +283,8 @@ def test_sft_distillation_teaches_the_response_tokens(stdlib_data_dir, tmp_path)
     assert "kd_sum" not in eval_sums
     np.testing.assert_allclose(float(eval_sums["ce_sum"]), ce, rtol=1e-5)
 
-    for update, says in (({"finetune.task": "classify"}, "finetune.task='sft', not 'classify'"),
-                         ({"distill.cache": str(tmp_path)}, "fine-tuning (sft) takes")):
+    for update, says in (({"finetune.task": "classify"}, "'sft' or 'seq2seq', not 'classify'"),
+                         ({"distill.cache": str(tmp_path)}, "fine-tuning (sft, seq2seq)")):
         bad = config_lib.load_config_file(run_fixture.CONFIG_DIR / "sft_tiny.py")
         bad.distill.teacher = str(teacher)
         for key, value in update.items():
@@ -291,3 +292,50 @@ def test_sft_distillation_teaches_the_response_tokens(stdlib_data_dir, tmp_path)
             bad[section][name] = value
         with pytest.raises(ConfigError, match=re.escape(says)):
             config_lib.validate(bad, 1)
+
+
+def t5_config(**sizes):
+    cfg = config_lib.load_config_file(run_fixture.CONFIG_DIR / "t5_tiny.py").model
+    cfg.update(vocab_size=VOCAB, d_model=32, n_layers=2, n_decoder_layers=2, n_heads=4,
+               n_kv_heads=4, head_dim=8, d_ff=48, max_seq_len=32)
+    cfg.update(sizes)
+    return cfg
+
+
+def positions(segments):
+    """Each position's index inside its segment (0 for padding)."""
+    out = np.zeros_like(segments)
+    for row, seg in zip(out, segments):
+        for s in set(seg.tolist()) - {0}:
+            where = np.flatnonzero(seg == s)
+            row[where] = np.arange(len(where))
+    return out
+
+
+def test_an_encoder_decoder_student_is_taught_on_its_decoder_targets():
+    """Span corruption and seq2seq fine-tuning: a T5 student against a deeper T5 teacher on
+    a hand-built row pair (two packed examples in row 0, padding), the decoder targets'
+    KL and cross-entropy against float64 NumPy of both models' teacher-forced logits."""
+    rng = np.random.default_rng(1)
+    enc_seg = np.array([[1] * 7 + [2] * 3 + [0] * 2, [1] * 12], np.int32)
+    dec_seg = np.array([[1] * 4 + [2] * 3 + [0], [1] * 6 + [0] * 2], np.int32)
+    targets = rng.integers(1, VOCAB, dec_seg.shape).astype(np.int32)
+    batch = {"inputs": rng.integers(1, VOCAB, enc_seg.shape).astype(np.int32),
+             "input_segment_ids": enc_seg, "input_positions": positions(enc_seg),
+             "decoder_inputs": np.where(dec_seg > 0, np.roll(targets, 1, axis=1), 0).astype(
+                 np.int32), "targets": targets, "segment_ids": dec_seg,
+             "positions": positions(dec_seg), "weights": (dec_seg > 0).astype(np.float32)}
+    student = nnx.split(zoo.create(t5_config(), 1))
+    teacher = nnx.split(zoo.create(t5_config(d_model=48, n_layers=3, n_decoder_layers=3), 2))
+    dist = config_lib.defaults().distill
+    dist.update(alpha=0.3, temperature=2.0)
+    assert distill.teacher_sums("encoder_decoder") is distill.seq2seq_distill_sums
+    objective, sums = jax.jit(lambda p, t, b: distill.seq2seq_distill_sums(
+        student[0], p, teacher[0], t, b, dist, 0.0))(student[1], teacher[1], batch)
+    s64, t64 = (np.asarray(seq2seq_train.logits(g, p, batch), np.float64)
+                for g, p in (student, teacher))
+    want, ce, kd = reference(s64, t64, batch, 0.3, 2.0)
+    np.testing.assert_allclose(float(sums["ce_sum"]), ce, rtol=1e-5)
+    np.testing.assert_allclose(float(sums["kd_sum"]), kd, rtol=1e-5)
+    np.testing.assert_allclose(float(objective), want, rtol=1e-5)
+    assert float(sums["weight_sum"]) == 13

@@ -11,11 +11,13 @@ import os
 import pathlib
 import signal
 
+import jax
 import pytest
 import run_fixture  # tests/run_fixture.py (tests/ is on sys.path: tests/conftest.py)
 
 from jaxlm import config as config_lib
 from jaxlm import errors
+from jaxlm.data.tokenizers import ByteTokenizer
 from jaxlm.finetune.tasks import FinetuneTask
 from jaxlm.train import loop, pretraining
 from jaxlm.train.task import Task
@@ -33,10 +35,23 @@ def base_dir(tmp_path_factory):
     return workdir
 
 
-def task_config(name, data_dir, base):
+@pytest.fixture(scope="module")
+def t5_teacher_dir(tmp_path_factory):
+    """A tiny T5 run (random parameters, 3 + 3 blocks) to teach the t5_tiny student."""
+    workdir = tmp_path_factory.mktemp("one_loop_t5_teacher")
+    cfg = config_lib.load_config_file(CONFIGS / "t5_tiny.py")
+    cfg.model.update(d_model=32, n_layers=3, n_decoder_layers=3, n_heads=4, n_kv_heads=4,
+                     head_dim=8, d_ff=64, max_seq_len=64)
+    cfg.data.update(data_dir=str(workdir / "tfds"), seq_len=32, global_batch_size=8)
+    run_fixture.write_run(workdir, config_lib.resolved(cfg, ByteTokenizer.vocab_size,
+                                                       jax.device_count()), seed=6)
+    return workdir
+
+
+def task_config(name, data_dir, base, t5_teacher=None):
     """Each task's shipped config (tiny.py, bert_tiny.py, t5_tiny.py, lora_tiny.py,
     classify_tiny.py) cut to test size; distill: tiny.py taught by the base run; lora_tiny
-    taught by it too (SFT distillation)."""
+    taught by it too (SFT distillation); t5_tiny by a T5 teacher (span corruption)."""
     if name in ("causal_lm", "distill", "bert_tiny", "t5_tiny"):
         cfg = config_lib.load_config_file(CONFIGS / (f"{name}.py" if "tiny" in name else
                                                      "tiny.py"))
@@ -48,6 +63,7 @@ def task_config(name, data_dir, base):
             cfg.distill.update(teacher=str(base), temperature=2.0)
         if name == "t5_tiny":
             cfg.model.update(n_decoder_layers=2, head_dim=8)
+            cfg.distill.update(teacher=str(t5_teacher), temperature=2.0)
         cfg.data.update(data_dir=data_dir, seq_len=32, global_batch_size=8)
     else:
         cfg = config_lib.load_config_file(CONFIGS / f"{name}.py")
@@ -76,8 +92,8 @@ def metrics(workdir):
 @pytest.mark.parametrize("name", ["distill", "bert_tiny", "t5_tiny", "lora_tiny",
                                   "classify_tiny"])
 def test_every_task_is_preempted_and_resumes_exactly_in_the_one_loop(
-        name, stdlib_data_dir, base_dir, tmp_path, monkeypatch):
-    cfg = task_config(name, stdlib_data_dir, base_dir)
+        name, stdlib_data_dir, base_dir, t5_teacher_dir, tmp_path, monkeypatch):
+    cfg = task_config(name, stdlib_data_dir, base_dir, t5_teacher_dir)
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     full = loop.train(make_task(cfg, full_dir), full_dir)
 
