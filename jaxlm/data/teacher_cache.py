@@ -149,7 +149,8 @@ class WithTeacher:
     added; the cache's next steps are read ahead in a thread."""
 
     def __init__(self, batches, cache: TeacherCache, rows: Sequence[int]):
-        cache.check_batches(batches.meta)
+        """`cache` checked against the run's settings (`check_batches`) by the caller, before
+        the run writes anything; each batch's tokens are checked here."""
         cache.check_rows(rows)
         self._batches, self._cache, self._rows = batches, cache, list(rows)
         self._step, self._reader = 0, self._read_from(0)
