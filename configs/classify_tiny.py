@@ -20,12 +20,12 @@ def get_config():
     cfg = defaults()
     cfg.finetune.update(task="classify", method="lora", base="runs/tiny",
                         train_file=data_path("classify_tiny.jsonl"), eval_fraction=0.1,
-                        eval_every=20, label_names="import,function,loop,assignment",
+                        label_names="import,function,loop,assignment",
                         pooling="last")
     cfg.finetune.lora.update(rank=8, alpha=16.0, dropout=0.0, targets="q,v,mlp")
     cfg.model.update(remat="none")
     cfg.data.update(seq_len=64, global_batch_size=32)
     cfg.optim.update(learning_rate=3e-3, warmup_steps=5, schedule="cosine", weight_decay=0.0)
-    cfg.train.update(steps=60, log_every=10)
+    cfg.train.update(steps=60, log_every=10, eval_every=20)
     cfg.checkpoint.update(every=0, keep=1)
     return cfg

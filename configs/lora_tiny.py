@@ -23,11 +23,11 @@ def get_config():
     cfg = defaults()
     cfg.finetune.update(task="sft", method="lora", base="runs/tiny",
                         train_file=data_path("sft_tiny.jsonl"), eval_fraction=0.1,
-                        eval_every=50, template="default", packing=True)
+                        template="default", packing=True)
     cfg.finetune.lora.update(rank=8, alpha=16.0, dropout=0.05, targets="q,k,v,o,mlp")
     cfg.model.update(remat="none")
     cfg.data.update(seq_len=256, global_batch_size=16)
     cfg.optim.update(learning_rate=1e-2, warmup_steps=10, schedule="cosine", weight_decay=0.0)
-    cfg.train.update(steps=150, log_every=10)
+    cfg.train.update(steps=150, log_every=10, eval_every=50)
     cfg.checkpoint.update(every=50, keep=2)
     return cfg

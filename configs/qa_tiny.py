@@ -24,12 +24,11 @@ def get_config():
     cfg = defaults()
     cfg.finetune.update(task="qa", method="full", base="runs/bert_tiny",
                         train_file=data_path("qa_tiny_train.jsonl"),
-                        eval_file=data_path("qa_tiny_eval.jsonl"), eval_every=100,
-                        max_answer_tokens=16)
+                        eval_file=data_path("qa_tiny_eval.jsonl"), max_answer_tokens=16)
     # The base decides the model; the family here only lets the config be checked alone.
     cfg.model.update(family="bert", remat="none")
     cfg.data.update(seq_len=192, global_batch_size=16)
     cfg.optim.update(learning_rate=1e-3, warmup_steps=10, schedule="cosine", weight_decay=0.0)
-    cfg.train.update(steps=500, log_every=10)
+    cfg.train.update(steps=500, log_every=10, eval_every=100)
     cfg.checkpoint.update(every=0, keep=1)
     return cfg

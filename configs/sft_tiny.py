@@ -23,10 +23,10 @@ def get_config():
     cfg = defaults()
     cfg.finetune.update(task="sft", method="full", base="runs/tiny",
                         train_file=data_path("sft_tiny.jsonl"), eval_fraction=0.1,
-                        eval_every=50, template="default", packing=True)
+                        template="default", packing=True)
     cfg.model.update(remat="none")  # runtime keys; the architecture comes from the base
     cfg.data.update(seq_len=256, global_batch_size=16)
     cfg.optim.update(learning_rate=1e-3, warmup_steps=10, schedule="cosine")
-    cfg.train.update(steps=150, log_every=10)
+    cfg.train.update(steps=150, log_every=10, eval_every=50)
     cfg.checkpoint.update(every=50, keep=2)
     return cfg

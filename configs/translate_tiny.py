@@ -24,12 +24,11 @@ def get_config():
     cfg = defaults()
     cfg.finetune.update(task="seq2seq", method="full", base="runs/t5_tiny",
                         train_file=data_path("translate_tiny_train.jsonl"),
-                        eval_file=data_path("translate_tiny_eval.jsonl"), eval_every=250,
-                        target_len=64)
+                        eval_file=data_path("translate_tiny_eval.jsonl"), target_len=64)
     # The base decides the model; the family here only lets the config be checked alone.
     cfg.model.update(family="t5", remat="none")
     cfg.data.update(seq_len=64, global_batch_size=16)
     cfg.optim.update(learning_rate=1e-3, warmup_steps=10, schedule="cosine", weight_decay=0.0)
-    cfg.train.update(steps=1000, log_every=10)
+    cfg.train.update(steps=1000, log_every=10, eval_every=250)
     cfg.checkpoint.update(every=0, keep=1)
     return cfg

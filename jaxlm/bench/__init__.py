@@ -14,6 +14,8 @@ Owns:
                 int8 KV cache: bytes, perplexity, greedy agreement, decode tokens/s
     compress    `jaxlm bench compress`: a teacher run and the runs made from it (pruned,
                 trained on, distilled): size, validation loss, train-step and decode speed
+    harness     `jaxlm bench lm-eval`: the lm-evaluation-harness bridge's requests/s
+                against jaxlm's own scoring loop
     table       how figures are printed
     conditions  the host's load, other runnable processes and cores at a benchmark's
                 start and end (a warning row when the load exceeds the cores); sides

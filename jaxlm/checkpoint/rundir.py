@@ -161,6 +161,7 @@ def config_of(metadata: dict[str, Any], where: str | os.PathLike) -> ml_collecti
     if not saved:
         raise RunDirError(f"checkpoint {where} has no config in its metadata")
     saved = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    config_lib.move_keys(saved)
     sources = saved.get("data", {}).pop("sources", {})
     cfg = config_lib.defaults()
     config_lib.merge_overrides(cfg, ml_collections.ConfigDict(saved))

@@ -7,6 +7,7 @@
     jaxlm plan --config configs/llama3_8b.py [--topology v5p-128] [--budget 840]
     jaxlm generate --workdir runs/tiny --prompt "import os"
     jaxlm eval --workdir runs/tiny [--split validation]
+    jaxlm lm-eval --workdir runs/tiny --tasks TASKS [--include-path DIR] [--limit N]
     jaxlm classify --workdir runs/classify_tiny --text "import os" [--jsonl FILE] [--json]
     jaxlm checkpoint ls|inspect|export-params WORKDIR ...
     jaxlm lora merge runs/lora_tiny --out runs/lora_tiny-merged
@@ -29,6 +30,7 @@ applied to every verb), one module per verb group:
                 device)
     aot         compile, plan
     infer       generate, eval, classify
+    harness     lm-eval (EleutherAI's lm-evaluation-harness on a run)
     checkpoint  checkpoint ls|inspect|export-params, lora merge, quantize, prune
     convert     convert from-hf|to-hf
     tokenizer   tokenizer train
@@ -61,8 +63,8 @@ from jaxlm.parallel import distributed
 # A group imports what touches JAX (tasks, checkpoints, models) inside its run functions:
 # --help and bad arguments never import JAX (tests/cli/test_help.py), and a training
 # verb's start-up signal handler is in place before the slow imports begin.
-GROUP_NAMES = ("train", "aot", "infer", "checkpoint", "convert", "tokenizer", "bench", "launch",
-               "config")
+GROUP_NAMES = ("train", "aot", "infer", "harness", "checkpoint", "convert", "tokenizer", "bench",
+               "launch", "config")
 TRAINING_VERBS = ("train", "finetune")
 # Verbs on one process that use a device: their backends start before the verb runs
 # (train, finetune and eval start theirs after the multi-host runtime).

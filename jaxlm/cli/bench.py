@@ -9,6 +9,7 @@
     jaxlm bench generate [--rounds 5] [--family t5]
     jaxlm bench convert [--size-mb 300] [--dir DIR]
     jaxlm bench quant --workdir runs/tiny [--rounds 5]
+    jaxlm bench lm-eval --workdir runs/tiny [--rounds 3]
     jaxlm bench compress --workdir runs/tiny --runs pruned=runs/tiny-half,... [--rounds 3]
 """
 
@@ -27,12 +28,13 @@ VERBS = ("bench",)
 def add_parsers(verbs) -> None:
     bench = verbs.add_parser("bench", help="benchmarks that print figures", description=__doc__,
                              epilog=helptext.overrides_epilog() + " (step, data, checkpoint, "
-                             "lora; generate, convert, quant and compress take no config)")
+                             "lora; generate, convert, quant, compress and lm-eval take no config)")
     bench.add_argument("what", choices=["step", "data", "checkpoint", "generate", "lora",
-                                        "convert", "quant", "compress"], help="the benchmark")
+                                        "convert", "quant", "compress", "lm-eval"],
+                       help="the benchmark")
     bench.add_argument("--workdir", default=None,
                        help="quant: the trained decoder run to quantize; compress: the teacher "
-                            "(read only)")
+                            "(read only); lm-eval: the decoder run scored")
     bench.add_argument("--runs", default=None,
                        help="compress: NAME=RUN,... the runs made from the teacher (pruned, "
                             "trained on, distilled) to compare with it")
@@ -68,8 +70,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.family is not None and args.what != "generate":
         raise config_lib.ConfigError(f"--family: only `jaxlm bench generate` takes it, not "
                                      f"`jaxlm bench {args.what}`")
-    if (args.workdir is None) != (args.what not in ("quant", "compress")):
-        raise config_lib.ConfigError("--workdir: `jaxlm bench quant` and `jaxlm bench compress` "
+    if (args.workdir is None) != (args.what not in ("quant", "compress", "lm-eval")):
+        raise config_lib.ConfigError("--workdir: `jaxlm bench quant`, `compress` and `lm-eval` "
                                      "need it (the trained run); no other benchmark takes it")
     if (args.runs is None) != (args.what != "compress"):
         raise config_lib.ConfigError("--runs: `jaxlm bench compress` needs it (NAME=RUN,...); "
@@ -80,6 +82,12 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         from jaxlm.bench.compress import bench_compress, parse_runs
         from jaxlm.cli import tasks
         bench_compress(args.workdir, parse_runs(args.runs), tasks.for_run, rounds=args.rounds)
+        return errors.DONE
+    if args.what == "lm-eval":
+        if overrides or args.config:
+            raise config_lib.ConfigError("`jaxlm bench lm-eval` takes no config: the run's own")
+        from jaxlm.bench.harness import bench_harness
+        bench_harness(args.workdir, rounds=args.rounds)
         return errors.DONE
     if args.what == "quant":
         if overrides or args.config:

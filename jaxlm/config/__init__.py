@@ -21,6 +21,7 @@ from jaxlm.config.overrides import (
     load,
     load_config_file,
     merge_overrides,
+    move_keys,
     split_overrides,
 )
 from jaxlm.config.schema import (
@@ -38,6 +39,7 @@ from jaxlm.config.validate import (
     mesh_shape,
     num_slices,
     parse_mixture,
+    profile_window,
     resolve_vocab,
     resolved,
     validate,
@@ -47,6 +49,6 @@ from jaxlm.errors import ConfigError
 __all__ = [
     "BUILTIN_DATASETS", "DCN_KEYS", "MESH_AXES", "SOURCE_KINDS", "ConfigError",
     "apply_override", "apply_overrides", "defaults", "grouped_dims", "ici_mesh_shape", "load",
-    "load_config_file", "merge_overrides", "mesh_shape", "num_slices", "parse_mixture",
-    "require", "resolve_vocab", "resolved", "source_defaults", "split_overrides", "validate",
+    "load_config_file", "merge_overrides", "mesh_shape", "move_keys", "num_slices", "parse_mixture",
+    "profile_window", "require", "resolve_vocab", "resolved", "source_defaults", "split_overrides", "validate",
 ]

@@ -11,7 +11,7 @@ import ml_collections
 
 from jaxlm.errors import ConfigError
 
-TASKS = ("sft", "classify", "qa", "seq2seq")
+TASKS = ("sft", "dpo", "classify", "qa", "seq2seq")
 METHODS = ("full", "lora")
 BASE_QUANTS = ("none", "int8", "nf4")  # QLoRA: the frozen base stored quantized
 OVERLONG = ("error", "skip")
@@ -33,7 +33,6 @@ def defaults() -> ml_collections.ConfigDict:
         train_file="",  # JSONL (see jaxlm/finetune/sft_data.py and classify_data.py)
         eval_file="",  # JSONL held out; "": the last eval_fraction of train_file's examples
         eval_fraction=0.1,
-        eval_every=0,  # evaluate every N steps, and after the last step; 0: only after the last
         template="default",  # sft: default | plain | a JSON template file (templates.py)
         packing=True,  # sft: several examples per row (own segment ids); False: one per row
         # An example whose prompt (classify: text) does not fit data.seq_len: "error" (one
@@ -43,6 +42,10 @@ def defaults() -> ml_collections.ConfigDict:
         label_field="label",  # classify: an integer in [0, num_labels) or one of label_names
         num_labels=2,  # classify
         label_names="",  # classify: comma-separated names of string labels ("neg,pos")
+        # dpo: preference pairs (prompt, chosen, rejected). beta: DPO's inverse temperature
+        # (ORPO's weight of the odds-ratio term); orpo: ORPO instead of DPO (no reference)
+        dpo_beta=0.1,
+        orpo=False,
         # classify: last (last non-padding token) | mean (over real tokens) | first (the
         # first token: an encoder's [CLS])
         pooling="last",
@@ -95,7 +98,6 @@ def num_labels(ft_cfg: ml_collections.ConfigDict) -> int:
 # Bounds of the section's numeric keys (see jaxlm.config.schema for the others').
 MAX_LABELS = 2**20  # a classifier head of num_labels x d_model
 MAX_LORA_RANK = 2**16
-MAX_EVAL_EVERY = 2**31 - 1  # steps (int32)
 
 
 def validate(ft_cfg: ml_collections.ConfigDict, init_from: str = "") -> None:
@@ -129,6 +131,9 @@ def validate(ft_cfg: ml_collections.ConfigDict, init_from: str = "") -> None:
         _require(ft_cfg.pooling in POOLINGS, "pooling", f"{ft_cfg.pooling!r} not in {POOLINGS}")
         _require(bool(ft_cfg.text_field), "text_field", "must name a JSON field")
         _require(bool(ft_cfg.label_field), "label_field", "must name a JSON field")
+    if ft_cfg.task == "dpo":
+        _require(isinstance(ft_cfg.orpo, bool), "orpo", f"must be true or false, got "
+                 f"{ft_cfg.orpo!r}")
     for task, keys in (("qa", ("question_field", "context_field", "answers_field")),
                        ("seq2seq", ("input_field", "target_field"))):
         if ft_cfg.task == task:

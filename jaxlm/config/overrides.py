@@ -20,6 +20,32 @@ import ml_collections
 from jaxlm.errors import ConfigError
 
 PREFIX = "--config."
+# Keys that moved (old name -> new name): named in the unknown-key error, and read from a
+# run's saved config under their new name (jaxlm.checkpoint.rundir.config_of).
+MOVED = {"finetune.eval_every": "train.eval_every"}
+
+
+def unknown_key(dotted: str) -> ConfigError:
+    """The error for `config.<dotted>`, naming the key's new name if it moved."""
+    moved = MOVED.get(dotted)
+    return ConfigError(f"unknown config key: config.{dotted}"
+                       + (f" (it moved: use config.{moved})" if moved else ""))
+
+
+def move_keys(tree: dict) -> None:
+    """Renames the MOVED keys of a nested dict in place (a config saved before the move)."""
+    for old, new in MOVED.items():
+        *path, leaf = old.split(".")
+        node = tree
+        for name in path:
+            node = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            value = node.pop(leaf)
+            *new_path, new_leaf = new.split(".")
+            target = tree
+            for name in new_path:
+                target = target.setdefault(name, {})
+            target.setdefault(new_leaf, value)
 
 
 def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
@@ -73,7 +99,7 @@ def merge_overrides(base: ml_collections.ConfigDict, overrides: ml_collections.C
     for key, value in overrides.items():
         name = f"{prefix}.{key}"
         if key not in base:
-            raise ConfigError(f"unknown config key: {name}")
+            raise unknown_key(name.removeprefix("config."))
         if isinstance(base[key], ml_collections.ConfigDict):
             if not isinstance(value, (ml_collections.ConfigDict, dict)):
                 raise ConfigError(f"{name} is a section; set its keys, not the section")
@@ -110,10 +136,10 @@ def apply_override(cfg: ml_collections.ConfigDict, dotted: str, text: str) -> No
     node = cfg
     for i, name in enumerate(sections):
         if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-            raise ConfigError(f"unknown config key: config.{'.'.join(sections[:i + 1])}")
+            raise unknown_key(".".join(sections[:i + 1]))
         node = node[name]
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-        raise ConfigError(f"unknown config key: config.{dotted}")
+        raise unknown_key(dotted)
     if isinstance(node[leaf], ml_collections.ConfigDict):
         raise ConfigError(f"config.{dotted} is a section; set one of its keys")
     node[leaf] = parse_value(dotted, text, node[leaf])

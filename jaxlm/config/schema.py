@@ -238,6 +238,15 @@ def defaults() -> ml_collections.ConfigDict:
             # Resuming with other optimizer or schedule values (optim.*, train.steps, ...) is
             # refused unless this is true; accepted changes are printed and recorded.
             allow_config_change=False,
+            # Evaluation during training, for every task: on the validation split (pretraining)
+            # or the held-out examples (fine-tuning) at the start of a fresh run, every N steps
+            # and after the last step; 0: never (`jaxlm eval` evaluates a checkpoint after).
+            eval_every=0,
+            eval_batches=0,  # the first N batches of the split, the same each time; 0: all
+            # "START:COUNT": a jax.profiler trace of steps START .. START+COUNT-1 written to
+            # <workdir>/profile (TensorBoard's profile plugin, XProf, Perfetto); "": none.
+            profile_steps="",
+            profile_all_processes=False,  # False: process 0 only
         )
     )
 

@@ -15,6 +15,7 @@ import re
 import ml_collections
 
 from jaxlm.config import finetune as finetune_section
+from jaxlm.config.overrides import unknown_key
 from jaxlm.config.schema import (
     ACTIVATIONS,
     ATTENTION_BACKENDS,
@@ -278,12 +279,32 @@ def _check_optim(o: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> 
     require_int(o.grad_accum_steps, "optim.grad_accum_steps", 1, d.global_batch_size)
 
 
+def profile_window(text: str) -> tuple[int, int] | None:
+    """train.profile_steps "START:COUNT" as (START, COUNT); None for ""."""
+    if text == "":
+        return None
+    match = re.fullmatch(r"(\d+):(\d+)", str(text))
+    require(match is not None, "train.profile_steps",
+            f"{text!r} is not START:COUNT (e.g. \"100:5\": steps 100 to 104)")
+    start, count = int(match[1]), int(match[2])
+    require(start >= 1 and count >= 1, "train.profile_steps",
+            f"{text!r}: START and COUNT must be at least 1")
+    return start, count
+
+
 def _check_run(cfg: ml_collections.ConfigDict) -> None:
     """train, checkpoint and metrics."""
     t, c = cfg.train, cfg.checkpoint
     require_int(t.steps, "train.steps", 1, MAX_STEPS)
     require_int(t.seed, "train.seed", 0, MAX_SEED)
     require_int(t.log_every, "train.log_every", 1, MAX_STEPS)
+    require_int(t.eval_every, "train.eval_every", 0, MAX_STEPS)  # 0: never
+    require_int(t.eval_batches, "train.eval_batches", 0, MAX_STEPS)  # 0: the whole split
+    window = profile_window(t.profile_steps)
+    require(window is None or window[0] + window[1] - 1 <= t.steps, "train.profile_steps",
+            f"{t.profile_steps!r} ends after train.steps={t.steps}")
+    require(isinstance(t.profile_all_processes, bool), "train.profile_all_processes",
+            f"must be true or false, got {t.profile_all_processes!r}")
     require(t.nonfinite in NONFINITE_POLICIES, "train.nonfinite",
              f"{t.nonfinite!r} not in {NONFINITE_POLICIES}")
     require_int(c.every, "checkpoint.every", 0, MAX_STEPS)  # 0: no step cadence
@@ -376,8 +397,8 @@ def _check_finetune_numbers(f: ml_collections.ConfigDict) -> None:
     """The finetune section's numeric keys, in every config (the section's other checks, for
     a fine-tuning config: jaxlm.config.finetune)."""
     require_real(f.eval_fraction, "finetune.eval_fraction", 0, 1, high_open=True)
-    require_int(f.eval_every, "finetune.eval_every", 0, finetune_section.MAX_EVAL_EVERY)
     require_int(f.num_labels, "finetune.num_labels", 2, finetune_section.MAX_LABELS)
+    require_real(f.dpo_beta, "finetune.dpo_beta", 0, 1000, low_open=True)
     require_int(f.max_answer_tokens, "finetune.max_answer_tokens", 1, MAX_SEQ_LEN)
     require_int(f.target_len, "finetune.target_len", 0, MAX_SEQ_LEN)  # 0: data.seq_len
     require_int(f.base_quant_group, "finetune.base_quant_group", 0, MAX_WIDTH)
@@ -439,7 +460,7 @@ def _check_known_keys(reference: ml_collections.ConfigDict, cfg: ml_collections.
     for key, value in cfg.items():
         name = f"{prefix}.{key}"
         if key not in reference:
-            raise ConfigError(f"unknown config key: {name}")
+            raise unknown_key(name.removeprefix("config."))
         if isinstance(reference[key], ml_collections.ConfigDict) and name != "config.data.sources":
             if not isinstance(value, ml_collections.ConfigDict):
                 raise ConfigError(f"{name} must be a section")

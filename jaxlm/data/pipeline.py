@@ -12,7 +12,9 @@ with the same seed and defines the same B streams, and materialises only the row
 feeds (by default rows [p*B/P, (p+1)*B/P)), so the global batch at step k is the same
 for any number of processes. Everything before packing is index based (grain
 MapDataset), so the pipeline state is a few integers per stream, and the batch at step k
-is a pure function of (seed, k, data config).
+is a pure function of (seed, k, data config). An evaluation split is read once, in stored
+order, as a single stream of packed rows dealt B to a batch: the same fixed batches every
+time, every one full but the last, whatever the process count.
 
 A record longer than data.max_document_bytes (only a TFDS catalog dataset's can be: local
 sources are cut when built) is read whole, then cut into pieces that are tokenized and packed
@@ -137,13 +139,55 @@ class _RowBatchIterator(grain.DatasetIterator):
         self._done = [bool(d) for d in state["done"]]
 
 
+class _DealtBatchIterator(grain.DatasetIterator):
+    """An evaluation split's batches: one stream of rows (every document once, in stored
+    order) dealt B at a time, batch k holding rows kB .. kB + B - 1 of which this process
+    keeps its `rows`. Every batch is full but the last (whose missing rows are `padding`),
+    and every process sees as many batches."""
+
+    def __init__(self, stream: grain.DatasetIterator, rows: Sequence[int], global_batch: int,
+                 to_example, padding: Batch):
+        super().__init__([stream])
+        self._stream, self._rows, self._global_batch = stream, list(rows), global_batch
+        self._to_example, self._padding = to_example, padding
+        self._done = False
+
+    def __next__(self) -> Batch:
+        dealt = []
+        while not self._done and len(dealt) < self._global_batch:
+            try:
+                dealt.append(next(self._stream))
+            except StopIteration:
+                self._done = True
+        if not dealt:
+            raise StopIteration
+        rows = [self._to_example(dealt[r]) if r < len(dealt) else self._padding
+                for r in self._rows]
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"stream": self._stream.get_state(), "done": self._done}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._stream.set_state(state["stream"])
+        self._done = bool(state["done"])
+
+
 class _RowBatches(grain.IterDataset):
-    def __init__(self, streams: list[grain.IterDataset], to_example, padding: Batch):
+    """A training split's batches (_RowBatchIterator) or, given `global_batch`, an
+    evaluation split's (_DealtBatchIterator over the one stream)."""
+
+    def __init__(self, streams: list[grain.IterDataset], to_example, padding: Batch,
+                 dealt: tuple[Sequence[int], int] | None = None):
         super().__init__(streams)
         self._stream_datasets = streams
         self._to_example, self._padding = to_example, padding
+        self._dealt = dealt
 
-    def __iter__(self) -> _RowBatchIterator:
+    def __iter__(self) -> grain.DatasetIterator:
+        if self._dealt is not None:
+            return _DealtBatchIterator(self._stream_datasets[0].__iter__(), *self._dealt,
+                                       self._to_example, self._padding)
         return _RowBatchIterator([s.__iter__() for s in self._stream_datasets],
                                  self._to_example, self._padding)
 
@@ -192,6 +236,8 @@ class BatchIterator:
     def set_state(self, state: dict[str, Any]) -> None:
         """Restores a `get_state()` or `merge_states()` result from an iterator built with the
         same config; `state` must hold the position of every row this iterator reads."""
+        if self._meta["split"] != "train":
+            raise ValueError(f"the {self._meta['split']!r} split is read once from its start")
         state = _upgrade(state)
         if state.get("version") != _STATE_VERSION:
             raise ValueError(
@@ -270,7 +316,8 @@ def make_iterator(data_cfg: ml_collections.ConfigDict, *, split: str = "train",
     equal share, rows [p*B/P, (p+1)*B/P) of B = data_cfg.global_batch_size) for `split`.
 
     Train is shuffled with `data_cfg.shuffle_seed`, reshuffled every epoch and repeats
-    forever; other splits are read once in stored order, the last batch padded.
+    forever; other splits are read once in stored order as one packed stream dealt B rows
+    per batch, so only the last batch has padding rows (_DealtBatchIterator).
     `objective_cfg` (config section `objective`; None: causal LM) decides the batches (module
     docstring); `model_vocab_size` (the resolved model.vocab_size) gives masked LM's mask
     and span corruption's sentinels when the tokenizer has none (ConfigError otherwise).
@@ -316,16 +363,15 @@ def make_iterator(data_cfg: ml_collections.ConfigDict, *, split: str = "train",
     weights = [w for _, w in mixture]
 
     def stream_documents(j: int) -> grain.MapDataset:
-        """Documents j, j + B, ... of every source, mixed. (Mixing first and striding after
-        would not do: grain mixes in a fixed periodic pattern, so a stride that is a
-        multiple of its period gives a stream one source only.)"""
+        """Training: documents j, j + B, ... of every source, mixed. (Mixing first and
+        striding after would not do: grain mixes in a fixed periodic pattern, so a stride
+        that is a multiple of its period gives a stream one source only.) Evaluation: the
+        one stream, every document of every source once, in stored order."""
+        if not train:
+            return (parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
+                    ).map(tokenize)
         shards = [part[j::global_batch] for part in parts]
-        if len(shards) == 1:
-            ds = shards[0]
-        elif train:
-            ds = grain.MapDataset.mix(shards, weights)
-        else:
-            ds = grain.MapDataset.concatenate(shards)  # evaluation reads every source once
+        ds = shards[0] if len(shards) == 1 else grain.MapDataset.mix(shards, weights)
         return ds.map(tokenize)
 
     # Streams read synchronously inside the one prefetch thread below: B streams with
@@ -333,7 +379,7 @@ def make_iterator(data_cfg: ml_collections.ConfigDict, *, split: str = "train",
     read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
     seq_len, seed = int(data_cfg.seq_len), int(data_cfg.shuffle_seed)
     streams = []
-    for j in rows:
+    for j in (rows if train else [0]):
         documents = stream_documents(j).to_iter_dataset(read)
         if objective is None:
             streams.append(PackedRows(documents, seq_len + 1, data_cfg.packing))
@@ -350,7 +396,8 @@ def make_iterator(data_cfg: ml_collections.ConfigDict, *, split: str = "train",
     else:
         to_example, padding = _same, objective.padding(seq_len)
     it_ds = grain.experimental.ThreadPrefetchIterDataset(
-        _RowBatches(streams, to_example, padding), prefetch_buffer_size=int(data_cfg.prefetch))
+        _RowBatches(streams, to_example, padding, None if train else (rows, global_batch)),
+        prefetch_buffer_size=int(data_cfg.prefetch))
 
     return BatchIterator(it_ds, order_meta(data_cfg, split, tokenizer, objective), rows)
 

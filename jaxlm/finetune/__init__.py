@@ -1,5 +1,6 @@
-"""Fine-tuning from a pretrained checkpoint: SFT, classification, extractive question
-answering and text-to-text, full or LoRA, as tasks of the one training loop.
+"""Fine-tuning from a pretrained checkpoint: SFT, preference tuning (DPO, ORPO),
+classification, extractive question answering and text-to-text, full or LoRA, as tasks of
+the one training loop.
 
     jaxlm finetune --config configs/sft_tiny.py --workdir runs/sft      # config key finetune.*
     jaxlm lora merge runs/lora --out runs/lora-merged                    # base + adapters
@@ -11,6 +12,8 @@ Owns:
     templates   chat templates: messages -> token ids and a loss mask
     records     JSONL reading (errors name file:line) and the held-out split
     sft_data    JSONL (prompt/response or chat messages) -> examples -> packed rows
+    preference_data  JSONL preference pairs -> a chosen and a rejected row each
+    preference  DPO's and ORPO's losses, rewards and accuracy over pairs
     classify_data  JSONL of text and label -> one padded row per example
     qa_data     SQuAD-style JSONL -> rows with the answer's token span (character offsets)
     seq2seq_data   JSONL of input and target -> packed encoder/decoder row pairs

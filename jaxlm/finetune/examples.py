@@ -7,6 +7,8 @@ sft_tiny.jsonl (prompt/response and chat lines mixed, some with a system message
     "Uppercase: import_path" -> "IMPORT_PATH" a Python-looking identifier in capitals
 classify_tiny.jsonl (text, label name): one line of Python and what kind of statement it is,
     one of import, function, loop, assignment.
+dpo_tiny.jsonl (prompt, chosen, rejected; a quarter as chat messages): preference pairs on
+    sft_tiny's tasks, the chosen reply answering, the rejected one refusing or echoing.
 
 Both suit a model pretrained on the default corpus (Python's standard library): the default
 `jaxlm train` run is the base of configs/sft_tiny.py, lora_tiny.py and classify_tiny.py.
@@ -72,6 +74,32 @@ def sft_records(count: int = 1200, seed: int = 0) -> list[dict]:
     return out
 
 
+REFUSALS = ("I am not sure.", "I cannot answer that.", "Sorry, I do not know.")
+
+
+def dpo_records(count: int = 600, seed: int = 2) -> list[dict]:
+    """Preference pairs on sft_tiny's two tasks: the chosen reply answers (the literal's
+    type, the identifier in capitals), the rejected one does not (a refusal, or the
+    identifier echoed unchanged)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        if i % 2 == 0:
+            literal, kind = _literal(rng)
+            prompt, chosen, rejected = (f"What is the type of {literal}?", kind,
+                                        rng.choice(REFUSALS))
+        else:
+            name = _identifier(rng)
+            prompt, chosen, rejected = f"Uppercase: {name}", name.upper(), name
+        if i % 4 == 1:  # chat format
+            turn = [{"role": "user", "content": prompt}]
+            out.append({"chosen": turn + [{"role": "assistant", "content": chosen}],
+                        "rejected": turn + [{"role": "assistant", "content": rejected}]})
+        else:
+            out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return out
+
+
 def classify_records(count: int = 1200, seed: int = 1) -> list[dict]:
     rng = random.Random(seed)
     out = []
@@ -100,6 +128,7 @@ def shipped() -> dict[str, list[dict]]:
     translate_train, translate_eval = toy.translation_splits(*TRANSLATE_SIZES)
     qa_train, qa_eval = toy.qa_splits(*QA_SIZES)
     return {"sft_tiny.jsonl": sft_records(), "classify_tiny.jsonl": classify_records(),
+            "dpo_tiny.jsonl": dpo_records(),
             "translate_tiny_train.jsonl": translate_train,
             "translate_tiny_eval.jsonl": translate_eval,
             "qa_tiny_train.jsonl": qa_train, "qa_tiny_eval.jsonl": qa_eval}

@@ -3,6 +3,7 @@
 head, the summed objective, the step's metrics, the evaluation and the FLOPs of a token.
 
     sft       causal LM over the response tokens (decoder)           sft_data, templates
+    dpo       preference pairs: DPO, or ORPO (decoder)               preference_data, preference
     classify  pooled hidden state -> labels (decoder or encoder)     classify_data, classify
     qa        span head over the context (encoder)                   qa_data, qa, squad
     seq2seq   decoder targets given the encoder input (enc.-dec.)    seq2seq_data, seq2seq
@@ -29,6 +30,8 @@ from jaxlm.errors import ConfigError
 from jaxlm.finetune import (
     classify,
     classify_data,
+    preference,
+    preference_data,
     qa,
     qa_data,
     seq2seq,
@@ -53,6 +56,8 @@ class FinetuneObjective:
     name = ""
     head_outputs = 0  # columns of the trainable head (group "head": D x n and n); 0: none
     lm_head = False  # whether the step runs the model's vocabulary head (FLOPs)
+    # Whether `sums` reads a frozen reference model (`reference=`: DPO's).
+    needs_reference = False
 
     def __init__(self, cfg: ml_collections.ConfigDict, tokenizer: Tokenizer,
                  base_step_dir: pathlib.Path):
@@ -314,7 +319,67 @@ class Seq2Seq(FinetuneObjective):
         return counts.encoder_decoder_flops_per_step(self.cfg.model, s, self.targets_len) / s
 
 
-OBJECTIVES = {o.name: o for o in (SFT, Classify, QA, Seq2Seq)}
+class DPO(FinetuneObjective):
+    """Preference pairs (preference_data) trained by DPO, or ORPO with finetune.orpo
+    (preference). DPO reads a frozen reference: the task hands `sums` its parameters and
+    sets `reference_graphdef` (the model without adapters)."""
+
+    name, lm_head = "dpo", True
+
+    def __init__(self, cfg, tokenizer, base_step_dir):
+        super().__init__(cfg, tokenizer, base_step_dir)
+        self.orpo, self.beta = bool(self.ft.orpo), float(self.ft.dpo_beta)
+        self.needs_reference = not self.orpo
+        self.reference_graphdef = None
+
+    def batch_layout(self) -> BatchLayout:
+        b, length = self.cfg.data.global_batch_size, self.cfg.data.seq_len
+        axes = ("batch", "sequence")
+        out = {f"{side}_{key}": ((b, length), jnp.float32 if key == "weights" else jnp.int32,
+                                 axes)
+               for side in preference_data.SIDES for key in preference_data.ROW_KEYS}
+        return {**out, "pair_weights": ((b,), jnp.float32, ("batch",))}
+
+    def rows(self, records, split, say):
+        ft, seq_len = self.ft, self.cfg.data.seq_len
+        rows, n = preference_data.load_rows(records, templates.load_template(ft.template),
+                                            self.tokenizer, seq_len, ft.overlong)
+        say(f"{split}: {n.examples:,} preference pairs in rows of {seq_len}; "
+            f"{n.skipped_overlong} skipped (prompt longer than seq_len), {n.truncated} "
+            f"replies truncated")
+        return rows
+
+    def sums(self, graphdef, params, head, batch, train, reference=None):
+        block = self.cfg.optim.loss_block
+        policy_w = preference.reply_logprobs(graphdef, params, batch, "chosen", block)
+        policy_l = preference.reply_logprobs(graphdef, params, batch, "rejected", block)
+        if self.orpo:
+            return preference.orpo_sums(policy_w, policy_l, batch["chosen_weights"].sum(1),
+                                        batch["rejected_weights"].sum(1),
+                                        batch["pair_weights"], self.beta)
+        reference = jax.lax.stop_gradient(reference)
+        reference_w = preference.reply_logprobs(self.reference_graphdef, reference, batch,
+                                                "chosen", block)
+        reference_l = preference.reply_logprobs(self.reference_graphdef, reference, batch,
+                                                "rejected", block)
+        return preference.dpo_sums(policy_w, policy_l, reference_w, reference_l,
+                                   batch["pair_weights"], self.beta)
+
+    def metrics(self, sums, denom):
+        return preference.metrics(sums, denom)
+
+    def figures(self, totals, batches):
+        return preference.figures(totals, batches)
+
+    def flops_per_token(self, lora, adapter_params):
+        """Per slot of a batch row, which holds a chosen and a rejected sequence: each
+        trained, and (DPO) each read by the reference (a forward pass: a third)."""
+        trained = super().flops_per_token(lora, adapter_params)
+        forward = zoo.flops_per_token(self.cfg.model, self.cfg.data.seq_len) / 3
+        return 2 * trained + (2 * forward if self.needs_reference else 0.0)
+
+
+OBJECTIVES = {o.name: o for o in (SFT, Classify, QA, Seq2Seq, DPO)}
 
 
 def make(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, base_step_dir: pathlib.Path

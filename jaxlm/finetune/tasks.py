@@ -1,4 +1,5 @@
-"""The fine-tuning tasks: SFT, classification, extractive QA and text-to-text (seq2seq), each
+"""The fine-tuning tasks: SFT, preference tuning (DPO, ORPO), classification, extractive QA
+and text-to-text (seq2seq), each
 with full fine-tuning or LoRA, run by the one training loop (jaxlm.train.loop) like
 pretraining.
 
@@ -9,6 +10,7 @@ and checks it bit for bit against the fingerprint recorded when the run started.
 
     state   {"step", "params" | "adapters", ["head"], "opt_state", "nonfinite_steps"}
     frozen  {"params": the base}   (LoRA only: read by the step, never trained or saved)
+            {"reference": the base}   (DPO with full fine-tuning: its reference model)
 
 What differs between the tasks (their rows, head, objective and evaluation) is the
 `finetune.task`'s objective (objectives.py); everything else (the base, the state, LoRA,
@@ -129,7 +131,6 @@ class FinetuneTask(Task):
         self.cfg = run_config(cfg, self.base, num_devices)
         self.tokenizer = self.base.tokenizer
         self.name = self.cfg.finetune.task
-        self.eval_every = self.cfg.finetune.eval_every
         self.lora = self.cfg.finetune.method == "lora"
         if self.lora:
             lora.check_targets(zoo.family(self.cfg.model.family), self.cfg.finetune.lora)
@@ -195,6 +196,12 @@ class FinetuneTask(Task):
             self.key_template = keys if jax.tree.leaves(keys) else None
         else:
             trainable["params"], axes["params"] = self.base_abstract, self.base_axes
+        if self.kind.needs_reference:  # DPO: the base, as a model without adapters
+            plain = ml_collections.ConfigDict({**ft.to_dict(), "method": "full"})
+            self.kind.reference_graphdef, _ = nnx.split(nnx.eval_shape(
+                lambda: build_model(cfg, plain, seed)))
+            if not self.lora:  # (LoRA's reference is its frozen base: no second copy)
+                frozen["reference"] = self.base_abstract
         if self.teacher is not None:
             self.teacher.place(mesh)
             frozen["teacher"] = self.teacher.abstract
@@ -215,6 +222,9 @@ class FinetuneTask(Task):
         optim, dist = self.cfg.optim, self.cfg.distill
 
         def sums(trainable, frozen, batch, key, train):
+            extra = {}
+            if kind.needs_reference:
+                extra["reference"] = frozen["params" if use_lora else "reference"]
             if use_lora:
                 parts = [jax.lax.stop_gradient(frozen["params"]), trainable["adapters"]]
                 if train and key_template is not None:
@@ -226,7 +236,7 @@ class FinetuneTask(Task):
                 return taught(graphdef, params, teacher_graphdef, frozen["teacher"], batch, dist,
                               optim.z_loss, optim.loss_block)
             return kind.sums(graphdef if train else eval_graphdef, params,
-                             trainable.get("head"), batch, train)
+                             trainable.get("head"), batch, train, **extra)
 
         if teacher_graphdef is not None:
             return Objective(sums, lambda s, denom: distill.distill_metrics(s, denom, dist.alpha))
@@ -264,6 +274,8 @@ class FinetuneTask(Task):
             return out
 
         self.frozen = {"params": base} if self.lora else {}
+        if self.kind.needs_reference and not self.lora:  # its own copy: `base` is donated
+            self.frozen["reference"] = self._base_params()
         if self.teacher is not None:
             self.frozen["teacher"] = self.teacher.load()
         # Full fine-tuning: the base's buffers become the state's (donated, not copied).
@@ -273,13 +285,13 @@ class FinetuneTask(Task):
         """LoRA reloads the frozen base and checks it against the recorded fingerprint."""
         recorded = metadata.get("finetune", {}).get("base_fingerprint")
         self.frozen = {}
-        if self.lora:
+        if self.lora or self.kind.needs_reference:
             base = self._base_params()
             found = fingerprint.digest(base)
             if found != recorded:
                 raise BaseMismatchError(f"base {self.base.step_dir} does not match the one this "
                                         f"run started from (fingerprint {found} != {recorded})")
-            self.frozen = {"params": base}
+            self.frozen = {"params" if self.lora else "reference": base}
         if self.teacher is not None:
             self.frozen["teacher"] = self.teacher.load(metadata)
         self.base_fingerprint = recorded
@@ -290,7 +302,7 @@ class FinetuneTask(Task):
         out = checkpoint_lib.run_metadata(self.cfg, self.spec.axes["adapters" if self.lora
                                                                    else "params"],
                                           self.tokenizer.name)
-        train_rows = self._rows[0]["inputs"] if self._rows else ()
+        train_rows = next(iter(self._rows[0].values())) if self._rows else ()
         out["finetune"] = {"task": ft.task, "method": ft.method, "base": str(self.base.step_dir),
                            "base_fingerprint": self.base_fingerprint,
                            "train_rows": len(train_rows),

@@ -12,7 +12,9 @@ Owns:
                 the adapters merged in memory, never written)
     quantize    `jaxlm quantize`: a run's weights quantized for inference (int8, int4,
                 nf4), written as a new run that generation, evaluation and scoring read
+    harness     `jaxlm lm-eval`: a run as EleutherAI's lm-evaluation-harness model
+                (loglikelihood, loglikelihood_rolling, generate_until)
 
 May import: jaxlm.errors, config, parallel, model, data, checkpoint, train (a task's
-evaluation). It never imports jaxlm.finetune: the command line hands it the task.
+evaluation); lm_eval (harness only, the `eval` extra). It never imports jaxlm.finetune: the command line hands it the task.
 """

@@ -20,6 +20,9 @@ Owns:
     metrics     peak FLOP/s for MFU, metrics.jsonl and TensorBoard, the progress line
                 (first step, recent-pace ETA, checkpoint saves)
     wandb_writer  Weights & Biases beside them (metrics.wandb), one W&B run per run
+    goodput     where a run's wall time went (compile, data wait, steps, recomputed steps,
+                checkpoints, evaluation), per process, gathered at log points
+    profiling   a jax.profiler trace of train.profile_steps
     validate    the whole config of a run, checked before anything expensive (which
                 objective and fine-tuning task fits which kind of model)
     compat      what a resume may change: fixed, guarded and free config keys; the

@@ -6,14 +6,14 @@ config now, key by key, in three classes:
 - fixed (refused, exit 2, with a table of saved vs now): what the model is and which tokens
   each step reads: `model.*` (except how it is computed: `remat`, `attention`, `dtype`),
   `data.*` (except where the cache lives and how far ahead it reads: `data_dir`,
-  `prefetch`), `objective.*`, `train.seed`, `finetune.*` (except `eval_file`, `eval_every`, and `base`,
+  `prefetch`), `objective.*`, `train.seed`, `finetune.*` (except `eval_file` and `base`,
   whose parameters are checked by their fingerprint instead), `distill.*` (except
   `teacher`, checked by its fingerprint too);
 - guarded (accepted only with `--config.train.allow_config_change=true`, then printed as a
   table and recorded in the checkpoint metadata as `config_changes`): the optimizer and the
   schedule (`optim.*`, `train.steps`) and the compute dtype (`model.dtype`);
 - free: everything else (mesh, checkpoint cadence and retention, metrics, log_every,
-  nonfinite, ...).
+  nonfinite, evaluation and profiling, ...).
 
 The tokenizer belongs to the run as well: the one saved in the workdir must be the
 config's (same kind, model file and special ids), or the resume is refused.
@@ -29,8 +29,9 @@ import ml_collections
 from jaxlm.errors import UserError
 
 FREE = ("mesh.", "checkpoint.", "metrics.", "train.log_every", "train.nonfinite",
-        "train.allow_config_change", "model.remat", "model.attention", "data.data_dir",
-        "data.prefetch", "finetune.eval_file", "finetune.eval_every", "finetune.base",
+        "train.allow_config_change", "train.eval_every", "train.eval_batches",
+        "train.profile_steps", "train.profile_all_processes", "model.remat", "model.attention", "data.data_dir", "data.prefetch", "finetune.eval_file",
+        "finetune.base",
         "distill.teacher")
 GUARDED = ("optim.", "train.steps", "model.dtype", "quant.")
 

@@ -16,22 +16,22 @@ stored order, and reports the loss per target token and its perplexity.
 
 from __future__ import annotations
 
+import itertools
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from jaxlm import config as config_lib
 from jaxlm.checkpoint import manager as checkpoint_lib
 from jaxlm.data import pipeline, sources, tokenizers
 from jaxlm.errors import ConfigError, UserError
 from jaxlm.model import context, zoo
-from jaxlm.parallel import rules
+from jaxlm.parallel import distributed, rules
 from jaxlm.quant import training as quant_training
 from jaxlm.train import state as state_lib
 from jaxlm.train.step import Objective
@@ -192,6 +192,7 @@ class CausalLM(Task):
         self.cfg = config_lib.resolved(cfg, vocab, num_devices)
         self.name = self.cfg.objective.name
         self.frozen = {}
+        self._eval_batches: dict[tuple[str, int], list[dict[str, np.ndarray]]] = {}
 
     @property
     def tokenizer(self) -> tokenizers.Tokenizer:
@@ -270,34 +271,25 @@ class CausalLM(Task):
     def evaluate(self, state, split: str = "validation", max_batches: int | None = None
                  ) -> dict[str, float]:
         """Loss and perplexity over `split` of the dataset, read once in stored order
-        through the training pipeline (same packing and tokenizer)."""
+        through the training pipeline (same packing and tokenizer). The first `max_batches`
+        are read once and kept (evaluation during training reuses them)."""
         if split not in sources.SPLITS:
             raise UserError(f"split {split!r} is not one of {', '.join(sources.SPLITS)}")
+        kept = self._eval_batches.get((split, max_batches))
+        if kept is not None:
+            return token_figures(*self.sum_batches(state, iter(kept)))
         sources.prepare_all(self.cfg.data)
-        data_iter = self.batches(split, process_index=jax.process_index(),
-                                 process_count=jax.process_count())
+        data_iter = self.batches(split, rows=distributed.local_rows(
+            rules.batch_sharding(self.mesh), self.cfg.data.global_batch_size))
         try:
-            totals, batches = self.sum_batches(state, _in_step(data_iter), max_batches)
+            if max_batches is None:
+                return token_figures(*self.sum_batches(state, data_iter))
+            kept = list(itertools.islice(data_iter, max_batches))
         finally:
             data_iter.close()
-        return token_figures(totals, batches)
+        self._eval_batches[(split, max_batches)] = kept
+        return token_figures(*self.sum_batches(state, iter(kept)))
 
     def eval_label(self, split: str) -> str:
         return f"{self.cfg.data.dataset} {split}"
 
-
-def _in_step(data_iter) -> Iterator[dict[str, np.ndarray]]:
-    """The iterator's batches; with several processes, every process yields until all are
-    done (a process that ran out contributes all-padding batches, weight 0)."""
-    if jax.process_count() == 1:
-        yield from data_iter
-        return
-    last = None
-    while True:
-        batch = next(data_iter, None)
-        has = multihost_utils.process_allgather(np.asarray(batch is not None))
-        if not np.any(has):
-            return
-        if batch is not None:
-            last = batch
-        yield batch if batch is not None else {k: np.zeros_like(v) for k, v in last.items()}

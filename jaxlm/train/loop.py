@@ -13,6 +13,10 @@ every task by construction:
   train.nonfinite="stop";
 - one progress line, metrics.jsonl and TensorBoard for every task, data figures summed over
   every process's rows;
+- evaluation during training for every task (train.eval_every, train.eval_batches) on
+  batches of its own, so the training batches and the state never depend on it;
+- the account of where the wall time went (jaxlm.train.goodput) in every log row and at
+  the end, and a profiler trace of train.profile_steps (jaxlm.train.profiling);
 - multi-host agreement on when to save (JAX's preemption sync point; checkpoint.every_minutes
   is consulted only at log points, where the processes sync anyway).
 """
@@ -38,7 +42,7 @@ from jaxlm.data import tokenizers
 from jaxlm.errors import ConfigError, NonFiniteLoss, Preempted, UserError
 from jaxlm.parallel import distributed, rules
 from jaxlm.parallel import mesh as mesh_lib
-from jaxlm.train import compat, preemption, wandb_writer
+from jaxlm.train import compat, goodput, preemption, profiling, wandb_writer
 from jaxlm.train import metrics as metrics_lib
 from jaxlm.train.task import Task
 
@@ -48,22 +52,33 @@ class TokenizerMismatchError(UserError):
 
 
 def batch_stats(batch: dict[str, np.ndarray], bos_id: int | None) -> np.ndarray:
-    """[documents started, real tokens, slots] of a host batch's (encoder's) input rows
-    (cheap NumPy counts): a document starts at BOS, or (without one) where its positions
-    start."""
-    segments = batch.get("input_segment_ids", batch["segment_ids"])
-    positions = batch.get("input_positions", batch["positions"])
-    real = int(np.count_nonzero(segments))
-    docs = int(np.count_nonzero(batch["inputs"] == bos_id)) if bos_id is not None else \
-        int(np.count_nonzero((positions == 0) & (segments > 0)))
-    return np.asarray([docs, real, segments.size], np.int64)
+    """[documents started, real tokens, slots] of a host batch's (encoder's) input rows, or
+    of both sides of preference pairs (cheap NumPy counts): a document starts at BOS, or
+    (without one) where its positions start."""
+    if "chosen_inputs" in batch:
+        rows = [tuple(batch[f"{side}_{k}"] for k in ("inputs", "segment_ids", "positions"))
+                for side in ("chosen", "rejected")]
+    else:
+        rows = [(batch["inputs"], batch.get("input_segment_ids", batch["segment_ids"]),
+                 batch.get("input_positions", batch["positions"]))]
+    out = np.zeros(3, np.int64)
+    for inputs, segments, positions in rows:
+        docs = int(np.count_nonzero(inputs == bos_id)) if bos_id is not None else \
+            int(np.count_nonzero((positions == 0) & (segments > 0)))
+        out += [docs, int(np.count_nonzero(segments)), segments.size]
+    return out
+
+
+def gathered(vector: np.ndarray) -> np.ndarray:
+    """Every process's `vector`, one row each (a host collective: every process calls it)."""
+    if jax.process_count() == 1:
+        return vector[None]
+    return np.asarray(multihost_utils.process_allgather(vector))
 
 
 def summed_over_processes(counts: np.ndarray) -> np.ndarray:
     """`counts` added over every process (a host collective: every process calls it)."""
-    if jax.process_count() == 1:
-        return counts
-    return np.asarray(multihost_utils.process_allgather(counts)).sum(axis=0)
+    return gathered(counts).sum(axis=0)
 
 
 def check_finite(state: dict, seen: int, since_step: int, step: int, policy: str,
@@ -106,7 +121,7 @@ def take_workdir(workdir: pathlib.Path, lease_minutes: float, say) -> lock_lib.R
 def check_writable(workdir: pathlib.Path) -> None:
     """What a resumed run appends to later (metrics, TensorBoard events) is writable now,
     before anything is compiled: raises PermissionError naming it."""
-    for name in ("metrics.jsonl", "metrics.superseded.jsonl", "tensorboard"):
+    for name in ("metrics.jsonl", "metrics.superseded.jsonl", "goodput.jsonl", "tensorboard"):
         path = workdir / name
         if path.exists() and not os.access(path, os.W_OK | (os.X_OK if path.is_dir() else 0)):
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
@@ -148,6 +163,7 @@ def train(task: Task, workdir: str | os.PathLike) -> list[dict[str, Any]]:
         raise ConfigError(f"config.model.weights={task.cfg.model.weights!r}: a quantized run "
                           f"(`jaxlm quantize`) is for generation, evaluation and scoring; "
                           f"train its float run")
+    account = goodput.Account(time.perf_counter())
     with preemption.watch() as watch:
         lock = None
         try:
@@ -156,20 +172,20 @@ def train(task: Task, workdir: str | os.PathLike) -> list[dict[str, Any]]:
                                     print if jax.process_index() == 0 else (lambda *a: None))
                 if lock is not None:
                     watch.on_startup_exit(lock.release)
-            return _train(task, pathlib.Path(workdir), watch)
+            return _train(task, pathlib.Path(workdir), watch, account)
         finally:
             if lock is not None:
                 lock.release()
 
 
-def _train(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch
-           ) -> list[dict[str, Any]]:
+def _train(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch,
+           account: goodput.Account) -> list[dict[str, Any]]:
     with contextlib.ExitStack() as resources:  # closed last-opened first, however it ends
-        return _run(task, workdir, watch, resources)
+        return _run(task, workdir, watch, resources, account)
 
 
 def _run(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch,
-         resources: contextlib.ExitStack) -> list[dict[str, Any]]:
+         resources: contextlib.ExitStack, account: goodput.Account) -> list[dict[str, Any]]:
     # ---- mesh -------------------------------------------------------------------------
     cfg = task.cfg
     mesh = mesh_lib.make_mesh(cfg.mesh)
@@ -201,9 +217,9 @@ def _run(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch,
         with mesh_lib.use(mesh):
             return task.lower().compile()
 
-    start = time.perf_counter()
-    compiled_step = preemption.responsive(compile_step)
-    compile_s = time.perf_counter() - start
+    with account.timing("compile"):
+        compiled_step = preemption.responsive(compile_step)
+    compile_s = account.seconds["compile"]
     with mesh_lib.use(mesh):
         restored = checkpointer.restore_latest(task.spec.abstract)
         changes: list[dict[str, Any]] = []
@@ -236,15 +252,32 @@ def _run(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch,
         except OSError as e:
             raise CheckpointStorageError(f"workdir {workdir} is not writable: {e}") from e
     resources.callback(writer.close)
+    # How far the attempt before got (the rows this one superseded): steps it redoes.
+    lost = goodput.lost_to_restart(writer.superseded, step0)
+    if jax.process_count() > 1:
+        lost = tuple(distributed.allgather_json(lost)[0])
+    account.set_lost(*lost)
+    reached_before = (step0 or 0) + account.lost_steps
+    first_step = int(jax.device_get(state["step"])) + 1
+    profile = profiling.window(cfg.train, workdir, first_step, say)
+    if profile is not None:
+        resources.callback(profile.stop)
+    account.since_start("startup")
 
     # ---- loop -------------------------------------------------------------------------
     logged: list[dict[str, Any]] = []
+    last_eval: dict[str, float] = {}  # the latest evaluation, shown in the progress line
+    eval_batches = cfg.train.eval_batches or None
 
     def evaluate(step: int) -> None:
-        scalars = {f"eval_{k}": v for k, v in task.evaluate(state).items()}
+        with account.timing("eval"):
+            figures = task.evaluate(state, "validation", eval_batches)
+        scalars = {f"eval_{k}": v for k, v in figures.items()}
         writer.write(step, scalars)
         logged.append({"step": step, **scalars})
-        say(f"eval at step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
+        last_eval.update(scalars)
+        metrics_lib.print_event(f"eval at step {step}: " + "  ".join(
+            f"{k} {v:.4f}" for k, v in scalars.items()), is_writer)
 
     def announce_saves() -> None:
         for timing in checkpointer.finished_saves():
@@ -252,33 +285,46 @@ def _run(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch,
 
     window = np.zeros(3, np.int64)  # documents, real tokens, slots of this host since the log
     document_start = task.tokenizer.bos_id if task.tokenizer.adds_bos else None
-    first_step = int(jax.device_get(state["step"])) + 1
     nonfinite_seen = int(jax.device_get(state["nonfinite_steps"]))
-    evaluating = task.eval_every is not None
+    eval_every = cfg.train.eval_every
+
+    def paused() -> float:  # seconds of evaluation and saving: not the steps' time
+        return account.seconds["eval"] + account.seconds["checkpoint"]
+
     try:
-        if evaluating and first_step == 1:
+        if eval_every and first_step == 1:
             evaluate(0)
-        last_log_time, last_log_step = time.perf_counter(), first_step - 1
+        last_log_time, last_log_step, last_paused = time.perf_counter(), first_step - 1, paused()
         eta = metrics_lib.Eta(total_steps)
         watch.start_loop(first_step, total_steps)
         for step in range(first_step, total_steps + 1):
-            host_batch = next(batches)
+            with account.timing("data"):
+                host_batch = next(batches)
             window += batch_stats(host_batch, document_start)
-            state, step_metrics = compiled_step(state, task.frozen, task.to_global(host_batch))
+            part = "recompute" if step <= reached_before else "step"
+            with account.timing(part):
+                if profile is None:
+                    state, step_metrics = compiled_step(state, task.frozen,
+                                                        task.to_global(host_batch))
+                else:
+                    with profile.step(step):
+                        state, step_metrics = compiled_step(state, task.frozen,
+                                                            task.to_global(host_batch))
+                    profile.after(step, state)
 
-            # The run's first step is logged too: its loss before the first log_every steps.
-            is_log = step % cfg.train.log_every == 0 or step in (first_step, total_steps)
-            is_eval = evaluating and (step == total_steps or (
-                task.eval_every > 0 and step % task.eval_every == 0))
-            stop = watch.should_stop(step)
-            is_save = checkpointer.should_save(step, total_steps, check_clock=is_log) or stop
-            if is_log or is_save or is_eval:  # the only places the host waits for the device
-                nonfinite_seen = check_finite(state, nonfinite_seen, last_log_step, step,
-                                              cfg.train.nonfinite, checkpointer, say)
+                # The run's first step is logged too: its loss before the first log_every steps.
+                is_log = step % cfg.train.log_every == 0 or step in (first_step, total_steps)
+                is_eval = bool(eval_every) and (step == total_steps or step % eval_every == 0)
+                stop = watch.should_stop(step)
+                is_save = checkpointer.should_save(step, total_steps, check_clock=is_log) or stop
+                if is_log or is_save or is_eval:  # the only places the host waits for the device
+                    nonfinite_seen = check_finite(state, nonfinite_seen, last_log_step, step,
+                                                  cfg.train.nonfinite, checkpointer, say)
+                if is_log:
+                    scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
             if is_log:
-                scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                 now = time.perf_counter()
-                step_time = (now - last_log_time) / (step - last_log_step)
+                step_time = (now - last_log_time - (paused() - last_paused)) / (step - last_log_step)
                 documents, real, slots = summed_over_processes(window)
                 window[:] = 0
                 scalars.update(
@@ -286,26 +332,39 @@ def _run(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch,
                     mfu=flops_per_step / step_time / peak, nonfinite_steps=nonfinite_seen,
                     # Data figures of every process's rows, over the steps since the log.
                     data_documents=int(documents), data_tokens=int(real),
-                    packing_efficiency=real / max(slots, 1), **batches.progress(step))
+                    packing_efficiency=real / max(slots, 1), **batches.progress(step),
+                    **goodput.figures(gathered(account.vector(now)), account.lost_steps,
+                                      account.lost_before_s))
                 writer.write(step, scalars)
                 logged.append({"step": step, **scalars})
                 announce_saves()
                 metrics_lib.print_progress(
-                    metrics_lib.progress_line(step, total_steps, scalars, eta.at(step, now)),
+                    metrics_lib.progress_line(step, total_steps, {**scalars, **last_eval},
+                                              eta.at(step, now)),
                     is_writer)
-                last_log_time, last_log_step = time.perf_counter(), step
+                last_log_time, last_log_step, last_paused = time.perf_counter(), step, paused()
             if is_eval:
                 evaluate(step)
             if is_save:  # every process's data position: one state for any process count
-                data_states = distributed.allgather_json(batches.get_state())
-                checkpointer.save(step, state, batches.merge_states(data_states), metadata)
+                with account.timing("checkpoint"):
+                    data_states = distributed.allgather_json(batches.get_state())
+                    checkpointer.save(step, state, batches.merge_states(data_states), metadata)
             if stop:
-                checkpointer.wait()
+                with account.timing("checkpoint"):
+                    checkpointer.wait()
                 announce_saves()
                 raise Preempted(step, checkpointer.directory / str(step))
-        checkpointer.wait()
+        with account.timing("checkpoint"):
+            checkpointer.wait()
         announce_saves()
     finally:
         checkpointer.wait()  # a save in flight completes, whatever ended the loop
-    say(f"\ndone: {total_steps} steps; checkpoints in {checkpointer.directory}")
+    # ---- the account of the attempt ----------------------------------------------------
+    account_row = goodput.figures(gathered(account.vector(time.perf_counter())),
+                                  account.lost_steps, account.lost_before_s)
+    if is_writer:
+        goodput.append(workdir, {"first_step": first_step, "last_step": total_steps,
+                                  **account_row})
+    say(f"\ndone: {total_steps} steps; checkpoints in {checkpointer.directory}\n"
+        + goodput.summary(account_row))
     return logged

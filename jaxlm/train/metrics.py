@@ -79,11 +79,12 @@ class MetricsWriter:
         self._jsonl = None
         self._tb = None
         self._wandb = None
+        self.superseded: list[dict[str, Any]] = []  # the rows this start moved aside
         if not active:
             return
         workdir = pathlib.Path(workdir)
         path = workdir / "metrics.jsonl"
-        supersede_rows(path, resumed_step)
+        self.superseded = supersede_rows(path, resumed_step)
         self._jsonl = open(path, "a", buffering=1)
         try:
             if metrics_cfg.tensorboard:
@@ -118,13 +119,13 @@ class MetricsWriter:
             self._wandb.close()
 
 
-def supersede_rows(path: pathlib.Path, resumed_step: int | None) -> int:
+def supersede_rows(path: pathlib.Path, resumed_step: int | None) -> list[dict[str, Any]]:
     """Moves the rows of `path` logged after `resumed_step` (all rows when None) to
-    `<name>.superseded.jsonl` beside it; returns how many. The superseded rows are
+    `<name>.superseded.jsonl` beside it; returns them (parsed). The superseded rows are
     appended and synced before `path` is atomically replaced, so a crash in between at
     worst copies them twice."""
     if not path.exists():
-        return 0
+        return []
     kept, dropped = [], []
     for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
         try:
@@ -134,21 +135,23 @@ def supersede_rows(path: pathlib.Path, resumed_step: int | None) -> int:
         keep = resumed_step is not None and isinstance(step, int) and step <= resumed_step
         (kept if keep else dropped).append(line if line.endswith("\n") else line + "\n")
     if not dropped:
-        return 0
+        return []
     backup = path.with_suffix(".superseded.jsonl")
+    rows = []
     with open(backup, "a", encoding="utf-8") as f:
         for line in dropped:
             try:
                 row = json.loads(line)
             except ValueError:
                 row = {"unparsed": line.rstrip("\n")}
+            rows.append(row)
             f.write(json.dumps({**row, "superseded_by_resume_from": resumed_step or 0}) + "\n")
         f.flush()
         os.fsync(f.fileno())
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept), encoding="utf-8")
     os.replace(tmp, path)
-    return len(dropped)
+    return rows
 
 
 def format_duration(seconds: float) -> str:
@@ -159,7 +162,8 @@ def format_duration(seconds: float) -> str:
 
 def progress_line(step: int, total: int, scalars: Mapping[str, float], eta_s: float) -> str:
     """One line per logged step, the same for every task: loss (and accuracy where the
-    task reports it), throughput, MFU, learning rate (and epoch where the data has one)."""
+    task reports it), throughput, MFU, learning rate (and epoch where the data has one; the
+    latest evaluation's loss once there is one)."""
     parts = [f"step {step}/{total}", f"loss {scalars['loss']:.4f}"]
     if "accuracy" in scalars:
         parts.append(f"acc {scalars['accuracy']:.3f}")
@@ -167,6 +171,8 @@ def progress_line(step: int, total: int, scalars: Mapping[str, float], eta_s: fl
               f"lr {scalars['learning_rate']:.2e}"]
     if "epoch" in scalars:
         parts.append(f"epoch {scalars['epoch']:.2f}")
+    if "eval_loss" in scalars:
+        parts.append(f"eval {scalars['eval_loss']:.4f}")
     parts.append(f"ETA {format_duration(eta_s)}" if math.isfinite(eta_s) else "ETA --")
     return "  ".join(parts)
 

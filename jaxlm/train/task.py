@@ -11,8 +11,8 @@ leaves open, such as the vocabulary or a fine-tuning base) and then, in the loop
     state = task.init_state()                 from scratch, init_from or a base; or
     state = task.resume(state, metadata)      a restored state, checked against the run
     task.metadata()                           what each checkpoint records
-    task.evaluate(state, split)               figures on a split (in the loop when
-                                              `eval_every` is not None, and `jaxlm eval`)
+    task.evaluate(state, split, max_batches)  figures on a split (in the loop every
+                                              train.eval_every steps, and `jaxlm eval`)
 
 The step has one signature for every task, (state, frozen, batch) -> (state, metrics),
 built by jaxlm.train.step from the task's `Objective`; `frozen` holds inputs the step reads
@@ -130,14 +130,11 @@ class Task(abc.ABC):
     def flops_per_token(self) -> float:
         """Analytic model FLOPs of one trained token (jaxlm.model.counts)."""
 
-    # Evaluation: None means the loop never evaluates; 0 at the start and the end only;
-    # N also every N steps.
-    eval_every: int | None = None
-
+    @abc.abstractmethod
     def evaluate(self, state: TrainState, split: str = "validation",
                  max_batches: int | None = None) -> dict[str, float]:
-        """Figures of the state on `split` (its trainable groups are what is read)."""
-        raise NotImplementedError(f"task {self.name!r} has no evaluation")
+        """Figures of the state on `split` (its trainable groups are what is read): the
+        first `max_batches` batches (None: all), the same batches every call."""
 
     def eval_label(self, split: str) -> str:
         """What `split` is, for the eval line ("stdlib validation")."""

@@ -13,13 +13,12 @@ from jaxlm.errors import ConfigError
 from jaxlm.model import zoo
 from jaxlm.parallel import topology
 
-
 # What each pretraining objective trains: the kind of Transformer (jaxlm.model.zoo.Family).
 OBJECTIVE_KINDS = {"causal_lm": "decoder", "masked_lm": "encoder",
                    "span_corruption": "encoder_decoder"}
 # Fine-tuning task (config finetune.task) -> the kinds of model it fine-tunes.
-FINETUNE_KINDS = {"sft": ("decoder",), "classify": ("decoder", "encoder"), "qa": ("encoder",),
-                  "seq2seq": ("encoder_decoder",)}
+FINETUNE_KINDS = {"sft": ("decoder",), "dpo": ("decoder",), "classify": ("decoder", "encoder"),
+                  "qa": ("encoder",), "seq2seq": ("encoder_decoder",)}
 
 
 def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:

@@ -16,6 +16,7 @@ OWN_LINES = re.compile("|".join((
     r"checkpoint \d+ saved in [\d.]+ s \(training paused [\d.]+ s\)",
     r"",
     r"done: \d+ steps; checkpoints in .*",
+    r"goodput [\d.]+% of [\d.]+s wall: step [\d.]+s, .*",
 )))
 
 

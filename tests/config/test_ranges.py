@@ -49,7 +49,24 @@ BAD = [
      "config.model.rope_scaling.factor: must be finite and > 0, got nan"),
     ("finetune.lora.alpha=inf", "config.finetune.lora.alpha: must be finite and > 0, got inf"),
     ("finetune.lora.dropout=nan", "config.finetune.lora.dropout: must be in [0, 1), got nan"),
+    ("train.profile_steps=5", 'config.train.profile_steps: \'5\' is not START:COUNT (e.g. '
+                              '"100:5": steps 100 to 104)'),
+    ("train.profile_steps=0:3", "config.train.profile_steps: '0:3': START and COUNT must be at "
+                                "least 1"),
+    ("train.profile_steps=199:3", "config.train.profile_steps: '199:3' ends after "
+                                  "train.steps=200"),
 ]
+
+
+def test_a_moved_key_names_its_new_name():
+    cfg = tiny()
+    with pytest.raises(config_lib.ConfigError) as error:
+        config_lib.apply_override(cfg, "finetune.eval_every", "10")
+    assert str(error.value) == ("unknown config key: config.finetune.eval_every (it moved: use "
+                                "config.train.eval_every)")
+    saved = {"finetune": {"eval_every": 7}, "train": {"steps": 9}}
+    config_lib.move_keys(saved)
+    assert saved == {"finetune": {}, "train": {"steps": 9, "eval_every": 7}}
 
 
 @pytest.mark.parametrize("override,message", BAD, ids=[o for o, _ in BAD])

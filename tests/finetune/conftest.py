@@ -36,7 +36,7 @@ def make_cfg(base_run):
         cfg.model.update(remat="none")
         cfg.data.update(seq_len=64, global_batch_size=8)
         cfg.optim.update(learning_rate=1e-2, warmup_steps=1)
-        cfg.train.update(steps=steps, log_every=1)
+        cfg.train.update(steps=steps, log_every=1, eval_every=steps)  # at the start and end
         cfg.checkpoint.update(every=every, keep=5)
         cfg.metrics.update(tensorboard=False)
         for section, values in sections.items():

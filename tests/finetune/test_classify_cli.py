@@ -24,8 +24,8 @@ LABELS = ["import", "function", "loop", "assignment"]
 def classifier(base_run, tmp_path_factory):
     """12 LoRA steps of configs/classify_tiny.py on the tiny base; (workdir, config)."""
     cfg = config_lib.load_config_file(CONFIGS / "classify_tiny.py")
-    cfg.finetune.update(base=str(base_run[0]), eval_every=0)  # evaluate at the end
-    cfg.train.update(steps=12)
+    cfg.finetune.update(base=str(base_run[0]))
+    cfg.train.update(steps=12, eval_every=12)  # evaluate at the start and the end
     cfg.metrics.update(tensorboard=False)
     workdir = tmp_path_factory.mktemp("classify") / "run"
     finetune(cfg, workdir)

@@ -28,7 +28,7 @@ def test_shipped_config_fine_tunes_and_evaluates_from_the_command_line(name, tmp
     done = run_fixture.jaxlm_cli(
         "finetune", "--config", run_fixture.CONFIG_DIR / f"{name}.py",
         f"--config.finetune.base={tmp_path / 'base'}", "--workdir", run,
-        "--config.train.steps=2", "--config.finetune.eval_every=0",
+        "--config.train.steps=2", "--config.train.eval_every=2",
         "--config.data.global_batch_size=8", "--config.metrics.tensorboard=false")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "eval at step 2: eval_loss" in done.stdout and "eval_exact_match" in done.stdout

@@ -34,11 +34,11 @@ def base_and_config(tmp_path, task):
     write_base(tmp_path / "base", base_config(family, tok, str(tok_path)), tok, seed=1)
     cfg = config_lib.defaults()
     cfg.finetune.update(task=task, method=method, base=str(tmp_path / "base"),
-                        train_file=train_file, eval_file=eval_file, eval_every=0)
+                        train_file=train_file, eval_file=eval_file)
     cfg.finetune.lora.update(rank=4, alpha=8.0, dropout=0.1, targets="q,v")
     cfg.data.update(seq_len=32 if task == "seq2seq" else 64, global_batch_size=8)
     cfg.optim.update(learning_rate=3e-3, warmup_steps=1)
-    cfg.train.update(steps=STEPS, log_every=1)
+    cfg.train.update(steps=STEPS, log_every=1, eval_every=STEPS)
     cfg.checkpoint.update(every=1000, keep=3)  # only the preemption and the last step save
     cfg.metrics.update(peak_flops=1e11, tensorboard=False)
     return cfg

@@ -42,10 +42,10 @@ def read(name):
 def finetune_cfg(task, base, train_file, eval_file, steps, lr, seq_len, batch, **finetune_keys):
     cfg = config_lib.defaults()
     cfg.finetune.update(task=task, method="full", base=str(base), train_file=str(train_file),
-                        eval_file=str(eval_file), eval_every=0, **finetune_keys)
+                        eval_file=str(eval_file), **finetune_keys)
     cfg.data.update(seq_len=seq_len, global_batch_size=batch)
     cfg.optim.update(learning_rate=lr, warmup_steps=20, schedule="cosine", weight_decay=0.0)
-    cfg.train.update(steps=steps, log_every=50)
+    cfg.train.update(steps=steps, log_every=50, eval_every=steps)  # at the start and end
     cfg.checkpoint.update(every=0, keep=1)
     cfg.metrics.update(tensorboard=False, peak_flops=1e11)
     return cfg

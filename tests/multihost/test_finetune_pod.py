@@ -35,7 +35,7 @@ def base_dir(tmp_path_factory):
 def overrides(base):
     """configs/lora_tiny.py (adapters with dropout) cut to test size."""
     return [f"--config.finetune.base={base}", "--config.finetune.overlong=skip",
-            "--config.finetune.eval_every=0", "--config.data.seq_len=64",
+            f"--config.train.eval_every={STEPS}", "--config.data.seq_len=64",
             "--config.data.global_batch_size=8", f"--config.train.steps={STEPS}",
             "--config.train.log_every=1", "--config.checkpoint.every=2",
             "--config.metrics.peak_flops=1e11", "--config.metrics.tensorboard=false"]
@@ -76,6 +76,12 @@ def test_lora_sft_and_eval_on_two_processes_equal_one_process(base_dir, tmp_path
     two_eval = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()
                 if "eval_loss" in line][-1]
     np.testing.assert_allclose(two_eval["eval_loss"], final_eval["eval_loss"], rtol=1e-5)
+    # The goodput account gathers both processes': the mean, the lowest goodput and the
+    # longest data wait (one process has none of the last two).
+    account = json.loads((two / "goodput.jsonl").read_text())
+    assert account["goodput_min"] <= account["goodput"]
+    assert account["time_data_max_s"] >= account["time_data_s"]
+    assert "goodput_min" not in json.loads((one / "goodput.jsonl").read_text())
 
     # `jaxlm eval` of the 2-process run, on 2 processes and in this one process.
     printed = [line for line in on_two_processes("eval", "--workdir", two, "--json").splitlines()

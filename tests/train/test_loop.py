@@ -44,3 +44,9 @@ def test_resumed_run_equals_uninterrupted_run(run_config, tmp_path):
     superseded = [json.loads(line) for line in
                   (cut_dir / "metrics.superseded.jsonl").read_text().splitlines()]
     assert [(m["step"], m["superseded_by_resume_from"]) for m in superseded] == [(5, 4), (6, 4)]
+    # The resumed attempt knows it redid steps 5 and 6 (the first attempt had reached them)
+    # and what they had cost: its own time on them is recompute, none productive.
+    account = json.loads((cut_dir / "goodput.jsonl").read_text().splitlines()[-1])
+    assert (account["first_step"], account["last_step"], account["lost_steps"]) == (5, 6, 2)
+    assert account["lost_before_s"] == sum(m["step_time_s"] for m in full[4:])
+    assert account["time_recompute_s"] > 0 and account["time_step_s"] == account["goodput"] == 0

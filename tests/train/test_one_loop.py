@@ -67,13 +67,14 @@ def task_config(name, data_dir, base, t5_teacher=None):
         cfg.data.update(data_dir=data_dir, seq_len=32, global_batch_size=8)
     else:
         cfg = config_lib.load_config_file(CONFIGS / f"{name}.py")
-        cfg.finetune.update(base=str(base), overlong="skip", eval_every=0)
+        cfg.finetune.update(base=str(base), overlong="skip")
         cfg.data.update(seq_len=64, global_batch_size=8)
         if name == "classify_tiny":
             cfg.finetune.method = "full"  # the shipped config is LoRA: cover both methods
         if name == "lora_tiny":  # SFT distillation: LoRA adapters taught by their own base
             cfg.distill.update(teacher=str(base), temperature=2.0)
-    cfg.train.update(steps=STEPS, log_every=1)
+    # Every task evaluates in the loop: at the start and after the last step.
+    cfg.train.update(steps=STEPS, log_every=1, eval_every=STEPS, eval_batches=2)
     cfg.checkpoint.update(every=1000, keep=3)  # only the preemption and the last step save
     cfg.metrics.update(peak_flops=1e11, tensorboard=False)
     return cfg
@@ -120,9 +121,9 @@ def test_every_task_is_preempted_and_resumes_exactly_in_the_one_loop(
     assert [m["step"] for m in train] == list(range(PREEMPT_AT + 1, STEPS + 1))
     for key in ("loss", "grad_norm", "learning_rate"):
         assert [m[key] for m in train] == [m[key] for m in full if "loss" in m][PREEMPT_AT:], key
-    if cfg.finetune.task:  # the evaluation after the last step, on the same state
-        final_eval = [m for m in resumed if "eval_loss" in m][-1]
-        assert final_eval == [m for m in full if "eval_loss" in m][-1]
+    # The evaluation after the last step, on the same state.
+    final_eval = [m for m in resumed if "eval_loss" in m][-1]
+    assert final_eval == [m for m in full if "eval_loss" in m][-1]
     # metrics.jsonl holds the preempted run's steps and the resumed ones, in order.
     steps = [m["step"] for m in metrics(cut_dir) if "loss" in m]
     assert steps == list(range(1, PREEMPT_AT + 1)) + list(range(PREEMPT_AT + 1, STEPS + 1))
@@ -139,5 +140,6 @@ def test_progress_line_is_the_same_for_every_task(stdlib_data_dir, base_dir, tmp
         line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("step 1/1"))
         acc = r"  acc [\d.]+" if name == "classify_tiny" else ""
         epoch = r"  epoch [\d.]+" if name == "classify_tiny" else ""
+        evaluated = r"  eval [\d.]+"  # the evaluation at step 0
         assert re.fullmatch(rf"step 1/1  loss [\d.]+{acc}  tok/s [\d,]+  MFU [\d.]+%  "
-                            rf"lr [\d.e+-]+{epoch}  ETA \d+:\d\d", line), line
+                            rf"lr [\d.e+-]+{epoch}{evaluated}  ETA \d+:\d\d", line), line
