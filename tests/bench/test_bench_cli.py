@@ -12,8 +12,10 @@ def test_rounds_below_one_are_refused(tmp_path):
 
 def test_workdir_and_runs_are_for_the_run_benchmarks_only(capsys):
     from jaxlm import cli
-    for argv, says in ((["bench", "quant"], "--workdir: `jaxlm bench quant` and `jaxlm bench "
-                                            "compress` need it"),
+    for argv, says in ((["bench", "quant"], "--workdir: `jaxlm bench quant`, `compress` and "
+                                            "`lm-eval` need it"),
+                       (["bench", "lm-eval"], "--workdir: `jaxlm bench quant`, `compress` and "
+                                              "`lm-eval` need it"),
                        (["bench", "step", "--workdir", "runs/x"], "no other benchmark takes it"),
                        (["bench", "compress", "--workdir", "runs/x"], "--runs: `jaxlm bench "
                                                                       "compress` needs it"),
