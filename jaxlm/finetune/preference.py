@@ -41,10 +41,9 @@ def reply_logprobs(graphdef: Any, params: Any, batch: dict, side: str, block: in
                                   batch[f"{side}_segment_ids"])
 
     def one(x_BxCxD, targets_BxC, weights_BxC):
-        logits_BxCxV = model.head_logits(x_BxCxD).astype(jnp.float32)
-        log_z_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
-        target_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
-        return {"logp": jnp.sum((target_BxC - log_z_BxC) * weights_BxC, axis=1)}
+        logp_BxC, _ = lm.target_logprobs(model.head_logits(x_BxCxD).astype(jnp.float32),
+                                         targets_BxC)
+        return {"logp": jnp.sum(logp_BxC * weights_BxC, axis=1)}
 
     shards = context.shards()
     size = lm.loss_block(x_BxLxD.shape[1], model.cfg.vocab_size, block, shards)

@@ -134,14 +134,21 @@ def _blocks(arrays: tuple[jax.Array, ...], block: int, shards: int) -> tuple[jax
     return tuple(blocks(a) for a in arrays)
 
 
+def target_logprobs(logits_BxLxV: jax.Array, targets_BxL: jax.Array
+                    ) -> tuple[jax.Array, jax.Array]:
+    """(log p(target) at each position, log Z) of the logits."""
+    log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    return target_logit_BxL - log_z_BxL, log_z_BxL
+
+
 def cross_entropy_sums(logits_BxLxV: jax.Array, batch: dict, z_loss: float
                        ) -> tuple[jax.Array, dict]:
     """Summed cross-entropy of logits against batch["targets"], weighted by batch["weights"]
     (+ z_loss * log(Z)^2), and its parts."""
-    log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
+    logp_BxL, log_z_BxL = target_logprobs(logits_BxLxV, batch["targets"])
     weights_BxL = batch["weights"].astype(jnp.float32)
-    ce_sum = jnp.sum((log_z_BxL - target_logit_BxL) * weights_BxL)
+    ce_sum = jnp.sum(-logp_BxL * weights_BxL)
     z_sum = jnp.sum(jnp.square(log_z_BxL) * weights_BxL)
     objective = ce_sum + z_loss * z_sum
     return objective, {"ce_sum": ce_sum, "z_sum": z_sum, "weight_sum": jnp.sum(weights_BxL)}

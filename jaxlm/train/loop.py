@@ -303,13 +303,10 @@ def _run(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch,
             window += batch_stats(host_batch, document_start)
             part = "recompute" if step <= reached_before else "step"
             with account.timing(part):
-                if profile is None:
+                with profile.step(step) if profile is not None else contextlib.nullcontext():
                     state, step_metrics = compiled_step(state, task.frozen,
                                                         task.to_global(host_batch))
-                else:
-                    with profile.step(step):
-                        state, step_metrics = compiled_step(state, task.frozen,
-                                                            task.to_global(host_batch))
+                if profile is not None:
                     profile.after(step, state)
 
                 # The run's first step is logged too: its loss before the first log_every steps.

@@ -36,13 +36,14 @@ def test_in_loop_evaluation_is_jaxlm_eval_and_leaves_training_alone(run_config, 
     assert after["loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-6)
     assert after["tokens"] == evals[-1]["eval_tokens"]
 
-    # The account: its parts add up to the attempt's wall time, which is the call's.
+    # The account: its named parts (all but the unaccounted rest, "other") add up to the
+    # call's wall time within 2%.
     account = json.loads((tmp_path / "eval" / "goodput.jsonl").read_text())  # one attempt
     parts = [account[f"time_{p}_s"] for p in ("startup", "compile", "data", "step",
-                                               "recompute", "checkpoint", "eval", "other")]
-    assert sum(parts) == pytest.approx(account["wall_s"], rel=1e-9)
+                                               "recompute", "checkpoint", "eval")]
+    assert sum(parts) == pytest.approx(wall, rel=0.02)
     assert account["wall_s"] == pytest.approx(wall, rel=0.02)
-    assert min(parts[:4] + parts[5:7]) > 0 and account["time_recompute_s"] == 0
+    assert min(parts[:4] + parts[5:]) > 0 and account["time_recompute_s"] == 0
     assert account["goodput"] == pytest.approx(account["time_step_s"] / account["wall_s"])
     assert (account["first_step"], account["last_step"], account["lost_steps"]) == (1, 4, 0)
     # Every log row carries the account so far.
