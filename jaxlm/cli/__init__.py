@@ -37,7 +37,8 @@ applied to every verb), one module per verb group:
     bench       bench step|data|checkpoint|lora|generate|convert
     launch      launch local
     config      config show (the resolved, validated config of a file or of a run)
-    tasks       which task a config (or a run) runs
+    tasks       which task a config (or a run) runs, and what the loop evaluates beside it
+    extras      the optional extras a verb or config key needs (checked without JAX)
     helptext    what every --help shares: defaults shown, override syntax, --version
 
 Every verb takes --verbose (jaxlm.console): library output shows too.

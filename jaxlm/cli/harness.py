@@ -16,11 +16,11 @@ task, a run that is not a decoder, the harness not installed).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
 
 from jaxlm import errors
+from jaxlm.cli import extras
 from jaxlm.cli.train import add_multihost_arguments, on_every_process
 
 VERBS = ("lm-eval",)
@@ -49,9 +49,7 @@ def add_parsers(verbs) -> None:
 
 def check_arguments(args: argparse.Namespace) -> list[str]:
     """The task names; UserError for bad arguments, before anything is loaded."""
-    if importlib.util.find_spec("lm_eval") is None:
-        raise errors.UserError("jaxlm lm-eval needs EleutherAI's lm-evaluation-harness: "
-                               "pip install 'jaxlm[eval]'")
+    extras.require_harness("jaxlm lm-eval")
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not names:
         raise errors.UserError("--tasks: name at least one task")

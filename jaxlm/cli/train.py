@@ -115,7 +115,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     def body() -> int:
         task = tasks.finetuning(cfg, workdir) if args.verb == "finetune" else \
             tasks.pretraining(cfg)
-        loop.train(task, workdir)
+        loop.train(task, workdir, tasks.evaluations(task))
         return errors.DONE
 
     with preemption.watch():  # a signal in the start-up exits 75 (nothing to save), not 143

@@ -36,6 +36,7 @@ from jaxlm.config.schema import (
 from jaxlm.config.validate import (
     grouped_dims,
     ici_mesh_shape,
+    lm_eval_tasks,
     mesh_shape,
     num_slices,
     parse_mixture,
@@ -49,6 +50,6 @@ from jaxlm.errors import ConfigError
 __all__ = [
     "BUILTIN_DATASETS", "DCN_KEYS", "MESH_AXES", "SOURCE_KINDS", "ConfigError",
     "apply_override", "apply_overrides", "defaults", "grouped_dims", "ici_mesh_shape", "load",
-    "load_config_file", "merge_overrides", "mesh_shape", "move_keys", "num_slices", "parse_mixture",
+    "lm_eval_tasks", "load_config_file", "merge_overrides", "mesh_shape", "move_keys", "num_slices", "parse_mixture",
     "profile_window", "require", "resolve_vocab", "resolved", "source_defaults", "split_overrides", "validate",
 ]

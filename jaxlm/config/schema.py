@@ -48,6 +48,7 @@ BUILTIN_DATASETS = ("stdlib",)
 TOKENIZERS = ("byte", "sentencepiece", "hf")
 PACKINGS = ("concat", "first_fit")
 NONFINITE_POLICIES = ("stop", "skip", "continue")
+MOE_DISPATCHES = ("dropless", "capacity", "dense")  # model.moe_dispatch (jaxlm/model/moe.py)
 ON_ALL_CORRUPT = ("error", "restart")  # checkpoint.on_all_corrupt
 WANDB_MODES = ("online", "offline")  # metrics.wandb_mode
 SOURCE_KINDS = ("text", "jsonl", "parquet", "tfds")
@@ -56,6 +57,7 @@ SOURCE_KINDS = ("text", "jsonl", "parquet", "tfds")
 # Each lies far above any real run, so only a typo reaches it, and low enough that the typo
 # is refused in a line instead of by an allocation that fails, or swaps, minutes later.
 MAX_VOCAB = 2**24  # 64 x the largest vocabulary in use (262,144); a logits row is 64 MiB
+MAX_EXPERTS = 1024  # model.n_experts (DeepSeek-V3: 256 routed)
 MAX_WIDTH = 2**17  # d_model, d_ff, head_dim (the widest published model: d_ff 73,728)
 MAX_LAYERS = 2**12
 MAX_HEADS = 2**12
@@ -150,6 +152,20 @@ def defaults() -> ml_collections.ConfigDict:
             n_decoder_layers=0,  # t5: decoder layers; 0: n_layers (n_layers: the encoder's)
             relative_buckets=32,  # t5: relative-position buckets of the attention bias
             relative_max_distance=128,  # t5: distances beyond share the last log bucket
+            # family moe (jaxlm/model/moe.py): n_experts SwiGLU experts of width d_expert
+            # (0: d_ff) behind a top-k router (k = experts_per_token; weights renormalised
+            # over the k when router_norm_topk), a shared expert of width d_shared (0: none;
+            # shared_gate: scaled by a sigmoid gate, Qwen2-MoE). moe_dispatch: dropless
+            # (grouped matmuls) | capacity (capacity_factor * tokens * k / n_experts per
+            # expert, the rest dropped) | dense (every expert on every token, masked).
+            n_experts=0,
+            experts_per_token=2,
+            d_expert=0,
+            d_shared=0,
+            shared_gate=False,
+            router_norm_topk=True,
+            moe_dispatch="dropless",
+            capacity_factor=1.25,
             tie_embeddings=True,
             norm_eps=1e-5,
             init_std=0.02,
@@ -219,6 +235,10 @@ def defaults() -> ml_collections.ConfigDict:
             weight_decay=0.1,  # not applied to norms, biases or embeddings
             clip_norm=1.0,  # global-norm clipping; 0 disables
             z_loss=0.0,  # coefficient of log(Z)^2; 0 disables
+            # family moe: the router's load-balancing loss and its z-loss, added to the
+            # objective with these coefficients (jaxlm/model/moe.py)
+            moe_aux_loss=0.01,
+            moe_z_loss=0.001,
             # Positions per block of the blockwise cross-entropy (logits made and dropped a
             # block at a time); 0: the whole row while its float32 logits fit 64 MiB, else
             # the largest divisor of data.seq_len that does.
@@ -247,6 +267,15 @@ def defaults() -> ml_collections.ConfigDict:
             # <workdir>/profile (TensorBoard's profile plugin, XProf, Perfetto); "": none.
             profile_steps="",
             profile_all_processes=False,  # False: process 0 only
+            # EleutherAI's lm-evaluation-harness during training (decoder tasks; the `eval`
+            # extra): lm_eval_tasks (comma-separated harness or local task names) scored with
+            # the trained parameters on the loop's cadence (as eval_every); 0: never. Local
+            # task YAML files in lm_eval_include_path; lm_eval_limit: the first N documents
+            # of each task (0: all). Metrics lm_eval_<task>_<metric>.
+            lm_eval_every=0,
+            lm_eval_tasks="",
+            lm_eval_include_path="",
+            lm_eval_limit=0,
         )
     )
 

@@ -25,6 +25,7 @@ from jaxlm.config.schema import (
     KV_CACHE_DTYPES,
     MAX_BATCH_TOKENS,
     MAX_DOCUMENT_BYTES,
+    MAX_EXPERTS,
     MAX_GLOBAL_BATCH,
     MAX_HEADS,
     MAX_LAYERS,
@@ -37,6 +38,7 @@ from jaxlm.config.schema import (
     MAX_WIDTH,
     MESH_AXES,
     MIN_DOCUMENT_BYTES,
+    MOE_DISPATCHES,
     NONFINITE_POLICIES,
     OBJECTIVES,
     ON_ALL_CORRUPT,
@@ -193,6 +195,26 @@ def _check_context(context: int, m: ml_collections.ConfigDict, d: ml_collections
             f"context shard (data.seq_len / mesh.context={context})")
 
 
+def _check_experts(m: ml_collections.ConfigDict) -> None:
+    """The mixture-of-experts keys (family moe; 0 experts everywhere else)."""
+    require_int(m.n_experts, "model.n_experts", 0, MAX_EXPERTS)
+    require(m.family == "moe" or m.n_experts == 0, "model.n_experts",
+            f"experts are family 'moe''s; family {m.family!r} has a dense MLP (set 0)")
+    require(m.family != "moe" or m.n_experts >= 2, "model.n_experts",
+            f"family='moe' needs at least 2 experts, got {m.n_experts}")
+    require_int(m.experts_per_token, "model.experts_per_token", 1,
+                m.n_experts or MAX_EXPERTS)  # top k (read only with experts)
+    require_int(m.d_expert, "model.d_expert", 0, MAX_WIDTH)  # 0: d_ff
+    require_int(m.d_shared, "model.d_shared", 0, MAX_WIDTH)  # 0: no shared expert
+    for key in ("shared_gate", "router_norm_topk"):
+        require(isinstance(m[key], bool), f"model.{key}", f"must be true or false, got {m[key]!r}")
+    require(not m.shared_gate or m.d_shared > 0, "model.shared_gate",
+            "gates the shared expert: set model.d_shared too")
+    require(m.moe_dispatch in MOE_DISPATCHES, "model.moe_dispatch",
+            f"{m.moe_dispatch!r} not in {MOE_DISPATCHES}")
+    require_real(m.capacity_factor, "model.capacity_factor", 0, low_open=True)
+
+
 def _check_model(m: ml_collections.ConfigDict) -> None:
     require(m.remat in REMAT_POLICIES, "model.remat", f"{m.remat!r} not in {REMAT_POLICIES}")
     require(m.attention in ATTENTION_BACKENDS, "model.attention",
@@ -220,6 +242,7 @@ def _check_model(m: ml_collections.ConfigDict) -> None:
             f"{m.activation!r} not in {ACTIVATIONS}")
     require(isinstance(m.gated_mlp, bool), "model.gated_mlp",
             f"must be true or false, got {m.gated_mlp!r}")
+    _check_experts(m)
     require_int(m.type_vocab_size, "model.type_vocab_size", 1, MAX_VOCAB)
     require_int(m.position_offset, "model.position_offset", 0, MAX_SEQ_LEN)
     require_int(m.n_decoder_layers, "model.n_decoder_layers", 0, MAX_LAYERS)  # 0: n_layers
@@ -273,6 +296,8 @@ def _check_optim(o: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> 
     require_real(o.weight_decay, "optim.weight_decay", 0)
     require_real(o.clip_norm, "optim.clip_norm", 0)  # 0 disables
     require_real(o.z_loss, "optim.z_loss", 0)  # 0 disables
+    require_real(o.moe_aux_loss, "optim.moe_aux_loss", 0)
+    require_real(o.moe_z_loss, "optim.moe_z_loss", 0)
     require_int(o.loss_block, "optim.loss_block", 0, d.seq_len)  # 0: automatic
     require(not o.loss_block or d.seq_len % o.loss_block == 0, "optim.loss_block",
             f"{o.loss_block} does not divide data.seq_len={d.seq_len}")
@@ -292,6 +317,11 @@ def profile_window(text: str) -> tuple[int, int] | None:
     return start, count
 
 
+def lm_eval_tasks(train_cfg: ml_collections.ConfigDict) -> list[str]:
+    """The task names of train.lm_eval_tasks."""
+    return [n.strip() for n in str(train_cfg.lm_eval_tasks).split(",") if n.strip()]
+
+
 def _check_run(cfg: ml_collections.ConfigDict) -> None:
     """train, checkpoint and metrics."""
     t, c = cfg.train, cfg.checkpoint
@@ -305,6 +335,14 @@ def _check_run(cfg: ml_collections.ConfigDict) -> None:
             f"{t.profile_steps!r} ends after train.steps={t.steps}")
     require(isinstance(t.profile_all_processes, bool), "train.profile_all_processes",
             f"must be true or false, got {t.profile_all_processes!r}")
+    require_int(t.lm_eval_every, "train.lm_eval_every", 0, MAX_STEPS)  # 0: never
+    require_int(t.lm_eval_limit, "train.lm_eval_limit", 0, 10**9)  # 0: every document
+    require(isinstance(t.lm_eval_tasks, str), "train.lm_eval_tasks",
+            f"must be a string of comma-separated task names, got {t.lm_eval_tasks!r}")
+    require(not t.lm_eval_every or lm_eval_tasks(t), "train.lm_eval_tasks",
+            f"name the harness tasks to run every train.lm_eval_every={t.lm_eval_every} steps")
+    require(isinstance(t.lm_eval_include_path, str), "train.lm_eval_include_path",
+            f"must be a directory path or '', got {t.lm_eval_include_path!r}")
     require(t.nonfinite in NONFINITE_POLICIES, "train.nonfinite",
              f"{t.nonfinite!r} not in {NONFINITE_POLICIES}")
     require_int(c.every, "checkpoint.every", 0, MAX_STEPS)  # 0: no step cadence

@@ -118,7 +118,7 @@ class SFT(FinetuneObjective):
     def sums(self, graphdef, params, head, batch, train):
         optim = self.cfg.optim
         return lm.loss_sums(graphdef, params, batch, optim.z_loss if train else 0.0,
-                            optim.loss_block)
+                            optim.loss_block, (optim.moe_aux_loss, optim.moe_z_loss))
 
     def metrics(self, sums, denom):
         return lm.token_metrics(sums, denom)

@@ -248,6 +248,20 @@ class FinetuneTask(Task):
             return lora.combine(frozen["params"], trainable["adapters"])
         return trainable["params"]
 
+    def language_model(self, state: state_lib.TrainState
+                       ) -> tuple[ml_collections.ConfigDict, Any]:
+        """Full fine-tuning: the trained parameters. LoRA: the base with the adapters folded
+        in on the host, in float64 (jaxlm.model.adapters.merge, as a LoRA run's checkpoint
+        is read for generation: the same weights bit for bit); QLoRA's base as the float
+        weights its codes stand for."""
+        if not self.lora:
+            return self.cfg.model, state["params"]
+        base, model_cfg = to_host(self.frozen["params"]), self.cfg.model
+        if model_cfg.weights != "float":
+            base = quantized.dequantize_tree(base, model_cfg.weights)
+            model_cfg = quant_weights.float_config(model_cfg)
+        return model_cfg, lora.merge(base, to_host(state["adapters"]), self.cfg.finetune.lora)
+
     def _base_params(self) -> Any:
         """The base's parameters; QLoRA's quantized where they are read, shard by shard."""
         return quant_weights.restore_params(self.base.step_dir, self.cfg.model,
@@ -347,12 +361,18 @@ class FinetuneTask(Task):
     @staticmethod
     def gather(x: jax.Array) -> np.ndarray:
         """Every row of a batch-sharded array on this host, in order."""
-        if jax.process_count() == 1:
-            return np.asarray(jax.device_get(x))
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return to_host(x)
 
     def eval_label(self, split: str) -> str:
         ft = self.cfg.finetune
         where = ft.eval_file if split == "validation" and ft.eval_file else ft.train_file
         held = " (held-out part)" if split == "validation" and not ft.eval_file else ""
         return f"{ft.task} {split}: {where}{held}"
+
+
+def to_host(tree: Any) -> Any:
+    """Every element of each (sharded) array of `tree` as a NumPy array on this host."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, jax.device_get(tree))
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
+                        tree)

@@ -155,13 +155,18 @@ class Generator:
         self.prompt_bucket = max(int(prompt_bucket), 1)
         self.block = max(int(block), 1)  # new tokens per device call (1: a call per token)
         self.graphdef, abstract_state = nnx.split(zoo.abstract(self.cfg))
-        self.params = jax.device_put(params, rules.shardings_of(abstract_state, self.mesh))
+        self._param_shardings = rules.shardings_of(abstract_state, self.mesh)
+        self.place(params)
         self._batch_sharding = rules.batch_sharding(self.mesh)
         self._row_sharding = jax.sharding.NamedSharding(
             self.mesh, rules.logical_to_spec(("batch",)))
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("sampling", "cache_len"))
         self._decode = jax.jit(self._decode_fn, static_argnames=("sampling", "with_logits"),
                                donate_argnums=(1,))
+
+    def place(self, params: Any) -> None:
+        """New parameters of the same model, placed as the first (nothing recompiles)."""
+        self.params = jax.device_put(params, self._param_shardings)
 
     @property
     def model(self) -> nnx.Module:
@@ -304,9 +309,13 @@ def load(workdir: str | pathlib.Path, cfg: ml_collections.ConfigDict | None = No
 def default_stop_ids(tokenizer, step_dir: str | pathlib.Path) -> list[int]:
     """The tokenizer's EOS and, for a model converted from Hugging Face, every eos id its
     config named (Llama 3 has several), from the checkpoint's metadata."""
+    return stop_ids_of(tokenizer, rundir.read_metadata(step_dir))
+
+
+def stop_ids_of(tokenizer, metadata: dict[str, Any]) -> list[int]:
+    """default_stop_ids from a checkpoint's metadata (or what a run will record)."""
     stop = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
-    meta = rundir.read_metadata(step_dir)
-    stop.update(int(i) for i in (meta.get("hf_source") or {}).get("eos_token_ids", []))
+    stop.update(int(i) for i in (metadata.get("hf_source") or {}).get("eos_token_ids", []))
     return sorted(stop)
 
 

@@ -24,6 +24,13 @@ Requests are scored in batches of `batch_size` rows (longest first, so a batch's
 similar lengths and its length bucket fits them). Every process of a multi-host run answers
 every request (the model is sharded over all of them); process 0 reports.
 
+`DuringTraining` is train.lm_eval_every: the CLI hands it to the training loop
+(jaxlm.train.loop.Evaluation), which calls it with the training state on its evaluation
+cadence; it scores train.lm_eval_tasks with the state's language model (Task.language_model:
+a LoRA run's adapters merged as its checkpoint would be) through the same HarnessModel, and
+gives each task's numeric results as metrics `lm_eval_<task>_<metric>` (`acc`,
+`exact_match_strict-match`: the harness's metric, and its filter unless that is "none").
+
 Imports `lm_eval`, which only the `eval` extra installs: nothing else in jaxlm imports this
 module, and the CLI imports it when `jaxlm lm-eval` runs.
 """
@@ -41,6 +48,7 @@ from lm_eval import utils as harness_utils
 from lm_eval.api.model import LM
 from lm_eval.tasks import TaskManager
 
+from jaxlm import config as config_lib
 from jaxlm.checkpoint import rundir
 from jaxlm.errors import UserError
 from jaxlm.infer import generate as generate_lib
@@ -162,17 +170,65 @@ def load(workdir: str, batch_size: int = 8, max_gen_toks: int = 256) -> HarnessM
     return HarnessModel(generator, tokenizer, stop, batch_size, max_gen_toks)
 
 
-def task_manager(tasks: Sequence[str], include_path: str | None = None) -> TaskManager:
+class DuringTraining:
+    """train.lm_eval_every: the harness's tasks scored from the training state (a
+    jaxlm.train.loop.Evaluation). One Generator for the run, given each evaluation's
+    parameters (its programs compile once); between evaluations it holds none."""
+
+    def __init__(self, task, manager: TaskManager, batch_size: int = 8,
+                 max_gen_toks: int = 256):
+        """`task`: the run's jaxlm.train.task.Task (built by the loop before the first call)."""
+        train_cfg = task.cfg.train
+        self.every = int(train_cfg.lm_eval_every)
+        self.task, self.manager = task, manager
+        self.names = config_lib.lm_eval_tasks(train_cfg)
+        self.limit = int(train_cfg.lm_eval_limit) or None
+        self.batch_size, self.max_gen_toks = batch_size, max_gen_toks
+        self.model: HarnessModel | None = None
+
+    def __call__(self, state: dict) -> dict[str, float]:
+        model_cfg, params = self.task.language_model(state)
+        if self.model is None:
+            generator = generate_lib.Generator(model_cfg, params, self.task.mesh)
+            stop = generate_lib.stop_ids_of(self.task.tokenizer, self.task.metadata())
+            self.model = HarnessModel(generator, self.task.tokenizer, stop, self.batch_size,
+                                      self.max_gen_toks)
+        else:
+            self.model.generator.place(params)
+        try:
+            return scalars(evaluate(self.model, self.names, self.manager, None, self.limit))
+        finally:
+            self.model.generator.params = None  # the state's buffers are the step's again
+
+
+def scalars(results: dict[str, Any]) -> dict[str, float]:
+    """The numeric results of every task (and group) as `lm_eval_<task>_<metric>`: the
+    metric, then its filter unless "none"; standard errors left out."""
+    out = {}
+    for task_name, metrics in sorted(results["results"].items()):
+        for key, value in metrics.items():
+            metric, _, filter_name = key.partition(",")
+            if "_stderr" in metric or isinstance(value, bool) or \
+                    not isinstance(value, (int, float)):
+                continue
+            name = metric if filter_name in ("", "none") else f"{metric}_{filter_name}"
+            out[f"lm_eval_{task_name}_{name}"] = float(value)
+    return out
+
+
+def task_manager(tasks: Sequence[str], include_path: str | None = None,
+                 tasks_key: str = "--tasks", include_key: str = "--include-path") -> TaskManager:
     """The harness's tasks with those of `include_path` (a directory of task YAML files);
-    UserError naming the directory or the task names it does not know."""
+    UserError naming the directory or the task names it does not know (as `tasks_key` and
+    `include_key`: the flags or config keys they came from)."""
     if include_path is not None and not pathlib.Path(include_path).is_dir():
-        raise UserError(f"--include-path {include_path}: not a directory of task YAML files")
+        raise UserError(f"{include_key} {include_path}: not a directory of task YAML files")
     manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise UserError(f"--tasks: unknown to lm-eval {lm_eval.__version__}: "
+        raise UserError(f"{tasks_key}: unknown to lm-eval {lm_eval.__version__}: "
                         f"{', '.join(unknown)} (`lm-eval ls tasks` lists them; a local task "
-                        f"needs --include-path)")
+                        f"needs {include_key})")
     return manager
 
 

@@ -112,7 +112,7 @@ class Bert(nnx.Module):
             positions_BxL = jnp.broadcast_to(jnp.arange(length), tokens_BxL.shape)
         x_BxLxD = self._embed(tokens_BxL, positions_BxL, token_types_BxL)
         mask = attention.prepare_mask(cfg, segment_ids_BxL, length, causal=False)
-        return run_blocks(self.blocks, cfg, x_BxLxD, positions_BxL, mask)
+        return run_blocks(self.blocks, cfg, x_BxLxD, positions_BxL, mask)[0]
 
     def head_logits(self, x_BxLxD: jax.Array) -> jax.Array:
         """The masked-LM head over hidden states (any run of positions; the blockwise loss

@@ -54,6 +54,14 @@ class PreNormBlock(nnx.Module):
         x_BxLxD = constrain(x_BxLxD, ACT_AXES)
         return x_BxLxD if cache is None else (x_BxLxD, cache)
 
+    def routed(self, x_BxLxD, positions_BxL, mask):
+        """A block whose MLP is a mixture of experts (jaxlm.model.moe): (its output, the
+        layer's routing figures)."""
+        h_BxLxD = constrain(x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL, mask),
+                            ACT_AXES)
+        y_BxLxD, figures = self.mlp.apply(self.mlp_norm(h_BxLxD))
+        return constrain(h_BxLxD + y_BxLxD, ACT_AXES), figures
+
     def activations(self, x_BxLxD, positions_BxL, mask) -> dict[str, jax.Array]:
         """The block's output ("out", B x L x D) with what it is made of: every head's
         attention output before the output projection ("heads", B x L x H x K) and the MLP's
@@ -80,6 +88,11 @@ class DecoderLM(nnx.Module):
         return cls.norm(cfg.d_model, cfg.norm_eps)
 
     @classmethod
+    def make_mlp(cls, cfg: ml_collections.ConfigDict, std: float, out_std: float, dtype,
+                 rngs: nnx.Rngs) -> nnx.Module:
+        return cls.mlp(cfg.d_model, cfg.d_ff, std, out_std, dtype, rngs)
+
+    @classmethod
     def make_block(cls, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> PreNormBlock:
         """One layer, its parameters drawn from the layer's rngs."""
         dtype = jnp.dtype(cfg.dtype)
@@ -91,7 +104,7 @@ class DecoderLM(nnx.Module):
                 head_dim=counts.head_dim(cfg), std=cfg.init_std, out_std=out_std, dtype=dtype,
                 backend=cfg.attention, rngs=rngs, **cls.attention_options(cfg)),
             mlp_norm=cls.make_norm(cfg),
-            mlp=cls.mlp(cfg.d_model, cfg.d_ff, cfg.init_std, out_std, dtype, rngs))
+            mlp=cls.make_mlp(cfg, cfg.init_std, out_std, dtype, rngs))
 
     def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
         self.cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: part of the graphdef
@@ -145,6 +158,12 @@ class DecoderLM(nnx.Module):
                       segment_ids_BxL: jax.Array | None = None) -> jax.Array:
         """The final-normed hidden states (B x L x D, compute dtype) the LM head reads; a
         classification head pools them (jaxlm/finetune/classify.py)."""
+        return self.routed_hidden_states(tokens_BxL, positions_BxL, segment_ids_BxL)[0]
+
+    def routed_hidden_states(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
+                             segment_ids_BxL: jax.Array | None = None) -> tuple[jax.Array, Any]:
+        """(hidden_states, the routing figures of every layer stacked along a leading layers
+        axis: jaxlm.model.moe.RoutingFigures; None for a dense model)."""
         cfg = self.cfg
         length = tokens_BxL.shape[1]
         positions_BxL = _positions(tokens_BxL, positions_BxL)
@@ -155,9 +174,12 @@ class DecoderLM(nnx.Module):
             if segment_ids_BxL is not None:
                 segment_ids_BxL = segment_ids_BxL[:, order]
         mask = attention.prepare_mask(cfg, segment_ids_BxL, length, order=order)
-        x_BxLxD = self._run_blocks(self._embed(tokens_BxL, positions_BxL), positions_BxL, mask)
+        x_BxLxD, figures = run_blocks(self.blocks, cfg, self._embed(tokens_BxL, positions_BxL),
+                                      positions_BxL, mask, routed=cfg.n_experts > 0)
         x_BxLxD = self.final_norm(x_BxLxD)
-        return x_BxLxD if order is None else constrain(x_BxLxD[:, np.argsort(order)], ACT_AXES)
+        if order is not None:
+            x_BxLxD = constrain(x_BxLxD[:, np.argsort(order)], ACT_AXES)
+        return x_BxLxD, figures
 
     def layer_statistics(self, fn: Callable[[jax.Array, dict], Any],
                          tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
@@ -183,31 +205,30 @@ class DecoderLM(nnx.Module):
         x_BxLxD = self.add_positions(rows_BxLxD, positions_BxL)
         return constrain(x_BxLxD.astype(jnp.dtype(self.cfg.dtype)), ACT_AXES)
 
-    def _run_blocks(self, x_BxLxD, positions_BxL, mask):
-        return run_blocks(self.blocks, self.cfg, x_BxLxD, positions_BxL, mask)
-
-
 def run_blocks(blocks: nnx.Module, cfg: ml_collections.ConfigDict, x_BxLxD: jax.Array,
-               *layer_args, n_layers: int | None = None) -> jax.Array:
+               *layer_args, n_layers: int | None = None, routed: bool = False) -> Any:
     """x through a layer stack made by nnx.vmap (every parameter with a leading `layers`
     axis): each block is called as block(x, *layer_args); under a scan when
     cfg.scan_layers, with cfg.remat's rematerialisation. `n_layers`: the stack's depth
-    (default cfg.n_layers)."""
+    (default cfg.n_layers). `routed` (a mixture-of-experts stack): block.routed(x, ...)
+    instead, returning (x, every layer's routing figures stacked along a leading axis);
+    otherwise (x, None)."""
     graphdef, stacked = nnx.split(blocks)
 
     def layer(x, layer_state):
         block = nnx.merge(graphdef, layer_state)
-        return block(x, *layer_args), None
+        return block.routed(x, *layer_args) if routed else (block(x, *layer_args), None)
 
     if cfg.remat != "none":
         layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat],
                                prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-        x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, stacked)
-        return x_BxLxD
+        return jax.lax.scan(layer, x_BxLxD, stacked)
+    figures = []
     for i in range(n_layers or cfg.n_layers):
-        x_BxLxD, _ = layer(x_BxLxD, jax.tree.map(lambda a, i=i: a[i], stacked))
-    return x_BxLxD
+        x_BxLxD, f = layer(x_BxLxD, jax.tree.map(lambda a, i=i: a[i], stacked))
+        figures.append(f)
+    return x_BxLxD, (jax.tree.map(lambda *f: jnp.stack(f), *figures) if routed else None)
 
 
 def _positions(tokens_BxL: jax.Array, positions_BxL: jax.Array | None) -> jax.Array:

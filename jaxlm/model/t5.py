@@ -120,7 +120,7 @@ class T5(nnx.Module):
                              bidirectional=True, max_distance=cfg.relative_max_distance)
         visible = self_visible(segment_ids_BxS, tokens_BxS.shape[1], causal=False)
         bias = constrain(bias if visible is None else bias + mask_bias(visible), BIAS_AXES)
-        x_BxSxD = run_blocks(self.encoder_blocks, cfg, self._embed(tokens_BxS), bias)
+        x_BxSxD, _ = run_blocks(self.encoder_blocks, cfg, self._embed(tokens_BxS), bias)
         return constrain(self.encoder_norm(x_BxSxD), ACT_AXES)
 
     def decode(self, decoder_tokens_BxT: jax.Array, enc_BxSxD: jax.Array, *,
@@ -137,9 +137,9 @@ class T5(nnx.Module):
                               BIAS_AXES)
         visible = cross_visible(segment_ids_BxT, enc_segment_ids_BxS, length)
         cross_bias = jnp.zeros((1, 1, 1, 1), jnp.float32) if visible is None else mask_bias(visible)
-        x_BxTxD = run_blocks(self.decoder_blocks, cfg, self._embed(decoder_tokens_BxT),
-                             enc_BxSxD.astype(jnp.dtype(cfg.dtype)), self_bias, cross_bias,
-                             n_layers=decoder_layers(cfg))
+        x_BxTxD, _ = run_blocks(self.decoder_blocks, cfg, self._embed(decoder_tokens_BxT),
+                                enc_BxSxD.astype(jnp.dtype(cfg.dtype)), self_bias, cross_bias,
+                                n_layers=decoder_layers(cfg))
         return self._logits(self.decoder_norm(x_BxTxD))
 
     # ---- generation --------------------------------------------------------------------------

@@ -77,6 +77,42 @@ LLAMA = Family(
                   "mlp": (("mlp", "w_gate", 1), ("mlp", "w_up", 1), ("mlp", "w_down", 1))})
 
 
+# ---- moe ---------------------------------------------------------------------------------
+
+def _moe_validate(cfg: ml_collections.ConfigDict) -> None:
+    _llama_validate(cfg)
+    require(cfg.weights == "float", "model.weights",
+            f"{cfg.weights!r}: quantized weights are not yet built for family='moe''s experts")
+
+
+def expert_width(cfg: ml_collections.ConfigDict) -> int:
+    """moe: each expert's hidden width (model.d_expert, or d_ff when it is 0)."""
+    return cfg.d_expert or cfg.d_ff
+
+
+def _moe_mlp(cfg: ml_collections.ConfigDict, experts: int) -> int:
+    """A layer's router, `experts` SwiGLU experts, its shared expert and gate."""
+    d = cfg.d_model
+    return (d * cfg.n_experts + experts * 3 * d * expert_width(cfg) + 3 * d * cfg.d_shared
+            + (d if cfg.shared_gate else 0))
+
+
+def _moe_params(cfg: ml_collections.ConfigDict) -> int:
+    return _llama_params(cfg) + cfg.n_layers * (_moe_mlp(cfg, cfg.n_experts) - 3 * cfg.d_model
+                                                * cfg.d_ff)
+
+
+MOE = Family(
+    name="moe",
+    describe="mixture of experts: the LLaMA block with a top-k routed mixture of SwiGLU "
+             "experts (and shared experts) as its MLP (Mixtral, Qwen-MoE shapes)",
+    network="jaxlm.model.moe:LlamaMoE", validate=_moe_validate, param_count=_moe_params,
+    # What a token runs through: its k experts (the active parameters), as FLOPs count.
+    matmul_params=lambda cfg: counts.matmul_params(cfg, mlp_matrices=0)
+    + cfg.n_layers * _moe_mlp(cfg, cfg.experts_per_token),
+    lora_targets=ATTENTION_TARGETS)
+
+
 # ---- gpt2 --------------------------------------------------------------------------------
 
 def _gpt2_validate(cfg: ml_collections.ConfigDict) -> None:
@@ -198,7 +234,7 @@ T5 = Family(
     kind="encoder_decoder")
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, GPT2, BERT, T5)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, MOE, GPT2, BERT, T5)}
 
 
 # ---- the registry's API --------------------------------------------------------------------

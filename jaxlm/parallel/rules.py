@@ -34,6 +34,8 @@ RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
+    ("expert", None),  # mixture-of-experts weights' expert axis (replicated until an
+    ("experts_router", None),  # expert mesh axis shards them)
     ("positions", None),
     ("norm", None),
     ("layers", None),

@@ -30,9 +30,10 @@ from jaxlm.errors import UserError
 
 FREE = ("mesh.", "checkpoint.", "metrics.", "train.log_every", "train.nonfinite",
         "train.allow_config_change", "train.eval_every", "train.eval_batches",
-        "train.profile_steps", "train.profile_all_processes", "model.remat", "model.attention", "data.data_dir", "data.prefetch", "finetune.eval_file",
-        "finetune.base",
-        "distill.teacher")
+        "train.profile_steps", "train.profile_all_processes", "train.lm_eval_every",
+        "train.lm_eval_tasks", "train.lm_eval_include_path", "train.lm_eval_limit",
+        "model.remat", "model.attention", "data.data_dir", "data.prefetch", "finetune.eval_file",
+        "finetune.base", "distill.teacher")
 GUARDED = ("optim.", "train.steps", "model.dtype", "quant.")
 
 

@@ -60,15 +60,36 @@ def loss_block(length: int, vocab: int, configured: int = 0, shards: int = 1) ->
     return max(c for c in range(1, min(part, fits) + 1) if part % c == 0)
 
 
-def loss_sums(graphdef: Any, params: Any, batch: dict, z_loss: float, block: int = 0
-              ) -> tuple[jax.Array, dict]:
+def loss_sums(graphdef: Any, params: Any, batch: dict, z_loss: float, block: int = 0,
+              routing: tuple[float, float] = (0.0, 0.0)) -> tuple[jax.Array, dict]:
     """Summed (not averaged) objective over the batch's weighted tokens, and its parts;
-    `block`: optim.loss_block."""
+    `block`: optim.loss_block. A mixture-of-experts model adds its routers' losses with the
+    coefficients `routing` (optim.moe_aux_loss, optim.moe_z_loss): `with_routing`."""
     model = nnx.merge(graphdef, params)
-    x_BxLxD = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
+    inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    if model.cfg.n_experts:
+        x_BxLxD, figures = model.routed_hidden_states(*inputs)
+    else:
+        x_BxLxD, figures = model.hidden_states(*inputs), None
     shards = context.shards()
     size = loss_block(x_BxLxD.shape[1], model.cfg.vocab_size, block, shards)
-    return blockwise_cross_entropy_sums(x_BxLxD, model.head_logits, batch, z_loss, size, shards)
+    total, sums = blockwise_cross_entropy_sums(x_BxLxD, model.head_logits, batch, z_loss, size,
+                                               shards)
+    return (total, sums) if figures is None else with_routing(total, sums, figures, *routing)
+
+
+def with_routing(total: jax.Array, sums: dict, figures, aux_weight: float, z_weight: float
+                 ) -> tuple[jax.Array, dict]:
+    """The routers' load-balancing and z-losses (jaxlm.model.moe.RoutingFigures, averaged
+    over the layers) added to a summed objective, weighted by the batch's target tokens: the
+    step's division by them leaves coefficient x loss (and a weighted mean over accumulated
+    microbatches). The figures join the sums the same way, for the metrics."""
+    n = sums["weight_sum"]
+    aux, z = jnp.mean(figures.aux_loss), jnp.mean(figures.z_loss)
+    routed = {"moe_aux_sum": aux * n, "moe_z_sum": z * n,
+              "moe_dropped_sum": jnp.mean(figures.dropped) * n,
+              "moe_load_sum": jnp.mean(figures.load_E, axis=0) * n}
+    return total + (aux_weight * aux + z_weight * z) * n, {**sums, **routed}
 
 
 def blockwise_cross_entropy_sums(x_BxLxD: jax.Array, head_logits, batch: dict, z_loss: float,
@@ -156,8 +177,14 @@ def cross_entropy_sums(logits_BxLxV: jax.Array, batch: dict, z_loss: float
 
 def token_metrics(sums: dict, denom: jax.Array) -> dict:
     """What a token-level objective reports: loss per target token, log(Z)^2, targets."""
-    return {"loss": sums["ce_sum"] / denom, "log_z_squared": sums["z_sum"] / denom,
-            "target_tokens": sums["weight_sum"]}
+    out = {"loss": sums["ce_sum"] / denom, "log_z_squared": sums["z_sum"] / denom,
+           "target_tokens": sums["weight_sum"]}
+    if "moe_aux_sum" in sums:  # a mixture of experts: its routing health
+        load_E = sums["moe_load_sum"] / denom
+        out.update(moe_aux_loss=sums["moe_aux_sum"] / denom, moe_z_loss=sums["moe_z_sum"] / denom,
+                   moe_dropped=sums["moe_dropped_sum"] / denom, moe_load_max=jnp.max(load_E),
+                   **{f"moe_load_{e}": load_E[e] for e in range(load_E.shape[0])})
+    return out
 
 
 def model_state_spec(model_cfg: ml_collections.ConfigDict, tx, mesh, seed: int,
@@ -245,7 +272,8 @@ class CausalLM(Task):
 
         def sums(trainable, frozen, batch, key, train):
             return loss_sums(graphdef, trainable["params"], batch,
-                             optim.z_loss if train else 0.0, optim.loss_block)
+                             optim.z_loss if train else 0.0, optim.loss_block,
+                             (optim.moe_aux_loss, optim.moe_z_loss))
 
         return Objective(sums, token_metrics)
 

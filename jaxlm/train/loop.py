@@ -14,7 +14,9 @@ every task by construction:
 - one progress line, metrics.jsonl and TensorBoard for every task, data figures summed over
   every process's rows;
 - evaluation during training for every task (train.eval_every, train.eval_batches) on
-  batches of its own, so the training batches and the state never depend on it;
+  batches of its own, so the training batches and the state never depend on it; the
+  evaluations a caller hands in (`Evaluation`: the lm-evaluation-harness of
+  train.lm_eval_every, which lives above this package) run on the same terms;
 - the account of where the wall time went (jaxlm.train.goodput) in every log row and at
   the end, and a profiler trace of train.profile_steps (jaxlm.train.profiling);
 - multi-host agreement on when to save (JAX's preemption sync point; checkpoint.every_minutes
@@ -28,7 +30,7 @@ import errno
 import os
 import pathlib
 import time
-from typing import Any
+from typing import Any, Callable, Protocol, Sequence
 
 import jax
 import numpy as np
@@ -49,6 +51,16 @@ from jaxlm.train.task import Task
 
 class TokenizerMismatchError(UserError):
     """The config's tokenizer is not the one the run was trained with."""
+
+
+class Evaluation(Protocol):
+    """An evaluation beside the task's own, run at its own cadence (at the start of a fresh
+    run, every `every` steps and after the last; 0: never): `__call__(state)` gives its
+    figures, named as metrics.jsonl keeps them. It reads the state and changes nothing."""
+
+    every: int
+
+    def __call__(self, state: dict) -> dict[str, float]: ...
 
 
 def batch_stats(batch: dict[str, np.ndarray], bos_id: int | None) -> np.ndarray:
@@ -156,9 +168,11 @@ def check_resume(task: Task, checkpointer: checkpoint_lib.Checkpointer,
                 f"A run keeps its tokenizer: use the same one, or another --workdir")
 
 
-def train(task: Task, workdir: str | os.PathLike) -> list[dict[str, Any]]:
+def train(task: Task, workdir: str | os.PathLike, evaluations: Sequence[Evaluation] = ()
+          ) -> list[dict[str, Any]]:
     """Trains `task` to its config's train.steps, resuming from the workdir's latest
-    checkpoint. Returns the logged metrics (train steps; evaluations as eval_* keys)."""
+    checkpoint. Returns the logged metrics (train steps; evaluations as eval_* keys, and
+    those of `evaluations` as they name them)."""
     if task.cfg.model.weights != "float" and task.cfg.finetune.base_quant == "none":
         raise ConfigError(f"config.model.weights={task.cfg.model.weights!r}: a quantized run "
                           f"(`jaxlm quantize`) is for generation, evaluation and scoring; "
@@ -172,20 +186,21 @@ def train(task: Task, workdir: str | os.PathLike) -> list[dict[str, Any]]:
                                     print if jax.process_index() == 0 else (lambda *a: None))
                 if lock is not None:
                     watch.on_startup_exit(lock.release)
-            return _train(task, pathlib.Path(workdir), watch, account)
+            return _train(task, pathlib.Path(workdir), watch, account, evaluations)
         finally:
             if lock is not None:
                 lock.release()
 
 
 def _train(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch,
-           account: goodput.Account) -> list[dict[str, Any]]:
+           account: goodput.Account, evaluations: Sequence[Evaluation]) -> list[dict[str, Any]]:
     with contextlib.ExitStack() as resources:  # closed last-opened first, however it ends
-        return _run(task, workdir, watch, resources, account)
+        return _run(task, workdir, watch, resources, account, evaluations)
 
 
 def _run(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch,
-         resources: contextlib.ExitStack, account: goodput.Account) -> list[dict[str, Any]]:
+         resources: contextlib.ExitStack, account: goodput.Account,
+         evaluations: Sequence[Evaluation]) -> list[dict[str, Any]]:
     # ---- mesh -------------------------------------------------------------------------
     cfg = task.cfg
     mesh = mesh_lib.make_mesh(cfg.mesh)
@@ -269,10 +284,23 @@ def _run(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch,
     last_eval: dict[str, float] = {}  # the latest evaluation, shown in the progress line
     eval_batches = cfg.train.eval_batches or None
 
-    def evaluate(step: int) -> None:
+    def own(state: dict) -> dict[str, float]:
+        figures = task.evaluate(state, "validation", eval_batches)
+        return {f"eval_{k}": v for k, v in figures.items()}
+
+    cadences: list[tuple[int, Callable[[dict], dict[str, float]]]] = [
+        (cfg.train.eval_every, own), *((e.every, e) for e in evaluations)]
+
+    def due(step: int) -> list[Callable[[dict], dict[str, float]]]:
+        """The evaluations of `step` (0: the start of a fresh run)."""
+        return [run for every, run in cadences
+                if every and (step in (0, total_steps) or step % every == 0)]
+
+    def evaluate(step: int, runs: list[Callable[[dict], dict[str, float]]]) -> None:
+        scalars: dict[str, float] = {}
         with account.timing("eval"):
-            figures = task.evaluate(state, "validation", eval_batches)
-        scalars = {f"eval_{k}": v for k, v in figures.items()}
+            for run in runs:
+                scalars.update(run(state))
         writer.write(step, scalars)
         logged.append({"step": step, **scalars})
         last_eval.update(scalars)
@@ -286,14 +314,13 @@ def _run(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch,
     window = np.zeros(3, np.int64)  # documents, real tokens, slots of this host since the log
     document_start = task.tokenizer.bos_id if task.tokenizer.adds_bos else None
     nonfinite_seen = int(jax.device_get(state["nonfinite_steps"]))
-    eval_every = cfg.train.eval_every
 
     def paused() -> float:  # seconds of evaluation and saving: not the steps' time
         return account.seconds["eval"] + account.seconds["checkpoint"]
 
     try:
-        if eval_every and first_step == 1:
-            evaluate(0)
+        if first_step == 1 and due(0):
+            evaluate(0, due(0))
         last_log_time, last_log_step, last_paused = time.perf_counter(), first_step - 1, paused()
         eta = metrics_lib.Eta(total_steps)
         watch.start_loop(first_step, total_steps)
@@ -311,10 +338,10 @@ def _run(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch,
 
                 # The run's first step is logged too: its loss before the first log_every steps.
                 is_log = step % cfg.train.log_every == 0 or step in (first_step, total_steps)
-                is_eval = bool(eval_every) and (step == total_steps or step % eval_every == 0)
+                evaluations_now = due(step)
                 stop = watch.should_stop(step)
                 is_save = checkpointer.should_save(step, total_steps, check_clock=is_log) or stop
-                if is_log or is_save or is_eval:  # the only places the host waits for the device
+                if is_log or is_save or evaluations_now:  # the only places the host waits for the device
                     nonfinite_seen = check_finite(state, nonfinite_seen, last_log_step, step,
                                                   cfg.train.nonfinite, checkpointer, say)
                 if is_log:
@@ -340,8 +367,8 @@ def _run(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch,
                                               eta.at(step, now)),
                     is_writer)
                 last_log_time, last_log_step, last_paused = time.perf_counter(), step, paused()
-            if is_eval:
-                evaluate(step)
+            if evaluations_now:
+                evaluate(step, evaluations_now)
             if is_save:  # every process's data position: one state for any process count
                 with account.timing("checkpoint"):
                     data_states = distributed.allgather_json(batches.get_state())

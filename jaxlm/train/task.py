@@ -13,6 +13,8 @@ leaves open, such as the vocabulary or a fine-tuning base) and then, in the loop
     task.metadata()                           what each checkpoint records
     task.evaluate(state, split, max_batches)  figures on a split (in the loop every
                                               train.eval_every steps, and `jaxlm eval`)
+    task.language_model(state)                the decoder to score and generate with
+                                              (train.lm_eval_every)
 
 The step has one signature for every task, (state, frozen, batch) -> (state, metrics),
 built by jaxlm.train.step from the task's `Objective`; `frozen` holds inputs the step reads
@@ -135,6 +137,12 @@ class Task(abc.ABC):
                  max_batches: int | None = None) -> dict[str, float]:
         """Figures of the state on `split` (its trainable groups are what is read): the
         first `max_batches` batches (None: all), the same batches every call."""
+
+    def language_model(self, state: TrainState) -> tuple[ml_collections.ConfigDict, Any]:
+        """(model config, parameters) of the language model that `state` stands for, to
+        score and generate with (train.lm_eval_every): a decoder task's trained parameters
+        as they are sharded (jaxlm.train.validate admits it for decoder tasks only)."""
+        return self.cfg.model, state["params"]
 
     def eval_label(self, split: str) -> str:
         """What `split` is, for the eval line ("stdlib validation")."""

@@ -19,6 +19,8 @@ OBJECTIVE_KINDS = {"causal_lm": "decoder", "masked_lm": "encoder",
 # Fine-tuning task (config finetune.task) -> the kinds of model it fine-tunes.
 FINETUNE_KINDS = {"sft": ("decoder",), "dpo": ("decoder",), "classify": ("decoder", "encoder"),
                   "qa": ("encoder",), "seq2seq": ("encoder_decoder",)}
+# train.lm_eval_every: pretraining ("") and the fine-tuning tasks that train a decoder LM.
+LM_EVAL_FINETUNE_TASKS = ("", "sft", "dpo")
 
 
 def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -45,6 +47,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ConfigError(f"config.quant.training: {cfg.quant.training!r} quantizes the "
                           f"pretraining of decoder and encoder families (`jaxlm train`); "
                           f"not yet fine-tuning or {fam.kind} family {fam.name!r}")
+    if cfg.quant.training != "none" and cfg.model.n_experts:
+        raise ConfigError(f"config.quant.training: {cfg.quant.training!r} does not yet "
+                          f"quantize family 'moe''s experts (grouped matmuls)")
     if cfg.model.weights != "float" and fam.kind != "decoder":
         raise ConfigError(f"config.model.weights: {cfg.model.weights!r} weights serve the "
                           f"decoder-only families; family {fam.name!r} is {fam.kind}")
@@ -53,6 +58,13 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
             raise ConfigError("config.data.packing: span corruption packs examples in order, "
                               "as T5 does; set it to 'concat'")
         objectives.check_span_corruption(cfg.objective, cfg.data.seq_len)
+    if cfg.train.lm_eval_every and (fam.kind != "decoder" or cfg.finetune.task
+                                    not in LM_EVAL_FINETUNE_TASKS):
+        what = f"finetune.task {cfg.finetune.task!r}" if cfg.finetune.task else \
+            f"family {fam.name!r} ({fam.kind})"
+        raise ConfigError(f"config.train.lm_eval_every: the lm-evaluation-harness scores "
+                          f"decoder language models (pretraining, distillation, sft, dpo); "
+                          f"this run trains {what}")
     if cfg.mesh.topology:
         try:
             topology.parse(cfg.mesh.topology)

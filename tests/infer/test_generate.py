@@ -35,8 +35,10 @@ PROMPTS = [[5, 9, 17, 3, 44], [7, 8], [int(t) for t in np.arange(1, 21) * 5 % VO
 def model_cfg(family="llama"):
     cfg = config_lib.defaults().model
     cfg.update(dict(family=family, vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4,
-                    n_kv_heads=2 if family == "llama" else 4, d_ff=48, max_seq_len=64,
+                    n_kv_heads=4 if family == "gpt2" else 2, d_ff=48, max_seq_len=64,
                     remat="none"))
+    if family == "moe":  # decoding routes each new token (dropless: alone, as in the batch)
+        cfg.update(n_experts=4, experts_per_token=2, d_expert=24)
     return cfg
 
 
@@ -44,7 +46,7 @@ def make_params(cfg, seed=1):
     return run_fixture.random_params(nnx.to_pure_dict(nnx.state(zoo.create(cfg))), seed)
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+@pytest.fixture(scope="module", params=["llama", "gpt2", "moe"])
 def family_gen(request):
     cfg = model_cfg(request.param)
     return Generator(cfg, make_params(cfg))

@@ -14,6 +14,7 @@ from jaxlm import config as config_lib
 from jaxlm.cli import tasks
 from jaxlm.data import sources
 from jaxlm.data.tokenizers import ByteTokenizer
+from jaxlm.errors import UserError
 from jaxlm.infer import evaluate, generate, harness, score
 
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "pi", "rho", "tau"]
@@ -127,10 +128,9 @@ def test_lm_eval_command(run, tmp_path):
                doc_to_text="{{question}}", doc_to_choice="{{choices}}",
                doc_to_target="{{answer}}", metric_list=[{"metric": "acc"}])
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    bad = run_fixture.jaxlm_cli("lm-eval", "--workdir", workdir, "--tasks", "local_cli,nope",
-                                "--include-path", tmp_path, env=env)
-    assert bad.returncode == 2 and "jaxlm: --tasks: unknown to lm-eval" in bad.stderr
-    assert "nope" in bad.stderr and "local_cli" not in bad.stderr.split("unknown")[1]
+    # An unknown task is bad input (exit 2: the CLI's table), named alone.
+    with pytest.raises(UserError, match=r"^--tasks: unknown to lm-eval \S+: nope \("):
+        harness.task_manager(["local_cli", "nope"], str(tmp_path))
 
     out = tmp_path / "results.json"
     done = run_fixture.jaxlm_cli("lm-eval", "--workdir", workdir, "--tasks", "local_cli",
@@ -139,3 +139,55 @@ def test_lm_eval_command(run, tmp_path):
     assert "local_cli" in done.stdout and "acc" in done.stdout  # the harness's table
     # Both choices score alike for every row (the same question): half the answers agree.
     assert json.loads(out.read_text())["results"]["local_cli"]["acc,none"] == 0.5
+
+
+def test_lm_eval_during_lora_training_is_lm_eval_of_the_base_and_of_the_checkpoint(
+        run, tmp_path, monkeypatch):
+    """train.lm_eval_every: the harness in the loop scores the adapters merged as a LoRA
+    run's checkpoint is read (step 0: the base itself; the last step: `jaxlm lm-eval` of the
+    run's checkpoint)."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from jaxlm.train import loop
+
+    base, _ = run
+    rng = np.random.default_rng(2)
+    sentences = [{"text": " ".join(rng.choice(WORDS, rng.integers(3, 7)))} for _ in range(10)]
+    write_task(tmp_path, "local_words", sentences, output_type="loglikelihood_rolling",
+               doc_to_text="", doc_to_target="{{text}}", metric_list=[{"metric": "bits_per_byte"}])
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": w, "response": w.upper()}) + "\n"
+                           for w in rng.choice(WORDS, 64)))
+    cfg = config_lib.defaults()
+    cfg.finetune.update(task="sft", method="lora", base=str(base), train_file=str(sft))
+    cfg.finetune.lora.update(rank=4, alpha=8.0)
+    cfg.model.update(remat="none")
+    cfg.data.update(seq_len=48, global_batch_size=8)
+    cfg.optim.update(learning_rate=2e-2, warmup_steps=1)
+    cfg.train.update(steps=4, log_every=2, lm_eval_every=2, lm_eval_tasks="local_words",
+                     lm_eval_include_path=str(tmp_path))
+    cfg.checkpoint.update(every=4)
+    cfg.metrics.update(tensorboard=False, peak_flops=1e11)
+
+    cfg.train.lm_eval_tasks = "local_words,nope"
+    with pytest.raises(UserError, match="config.train.lm_eval_tasks: unknown to lm-eval.*nope"):
+        tasks.evaluations(tasks.finetuning(cfg))
+    cfg.train.lm_eval_tasks = "local_words"
+    workdir = tmp_path / "lora"
+    task = tasks.finetuning(cfg, workdir)
+    logged = loop.train(task, workdir, tasks.evaluations(task))
+
+    key = "lm_eval_local_words_bits_per_byte"
+    evaluated = {r["step"]: r[key] for r in logged if key in r}
+    assert sorted(evaluated) == [0, 2, 4]
+    assert abs(evaluated[4] - evaluated[0]) > 1e-3  # the adapters changed what it scores
+    manager = harness.task_manager(["local_words"], str(tmp_path))
+
+    def lm_eval(run_dir):
+        return harness.evaluate(harness.load(str(run_dir)), ["local_words"], manager
+                                )["results"]["local_words"]["bits_per_byte,none"]
+
+    assert evaluated[0] == pytest.approx(lm_eval(base), rel=1e-6)
+    assert evaluated[4] == pytest.approx(lm_eval(workdir), rel=1e-6)
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if key in r] == [0, 2, 4]

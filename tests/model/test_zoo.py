@@ -21,7 +21,7 @@ REPO = pathlib.Path(__file__).parents[2]
 def test_the_registry_lists_every_family_module():
     """Each family's network lives in a module of jaxlm/model named after it, and each
     registered family builds that network."""
-    assert set(zoo.FAMILIES) == {"llama", "gpt2", "bert", "t5"}
+    assert set(zoo.FAMILIES) == {"llama", "moe", "gpt2", "bert", "t5"}
     for name, family in zoo.FAMILIES.items():
         assert family.name == name and family.describe
         assert family.network.startswith(f"jaxlm.model.{name}:")
@@ -36,13 +36,15 @@ def test_each_family_has_every_part(name):
     cfg = config_lib.defaults().model
     cfg.update(family=name, vocab_size=96, d_model=32, n_heads=4, n_kv_heads=4, d_ff=48,
                max_seq_len=16, n_layers=2)
+    if name == "moe":
+        cfg.update(n_experts=4, d_expert=24, d_shared=16, shared_gate=True)
     zoo.validate(cfg)
     model = zoo.abstract(cfg)
     assert zoo.param_count(cfg) == sum(x.size for x in jax.tree.leaves(nnx.state(model)))
     family = zoo.family(name)
     # Every LoRA target of the config; an encoder-decoder's MLP differs between its v1.0 and
-    # gated shapes, so t5 adapts the attention projections only.
-    expected = set(finetune_section.LORA_TARGETS) - ({"mlp"} if name == "t5" else set())
+    # gated shapes, and moe's are experts, so t5 and moe adapt the attention projections only.
+    expected = set(finetune_section.LORA_TARGETS) - ({"mlp"} if name in ("t5", "moe") else set())
     assert set(family.lora_targets) == expected
     stacks = [getattr(model, s) for s in ("blocks", "encoder_blocks", "decoder_blocks")
               if hasattr(model, s)]
@@ -50,15 +52,16 @@ def test_each_family_has_every_part(name):
     for projections in family.lora_targets.values():
         for sub, weight, inputs in projections:
             assert all(hasattr(getattr(stack, sub), weight) for stack in stacks) and inputs >= 1
-    assert name in hf_families.MAPPINGS
+    # Every family but moe has its Hugging Face mapping (Mixtral's and Qwen-MoE's: to come).
+    assert (name in hf_families.MAPPINGS) == (name != "moe")
 
 
 def test_unknown_family_is_one_clear_error():
     cfg = config_lib.defaults().model
     cfg.family = "mamba"
     with pytest.raises(config_lib.ConfigError, match=r"config\.model\.family: 'mamba' is not a "
-                                                     r"model family; choose one of llama, gpt2, "
-                                                     r"bert, t5"):
+                                                     r"model family; choose one of llama, moe, "
+                                                     r"gpt2, bert, t5"):
         zoo.validate(cfg)
     with pytest.raises(config_lib.ConfigError, match="config.model.family"):
         zoo.create(cfg)
@@ -68,4 +71,4 @@ def test_unknown_family_is_one_clear_error():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "jaxlm: config.model.family: 'mamba' is not a model family; choose one of llama, "
-        "gpt2, bert, t5"]
+        "moe, gpt2, bert, t5"]

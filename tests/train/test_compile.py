@@ -258,8 +258,7 @@ def gib(out, row):
 @pytest.mark.slow
 def test_llama3_8b_compiles_for_its_topology_within_hbm_with_splash(aot):
     """The shipped 8B config on the slice it names (v5p-128), as a user runs it: splash
-    attention (model.attention auto, on TPU); and the xla backend for comparison, which
-    needs at least one layer's score matrices more per chip."""
+    attention (model.attention auto, on TPU), within the chip's HBM."""
     cfg = config_lib.load_config_file(REPO / "configs" / "llama3_8b.py")
     assert cfg.mesh.topology == "v5p-128" and cfg.model.attention == "auto"
     out = compile_llama3_8b()
@@ -272,12 +271,6 @@ def test_llama3_8b_compiles_for_its_topology_within_hbm_with_splash(aot):
     assert arguments == pytest.approx((12 * params / 64 + batch) / GiB, abs=0.01)
     total = float(re.search(r"total\s+([\d.]+) GiB\s+of 95.74 GiB", out).group(1))
     assert arguments < total < 95.74
-
-    xla = compile_llama3_8b("--config.model.attention=xla")
-    assert re.search(r"attention\s+xla", xla)
-    rows, heads, length, chunks = 256 // 64, 32, 8192, attention.QUERY_CHUNKS
-    scores = rows * heads * length * length * 4 * (chunks + 1) / (2 * chunks)  # float32
-    assert gib(xla, "total") - total >= scores / GiB, (gib(xla, "total"), total)
 
 
 @pytest.mark.parametrize("name", ["gpt2_124m", "llama_1b", "llama3_8b"])

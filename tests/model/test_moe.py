@@ -1,0 +1,127 @@
+"""The mixture-of-experts layer (jaxlm.model.moe): every dispatch against the dense masked
+reference and a float64 NumPy one; capacity drops exactly the documented assignments; the
+routing figures against NumPy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlm import config as config_lib
+from jaxlm.model import moe, zoo
+
+E, K, D, F, T = 8, 2, 16, 24, 40
+
+
+def layer_cfg(**overrides):
+    cfg = config_lib.defaults().model
+    cfg.update(family="moe", d_model=D, d_ff=F, n_experts=E, experts_per_token=K, n_layers=2,
+               n_heads=2, n_kv_heads=2, vocab_size=64, max_seq_len=32, remat="none")
+    cfg.update(overrides)
+    return cfg
+
+
+def weights(seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(T, D)), rng.normal(size=(D, E)), rng.normal(size=(E, D, F)) / 4,
+            rng.normal(size=(E, D, F)) / 4, rng.normal(size=(E, F, D)) / 4)
+
+
+def numpy_moe(x, router, w_gate, w_up, w_down, k, norm_topk, keep=None):
+    """float64: each token's top-k experts by softmax probability, weighted; `keep[t, j]`
+    False drops token t's j-th choice."""
+    logits = x @ router
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    top = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    w = np.take_along_axis(probs, top, -1)
+    if norm_topk:
+        w = w / w.sum(-1, keepdims=True)
+    out = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j, e in enumerate(top[t]):
+            if keep is not None and not keep[t, j]:
+                continue
+            g, u = x[t] @ w_gate[e], x[t] @ w_up[e]
+            out[t] += w[t, j] * ((g / (1 + np.exp(-g)) * u) @ w_down[e])
+    return out, logits, probs, top
+
+
+@pytest.mark.parametrize("norm_topk", [True, False])
+def test_every_dispatch_equals_the_float64_reference_and_dropless_grads_the_dense_ones(norm_topk):
+    x, router, wg, wu, wd = weights()
+    expected, *_ = numpy_moe(x, router, wg, wu, wd, K, norm_topk)
+    args = [jnp.asarray(a, jnp.float32) for a in (x, router, wg, wu, wd)]
+
+    def layer(dispatch, x, router, wg, wu, wd):
+        w_TxK, e_TxK = moe.route(x @ router, K, norm_topk)
+        if dispatch == "capacity":  # a factor large enough to drop nothing
+            return moe.by_capacity(x, w_TxK, e_TxK, wg, wu, wd, factor=E / K)[0]
+        return getattr(moe, dispatch)(x, w_TxK, e_TxK, wg, wu, wd)
+
+    outs = {d: layer(d, *args) for d in ("dropless", "capacity", "dense")}
+    for dispatch, out in outs.items():
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5, err_msg=dispatch)
+
+    def loss(dispatch):
+        return lambda *a: jnp.sum(jnp.sin(layer(dispatch, *a)))
+
+    grads = {d: jax.grad(loss(d), argnums=(0, 1, 2, 3, 4))(*args) for d in ("dropless", "dense")}
+    for g_ragged, g_dense in zip(grads["dropless"], grads["dense"]):
+        np.testing.assert_allclose(g_ragged, g_dense, rtol=1e-5, atol=1e-5)
+
+
+def test_capacity_drops_the_assignments_over_capacity_in_token_order():
+    x, router, wg, wu, wd = weights(1)
+    factor = 0.5
+    cap = moe.capacity(T, K, E, factor)
+    _, _, _, top = numpy_moe(x, router, wg, wu, wd, K, True)
+    # The documented order: position t * k + j; an expert keeps its first `cap`.
+    seen = np.zeros(E, int)
+    keep = np.zeros((T, K), bool)
+    for t in range(T):
+        for j in range(K):
+            keep[t, j] = seen[top[t, j]] < cap
+            seen[top[t, j]] += 1
+    assert 0 < (~keep).sum() < keep.size  # some dropped, some kept
+    expected, *_ = numpy_moe(x, router, wg, wu, wd, K, True, keep)
+    args = [jnp.asarray(a, jnp.float32) for a in (x, router, wg, wu, wd)]
+    w_TxK, e_TxK = moe.route(args[0] @ args[1], K, True)
+    out, dropped = moe.by_capacity(args[0], w_TxK, e_TxK, *args[2:], factor=factor)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    assert float(dropped) == pytest.approx((~keep).mean())
+
+
+def test_routing_figures_equal_numpy():
+    x, router, *_ = weights(2)
+    _, logits, probs, top = numpy_moe(*weights(2), K, True)
+    figures = moe.routing_figures(jnp.asarray(logits, jnp.float32),
+                                  jnp.asarray(top), jnp.zeros(()))
+    counts = np.bincount(top.reshape(-1), minlength=E)
+    aux = E * np.sum(counts / T * probs.mean(0))
+    z = np.mean(np.log(np.exp(logits).sum(-1)) ** 2)
+    assert float(figures.aux_loss) == pytest.approx(aux, rel=1e-5)
+    assert float(figures.z_loss) == pytest.approx(z, rel=1e-5)
+    np.testing.assert_allclose(figures.load_E, counts / (T * K), rtol=1e-6)
+    assert float(jnp.sum(figures.load_E)) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_the_moe_family_counts_its_parameters_and_trains_through_the_router():
+    cfg = layer_cfg(d_shared=12, shared_gate=True)
+    full = config_lib.defaults()
+    full.model = config_lib.defaults().model
+    full.model.update(cfg.to_dict())
+    full.data.seq_len = 16
+    config_lib.validate(full, 8)
+    full.model.update(family="llama")
+    with pytest.raises(config_lib.ConfigError, match="model.n_experts: experts are family"):
+        config_lib.validate(full, 8)
+    model = zoo.create(cfg, 0)
+    _, state = nnx.split(model)
+    assert sum(int(np.prod(a.shape)) for a in jax.tree.leaves(state)) == zoo.param_count(cfg)
+    tokens = jnp.arange(2 * 16).reshape(2, 16) % 64
+    x, figures = model.routed_hidden_states(tokens)
+    assert figures.load_E.shape == (2, E)  # (layers, experts)
+    np.testing.assert_allclose(jnp.sum(figures.load_E, axis=1), 1.0, rtol=1e-6)
+    assert x.shape == (2, 16, D)
