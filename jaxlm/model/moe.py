@@ -9,8 +9,8 @@ Qwen-MoE and DeepSeek have; model.shared_gate: scaled by sigmoid(x w), as Qwen2-
 every token. How tokens reach their experts (model.moe_dispatch):
 
     dropless  every assignment computed: the T x k assignments sorted by expert and run as
-              grouped matmuls (jax.lax.ragged_dot), then scattered back, weighted. The
-              default; no token is ever dropped.
+              grouped matmuls (jax.lax.ragged_dot on TPU and GPU; `Blocks` on CPU), then
+              scattered back, weighted. The default; no token is ever dropped.
     capacity  each expert takes at most C = ceil(capacity_factor * T * k / E) assignments,
               in token order, a token's first choice before its second (position t * k + j
               of the flattened T x k assignments); the rest are dropped: their expert output
@@ -128,20 +128,63 @@ def _swiglu(h_gate, h_up):
     return jax.nn.silu(h_gate) * h_up
 
 
-def dropless(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD):
-    """Every assignment, sorted by expert, through grouped matmuls (ragged_dot)."""
+def dropless(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
+             grouped: str = "auto"):
+    """Every assignment, sorted by expert, through grouped matmuls: `grouped` "ragged"
+    (jax.lax.ragged_dot: TPU's and GPU's grouped-matmul kernels), "blocks" (`Blocks`) or
+    "auto" (blocks on CPU, where XLA computes ragged_dot as a masked product over every
+    group, E times the work; ragged elsewhere)."""
     tokens, k = experts_TxK.shape
-    n_experts = w_gate_ExDxF.shape[0]
+    n_experts, d = w_gate_ExDxF.shape[0], x_TxD.shape[1]
     expert_A = experts_TxK.reshape(-1)
     order_A = jnp.argsort(expert_A, stable=True)
     token_A = order_A // k
+    weight_A = weights_TxK.reshape(-1)[order_A]
     sizes_E = jnp.zeros(n_experts, jnp.int32).at[expert_A].add(1)
-    x_AxD = x_TxD[token_A]
-    h_AxF = _swiglu(jax.lax.ragged_dot(x_AxD, w_gate_ExDxF, sizes_E),
-                    jax.lax.ragged_dot(x_AxD, w_up_ExDxF, sizes_E))
-    y_AxD = jax.lax.ragged_dot(h_AxF, w_down_ExFxD, sizes_E)
-    weighted_AxD = y_AxD * weights_TxK.reshape(-1)[order_A][:, None]
-    return jnp.zeros_like(x_TxD).at[token_A].add(weighted_AxD)
+    if grouped == "auto":
+        grouped = "blocks" if jax.default_backend() == "cpu" else "ragged"
+    if grouped == "ragged":
+        x_AxD = x_TxD[token_A]
+        h_AxF = _swiglu(jax.lax.ragged_dot(x_AxD, w_gate_ExDxF, sizes_E),
+                        jax.lax.ragged_dot(x_AxD, w_up_ExDxF, sizes_E))
+        y_AxD = jax.lax.ragged_dot(h_AxF, w_down_ExFxD, sizes_E)
+        return jnp.zeros_like(x_TxD).at[token_A].add(y_AxD * weight_A[:, None])
+    blocks = Blocks(sizes_E, tokens * k)
+    # Each slot of the blocks: its token and weight; a padding slot reads the zero row T.
+    token_N = jnp.full(blocks.slots, tokens, jnp.int32).at[blocks.slot_A].set(token_A)
+    weight_N = jnp.zeros(blocks.slots, weight_A.dtype).at[blocks.slot_A].set(weight_A)
+    x_NxD = jnp.concatenate([x_TxD, jnp.zeros((1, d), x_TxD.dtype)])[token_N]
+    h_NxF = _swiglu(blocks.matmul(x_NxD, w_gate_ExDxF), blocks.matmul(x_NxD, w_up_ExDxF))
+    y_NxD = blocks.matmul(h_NxF, w_down_ExFxD) * weight_N[:, None]
+    return jnp.zeros((tokens + 1, d), x_TxD.dtype).at[token_N].add(y_NxD)[:tokens]
+
+
+class Blocks:
+    """A grouped matmul in blocks of `size` rows, each block one group's (MegaBlocks' layout):
+    every group of the rows sorted by group is padded with zero rows to a multiple of
+    `size` (sorted row a goes to slot `slot_A[a]` of `slots`), and block j is multiplied by
+    its group's weight (gathered per block): the work of the real rows plus less than one
+    block per group, in static shapes."""
+
+    def __init__(self, sizes_E: jax.Array, rows: int):
+        groups = sizes_E.shape[0]
+        self.size = int(min(128, max(8, 2 ** int(math.log2(max(rows // groups, 1))))))
+        self.blocks = -(-rows // self.size) + groups  # enough for any group sizes
+        self.slots = self.blocks * self.size
+        padded_E = -(-sizes_E // self.size) * self.size
+        start_E = jnp.cumsum(sizes_E) - sizes_E
+        padded_start_E = jnp.cumsum(padded_E) - padded_E
+        group_A = jnp.repeat(jnp.arange(groups), sizes_E, total_repeat_length=rows)
+        self.slot_A = padded_start_E[group_A] + jnp.arange(rows) - start_E[group_A]
+        first_slot_N = jnp.arange(self.blocks) * self.size
+        self.group_N = jnp.minimum(
+            jnp.searchsorted(jnp.cumsum(padded_E), first_slot_N, side="right"), groups - 1)
+
+    def matmul(self, x_NxI: jax.Array, w_GxIxO: jax.Array) -> jax.Array:
+        """x (slots x I, rows in their slots) times each block's group's weight."""
+        x_BxSxI = x_NxI.reshape(self.blocks, self.size, -1)
+        return jnp.einsum("bsi,bio->bso", x_BxSxI, w_GxIxO[self.group_N]).reshape(
+            self.slots, -1)
 
 
 def by_capacity(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,

@@ -58,18 +58,22 @@ def test_every_dispatch_equals_the_float64_reference_and_dropless_grads_the_dens
         w_TxK, e_TxK = moe.route(x @ router, K, norm_topk)
         if dispatch == "capacity":  # a factor large enough to drop nothing
             return moe.by_capacity(x, w_TxK, e_TxK, wg, wu, wd, factor=E / K)[0]
-        return getattr(moe, dispatch)(x, w_TxK, e_TxK, wg, wu, wd)
+        if dispatch == "dense":
+            return moe.dense(x, w_TxK, e_TxK, wg, wu, wd)
+        return moe.dropless(x, w_TxK, e_TxK, wg, wu, wd, grouped=dispatch)
 
-    outs = {d: layer(d, *args) for d in ("dropless", "capacity", "dense")}
+    dispatches = ("ragged", "blocks", "capacity", "dense")  # ragged, blocks: dropless
+    outs = {d: layer(d, *args) for d in dispatches}
     for dispatch, out in outs.items():
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5, err_msg=dispatch)
 
     def loss(dispatch):
         return lambda *a: jnp.sum(jnp.sin(layer(dispatch, *a)))
 
-    grads = {d: jax.grad(loss(d), argnums=(0, 1, 2, 3, 4))(*args) for d in ("dropless", "dense")}
-    for g_ragged, g_dense in zip(grads["dropless"], grads["dense"]):
-        np.testing.assert_allclose(g_ragged, g_dense, rtol=1e-5, atol=1e-5)
+    grads = {d: jax.grad(loss(d), argnums=(0, 1, 2, 3, 4))(*args) for d in dispatches}
+    for dispatch in ("ragged", "blocks", "capacity"):
+        for got, want in zip(grads[dispatch], grads["dense"]):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=dispatch)
 
 
 def test_capacity_drops_the_assignments_over_capacity_in_token_order():
@@ -125,3 +129,19 @@ def test_the_moe_family_counts_its_parameters_and_trains_through_the_router():
     assert figures.load_E.shape == (2, E)  # (layers, experts)
     np.testing.assert_allclose(jnp.sum(figures.load_E, axis=1), 1.0, rtol=1e-6)
     assert x.shape == (2, 16, D)
+
+
+def test_blocked_grouped_matmul_with_empty_and_uneven_groups_equals_a_loop():
+    rng = np.random.default_rng(3)
+    sizes = np.array([0, 13, 1, 0, 30, 8])  # 52 rows: blocks of 8, two groups empty
+    x = rng.normal(size=(sizes.sum(), 5)).astype(np.float32)
+    w = rng.normal(size=(len(sizes), 5, 7)).astype(np.float32)
+    blocks = moe.Blocks(jnp.asarray(sizes, jnp.int32), int(sizes.sum()))
+    padded = jnp.zeros((blocks.slots, 5)).at[blocks.slot_A].set(x)
+    got = blocks.matmul(padded, jnp.asarray(w))[blocks.slot_A]
+    group = np.repeat(np.arange(len(sizes)), sizes)
+    want = np.stack([x[i] @ w[g] for i, g in enumerate(group)])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.lax.ragged_dot(jnp.asarray(x), jnp.asarray(w),
+                                                   jnp.asarray(sizes, jnp.int32)), want,
+                               rtol=1e-5, atol=1e-5)

@@ -1,6 +1,7 @@
-"""The encoder (bert, masked LM) and encoder-decoder (t5, span corruption) families compute
-the same step sharded over fsdp x tensor on 8 simulated devices as on one device: the
-step's loss and gradient norm, and the gradients of the summed objective leaf by leaf."""
+"""The encoder (bert, masked LM), encoder-decoder (t5, span corruption) and mixture-of-
+experts (moe, causal LM with its routers' losses) families compute the same step sharded
+over fsdp x tensor on 8 simulated devices as on one device: the step's loss and gradient
+norm, and the gradients of the summed objective leaf by leaf."""
 
 import pytest
 from sharded_step import assert_same_step, step_on_mesh  # tests/sharded_step.py
@@ -17,6 +18,8 @@ def family_config(family):
     cfg.train.steps = 10
     if family == "bert":
         cfg.objective.name = "masked_lm"
+    elif family == "moe":  # experts replicated, tokens dispatched across the batch shards
+        cfg.model.update(n_experts=4, experts_per_token=2, d_expert=32, n_kv_heads=2)
     else:
         cfg.objective.update(name="span_corruption", targets_len=12)
         cfg.model.update(n_decoder_layers=3, head_dim=12, gated_mlp=True, activation="gelu_tanh",
@@ -24,7 +27,7 @@ def family_config(family):
     return cfg
 
 
-@pytest.mark.parametrize("family", ["bert", "t5"])
+@pytest.mark.parametrize("family", ["bert", "t5", "moe"])
 def test_sharded_step_equals_one_device(family):
     want = step_on_mesh(family_config(family), {"data": 1, "fsdp": 1, "tensor": 1})
     assert_same_step(step_on_mesh(family_config(family), {"data": 1, "fsdp": 4, "tensor": 2}),
