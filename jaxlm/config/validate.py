@@ -199,7 +199,7 @@ def _check_experts(m: ml_collections.ConfigDict) -> None:
     """The mixture-of-experts keys (family moe; 0 experts everywhere else)."""
     require_int(m.n_experts, "model.n_experts", 0, MAX_EXPERTS)
     require(m.family == "moe" or m.n_experts == 0, "model.n_experts",
-            f"experts are family 'moe''s; family {m.family!r} has a dense MLP (set 0)")
+            f"only family 'moe' has experts; family {m.family!r} has a dense MLP (set 0)")
     require(m.family != "moe" or m.n_experts >= 2, "model.n_experts",
             f"family='moe' needs at least 2 experts, got {m.n_experts}")
     require_int(m.experts_per_token, "model.experts_per_token", 1,

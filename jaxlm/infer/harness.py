@@ -32,7 +32,8 @@ gives each task's numeric results as metrics `lm_eval_<task>_<metric>` (`acc`,
 `exact_match_strict-match`: the harness's metric, and its filter unless that is "none").
 
 Imports `lm_eval`, which only the `eval` extra installs: nothing else in jaxlm imports this
-module, and the CLI imports it when `jaxlm lm-eval` runs.
+module, and the CLI imports it when `jaxlm lm-eval` runs or a config sets
+train.lm_eval_every (jaxlm.cli.tasks.evaluations).
 """
 
 from __future__ import annotations

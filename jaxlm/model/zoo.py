@@ -82,7 +82,7 @@ LLAMA = Family(
 def _moe_validate(cfg: ml_collections.ConfigDict) -> None:
     _llama_validate(cfg)
     require(cfg.weights == "float", "model.weights",
-            f"{cfg.weights!r}: quantized weights are not yet built for family='moe''s experts")
+            f"{cfg.weights!r}: quantized weights are not yet built for the experts of family 'moe'")
 
 
 def expert_width(cfg: ml_collections.ConfigDict) -> int:

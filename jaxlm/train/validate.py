@@ -49,7 +49,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
                           f"not yet fine-tuning or {fam.kind} family {fam.name!r}")
     if cfg.quant.training != "none" and cfg.model.n_experts:
         raise ConfigError(f"config.quant.training: {cfg.quant.training!r} does not yet "
-                          f"quantize family 'moe''s experts (grouped matmuls)")
+                          f"quantize the experts of family 'moe' (grouped matmuls)")
     if cfg.model.weights != "float" and fam.kind != "decoder":
         raise ConfigError(f"config.model.weights: {cfg.model.weights!r} weights serve the "
                           f"decoder-only families; family {fam.name!r} is {fam.kind}")

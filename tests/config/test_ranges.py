@@ -55,6 +55,12 @@ BAD = [
                                 "least 1"),
     ("train.profile_steps=199:3", "config.train.profile_steps: '199:3' ends after "
                                   "train.steps=200"),
+    ("train.lm_eval_every=50", "config.train.lm_eval_tasks: name the harness tasks to run "
+                               "every train.lm_eval_every=50 steps"),
+    ("model.n_experts=4", "config.model.n_experts: only family 'moe' has experts; family "
+                          "'llama' has a dense MLP (set 0)"),
+    ("model.moe_dispatch=sparse", "config.model.moe_dispatch: 'sparse' not in ('dropless', "
+                                  "'capacity', 'dense')"),
 ]
 
 

@@ -119,7 +119,7 @@ def test_the_moe_family_counts_its_parameters_and_trains_through_the_router():
     full.data.seq_len = 16
     config_lib.validate(full, 8)
     full.model.update(family="llama")
-    with pytest.raises(config_lib.ConfigError, match="model.n_experts: experts are family"):
+    with pytest.raises(config_lib.ConfigError, match="model.n_experts: only family .moe. has experts"):
         config_lib.validate(full, 8)
     model = zoo.create(cfg, 0)
     _, state = nnx.split(model)
