@@ -195,12 +195,17 @@ def train(task: Task, workdir: str | os.PathLike, evaluations: Sequence[Evaluati
 def _train(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch,
            account: goodput.Account, evaluations: Sequence[Evaluation]) -> list[dict[str, Any]]:
     with contextlib.ExitStack() as resources:  # closed last-opened first, however it ends
-        return _run(task, workdir, watch, resources, account, evaluations)
+        logged, report = _run(task, workdir, watch, resources, account, evaluations)
+    report()  # the attempt's account, once its data, writers and checkpointer are closed
+    return logged
 
 
 def _run(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch,
          resources: contextlib.ExitStack, account: goodput.Account,
-         evaluations: Sequence[Evaluation]) -> list[dict[str, Any]]:
+         evaluations: Sequence[Evaluation]
+         ) -> tuple[list[dict[str, Any]], Callable[[], None]]:
+    """(the logged metrics, the report of the attempt's account to make after `resources`
+    close: its wall time then counts the closing too)."""
     # ---- mesh -------------------------------------------------------------------------
     cfg = task.cfg
     mesh = mesh_lib.make_mesh(cfg.mesh)
@@ -384,11 +389,13 @@ def _run(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch,
     finally:
         checkpointer.wait()  # a save in flight completes, whatever ended the loop
     # ---- the account of the attempt ----------------------------------------------------
-    account_row = goodput.figures(gathered(account.vector(time.perf_counter())),
-                                  account.lost_steps, account.lost_before_s)
-    if is_writer:
-        goodput.append(workdir, {"first_step": first_step, "last_step": total_steps,
-                                  **account_row})
-    say(f"\ndone: {total_steps} steps; checkpoints in {checkpointer.directory}\n"
-        + goodput.summary(account_row))
-    return logged
+    def report() -> None:
+        account_row = goodput.figures(gathered(account.vector(time.perf_counter())),
+                                      account.lost_steps, account.lost_before_s)
+        if is_writer:
+            goodput.append(workdir, {"first_step": first_step, "last_step": total_steps,
+                                      **account_row})
+        say(f"\ndone: {total_steps} steps; checkpoints in {checkpointer.directory}\n"
+            + goodput.summary(account_row))
+
+    return logged, report

@@ -36,13 +36,15 @@ def test_in_loop_evaluation_is_jaxlm_eval_and_leaves_training_alone(run_config, 
     assert after["loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-6)
     assert after["tokens"] == evals[-1]["eval_tokens"]
 
-    # The account: its named parts (all but the unaccounted rest, "other") add up to the
-    # call's wall time within 2%.
+    # The account covers the call: its wall time is the call's within 2%, its parts add up to
+    # it, and the unnamed rest ("other": logging, metrics rows, closing) is under 5% of it
+    # (a 2-second run here: the compilation cache makes compiling nearly free).
     account = json.loads((tmp_path / "eval" / "goodput.jsonl").read_text())  # one attempt
     parts = [account[f"time_{p}_s"] for p in ("startup", "compile", "data", "step",
                                                "recompute", "checkpoint", "eval")]
-    assert sum(parts) == pytest.approx(wall, rel=0.02)
     assert account["wall_s"] == pytest.approx(wall, rel=0.02)
+    assert sum(parts) + account["time_other_s"] == pytest.approx(account["wall_s"], rel=1e-6)
+    assert account["time_other_s"] < 0.05 * wall
     assert min(parts[:4] + parts[5:]) > 0 and account["time_recompute_s"] == 0
     assert account["goodput"] == pytest.approx(account["time_step_s"] / account["wall_s"])
     assert (account["first_step"], account["last_step"], account["lost_steps"]) == (1, 4, 0)
