@@ -6,6 +6,7 @@ Owns:
     validate    each section's checks, the mesh shape for a device count, the data mixture,
                 the embedding size
     finetune    the `finetune` section's keys and checks
+    model       the `model` section's checks (sizes, backends, rope, weights, experts)
     overrides   config files (`--config FILE`) and `--config.section.key=value` overrides
 
 May import: jaxlm.errors (and ml_collections). Nothing here imports JAX, touches the file
@@ -15,6 +16,7 @@ and checking a config is cheap and has no side effects.
 The names below are the package's API: `from jaxlm import config; config.validate(...)`.
 """
 
+from jaxlm.config.model import grouped_dims
 from jaxlm.config.overrides import (
     apply_override,
     apply_overrides,
@@ -34,7 +36,6 @@ from jaxlm.config.schema import (
     source_defaults,
 )
 from jaxlm.config.validate import (
-    grouped_dims,
     ici_mesh_shape,
     lm_eval_tasks,
     mesh_shape,
