@@ -83,9 +83,8 @@ def write_random_hf(directory: pathlib.Path, model_cfg, shards: int = 3) -> int:
     plans = []
     for rule in families.rules(model_cfg):
         for layer in spec.layers(rule, depths):
-            name = rule.hf.format(i=layer) if layer is not None else rule.hf
             plans.append(st.TensorPlan(
-                name, rule.hf_shape, np.dtype(np.float32),
+                rule.name(layer), rule.hf_shape, np.dtype(np.float32),
                 lambda s=rule.hf_shape: 0.02 * rng.standard_normal(s, np.float32)))
     total = sum(p.nbytes for p in plans)
     pad = max(model_cfg.position_offset - 1, 0)

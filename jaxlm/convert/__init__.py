@@ -8,7 +8,7 @@ Owns:
     spec            tensor rules, typed config.json readers, ConversionError and
                     HFConfigError, shared by the families
     families        which Hugging Face model types each jaxlm family maps, and dispatch
-    llama, gpt2, bert, t5   each family's mapping: config.json both ways, tensor rules
+    llama, moe, gpt2, bert, t5   each family's mapping: config.json both ways, tensor rules
     params          parameter trees and the converted run directory (its config.py is
                     fixed code; its values are JSON data)
     hf_import, hf_export   the two conversions

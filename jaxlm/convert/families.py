@@ -1,5 +1,5 @@
 """Which Hugging Face model types each jaxlm model family reads and writes, and the calls
-that go to the family's mapping (llama.py, gpt2.py, bert.py, t5.py): config.json in both
+that go to the family's mapping (llama.py, moe.py, gpt2.py, bert.py, t5.py): config.json in both
 directions and the tensor rules.
 
 Adding a family's Hugging Face mapping: a module jaxlm/convert/<family>.py with
@@ -20,8 +20,8 @@ from jaxlm.convert.spec import HFConfigError, Rule, integer, require
 
 # jaxlm family -> the Hugging Face model types its mapping (jaxlm/convert/<family>.py) reads
 MODEL_TYPES: dict[str, tuple[str, ...]] = {
-    "llama": ("llama", "mistral", "qwen2"), "gpt2": ("gpt2",), "bert": ("bert", "roberta"),
-    "t5": ("t5", "mt5")}
+    "llama": ("llama", "mistral", "qwen2"), "moe": ("mixtral", "qwen2_moe"), "gpt2": ("gpt2",),
+    "bert": ("bert", "roberta"), "t5": ("t5", "mt5")}
 MAPPINGS = tuple(MODEL_TYPES)  # the families with a mapping
 SUPPORTED = tuple(t for types in MODEL_TYPES.values() for t in types)
 

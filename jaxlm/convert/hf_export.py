@@ -1,7 +1,7 @@
 """`jaxlm convert to-hf WORKDIR --out HF_DIR`: a jaxlm checkpoint -> a Hugging Face directory.
 
 Writes config.json (the family mapping's model type: llama, qwen2 when the model has q/k/v
-biases, gpt2, t5, bert/roberta), the weights as safetensors (model.safetensors, or shards
+biases, mixtral or qwen2_moe for family moe, gpt2, t5, bert/roberta), the weights as safetensors (model.safetensors, or shards
 with model.safetensors.index.json above --max-shard-size), streamed one tensor at a time,
 and the tokenizer (`tokenizer_files`): a Hugging Face tokenizer.json (BERT's WordPiece,
 RoBERTa's BPE, ...) is copied with a tokenizer_config.json naming its special tokens (the
@@ -16,12 +16,12 @@ T5Tokenizer ends with </s>, BERT's post-processor wraps in [CLS] ... [SEP]). Wha
 refuse an export (the tokenizer, config.json's values) is settled before anything is
 written into HF_DIR; config.json is written last. The result loads with
 the family's transformers Auto class, `auto_class(family)` (no remote code):
-`AutoModelForCausalLM.from_pretrained(HF_DIR)` for llama and gpt2,
+`AutoModelForCausalLM.from_pretrained(HF_DIR)` for llama, moe and gpt2,
 `AutoModelForSeq2SeqLM` for t5 (T5ForConditionalGeneration), `AutoModelForMaskedLM` for bert.
 
 Parameters are restored one at a time (Orbax partial restore, checked against the saved
 fingerprints) and the safetensors are written projection by projection, so an export holds
-about one parameter in memory. Caveat: for model_type qwen2, transformers 5's AutoTokenizer
+about one parameter in memory. Caveat: for model_type qwen2 (and qwen2_moe), transformers 5's AutoTokenizer
 always builds its own Qwen2Tokenizer from the files; a tokenizer that is not Qwen's (e.g.
 jaxlm's byte tokenizer) must be loaded with PreTrainedTokenizerFast.from_pretrained(HF_DIR).
 """
@@ -91,8 +91,7 @@ def tensor_plans(model_cfg, param: Callable[[str], np.ndarray],
                          for p in rule.params]
                 array = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
                 return (array.T if rule.transpose else array).astype(dtype)
-            name = rule.hf.format(i=layer) if layer is not None else rule.hf
-            plans.append(st.TensorPlan(name, rule.hf_shape, dtype, produce))
+            plans.append(st.TensorPlan(rule.name(layer), rule.hf_shape, dtype, produce))
     return plans
 
 

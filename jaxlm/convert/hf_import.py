@@ -37,7 +37,7 @@ from jaxlm import config as config_lib
 from jaxlm.convert import families, spec
 from jaxlm.convert import params as params_lib
 from jaxlm.convert import safetensors_io as st
-from jaxlm.convert.spec import ConversionError, HFConfigError, Rule, expand
+from jaxlm.convert.spec import ConversionError, HFConfigError, Index, Rule, expand
 from jaxlm.data import tokenizers
 
 
@@ -50,7 +50,7 @@ class HFCheckpoint:
     model_cfg: ml_collections.ConfigDict
     notes: list[str]
     tensors: dict[str, st.TensorInfo]  # every tensor of every shard
-    plan: dict[str, tuple[Rule, int | None]]  # tensor -> (rule, layer), ignored ones out
+    plan: dict[str, tuple[Rule, Index]]  # tensor -> (rule, its index), ignored ones out
     depths: dict[str, int]  # layer stack -> its number of layers (params.stack_depths)
 
     def info(self, name: str) -> st.TensorInfo:
@@ -126,7 +126,7 @@ def read_params(ckpt: HFCheckpoint, on_complete: Callable[[str, np.ndarray], Non
     happens while little else is resident."""
     shapes, _ = params_lib.abstract_params(ckpt.model_cfg)
     flat = {name: np.empty(s.shape, np.float32) for name, s in shapes.items()}
-    by_rule: dict[Rule, list[tuple[st.TensorInfo, int | None]]] = {}
+    by_rule: dict[Rule, list[tuple[st.TensorInfo, Index]]] = {}
     for name, (rule, layer) in ckpt.plan.items():
         by_rule.setdefault(rule, []).append((ckpt.info(name), layer))
     for rule, entries in sorted(by_rule.items(), key=lambda kv: -sum(i.nbytes for i, _ in kv[1])):

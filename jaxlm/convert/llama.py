@@ -35,6 +35,7 @@ from jaxlm.model import counts
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+QWEN = ("qwen2", "qwen2_moe")  # q/k/v biases (qkv_bias) and use_sliding_window
 
 
 def config_from_hf(config: dict, cfg: ml_collections.ConfigDict, where: str,
@@ -42,21 +43,28 @@ def config_from_hf(config: dict, cfg: ml_collections.ConfigDict, where: str,
     """Sets the model config's keys from a llama, mistral or qwen2 config.json. null means
     what it means to transformers where it means anything (num_key_value_heads, head_dim,
     rope_scaling, sliding_window); elsewhere it is an error naming the key."""
+    decoder_from_hf(config, cfg, where, notes)
+    cfg.d_ff = integer(config, "intermediate_size", where)
+    require(not flag(config, "mlp_bias", where, False), where, "mlp_bias", "=true is not supported")
+
+
+def decoder_from_hf(config: dict, cfg: ml_collections.ConfigDict, where: str,
+                    notes: list[str]) -> None:
+    """Everything but the MLP (sizes, attention, norms, rotary embeddings, the window): the
+    keys the llama family's model types share with the moe family's (jaxlm/convert/moe.py)."""
     model_type = config["model_type"]
     cfg.d_model = integer(config, "hidden_size", where)
     cfg.n_layers = integer(config, "num_hidden_layers", where)
     cfg.n_heads = integer(config, "num_attention_heads", where)
     cfg.n_kv_heads = integer(config, "num_key_value_heads", where, cfg.n_heads, null=cfg.n_heads)
     cfg.head_dim = integer(config, "head_dim", where, 0, null=0) or cfg.d_model // cfg.n_heads
-    cfg.d_ff = integer(config, "intermediate_size", where)
     cfg.max_seq_len = integer(config, "max_position_embeddings", where, 2048)
     cfg.norm_eps = number(config, "rms_norm_eps", where, 1e-6)
     cfg.tie_embeddings = flag(config, "tie_word_embeddings", where, False)
     act = text(config, "hidden_act", where, "silu")
     require(act == "silu", where, "hidden_act", f"={act!r} is not supported (SwiGLU uses silu)")
-    require(not flag(config, "mlp_bias", where, False), where, "mlp_bias", "=true is not supported")
-    if model_type == "qwen2":
-        cfg.qkv_bias = True  # Qwen2 always has q/k/v biases and no output bias
+    if model_type in QWEN:  # q/k/v biases (Qwen2 always; Qwen2-MoE by qkv_bias), no o bias
+        cfg.qkv_bias = flag(config, "qkv_bias", where, True)
     else:
         require(not flag(config, "attention_bias", where, False), where, "attention_bias",
                 "=true (biases on q, k, v and o) is not supported")
@@ -71,7 +79,7 @@ def config_from_hf(config: dict, cfg: ml_collections.ConfigDict, where: str,
 
 def _sliding_window(config: dict, where: str) -> int | None:
     """The attention window, or None (absent, null, or a Qwen2 model that does not use it)."""
-    if config["model_type"] == "qwen2":
+    if config["model_type"] in QWEN:
         layer_types = config.get("layer_types") or []
         if not isinstance(layer_types, list):
             raise HFConfigError(f"{where}: layer_types={layer_types!r:.60} is not a list")
@@ -118,17 +126,26 @@ def config_to_hf(m: ml_collections.ConfigDict, base: dict[str, Any]) -> dict[str
     """config.json: qwen2 when the model has q/k/v biases, else llama; in the transformers 4
     layout (rope_theta, rope_scaling), which 5 reads too."""
     model_type = "qwen2" if m.qkv_bias else "llama"
-    out = {"architectures": [ARCHITECTURES[model_type]], "model_type": model_type, **base,
+    out = decoder_to_hf(m, base, model_type, ARCHITECTURES[model_type])
+    out["intermediate_size"] = m.d_ff
+    if model_type == "llama":
+        out["mlp_bias"] = False
+    return out
+
+
+def decoder_to_hf(m: ml_collections.ConfigDict, base: dict[str, Any], model_type: str,
+                  architecture: str) -> dict[str, Any]:
+    """The config.json keys of everything but the MLP (as decoder_from_hf reads them)."""
+    out = {"architectures": [architecture], "model_type": model_type, **base,
            "hidden_size": m.d_model, "num_hidden_layers": m.n_layers,
            "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads,
-           "head_dim": counts.head_dim(m), "intermediate_size": m.d_ff,
-           "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps,
-           "hidden_act": "silu", "rope_theta": float(m.rope_theta),
+           "head_dim": counts.head_dim(m), "max_position_embeddings": m.max_seq_len,
+           "rms_norm_eps": m.norm_eps, "hidden_act": "silu", "rope_theta": float(m.rope_theta),
            "rope_scaling": _rope_scaling(m.rope_scaling), "attention_dropout": 0.0}
-    if model_type == "qwen2":
+    if model_type in QWEN:
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.n_layers)
     else:
-        out.update(attention_bias=False, mlp_bias=False)
+        out["attention_bias"] = False
     return out
 
 
@@ -145,7 +162,17 @@ def _rope_scaling(s: ml_collections.ConfigDict) -> dict[str, Any] | None:
 
 def rules(cfg: ml_collections.ConfigDict, tensor_names: Any = None) -> list[Rule]:
     """Every tensor of the checkpoint, in the order Hugging Face writes them."""
-    d, h, g, k, f, v = dims(cfg)
+    d, _, _, _, f, _ = dims(cfg)
+    p = "model.layers.{i}."
+    return decoder_rules(cfg, [
+        Rule(p + "mlp.gate_proj.weight", (f, d), ("blocks/mlp/w_gate",), transpose=True),
+        Rule(p + "mlp.up_proj.weight", (f, d), ("blocks/mlp/w_up",), transpose=True),
+        Rule(p + "mlp.down_proj.weight", (d, f), ("blocks/mlp/w_down",), transpose=True)])
+
+
+def decoder_rules(cfg: ml_collections.ConfigDict, mlp: list[Rule]) -> list[Rule]:
+    """The rules of every tensor but the MLP's, which `mlp` gives."""
+    d, h, g, k, _, v = dims(cfg)
     p = "model.layers.{i}."
     out = [Rule("model.embed_tokens.weight", (v, d), ("embed",))]
     out += [
@@ -161,9 +188,7 @@ def rules(cfg: ml_collections.ConfigDict, tensor_names: Any = None) -> list[Rule
                 Rule(p + "self_attn.v_proj.bias", (g * k,), ("blocks/attn/bv",))]
     out += [
         Rule(p + "post_attention_layernorm.weight", (d,), ("blocks/mlp_norm/scale",)),
-        Rule(p + "mlp.gate_proj.weight", (f, d), ("blocks/mlp/w_gate",), transpose=True),
-        Rule(p + "mlp.up_proj.weight", (f, d), ("blocks/mlp/w_up",), transpose=True),
-        Rule(p + "mlp.down_proj.weight", (d, f), ("blocks/mlp/w_down",), transpose=True),
+        *mlp,
         Rule("model.norm.weight", (d,), ("final_norm/scale",)),
     ]
     if not cfg.tie_embeddings:

@@ -16,6 +16,10 @@ index h*K + k is jaxlm's (h, k)). Export does the reverse. A rule with `source` 
 HF tensor instead of its own name on import (one tensor feeding two parameters: a T5 head
 saved as the shared embedding); export writes it under its own name.
 
+Experts: a rule whose name also has `{j}` (Mixtral's and Qwen-MoE's per-expert tensors)
+has one HF tensor per layer i and expert j (`experts` of them) for parameters with a leading
+layer axis and then an expert axis; its indices are (i, j) pairs.
+
 Layer stacks: a layered rule's parameters carry a leading layer axis, and its layers are
 those of its stack, the top-level module of its parameters ("blocks" for decoder-only
 families and bert, "encoder_blocks" and "decoder_blocks" for t5). `expand` takes each
@@ -156,15 +160,23 @@ DEFAULT_STACK = "blocks"  # the stack of a layered rule without parameters (igno
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    hf: str  # the HF tensor name; "{i}" stands for the layer index
+    hf: str  # the HF tensor name; "{i}" stands for the layer index, "{j}" for the expert's
     hf_shape: tuple[int, ...]
     params: tuple[str, ...]  # jaxlm parameter paths, "/"-joined; a stack's have a layer axis
     transpose: bool = False
     source: str = ""  # import only: the HF tensor read for this rule when it is not `hf`
+    experts: int = 0  # a "{j}" rule: the number of experts (the parameters' second axis)
 
     @property
     def layered(self) -> bool:
         return "{i}" in self.hf
+
+    def name(self, index: Index) -> str:
+        """The HF tensor name at `index` (one of `layers(self, ...)`)."""
+        if index is None:
+            return self.hf
+        i, j = index if isinstance(index, tuple) else (index, None)
+        return self.hf.format(i=i, j=j)
 
     @property
     def stack(self) -> str:
@@ -183,25 +195,30 @@ def dims(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
             cfg.vocab_size)
 
 
-def layers(rule: Rule, depths: int | Mapping[str, int]) -> range | list[None]:
-    """The layer indices of `rule` ([None] when it is not layered); `depths`: each stack's
-    number of layers (an int: every stack's)."""
+Index = int | tuple[int, int] | None  # where a rule's HF tensor sits in its parameters
+
+
+def layers(rule: Rule, depths: int | Mapping[str, int]) -> list[Index]:
+    """The indices of `rule`'s HF tensors in its parameters: [None] when it is not layered,
+    each layer of its stack, or each (layer, expert) of an experts rule; `depths`: each
+    stack's number of layers (an int: every stack's)."""
     if not rule.layered:
         return [None]
     if isinstance(depths, int):
-        return range(depths)
-    if rule.stack not in depths:
+        depth = depths
+    elif rule.stack not in depths:
         raise ConversionError(f"{rule.hf}: its parameters' layer stack {rule.stack!r} is not "
                               f"part of the model (stacks: {', '.join(depths) or 'none'})")
-    return range(depths[rule.stack])
+    else:
+        depth = depths[rule.stack]
+    if rule.experts:
+        return [(i, j) for i in range(depth) for j in range(rule.experts)]
+    return list(range(depth))
 
 
 def expand(rule_list: list[Rule], depths: int | Mapping[str, int]
-           ) -> dict[str, tuple[Rule, int | None]]:
-    """HF tensor name -> (rule, layer index or None), every layer of each rule's stack
+           ) -> dict[str, tuple[Rule, Index]]:
+    """HF tensor name -> (rule, its index: `layers`), every layer of each rule's stack
     spelled out (`depths` as in `layers`)."""
-    named: dict[str, tuple[Rule, int | None]] = {}
-    for rule in rule_list:
-        for i in layers(rule, depths):
-            named[rule.hf if i is None else rule.hf.format(i=i)] = (rule, i)
-    return named
+    return {rule.name(index): (rule, index) for rule in rule_list
+            for index in layers(rule, depths)}

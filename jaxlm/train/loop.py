@@ -186,17 +186,13 @@ def train(task: Task, workdir: str | os.PathLike, evaluations: Sequence[Evaluati
                                     print if jax.process_index() == 0 else (lambda *a: None))
                 if lock is not None:
                     watch.on_startup_exit(lock.release)
-            return _train(task, pathlib.Path(workdir), watch, account, evaluations)
+            with contextlib.ExitStack() as resources:  # closed last-opened first, however it ends
+                logged, report = _run(task, pathlib.Path(workdir), watch, resources, account,
+                                      evaluations)
         finally:
             if lock is not None:
                 lock.release()
-
-
-def _train(task: Task, workdir: pathlib.Path, watch: preemption.PreemptionWatch,
-           account: goodput.Account, evaluations: Sequence[Evaluation]) -> list[dict[str, Any]]:
-    with contextlib.ExitStack() as resources:  # closed last-opened first, however it ends
-        logged, report = _run(task, workdir, watch, resources, account, evaluations)
-    report()  # the attempt's account, once its data, writers and checkpointer are closed
+    report()  # the attempt's account, once its data, writers, checkpointer and lock are closed
     return logged
 
 

@@ -34,13 +34,18 @@ BASE = {
 }
 BASE["mistral"] = dict(BASE["llama"])
 BASE["qwen2"] = dict(BASE["llama"])
+BASE["mixtral"] = dict(BASE["llama"], num_local_experts=4, num_experts_per_tok=2)
+BASE["qwen2_moe"] = dict(BASE["llama"], num_experts=4, num_experts_per_tok=2,
+                         moe_intermediate_size=16, shared_expert_intermediate_size=24)
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 256}
 
 # Grouped-query, multi-query; tied and untied heads; rope theta 100 / 1e4 / 5e5, llama3 and
 # linear scaling (llama3 with head_dim 16 and theta 5e5 has wavelengths in all three bands:
-# kept, blended and divided); Mistral with a sliding window; Qwen2 biases; GPT-2.
+# kept, blended and divided); Mistral with a sliding window; Qwen2 biases; GPT-2; Mixtral (4
+# experts, top 2, renormalised); Qwen2-MoE (biases, a gated shared expert, top 2 of 4 not
+# renormalised).
 CASES = {
     "llama_gqa_untied": ("llama", dict(tie_word_embeddings=False, rope_theta=10_000.0)),
     "llama_tied_llama3": ("llama", dict(tie_word_embeddings=True, head_dim=16,
@@ -53,6 +58,8 @@ CASES = {
     "qwen2_bias_tied": ("qwen2", dict(tie_word_embeddings=True, rope_theta=1_000_000.0)),
     "gpt2_tied": ("gpt2", dict()),
     "gpt2_untied": ("gpt2", dict(tie_word_embeddings=False)),
+    "mixtral_top2": ("mixtral", dict(tie_word_embeddings=False)),
+    "qwen2_moe_shared": ("qwen2_moe", dict(tie_word_embeddings=True, norm_topk_prob=False)),
 }
 
 
@@ -60,7 +67,8 @@ def hf_config(model_type: str, **overrides):
     import transformers
 
     classes = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-               "qwen2": transformers.Qwen2Config, "gpt2": transformers.GPT2Config}
+               "qwen2": transformers.Qwen2Config, "gpt2": transformers.GPT2Config,
+               "mixtral": transformers.MixtralConfig, "qwen2_moe": transformers.Qwen2MoeConfig}
     return classes[model_type](**{**BASE[model_type], **overrides})
 
 

@@ -115,11 +115,11 @@ def test_cli_reports_bad_input_with_status_2(tmp_path, hf_models_module, capsys)
     assert "--max-shard-size" in capsys.readouterr().err
 
 
-def write_run(directory, hf_models_module, extra=None):
-    """A jaxlm run of random tiny-llama parameters (plus `extra` ones)."""
+def write_run(directory, hf_models_module, extra=None, model_cfg=None):
+    """A jaxlm run of random parameters of `model_cfg` (tiny llama) plus `extra` ones."""
     from jaxlm.convert import params as params_lib
 
-    model_cfg = hf_models_module.tiny_cfg()
+    model_cfg = model_cfg or hf_models_module.tiny_cfg()
     shapes, axes = params_lib.abstract_params(model_cfg)
     flat = hf_models_module.random_jaxlm_params({k: v.shape for k, v in shapes.items()}, seed=1)
     flat.update(extra or {})
@@ -150,3 +150,22 @@ def test_export_detects_damaged_parameters(tmp_path, hf_models_module):
     sums_file.write_text(json.dumps(sums))
     with pytest.raises(hf_import.ConversionError, match="'blocks/mlp/w_up'.*fingerprint"):
         hf_export.export_hf(tmp_path / "run", tmp_path / "hf", log=lambda _: None)
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (dict(router_norm_topk=False), "model.router_norm_topk=False"),
+    (dict(router_norm_topk=True, qkv_bias=True), "model.qkv_bias=True"),
+    (dict(d_shared=24, shared_gate=False), "model.shared_gate=False"),
+])
+def test_export_refuses_a_moe_model_no_architecture_computes(overrides, fragment, tmp_path,
+                                                              hf_models_module):
+    """Mixtral renormalises its top-k weights and has no biases; Qwen2-MoE gates its shared
+    expert: a moe model that is neither is refused before anything is written."""
+    from jaxlm.convert import hf_export
+
+    model_cfg = hf_models_module.tiny_cfg("moe", n_experts=4, experts_per_token=2, **overrides)
+    write_run(tmp_path / "run", hf_models_module, model_cfg=model_cfg)
+    with pytest.raises(hf_import.ConversionError, match="no Hugging Face architecture") as e:
+        hf_export.export_hf(tmp_path / "run", tmp_path / "hf", log=lambda _: None)
+    assert fragment in str(e.value)
+    assert not (tmp_path / "hf").exists()

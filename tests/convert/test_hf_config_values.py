@@ -19,6 +19,9 @@ LLAMA = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
          "rope_theta": 10000.0}
 GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64,
         "vocab_size": 128, "layer_norm_epsilon": 1e-5}
+MIXTRAL = {**LLAMA, "model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2}
+QWEN2_MOE = {**LLAMA, "model_type": "qwen2_moe", "num_experts": 8, "num_experts_per_tok": 2,
+             "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64}
 NAN, INF = float("nan"), float("inf")
 LINEAR = {"rope_type": "linear", "factor": 2.0}
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -64,6 +67,15 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
     (LLAMA, "partial_rotary_factor", "1.0", "partial_rotary_factor='1.0'"),
     ({**LLAMA, "model_type": "mistral"}, "sliding_window", -1, "sliding_window=-1"),
     ({**LLAMA, "model_type": "qwen2"}, "use_sliding_window", "yes", "use_sliding_window='yes'"),
+    (MIXTRAL, "num_local_experts", "8", "num_local_experts='8' is not a positive integer"),
+    (MIXTRAL, "num_experts_per_tok", None, "num_experts_per_tok is null"),
+    (QWEN2_MOE, "num_experts", 0, "num_experts=0"),
+    (QWEN2_MOE, "moe_intermediate_size", 32.0, "moe_intermediate_size=32.0"),
+    (QWEN2_MOE, "shared_expert_intermediate_size", 0, "shared_expert_intermediate_size=0"),
+    (QWEN2_MOE, "norm_topk_prob", "yes", "norm_topk_prob='yes'"),
+    (QWEN2_MOE, "qkv_bias", None, "qkv_bias is null"),
+    (QWEN2_MOE, "decoder_sparse_step", 2, "decoder_sparse_step=2: layers with a dense MLP"),
+    (QWEN2_MOE, "mlp_only_layers", [1], "mlp_only_layers=[1]: layers with a dense MLP"),
     (GPT2, "layer_norm_epsilon", None, "layer_norm_epsilon is null"),
     (GPT2, "layer_norm_epsilon", INF, "layer_norm_epsilon=inf"),
     (GPT2, "n_embd", "32", "n_embd='32'"),
@@ -79,6 +91,18 @@ def test_bad_values_name_the_file_and_key(base, key, value, named):
     message = str(e.value)
     assert message.startswith(f"{WHERE}: ") and named in message, message
     assert "\n" not in message
+
+
+def test_mixture_keys_are_read():
+    """Mixtral: intermediate_size is each expert's width, the top k always renormalised;
+    Qwen2-MoE: its expert and shared widths, a gated shared expert, q/k/v biases."""
+    cfg, _ = families.model_config(MIXTRAL, WHERE)
+    assert (cfg.family, cfg.n_experts, cfg.experts_per_token, cfg.d_ff, cfg.d_expert,
+            cfg.d_shared, cfg.router_norm_topk, cfg.qkv_bias) == ("moe", 8, 2, 96, 0, 0, True,
+                                                                 False)
+    cfg, _ = families.model_config({**QWEN2_MOE, "norm_topk_prob": True}, WHERE)
+    assert (cfg.family, cfg.n_experts, cfg.d_expert, cfg.d_shared, cfg.shared_gate,
+            cfg.router_norm_topk, cfg.qkv_bias) == ("moe", 8, 32, 64, True, True, True)
 
 
 def test_a_config_that_is_not_an_object():

@@ -55,7 +55,8 @@ def trained_ids(tok, text):
 
 
 @pytest.mark.parametrize("case", ["llama_gqa_untied", "llama_tied_llama3", "llama_mqa_linear",
-                                  "mistral_window", "qwen2_bias_tied", "gpt2_tied", "gpt2_untied"])
+                                  "mistral_window", "qwen2_bias_tied", "gpt2_tied", "gpt2_untied",
+                                  "mixtral_top2", "qwen2_moe_shared"])
 def test_import_matches_transformers(case, hf_saved, hf_models_module, tmp_path):
     model, hf_dir = hf_saved(case)
     summary = hf_import.import_hf(hf_dir, tmp_path / "run", log=lambda _: None)
@@ -77,7 +78,8 @@ def test_import_matches_transformers(case, hf_saved, hf_models_module, tmp_path)
 
 @pytest.mark.parametrize("case,model_type", [
     ("llama_gqa_untied", "llama"), ("llama_tied_llama3", "llama"), ("llama_mqa_linear", "llama"),
-    ("qwen2_bias_tied", "qwen2"), ("gpt2_tied", "gpt2"), ("gpt2_untied", "gpt2")])
+    ("qwen2_bias_tied", "qwen2"), ("gpt2_tied", "gpt2"), ("gpt2_untied", "gpt2"),
+    ("mixtral_top2", "mixtral"), ("qwen2_moe_shared", "qwen2_moe")])
 def test_export_matches_transformers(case, model_type, hf_saved, hf_models_module, tmp_path):
     _, hf_dir = hf_saved(case)
     model_cfg = hf_import.open_checkpoint(hf_dir).model_cfg  # the architecture only
@@ -92,7 +94,7 @@ def test_export_matches_transformers(case, model_type, hf_saved, hf_models_modul
     model = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "hf", dtype=torch.float32, attn_implementation="eager")
     assert model.config.model_type == model_type
-    if model_type != "qwen2":  # qwen2: AutoTokenizer builds Qwen's own (hf_export docstring)
+    if not model_type.startswith("qwen2"):  # AutoTokenizer builds Qwen's own (hf_export docstring)
         text = "héllo wörld ✓\n"
         hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
         assert hf_tok(text)["input_ids"] == trained_ids(tokenizers.ByteTokenizer(), text)

@@ -323,7 +323,7 @@ def load_hf_models():
 
 
 @pytest.mark.parametrize("case", ["llama_gqa_untied", "llama_tied_llama3", "qwen2_bias_tied",
-                                  "gpt2_tied"])
+                                  "gpt2_tied", "mixtral_top2", "qwen2_moe_shared"])
 def test_greedy_equals_hugging_face_generate(case, tmp_path):
     """A tiny random transformers model, saved as safetensors and imported with jaxlm's
     converter: greedy generation matches `model.generate` token for token, alone and in a

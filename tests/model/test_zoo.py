@@ -52,8 +52,7 @@ def test_each_family_has_every_part(name):
     for projections in family.lora_targets.values():
         for sub, weight, inputs in projections:
             assert all(hasattr(getattr(stack, sub), weight) for stack in stacks) and inputs >= 1
-    # Every family but moe has its Hugging Face mapping (Mixtral's and Qwen-MoE's: to come).
-    assert (name in hf_families.MAPPINGS) == (name != "moe")
+    assert name in hf_families.MAPPINGS
 
 
 def test_unknown_family_is_one_clear_error():

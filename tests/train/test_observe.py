@@ -17,8 +17,9 @@ def test_in_loop_evaluation_is_jaxlm_eval_and_leaves_training_alone(run_config, 
     plain = loop.train(CausalLM(run_config(steps=4, every=4)), tmp_path / "plain")
     cfg = run_config(steps=4, every=4)
     cfg.train.update(eval_every=2, eval_batches=3)
+    task = CausalLM(cfg)
     begin = time.perf_counter()
-    logged = loop.train(CausalLM(cfg), tmp_path / "eval")
+    logged = loop.train(task, tmp_path / "eval")
     wall = time.perf_counter() - begin
 
     # Training is bit-identical with evaluation on: it reads batches of its own.
