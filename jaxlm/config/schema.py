@@ -41,7 +41,7 @@ WEIGHT_FORMATS = ("float", "int8", "int4", "nf4")  # model.weights
 KV_CACHE_DTYPES = ("model", "int8")  # generate.kv_cache_dtype
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "wsd")
-MESH_AXES = ("data", "fsdp", "context", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor", "expert")
 # Mesh axis -> the key of its factor across slices (over the data-center network, DCN).
 DCN_KEYS = {"data": "dcn_data", "fsdp": "dcn_fsdp"}
 BUILTIN_DATASETS = ("stdlib",)
@@ -214,6 +214,10 @@ def defaults() -> ml_collections.ConfigDict:
         # sequence axis; causal rows in load-balanced chunks). data.seq_len must divide
         # into 2 x context chunks (of 128-position tiles with splash attention).
         context=1,
+        # Expert parallelism (family moe): the experts' weights split over this many
+        # devices, each token sent to its experts' devices and back (all-to-all). Outside the
+        # mixture layers the axis splits the batch, as data does. n_experts must divide.
+        expert=1,
         # Factors across slices (over DCN): the mesh's data axis is dcn_data x data and its
         # fsdp axis dcn_fsdp x fsdp; dcn_data x dcn_fsdp must equal the number of slices.
         dcn_data=1, dcn_fsdp=1,

@@ -156,13 +156,19 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
              f"{m.vocab_size} is not divisible by the tensor axis ({tensor})")
     require(m.vocab_size or d.vocab_multiple % tensor == 0, "data.vocab_multiple",
              f"{d.vocab_multiple} is not divisible by the tensor axis ({tensor})")
-    batch_shards = shape["data"] * shape["fsdp"]
+    expert = shape["expert"]
+    require(expert == 1 or m.family == "moe", "mesh.expert",
+            f"must be 1 for family {m.family!r} (only family 'moe' has experts to split), "
+            f"got {expert}")
+    require(expert == 1 or m.n_experts % expert == 0, "mesh.expert",
+            f"{expert} does not divide model.n_experts={m.n_experts}")
+    batch_shards = shape["data"] * shape["fsdp"] * expert
     microbatches = d.global_batch_size // max(o.grad_accum_steps, 1)
     require(d.global_batch_size % o.grad_accum_steps == 0, "data.global_batch_size",
              f"{d.global_batch_size} is not divisible by optim.grad_accum_steps={o.grad_accum_steps}")
     require(microbatches % batch_shards == 0, "data.global_batch_size",
              f"{d.global_batch_size} (microbatch {microbatches}) is not divisible by the "
-             f"{batch_shards} data shards (mesh data x fsdp, DCN factors included)")
+             f"{batch_shards} data shards (mesh data x fsdp x expert, DCN factors included)")
 
 
 def _check_context(context: int, m: ml_collections.ConfigDict, d: ml_collections.ConfigDict,

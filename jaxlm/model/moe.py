@@ -29,6 +29,7 @@ position of the batch, padding included.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -39,7 +40,7 @@ from flax import nnx
 
 from jaxlm.model.layers import SwiGLU, param, project
 from jaxlm.model.llama import Llama
-from jaxlm.parallel.rules import constrain
+from jaxlm.parallel import rules
 
 
 class RoutingFigures(NamedTuple):
@@ -106,21 +107,26 @@ class MoE(nnx.Module):
         experts = (self.w_gate[...].astype(self.dtype), self.w_up[...].astype(self.dtype),
                    self.w_down[...].astype(self.dtype))
         dropped = jnp.zeros((), jnp.float32)
-        if self.dispatch == "dropless":
-            y_TxD = dropless(x_TxD.astype(self.dtype), weights_TxK, experts_TxK, *experts)
-        elif self.dispatch == "capacity":
-            y_TxD, dropped = by_capacity(x_TxD.astype(self.dtype), weights_TxK, experts_TxK,
-                                         *experts, self.capacity_factor)
+        if self.dispatch == "dropless" and rules.logical_size("expert") > 1:
+            y_BxLxD = over_expert_axis(x_BxLxD.astype(self.dtype),
+                                       weights_TxK.reshape(b, length, -1),
+                                       experts_TxK.reshape(b, length, -1), *experts)
         else:
-            y_TxD = dense(x_TxD.astype(self.dtype), weights_TxK, experts_TxK, *experts)
-        y_BxLxD = y_TxD.reshape(b, length, d)
+            if self.dispatch == "dropless":
+                y_TxD = dropless(x_TxD.astype(self.dtype), weights_TxK, experts_TxK, *experts)
+            elif self.dispatch == "capacity":
+                y_TxD, dropped = by_capacity(x_TxD.astype(self.dtype), weights_TxK,
+                                             experts_TxK, *experts, self.capacity_factor)
+            else:
+                y_TxD = dense(x_TxD.astype(self.dtype), weights_TxK, experts_TxK, *experts)
+            y_BxLxD = y_TxD.reshape(b, length, d)
         if self.shared is not None:
             shared_BxLxD = self.shared(x_BxLxD)
             if self.shared_gate is not None:
                 gate_BxLx1 = project(self, "shared_gate", x_BxLxD, jnp.float32)
                 shared_BxLxD = shared_BxLxD * jax.nn.sigmoid(gate_BxLx1).astype(self.dtype)
             y_BxLxD = y_BxLxD + shared_BxLxD
-        y_BxLxD = constrain(y_BxLxD, ("batch", "act_sequence", "act_embed"))
+        y_BxLxD = rules.constrain(y_BxLxD, ("batch", "act_sequence", "act_embed"))
         return y_BxLxD, routing_figures(logits_TxE, experts_TxK, dropped)
 
 
@@ -130,33 +136,95 @@ def _swiglu(h_gate, h_up):
 
 def dropless(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
              grouped: str = "auto"):
-    """Every assignment, sorted by expert, through grouped matmuls: `grouped` "ragged"
-    (jax.lax.ragged_dot: TPU's and GPU's grouped-matmul kernels), "blocks" (`Blocks`) or
-    "auto" (blocks on CPU, where XLA computes ragged_dot as a masked product over every
-    group, E times the work; ragged elsewhere)."""
+    """Every assignment, sorted by expert, through grouped matmuls (`grouped_swiglu`)."""
     tokens, k = experts_TxK.shape
-    n_experts, d = w_gate_ExDxF.shape[0], x_TxD.shape[1]
+    n_experts = w_gate_ExDxF.shape[0]
     expert_A = experts_TxK.reshape(-1)
     order_A = jnp.argsort(expert_A, stable=True)
     token_A = order_A // k
     weight_A = weights_TxK.reshape(-1)[order_A]
     sizes_E = jnp.zeros(n_experts, jnp.int32).at[expert_A].add(1)
+    y_AxD = grouped_swiglu(x_TxD[token_A], sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
+                           grouped)
+    return jnp.zeros_like(x_TxD).at[token_A].add(y_AxD * weight_A[:, None])
+
+
+def grouped_swiglu(x_RxD, sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
+                   grouped: str = "auto"):
+    """Each expert's SwiGLU on its rows: x's rows sorted by expert, sizes_E[e] of expert e;
+    rows past sum(sizes_E) are padding and give 0. `grouped`: "ragged" (jax.lax.ragged_dot:
+    TPU's and GPU's grouped-matmul kernels), "blocks" (`Blocks`) or "auto" (blocks on CPU,
+    where XLA computes ragged_dot as a masked product over every group, E times the work;
+    ragged elsewhere)."""
+    rows, d = x_RxD.shape
     if grouped == "auto":
-        grouped = "blocks" if jax.default_backend() == "cpu" else "ragged"
+        grouped = "blocks" if rules.platform() == "cpu" else "ragged"
     if grouped == "ragged":
-        x_AxD = x_TxD[token_A]
-        h_AxF = _swiglu(jax.lax.ragged_dot(x_AxD, w_gate_ExDxF, sizes_E),
-                        jax.lax.ragged_dot(x_AxD, w_up_ExDxF, sizes_E))
-        y_AxD = jax.lax.ragged_dot(h_AxF, w_down_ExFxD, sizes_E)
-        return jnp.zeros_like(x_TxD).at[token_A].add(y_AxD * weight_A[:, None])
-    blocks = Blocks(sizes_E, tokens * k)
-    # Each slot of the blocks: its token and weight; a padding slot reads the zero row T.
-    token_N = jnp.full(blocks.slots, tokens, jnp.int32).at[blocks.slot_A].set(token_A)
-    weight_N = jnp.zeros(blocks.slots, weight_A.dtype).at[blocks.slot_A].set(weight_A)
-    x_NxD = jnp.concatenate([x_TxD, jnp.zeros((1, d), x_TxD.dtype)])[token_N]
+        h_RxF = _swiglu(jax.lax.ragged_dot(x_RxD, w_gate_ExDxF, sizes_E),
+                        jax.lax.ragged_dot(x_RxD, w_up_ExDxF, sizes_E))
+        return jax.lax.ragged_dot(h_RxF, w_down_ExFxD, sizes_E)
+    blocks = Blocks(sizes_E, rows)
+    # Each row's slot in the blocks; a padding row has none (index `slots`: dropped).
+    slot_R = jnp.where(jnp.arange(rows) < jnp.sum(sizes_E), blocks.slot_A, blocks.slots)
+    x_NxD = jnp.zeros((blocks.slots, d), x_RxD.dtype).at[slot_R].set(x_RxD, mode="drop")
     h_NxF = _swiglu(blocks.matmul(x_NxD, w_gate_ExDxF), blocks.matmul(x_NxD, w_up_ExDxF))
-    y_NxD = blocks.matmul(h_NxF, w_down_ExFxD) * weight_N[:, None]
-    return jnp.zeros((tokens + 1, d), x_TxD.dtype).at[token_N].add(y_NxD)[:tokens]
+    y_NxD = blocks.matmul(h_NxF, w_down_ExFxD)
+    return y_NxD.at[slot_R].get(mode="fill", fill_value=0)
+
+
+def over_expert_axis(x_BxLxD, weights_BxLxK, experts_BxLxK, w_gate_ExDxF, w_up_ExDxF,
+                     w_down_ExFxD):
+    """Dropless dispatch with the experts split over the mesh's expert axis (`expert_shard`
+    on each device, in shard_map): tokens stay split over the batch axes (expert among
+    them) and the sequence's context axis; each device holds E / n experts, whole along
+    d_model (gathered over fsdp on the way in) and split along their width over tensor."""
+    token_axes = ("batch", "act_sequence", None)
+    return rules.shard_map(
+        functools.partial(expert_shard, expert_axes=rules.mesh_axes("expert"),
+                          width_axes=rules.mesh_axes("mlp")),
+        (("batch", "act_sequence", "act_embed"), token_axes, token_axes,
+         ("expert", None, "mlp"), ("expert", None, "mlp"), ("expert", "mlp", None)),
+        ("batch", "act_sequence", "act_embed"), check_vma=True)(
+        x_BxLxD, weights_BxLxK, experts_BxLxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
+
+
+def expert_shard(x_BxLxD, weights_BxLxK, experts_BxLxK, w_gate_ExDxF, w_up_ExDxF,
+                 w_down_ExFxD, expert_axes: tuple[str, ...], width_axes: tuple[str, ...]):
+    """One device's part of `over_expert_axis`. Its A = T x k assignments (T local tokens)
+    are sorted by expert, so by the device p that holds the expert, and laid out in a
+    P x A x D buffer (row p: those for device p, in order; the rest zero); an all-to-all
+    over the expert axis hands each device the rows for its experts from every device,
+    which it runs through `grouped_swiglu` (sorted by its expert, padding last), sums over
+    the tensor axis (each device has a slice of the width), and sends back the same way.
+    The buffers hold every assignment whatever the routing (nothing is dropped): P times
+    the rows a balanced routing sends."""
+    b, length, d = x_BxLxD.shape
+    k = experts_BxLxK.shape[-1]
+    x_TxD = x_BxLxD.reshape(-1, d)
+    local = w_gate_ExDxF.shape[0]  # the experts this device holds
+    shards = jax.lax.axis_size(expert_axes)
+    n = x_TxD.shape[0] * k
+    expert_A = experts_BxLxK.reshape(-1)
+    order_A = jnp.argsort(expert_A, stable=True)
+    token_A, sorted_A = order_A // k, expert_A[order_A]
+    weight_A = weights_BxLxK.reshape(-1)[order_A]
+    device_A = sorted_A // local
+    sent_P = jnp.zeros(shards, jnp.int32).at[device_A].add(1)
+    row_A = jnp.arange(n) - (jnp.cumsum(sent_P) - sent_P)[device_A]
+    send_PxAxD = jnp.zeros((shards, n, d), x_TxD.dtype).at[device_A, row_A].set(x_TxD[token_A])
+    # each row's expert among the receiver's; `local` marks an empty row (sorted last)
+    send_PxA = jnp.full((shards, n), local, jnp.int32).at[device_A, row_A].set(sorted_A % local)
+    got_RxD = jax.lax.all_to_all(send_PxAxD, expert_axes, 0, 0).reshape(-1, d)
+    got_R = jax.lax.all_to_all(send_PxA, expert_axes, 0, 0).reshape(-1)
+    order_R = jnp.argsort(got_R, stable=True)
+    sizes_E = jnp.zeros(local, jnp.int32).at[got_R].add(1, mode="drop")
+    y_RxD = grouped_swiglu(got_RxD[order_R], sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
+    if width_axes:
+        y_RxD = jax.lax.psum(y_RxD, width_axes)
+    back_PxAxD = jnp.zeros_like(y_RxD).at[order_R].set(y_RxD).reshape(shards, n, d)
+    y_AxD = jax.lax.all_to_all(back_PxAxD, expert_axes, 0, 0)[device_A, row_A]
+    y_TxD = jnp.zeros_like(x_TxD).at[token_A].add(y_AxD * weight_A[:, None])
+    return y_TxD.reshape(b, length, d)
 
 
 class Blocks:

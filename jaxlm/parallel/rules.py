@@ -4,8 +4,9 @@ Model code names logical axes only (`("embed", "mlp")`); `RULES` maps each name 
 axes. Parameters use the plain names, activations the `act_*` names, so the two can be
 sharded differently (FSDP shards weights over `fsdp` while activations stay whole along
 `embed`). The sequence of activations (`act_sequence`) is split over `context` (context
-parallelism); the batch's and the caches' (`sequence`) stay whole. Axes reserved for later
-parallelism (`expert`, `stage`) get a rule here when their mesh axis exists.
+parallelism); the batch's and the caches' (`sequence`) stay whole. The `expert` axis holds
+the mixture-of-experts weights' experts (jaxlm/model/moe.py exchanges tokens over it) and
+splits the batch everywhere else, as data does.
 
 Across TPU slices (multi-slice), the mesh keeps these axes: its data and fsdp axes
 also span the slices (config mesh.dcn_data, mesh.dcn_fsdp), so "batch" still maps to
@@ -34,13 +35,13 @@ RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
-    ("expert", None),  # mixture-of-experts weights' expert axis (replicated until an
-    ("experts_router", None),  # expert mesh axis shards them)
+    ("expert", "expert"),  # mixture-of-experts weights: each device holds its experts
+    ("experts_router", None),  # the router's expert columns: every device routes every token
     ("positions", None),
     ("norm", None),
     ("layers", None),
     # activations
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),  # the expert axis is data parallel outside experts
     ("sequence", None),  # inputs, caches: whole rows (each device of a context group reads them)
     ("act_sequence", "context"),  # activations: split over the context axis
     ("act_embed", None),
@@ -116,16 +117,17 @@ def logical_size(name: str) -> int:
 
 
 def shard_map(f, in_axes: Sequence[Sequence[str | None] | None],
-              out_axes: Sequence[str | None]):
+              out_axes: Sequence[str | None], check_vma: bool = False):
     """`f` mapped over the shards of the mesh in context (jax.shard_map), each argument split
     along its logical axes (None: an argument that is not an array); `f` itself outside a
-    mesh. For kernels XLA cannot partition (Pallas)."""
+    mesh. For kernels XLA cannot partition (Pallas) and explicit collectives (`check_vma`:
+    JAX tracks which values vary across devices, so that a psum's gradient is right)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return f
     specs = tuple(None if axes is None else logical_to_spec(axes) for axes in in_axes)
     return jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=logical_to_spec(out_axes),
-                         check_vma=False)
+                         check_vma=check_vma)
 
 
 def axis_rules():

@@ -7,10 +7,11 @@ by a roofline estimate.
 
 Search (every rule below is what keeps the llama3_8b / v5p-128 search within 15 minutes on
 a 2-core host; a fitting 8B compile takes about 30 s, one that runs out of HBM 1-3 s):
-1. Meshes: every (data, fsdp, context, tensor) whose product is the slice's chips, kept only
-   if the chip grid can be cut into those axes (jaxlm.parallel.mesh) and the config
-   validates on it (heads, kv heads, d_ff and vocabulary divisible by tensor; batch rows
-   by data x fsdp; context parallelism's sequence rules). Several slices: dcn_data or
+1. Meshes: every (data, fsdp, context, tensor, expert) whose product is the slice's chips,
+   kept only if the chip grid can be cut into those axes (jaxlm.parallel.mesh) and the
+   config validates on it (heads, kv heads, d_ff and vocabulary divisible by tensor; batch
+   rows by data x fsdp x expert; context parallelism's sequence rules; an expert axis only
+   for family moe, dividing its experts). Several slices: dcn_data or
    dcn_fsdp across them (tensor and context never cross the data-center network).
 2. Context parallelism only when the batch has fewer rows than there are chips: with at
    least one row per chip it only adds K/V gathers.
@@ -47,7 +48,7 @@ Estimate (per chip, seconds per step), from the compiled program:
 - ici: bytes each chip moves in the collectives over the data and fsdp axes (parameter
   gathers, gradient reductions; ring costs in jaxlm.train.hlo_cost.bytes_moved) over the
   links the group spans (one per physical axis, both directions when the axis wraps);
-- exposed: the same for collectives over the tensor and context axes (activations);
+- exposed: the same for collectives over the tensor, context and expert axes (activations);
 - dcn: transfers between slices over the chip's data-center network bandwidth.
 step = max(flops, hbm, ici, dcn) + exposed: XLA overlaps parameter-shaped collectives with
 compute; activation collectives sit on the critical path. est. MFU = model FLOPs per chip
@@ -78,7 +79,7 @@ from jaxlm.train.task import Task
 REMATS = ("full", "save_matmuls", "none")  # most memory saved first
 DIMENSIONS = ("mesh", "remat", "accum", "attention", "quant")  # what --search may vary
 DEFAULT_SEARCH = "mesh,remat,accum,attention"  # quant changes numerics: only when asked
-ACTIVATION_AXES = ("tensor", "context")  # collectives on these are not overlapped
+ACTIVATION_AXES = ("tensor", "context", "expert")  # collectives on these are not overlapped
 STATE_PER_ARGUMENTS = 4 / 3  # float32 gradients beside parameters and two Adam moments
 HEADROOM = 0.95  # the accumulation jump aims at this share of usable HBM
 
@@ -247,7 +248,7 @@ def own_plan(cfg: ml_collections.ConfigDict, num_devices: int) -> Plan:
 def accumulations(cfg: ml_collections.ConfigDict, plan: Plan) -> list[int]:
     """The gradient accumulation steps the batch allows on `plan`'s mesh, ascending."""
     rows = cfg.data.global_batch_size
-    shards = plan.mesh[0] * plan.mesh[1] * math.prod(plan.dcn)
+    shards = plan.mesh[0] * plan.mesh[1] * plan.mesh[4] * math.prod(plan.dcn)  # batch axes
     return [k for k in range(1, rows + 1) if rows % k == 0 and (rows // k) % shards == 0]
 
 
@@ -352,14 +353,14 @@ def format_table(outcomes: list[Outcome]) -> str:
     """Fitting plans fastest first, then those that do not fit; `*` marks the config's own."""
     ranked = sorted(outcomes, key=lambda o: (o.estimate is None,
                                              o.estimate.step_s if o.estimate else o.required_bytes))
-    head = (f"  {'mesh d x f x c x t':20} {'remat':12} {'accum':>5} {'attention':9} "
+    head = (f"  {'mesh d x f x c x t x e':22} {'remat':12} {'accum':>5} {'attention':9} "
             f"{'quant':5} "
             f"{'HBM GiB':>8} {'flops s':>8} {'hbm s':>7} {'ici s':>7} {'exposed':>8} "
             f"{'dcn s':>7} {'step s':>8} {'est. MFU':>8}")
     lines = [head]
     for o in ranked:
         e = o.estimate
-        row = (f"{'*' if o.own else ' '} {o.plan.label():20} {o.plan.remat:12} {o.plan.accum:>5} "
+        row = (f"{'*' if o.own else ' '} {o.plan.label():22} {o.plan.remat:12} {o.plan.accum:>5} "
                f"{o.attention:9} {o.plan.quant:5} {o.required_bytes / GiB:8.2f} ")
         if e is None:
             row += f"{'does not fit':>8}"

@@ -45,6 +45,9 @@ BAD = [
     ({"model.family": "gpt2", "model.n_kv_heads": 2}, 1, "config.model.n_kv_heads"),  # no GQA
     ({"model.head_dim": 7}, 1, "config.model.head_dim"),  # rotary needs an even head_dim
     ({"mesh.topology": "v9-8"}, 1, "config.mesh.topology"),
+    ({"mesh.expert": 2, "mesh.fsdp": 4}, 8, "config.mesh.expert: must be 1 for family 'llama'"),
+    ({"model.family": "moe", "model.n_experts": 6, "mesh.expert": 4, "mesh.fsdp": 2}, 8,
+     "config.mesh.expert: 4 does not divide model.n_experts=6"),
     ({"model.n_kv_heads": 3}, 1, "config.model.n_kv_heads"),
     ({"model.remat": "some"}, 1, "config.model.remat"),
     ({"optim.grad_accum_steps": 3}, 1, "config.data.global_batch_size"),
@@ -91,9 +94,11 @@ def test_override_values_take_the_type_of_the_default():
 def test_mesh_minus_one_takes_the_remaining_devices():
     cfg = tiny()
     cfg.mesh.update(data=2, fsdp=-1, tensor=2)
-    assert config_lib.mesh_shape(cfg.mesh, 8) == {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}
+    assert config_lib.mesh_shape(cfg.mesh, 8) == {"data": 2, "fsdp": 2, "context": 1, "tensor": 2,
+                                                 "expert": 1}
     cfg.mesh.update(fsdp=1, context=-1)
-    assert config_lib.mesh_shape(cfg.mesh, 8) == {"data": 2, "fsdp": 1, "context": 2, "tensor": 2}
+    assert config_lib.mesh_shape(cfg.mesh, 8) == {"data": 2, "fsdp": 1, "context": 2, "tensor": 2,
+                                                 "expert": 1}
 
 
 def test_dataset_names_match_the_builders():

@@ -92,11 +92,11 @@ def test_parameter_shardings_follow_the_rules_table():
     assert adam.mu["params"]["blocks"]["attn"]["wq"].sharding.spec == P(None, "fsdp", "tensor", None)
 
 
-def test_batch_is_sharded_over_data_and_fsdp():
+def test_batch_is_sharded_over_data_fsdp_and_expert():
     cfg = small_config()
     cfg.mesh.update(data=2, fsdp=2, tensor=2)
     mesh = mesh_lib.make_mesh(cfg.mesh)
-    assert rules.batch_sharding(mesh).spec == P(("data", "fsdp"), None)
+    assert rules.batch_sharding(mesh).spec == P(("data", "fsdp", "expert"), None)
 
 
 def test_logical_axis_without_rule_is_an_error():
@@ -127,11 +127,11 @@ def test_simulated_slices_lie_along_the_dcn_axis():
     cfg = small_config()
     cfg.mesh.update(dcn_data=2, data=1, fsdp=2, tensor=2)
     mesh = mesh_lib.make_mesh(cfg.mesh)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "context": 1, "tensor": 2, "expert": 1}
     ids = np.vectorize(lambda d: d.id)(mesh.devices)
     # Slice s is devices 4s..4s+3 (a run in id order) and fills data index s.
     assert sorted(ids[0].ravel()) == [0, 1, 2, 3] and sorted(ids[1].ravel()) == [4, 5, 6, 7]
-    assert rules.batch_sharding(mesh).spec == P(("data", "fsdp"), None)
+    assert rules.batch_sharding(mesh).spec == P(("data", "fsdp", "expert"), None)
 
     cfg.mesh.update(dcn_data=1, dcn_fsdp=2, data=2, fsdp=1, tensor=2)
     ids = np.vectorize(lambda d: d.id)(mesh_lib.make_mesh(cfg.mesh).devices)
@@ -166,11 +166,12 @@ def test_tpu_slices_lie_along_the_dcn_axis(two_tpu_slices):
     cfg = small_config()
     cfg.mesh.update(dcn_data=2, data=1, fsdp=-1, tensor=1)
     mesh = mesh_lib.make_mesh(cfg.mesh, two_tpu_slices)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1, "expert": 1}
     slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
-    np.testing.assert_array_equal(slice_of[:, :, 0, 0], [[0] * 4, [1] * 4])
+    np.testing.assert_array_equal(slice_of[:, :, 0, 0, 0], [[0] * 4, [1] * 4])
     # The same placement as JAX's own hybrid mesh for devices that carry slice_index.
-    expected = mesh_utils.create_hybrid_device_mesh((1, 4, 1, 1), (2, 1, 1, 1), two_tpu_slices)
+    expected = mesh_utils.create_hybrid_device_mesh((1, 4, 1, 1, 1), (2, 1, 1, 1, 1),
+                                                    two_tpu_slices)
     np.testing.assert_array_equal(mesh.devices, expected)
 
 

@@ -115,10 +115,10 @@ def aot():
 COMPILES = {
     # one v5p-8 slice (4 chips): FSDP and tensor parallelism
     "v5p-8": ("v5p-8", dict(data=1, fsdp=2, tensor=2),
-              dict(data=1, fsdp=2, context=1, tensor=2)),
+              dict(data=1, fsdp=2, context=1, tensor=2, expert=1)),
     # two v5p-8 slices over DCN: data parallel across them, FSDP inside each
     "2xv5p-8": ("v5p-8", dict(data=1, fsdp=4, tensor=1, dcn_data=2),
-                dict(data=2, fsdp=4, context=1, tensor=1)),
+                dict(data=2, fsdp=4, context=1, tensor=1, expert=1)),
 }
 
 
@@ -290,4 +290,5 @@ def test_a_mesh_the_chip_grid_cannot_hold_is_one_line_exit_2(aot, capsys):
                      "--config.mesh.context=8", "--config.data.global_batch_size=64"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "config.mesh: axes {'data': 1, 'fsdp': 8, 'context': 8, 'tensor': 1} do not map" in err
+    assert ("config.mesh: axes {'data': 1, 'fsdp': 8, 'context': 8, 'tensor': 1, 'expert': 1} "
+            "do not map") in err

@@ -43,8 +43,8 @@ def test_the_chosen_plan_fits_and_a_rejected_one_does_not():
     chosen = [r for r in rows if "does not fit" not in r[6]]
     assert rejected and chosen, run.stdout
     # The accumulation search: one microbatch does not fit, the smallest that does is next.
-    assert rejected[0][:5] == ("1x4x1x1", "none", "1", "splash", "none")
-    assert chosen[0][:5] == ("1x4x1x1", "none", "2", "splash", "none")
+    assert rejected[0][:5] == ("1x4x1x1x1", "none", "1", "splash", "none")
+    assert chosen[0][:5] == ("1x4x1x1x1", "none", "2", "splash", "none")
     line = re.search(r"^  jaxlm train --config (\S+) (.*)$", run.stdout, re.M)
     assert line.group(1) == LLAMA
     overrides = line.group(2).split()
@@ -113,8 +113,8 @@ def test_candidate_plans_follow_the_chip_grid_and_the_config():
     t = plan.topology_lib.parse("v5p-128")
     meshes = plan.candidate_meshes(cfg, t, plan.topology_lib.compile_only_devices(t), 1)
     assert [m for m, _ in meshes] == [
-        (1, 64, 1, 1), (4, 16, 1, 1), (16, 4, 1, 1), (64, 1, 1, 1),
-        (1, 16, 1, 4), (4, 4, 1, 4), (16, 1, 1, 4)]
+        (1, 64, 1, 1, 1), (4, 16, 1, 1, 1), (16, 4, 1, 1, 1), (64, 1, 1, 1, 1),
+        (1, 16, 1, 4, 1), (4, 4, 1, 4, 1), (16, 1, 1, 4, 1)]
     assert {dcn for _, dcn in meshes} == {(1, 1)}
     # Fewer rows than chips: context parallelism joins the search.
     cfg.data.global_batch_size = 16
@@ -122,4 +122,10 @@ def test_candidate_plans_follow_the_chip_grid_and_the_config():
         cfg, t, plan.topology_lib.compile_only_devices(t), 1)}
     assert contexts == {1, 4, 16, 64}  # 64: auto attention falls back to xla there
     assert plan.accumulations(
-        cfg, plan.Plan((1, 16, 4, 1), (1, 1), "full", 1, "auto", "none")) == [1]
+        cfg, plan.Plan((1, 16, 4, 1, 1), (1, 1), "full", 1, "auto", "none")) == [1]
+    # A mixture of 8 experts: an expert axis of 4 joins the search (16 and 64 do not divide
+    # 8; llama's meshes above have none).
+    moe = config_lib.load(str(pathlib.Path(LLAMA).with_name("mixtral_8x7b.py")), [])
+    experts = {m[4] for m, _ in plan.candidate_meshes(
+        moe, t, plan.topology_lib.compile_only_devices(t), 1)}
+    assert experts == {1, 4}
