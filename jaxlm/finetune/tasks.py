@@ -218,8 +218,8 @@ class FinetuneTask(Task):
         graphdef, eval_graphdef, key_template = self.graphdef, self.eval_graphdef, self.key_template
         kind, use_lora = self.kind, self.lora
         teacher_graphdef = self.teacher.graphdef if self.teacher is not None else None
-        taught = distill.teacher_sums(self.teacher.kind) if self.teacher is not None else None
         optim, dist = self.cfg.optim, self.cfg.distill
+        taught = None if self.teacher is None else distill.teacher_sums(self.teacher.kind, optim)
 
         def sums(trainable, frozen, batch, key, train):
             extra = {}
@@ -233,8 +233,7 @@ class FinetuneTask(Task):
             else:
                 params = trainable["params"]
             if train and teacher_graphdef is not None:  # (evaluation: the student's own loss)
-                return taught(graphdef, params, teacher_graphdef, frozen["teacher"], batch, dist,
-                              optim.z_loss, optim.loss_block)
+                return taught(graphdef, params, teacher_graphdef, frozen["teacher"], batch, dist)
             return kind.sums(graphdef if train else eval_graphdef, params,
                              trainable.get("head"), batch, train, **extra)
 

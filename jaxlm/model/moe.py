@@ -9,7 +9,7 @@ Qwen-MoE and DeepSeek have; model.shared_gate: scaled by sigmoid(x w), as Qwen2-
 every token. How tokens reach their experts (model.moe_dispatch):
 
     dropless  every assignment computed: the T x k assignments sorted by expert and run as
-              grouped matmuls (jax.lax.ragged_dot on TPU and GPU; `Blocks` on CPU), then
+              grouped matmuls (jax.lax.ragged_dot on TPU and GPU; `grouped_matmul` on CPU), then
               scattered back, weighted. The default; no token is ever dropped.
     capacity  each expert takes at most C = ceil(capacity_factor * T * k / E) assignments,
               in token order, a token's first choice before its second (position t * k + j
@@ -153,23 +153,14 @@ def grouped_swiglu(x_RxD, sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
                    grouped: str = "auto"):
     """Each expert's SwiGLU on its rows: x's rows sorted by expert, sizes_E[e] of expert e;
     rows past sum(sizes_E) are padding and give 0. `grouped`: "ragged" (jax.lax.ragged_dot:
-    TPU's and GPU's grouped-matmul kernels), "blocks" (`Blocks`) or "auto" (blocks on CPU,
-    where XLA computes ragged_dot as a masked product over every group, E times the work;
-    ragged elsewhere)."""
-    rows, d = x_RxD.shape
+    TPU's and GPU's grouped-matmul kernels), "loops" (`grouped_matmul`) or "auto" (loops
+    on CPU, where XLA computes ragged_dot as a masked product over every group, E times the
+    work; ragged elsewhere)."""
     if grouped == "auto":
-        grouped = "blocks" if rules.platform() == "cpu" else "ragged"
-    if grouped == "ragged":
-        h_RxF = _swiglu(jax.lax.ragged_dot(x_RxD, w_gate_ExDxF, sizes_E),
-                        jax.lax.ragged_dot(x_RxD, w_up_ExDxF, sizes_E))
-        return jax.lax.ragged_dot(h_RxF, w_down_ExFxD, sizes_E)
-    blocks = Blocks(sizes_E, rows)
-    # Each row's slot in the blocks; a padding row has none (index `slots`: dropped).
-    slot_R = jnp.where(jnp.arange(rows) < jnp.sum(sizes_E), blocks.slot_A, blocks.slots)
-    x_NxD = jnp.zeros((blocks.slots, d), x_RxD.dtype).at[slot_R].set(x_RxD, mode="drop")
-    h_NxF = _swiglu(blocks.matmul(x_NxD, w_gate_ExDxF), blocks.matmul(x_NxD, w_up_ExDxF))
-    y_NxD = blocks.matmul(h_NxF, w_down_ExFxD)
-    return y_NxD.at[slot_R].get(mode="fill", fill_value=0)
+        grouped = "loops" if rules.platform() == "cpu" else "ragged"
+    matmul = jax.lax.ragged_dot if grouped == "ragged" else grouped_matmul
+    h_RxF = _swiglu(matmul(x_RxD, w_gate_ExDxF, sizes_E), matmul(x_RxD, w_up_ExDxF, sizes_E))
+    return matmul(h_RxF, w_down_ExFxD, sizes_E)
 
 
 def over_expert_axis(x_BxLxD, weights_BxLxK, experts_BxLxK, w_gate_ExDxF, w_up_ExDxF,
@@ -227,32 +218,109 @@ def expert_shard(x_BxLxD, weights_BxLxK, experts_BxLxK, w_gate_ExDxF, w_up_ExDxF
     return y_TxD.reshape(b, length, d)
 
 
-class Blocks:
-    """A grouped matmul in blocks of `size` rows, each block one group's (MegaBlocks' layout):
-    every group of the rows sorted by group is padded with zero rows to a multiple of
-    `size` (sorted row a goes to slot `slot_A[a]` of `slots`), and block j is multiplied by
-    its group's weight (gathered per block): the work of the real rows plus less than one
-    block per group, in static shapes."""
+def _block_rows(rows: int, groups: int) -> int:
+    """Rows per block of `grouped_matmul`: the power of two nearest a group's even share,
+    8 to 128."""
+    return int(min(128, max(8, 2 ** int(math.log2(max(rows // groups, 1))))))
 
-    def __init__(self, sizes_E: jax.Array, rows: int):
-        groups = sizes_E.shape[0]
-        self.size = int(min(128, max(8, 2 ** int(math.log2(max(rows // groups, 1))))))
-        self.blocks = -(-rows // self.size) + groups  # enough for any group sizes
-        self.slots = self.blocks * self.size
-        padded_E = -(-sizes_E // self.size) * self.size
-        start_E = jnp.cumsum(sizes_E) - sizes_E
-        padded_start_E = jnp.cumsum(padded_E) - padded_E
-        group_A = jnp.repeat(jnp.arange(groups), sizes_E, total_repeat_length=rows)
-        self.slot_A = padded_start_E[group_A] + jnp.arange(rows) - start_E[group_A]
-        first_slot_N = jnp.arange(self.blocks) * self.size
-        self.group_N = jnp.minimum(
-            jnp.searchsorted(jnp.cumsum(padded_E), first_slot_N, side="right"), groups - 1)
 
-    def matmul(self, x_NxI: jax.Array, w_GxIxO: jax.Array) -> jax.Array:
-        """x (slots x I, rows in their slots) times each block's group's weight."""
-        x_BxSxI = x_NxI.reshape(self.blocks, self.size, -1)
-        return jnp.einsum("bsi,bio->bso", x_BxSxI, w_GxIxO[self.group_N]).reshape(
-            self.slots, -1)
+def _varying(*arrays: jax.Array) -> set[str]:
+    """The shard_map axes over which any of `arrays` differs between devices."""
+    return set().union(*(jax.typeof(a).manual_axis_type.varying for a in arrays))
+
+
+def _zeros(shape: tuple[int, ...], dtype, *like: jax.Array) -> jax.Array:
+    """Zeros that vary over the devices of a shard_map as `like` do (a loop's carry must
+    start as its body leaves it)."""
+    axes = _varying(*like)
+    zeros = jnp.zeros(shape, dtype)
+    return jax.lax.pcast(zeros, tuple(sorted(axes)), to="varying") if axes else zeros
+
+
+def _cotangent_of(ct: jax.Array, primal: jax.Array) -> jax.Array:
+    """A cotangent summed over the shard_map axes along which its primal is the same on
+    every device (what JAX's own transposition of that broadcast does)."""
+    axes = _varying(ct) - _varying(primal)
+    ct = jax.lax.psum(ct, tuple(sorted(axes))) if axes else ct
+    return ct.astype(primal.dtype)
+
+
+def _loop_matmul(x_RxI, w_GxIxO, sizes_G, transpose: bool):
+    """x's rows of each group times its group's weight (transposed: w_g^T), a block of rows
+    at a time in loops with a data-dependent number of trips: group g's ceil(n_g / block)
+    blocks, in group order. A group's last block runs past its rows into the next group's,
+    whose own blocks, later, overwrite them; rows past sum(sizes) are set to 0."""
+    rows, groups = x_RxI.shape[0], w_GxIxO.shape[0]
+    size = _block_rows(rows, groups)
+    out = w_GxIxO.shape[1] if transpose else w_GxIxO.shape[2]
+    x_pad = jnp.concatenate([x_RxI, jnp.zeros((size, x_RxI.shape[1]), x_RxI.dtype)])
+    start_G = jnp.cumsum(sizes_G) - sizes_G
+    dims = (((1,), (1 if transpose else 0,)), ((), ()))
+
+    def group(g, y_PxO):
+        w_IxO = w_GxIxO[g]
+
+        def block(i, y_PxO):
+            row = start_G[g] + i * size
+            y_SxO = jax.lax.dot_general(jax.lax.dynamic_slice_in_dim(x_pad, row, size), w_IxO,
+                                        dims)
+            return jax.lax.dynamic_update_slice_in_dim(y_PxO, y_SxO.astype(y_PxO.dtype), row, 0)
+        return jax.lax.fori_loop(0, -(-sizes_G[g] // size), block, y_PxO)
+
+    y_PxO = jax.lax.fori_loop(0, groups, group,
+                              _zeros((rows + size, out), x_RxI.dtype, x_RxI, w_GxIxO, sizes_G))
+    return jnp.where((jnp.arange(rows) < jnp.sum(sizes_G))[:, None], y_PxO[:rows], 0)
+
+
+def _loop_weight_grad(x_RxI, dy_RxO, sizes_G, groups: int):
+    """Each group's x_g^T dy_g (the weight gradient of `_loop_matmul`), block by block, the
+    rows past a group's end masked out."""
+    rows = x_RxI.shape[0]
+    size = _block_rows(rows, groups)
+    x_pad = jnp.concatenate([x_RxI, jnp.zeros((size, x_RxI.shape[1]), x_RxI.dtype)])
+    dy_pad = jnp.concatenate([dy_RxO, jnp.zeros((size, dy_RxO.shape[1]), dy_RxO.dtype)])
+    start_G = jnp.cumsum(sizes_G) - sizes_G
+
+    def group(g, dw_GxIxO):
+        def block(i, dw_IxO):
+            row = start_G[g] + i * size
+            mine_S = i * size + jnp.arange(size) < sizes_G[g]
+            dy_SxO = jnp.where(mine_S[:, None], jax.lax.dynamic_slice_in_dim(dy_pad, row, size),
+                               0)
+            return dw_IxO + jax.lax.dot_general(jax.lax.dynamic_slice_in_dim(x_pad, row, size),
+                                                dy_SxO, (((0,), (0,)), ((), ())))
+        dw_IxO = jax.lax.fori_loop(0, -(-sizes_G[g] // size), block,
+                                   _zeros(dw_GxIxO.shape[1:], dw_GxIxO.dtype, dw_GxIxO))
+        return dw_GxIxO.at[g].set(dw_IxO)
+
+    return jax.lax.fori_loop(0, groups, group, _zeros(
+        (groups, x_RxI.shape[1], dy_RxO.shape[1]), jnp.promote_types(x_RxI.dtype, dy_RxO.dtype),
+        x_RxI, dy_RxO, sizes_G))
+
+
+@jax.custom_vjp
+def grouped_matmul(x_RxI, w_GxIxO, sizes_G):
+    """Rows sorted by group (sizes_G[g] of group g, then padding rows, which give 0) times
+    their group's weight, without multiplying any group's rows by another's weight: what
+    jax.lax.ragged_dot computes, for CPU, where XLA makes ragged_dot a masked product over
+    every group (G times the work). Blocks of rows in loops (`_loop_matmul`: about the rows'
+    work plus half a block per group, whatever the group sizes); its gradient the same loops
+    (x: the transposed weights; w: `_loop_weight_grad`), as MegaBlocks' gmm and tgmm."""
+    return _loop_matmul(x_RxI, w_GxIxO, sizes_G, transpose=False)
+
+
+def _grouped_matmul_fwd(x_RxI, w_GxIxO, sizes_G):
+    return grouped_matmul(x_RxI, w_GxIxO, sizes_G), (x_RxI, w_GxIxO, sizes_G)
+
+
+def _grouped_matmul_bwd(saved, dy_RxO):
+    x_RxI, w_GxIxO, sizes_G = saved
+    dx_RxI = _loop_matmul(dy_RxO, w_GxIxO, sizes_G, transpose=True)
+    dw_GxIxO = _loop_weight_grad(x_RxI, dy_RxO, sizes_G, w_GxIxO.shape[0])
+    return _cotangent_of(dx_RxI, x_RxI), _cotangent_of(dw_GxIxO, w_GxIxO), None
+
+
+grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
 
 
 def by_capacity(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,

@@ -2,7 +2,7 @@
 topologies.
 
 Owns:
-    mesh        the (data, fsdp, context, tensor) mesh from config, one slice or several;
+    mesh        the (data, fsdp, context, tensor, expert) mesh from config, one slice or several;
                 placing host data on it; the mesh + rules context every jit traces under
     rules       the one table from logical axis names to mesh axes; shardings of trees;
                 shard_map by logical names (kernels XLA cannot partition)

@@ -1,8 +1,8 @@
 """The device mesh: built from the config's `mesh` section, one slice or several, and what
 places host data and code on it.
 
-Every mesh jaxlm builds comes from `make_mesh`, with the axes (data, fsdp, context, tensor); the
-logical names that model code uses map onto these axes in jaxlm.parallel.rules.
+Every mesh jaxlm builds comes from `make_mesh`, with the axes (data, fsdp, context, tensor,
+expert); the logical names that model code uses map onto these axes in jaxlm.parallel.rules.
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ from jaxlm.parallel import rules
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The (data, fsdp, context, tensor) mesh from config over `devices` (default: all of JAX's).
+    """The (data, fsdp, context, tensor, expert) mesh from config over `devices` (default:
+    all of JAX's).
 
     One slice: jax.make_mesh orders the devices by the physical topology so the innermost
-    axes (tensor, then context) get the fastest links. Several slices (mesh.dcn_data x
+    axes (expert, tensor, then context: the all-to-alls and activation collectives) get the
+    fastest links. Several slices (mesh.dcn_data x
     mesh.dcn_fsdp > 1):
     a hybrid mesh, each slice laid out as that same ICI mesh and the slices stacked along
     the data and fsdp axes, so only those axes' collectives cross the data-center network."""

@@ -30,6 +30,7 @@ token. Evaluation (`jaxlm eval`, in-run) is the student's own cross-entropy.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -52,9 +53,11 @@ from jaxlm.train.lm import (
     blockwise_map,
     blockwise_sums,
     cross_entropy_sums,
+    hidden_and_routing,
     loss_block,
     model_state_spec,
     token_metrics,
+    with_routing,
 )
 from jaxlm.train.seq2seq import SpanCorruption
 from jaxlm.train.step import Objective
@@ -114,10 +117,11 @@ def _inputs(batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def distill_sums(graphdef: Any, params: Any, teacher_graphdef: Any, teacher_params: Any,
-                 batch: dict, dist: ml_collections.ConfigDict, z_loss: float, block: int = 0
-                 ) -> tuple[jax.Array, dict]:
+                 batch: dict, dist: ml_collections.ConfigDict, z_loss: float, block: int = 0,
+                 routing: tuple[float, float] = (0.0, 0.0)) -> tuple[jax.Array, dict]:
     """The summed objective (module docstring; + z_loss x log(Z)^2 of the student) over the
-    batch's weighted tokens, and its parts: ce_sum, kd_sum, z_sum, weight_sum."""
+    batch's weighted tokens, and its parts: ce_sum, kd_sum, z_sum, weight_sum; a
+    mixture-of-experts student adds its routers' losses (`routing`: lm.with_routing)."""
     model = nnx.merge(graphdef, params)
     teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
     t_BxLxD = teacher.hidden_states(*_inputs(batch))
@@ -125,8 +129,9 @@ def distill_sums(graphdef: Any, params: Any, teacher_graphdef: Any, teacher_para
     def kd(logits, weights, t_BxCxD):
         return kd_sums(logits, teacher.head_logits(t_BxCxD), weights, dist.temperature)
 
-    return _taught_sums(model, model.hidden_states(*_inputs(batch)), (t_BxLxD,), kd, batch,
-                        dist, z_loss, block)
+    x_BxLxD, figures = hidden_and_routing(model, batch)
+    return with_routing(*_taught_sums(model, x_BxLxD, (t_BxLxD,), kd, batch, dist, z_loss, block),
+                        figures, *routing)
 
 
 def seq2seq_distill_sums(graphdef: Any, params: Any, teacher_graphdef: Any,
@@ -143,24 +148,32 @@ def seq2seq_distill_sums(graphdef: Any, params: Any, teacher_graphdef: Any,
     return _mixed(sums, dist, z_loss), sums
 
 
-def teacher_sums(kind: str):
-    """The taught objective of a student of this kind ("decoder", "encoder_decoder")."""
-    return seq2seq_distill_sums if kind == "encoder_decoder" else distill_sums
+def teacher_sums(kind: str, optim: ml_collections.ConfigDict):
+    """The taught objective of a student of this kind ("decoder", "encoder_decoder") with
+    the optim section's settings: f(graphdef, params, teacher_graphdef, teacher_params,
+    batch, dist)."""
+    if kind == "encoder_decoder":
+        return functools.partial(seq2seq_distill_sums, z_loss=optim.z_loss)
+    return functools.partial(distill_sums, z_loss=optim.z_loss, block=optim.loss_block,
+                             routing=(optim.moe_aux_loss, optim.moe_z_loss))
 
 
 def cached_distill_sums(graphdef: Any, params: Any, batch: dict,
-                        dist: ml_collections.ConfigDict, z_loss: float, block: int = 0
+                        dist: ml_collections.ConfigDict, optim: ml_collections.ConfigDict
                         ) -> tuple[jax.Array, dict]:
     """distill_sums against the teacher's cached top-k (batch["teacher_logits"],
-    batch["teacher_ids"]: jaxlm.data.teacher_cache)."""
+    batch["teacher_ids"]: jaxlm.data.teacher_cache), with the optim section's z-loss, loss
+    block and routers' losses."""
     model = nnx.merge(graphdef, params)
 
     def kd(logits, weights, t_logits, t_ids):
         return kd_topk_sums(logits, t_logits, t_ids, weights, dist.temperature)
 
-    return _taught_sums(model, model.hidden_states(*_inputs(batch)),
-                        (batch["teacher_logits"], batch["teacher_ids"]), kd, batch, dist,
-                        z_loss, block)
+    x_BxLxD, figures = hidden_and_routing(model, batch)
+    return with_routing(*_taught_sums(model, x_BxLxD, (batch["teacher_logits"],
+                                                        batch["teacher_ids"]),
+                                      kd, batch, dist, optim.z_loss, optim.loss_block),
+                        figures, optim.moe_aux_loss, optim.moe_z_loss)
 
 
 def teacher_topk(graphdef: Any, params: Any, batch: dict, top_k: int, block: int = 0
@@ -282,10 +295,9 @@ class _Taught:
     def objective(self) -> Objective:
         graphdef, teacher_graphdef = self.graphdef, self.teacher.graphdef
         optim, dist = self.cfg.optim, self.cfg.distill
-        taught = teacher_sums(self.teacher.kind)
+        taught = teacher_sums(self.teacher.kind, optim)
         return _objective(super().objective(), dist, lambda p, frozen, batch: taught(
-            graphdef, p, teacher_graphdef, frozen["teacher"], batch, dist, optim.z_loss,
-            optim.loss_block))
+            graphdef, p, teacher_graphdef, frozen["teacher"], batch, dist))
 
     def init_state(self) -> state_lib.TrainState:
         state = super().init_state()
@@ -361,7 +373,7 @@ class CachedDistill(CausalLM):
     def objective(self) -> Objective:
         graphdef, optim, dist = self.graphdef, self.cfg.optim, self.cfg.distill
         return _objective(super().objective(), dist, lambda p, frozen, batch: cached_distill_sums(
-            graphdef, p, batch, dist, optim.z_loss, optim.loss_block))
+            graphdef, p, batch, dist, optim))
 
     def resume(self, state: state_lib.TrainState, metadata: dict[str, Any]) -> state_lib.TrainState:
         """Checks the cache's teacher against the one the run recorded."""

@@ -66,16 +66,21 @@ def loss_sums(graphdef: Any, params: Any, batch: dict, z_loss: float, block: int
     `block`: optim.loss_block. A mixture-of-experts model adds its routers' losses with the
     coefficients `routing` (optim.moe_aux_loss, optim.moe_z_loss): `with_routing`."""
     model = nnx.merge(graphdef, params)
-    inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
-    if model.cfg.n_experts:
-        x_BxLxD, figures = model.routed_hidden_states(*inputs)
-    else:
-        x_BxLxD, figures = model.hidden_states(*inputs), None
+    x_BxLxD, figures = hidden_and_routing(model, batch)
     shards = context.shards()
     size = loss_block(x_BxLxD.shape[1], model.cfg.vocab_size, block, shards)
     total, sums = blockwise_cross_entropy_sums(x_BxLxD, model.head_logits, batch, z_loss, size,
                                                shards)
-    return (total, sums) if figures is None else with_routing(total, sums, figures, *routing)
+    return with_routing(total, sums, figures, *routing)
+
+
+def hidden_and_routing(model: Any, batch: dict) -> tuple[jax.Array, Any]:
+    """A decoder's hidden states of the batch's inputs and, for a mixture of experts, every
+    layer's routing figures (None for other models)."""
+    inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    if model.cfg.n_experts:
+        return model.routed_hidden_states(*inputs)
+    return model.hidden_states(*inputs), None
 
 
 def with_routing(total: jax.Array, sums: dict, figures, aux_weight: float, z_weight: float
@@ -83,7 +88,10 @@ def with_routing(total: jax.Array, sums: dict, figures, aux_weight: float, z_wei
     """The routers' load-balancing and z-losses (jaxlm.model.moe.RoutingFigures, averaged
     over the layers) added to a summed objective, weighted by the batch's target tokens: the
     step's division by them leaves coefficient x loss (and a weighted mean over accumulated
-    microbatches). The figures join the sums the same way, for the metrics."""
+    microbatches). The figures join the sums the same way, for the metrics. A model without
+    experts (figures None): the objective as it is."""
+    if figures is None:
+        return total, sums
     n = sums["weight_sum"]
     aux, z = jnp.mean(figures.aux_loss), jnp.mean(figures.z_loss)
     routed = {"moe_aux_sum": aux * n, "moe_z_sum": z * n,

@@ -131,17 +131,30 @@ def test_the_moe_family_counts_its_parameters_and_trains_through_the_router():
     assert x.shape == (2, 16, D)
 
 
-def test_blocked_grouped_matmul_with_empty_and_uneven_groups_equals_a_loop():
+def test_grouped_matmul_with_empty_and_uneven_groups_equals_a_loop():
+    """The CPU grouped matmul and its gradients (its own backward loops) against a row-by-row
+    float64 NumPy loop; padding rows past the groups give 0 and take no gradient; ragged_dot
+    agrees."""
     rng = np.random.default_rng(3)
-    sizes = np.array([0, 13, 1, 0, 30, 8])  # 52 rows: blocks of 8, two groups empty
-    x = rng.normal(size=(sizes.sum(), 5)).astype(np.float32)
+    sizes = np.array([0, 13, 1, 0, 30, 8])  # 52 rows (blocks of 8), two groups empty
+    rows = sizes.sum() + 5  # and 5 padding rows
+    x = rng.normal(size=(rows, 5)).astype(np.float32)
     w = rng.normal(size=(len(sizes), 5, 7)).astype(np.float32)
-    blocks = moe.Blocks(jnp.asarray(sizes, jnp.int32), int(sizes.sum()))
-    padded = jnp.zeros((blocks.slots, 5)).at[blocks.slot_A].set(x)
-    got = blocks.matmul(padded, jnp.asarray(w))[blocks.slot_A]
+    c = rng.normal(size=(rows, 7)).astype(np.float32)  # the cotangent: loss = sum(c * y)
     group = np.repeat(np.arange(len(sizes)), sizes)
-    want = np.stack([x[i] @ w[g] for i, g in enumerate(group)])
+    x64, w64, c64 = (a.astype(np.float64) for a in (x, w, c))
+    want = np.zeros((rows, 7))
+    want_dx, want_dw = np.zeros_like(x64), np.zeros_like(w64)
+    for i, g in enumerate(group):
+        want[i] = x64[i] @ w64[g]
+        want_dx[i] = w64[g] @ c64[i]
+        want_dw[g] += np.outer(x64[i], c64[i])
+    sizes_j = jnp.asarray(sizes, jnp.int32)
+    got = moe.grouped_matmul(jnp.asarray(x), jnp.asarray(w), sizes_j)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(jax.lax.ragged_dot(jnp.asarray(x), jnp.asarray(w),
-                                                   jnp.asarray(sizes, jnp.int32)), want,
+    dx, dw = jax.grad(lambda x, w: jnp.sum(moe.grouped_matmul(x, w, sizes_j) * c),
+                      argnums=(0, 1))(jnp.asarray(x), jnp.asarray(w))
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.lax.ragged_dot(jnp.asarray(x), jnp.asarray(w), sizes_j), want,
                                rtol=1e-5, atol=1e-5)

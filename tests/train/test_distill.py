@@ -119,6 +119,33 @@ def test_alpha_zero_is_plain_training_bit_for_bit(models):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_mixture_student_keeps_its_routers_losses(models):
+    """A moe student's taught objective with alpha 0 is its pretraining objective, the
+    routers' losses included with optim's coefficients, bit for bit (value and gradients);
+    without those coefficients it is not."""
+    _, (t_graphdef, t_params) = models
+    graphdef, params = nnx.split(zoo.create(model_config(
+        family="moe", n_experts=4, experts_per_token=2, d_expert=16), 3))
+    batch = hand_batch()
+    dist = config_lib.defaults().distill
+    dist.update(alpha=0.0, temperature=3.0)
+    optim = config_lib.defaults().optim
+    optim.update(z_loss=1e-4, loss_block=4, moe_aux_loss=0.5, moe_z_loss=0.25)
+    taught = distill.teacher_sums("decoder", optim)
+
+    def both(p, t, b):
+        plain = jax.value_and_grad(
+            lambda p: lm.loss_sums(graphdef, p, b, 1e-4, 4, (0.5, 0.25))[0])(p)
+        unrouted = lm.loss_sums(graphdef, p, b, 1e-4, 4)[0]
+        return plain, jax.value_and_grad(lambda p: taught(graphdef, p, t_graphdef, t, b,
+                                                          dist)[0])(p), unrouted
+
+    (loss, grads), (taught_loss, taught_grads), unrouted = jax.jit(both)(params, t_params, batch)
+    assert float(loss) == float(taught_loss) and float(loss) > float(unrouted) + 1.0
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(taught_grads)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_a_teacher_that_cannot_teach_is_one_line_exit_2(stdlib_data_dir, tmp_path, capsys):
     """Another vocabulary (both named); fewer positions than the student's sequences."""
     teacher = tmp_path / "teacher"
@@ -157,8 +184,10 @@ def test_offline_with_the_whole_vocabulary_is_the_online_loss(models, block):
         t_logits, t_ids = jax.jit(lambda t, b: distill.teacher_topk(t_graphdef, t, b, k, block)
                                   )(t_params, batch)
         cached = {**batch, "teacher_logits": t_logits, "teacher_ids": t_ids}
+        optim = config_lib.defaults().optim
+        optim.update(z_loss=1e-4, loss_block=block)
         (objective, sums), grads = jax.jit(jax.value_and_grad(lambda p: distill.cached_distill_sums(
-            graphdef, p, cached, dist, 1e-4, block), has_aux=True))(params)
+            graphdef, p, cached, dist, optim), has_aux=True))(params)
         if k == VOCAB:
             (want, want_sums), want_grads = online
             np.testing.assert_allclose(float(objective), float(want), rtol=1e-6)
@@ -329,9 +358,12 @@ def test_an_encoder_decoder_student_is_taught_on_its_decoder_targets():
     teacher = nnx.split(zoo.create(t5_config(d_model=48, n_layers=3, n_decoder_layers=3), 2))
     dist = config_lib.defaults().distill
     dist.update(alpha=0.3, temperature=2.0)
-    assert distill.teacher_sums("encoder_decoder") is distill.seq2seq_distill_sums
-    objective, sums = jax.jit(lambda p, t, b: distill.seq2seq_distill_sums(
-        student[0], p, teacher[0], t, b, dist, 0.0))(student[1], teacher[1], batch)
+    optim = config_lib.defaults().optim
+    optim.z_loss = 0.0
+    taught = distill.teacher_sums("encoder_decoder", optim)
+    assert taught.func is distill.seq2seq_distill_sums
+    objective, sums = jax.jit(lambda p, t, b: taught(student[0], p, teacher[0], t, b, dist))(
+        student[1], teacher[1], batch)
     s64, t64 = (np.asarray(seq2seq_train.logits(g, p, batch), np.float64)
                 for g, p in (student, teacher))
     want, ce, kd = reference(s64, t64, batch, 0.3, 2.0)
