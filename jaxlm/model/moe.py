@@ -219,8 +219,8 @@ def expert_shard(x_BxLxD, weights_BxLxK, experts_BxLxK, w_gate_ExDxF, w_up_ExDxF
 
 
 def _block_rows(rows: int, groups: int) -> int:
-    """Rows per block of `grouped_matmul`: the power of two nearest a group's even share,
-    8 to 128."""
+    """Rows per block of `grouped_matmul`: the largest power of two within a group's even
+    share of the rows, 8 to 128."""
     return int(min(128, max(8, 2 ** int(math.log2(max(rows // groups, 1))))))
 
 
