@@ -27,6 +27,7 @@ from jaxlm.config.overrides import (
     split_overrides,
 )
 from jaxlm.config.schema import (
+    BATCH_AXES,
     BUILTIN_DATASETS,
     DCN_KEYS,
     MESH_AXES,
@@ -49,7 +50,7 @@ from jaxlm.config.validate import (
 from jaxlm.errors import ConfigError
 
 __all__ = [
-    "BUILTIN_DATASETS", "DCN_KEYS", "MESH_AXES", "SOURCE_KINDS", "ConfigError",
+    "BATCH_AXES", "BUILTIN_DATASETS", "DCN_KEYS", "MESH_AXES", "SOURCE_KINDS", "ConfigError",
     "apply_override", "apply_overrides", "defaults", "grouped_dims", "ici_mesh_shape", "load",
     "lm_eval_tasks", "load_config_file", "merge_overrides", "mesh_shape", "move_keys", "num_slices", "parse_mixture",
     "profile_window", "require", "resolve_vocab", "resolved", "source_defaults", "split_overrides", "validate",

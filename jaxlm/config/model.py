@@ -46,7 +46,6 @@ def _check_experts(m: ml_collections.ConfigDict) -> None:
     require_real(m.capacity_factor, "model.capacity_factor", 0, low_open=True)
 
 
-
 def check_model(m: ml_collections.ConfigDict) -> None:
     require(m.remat in REMAT_POLICIES, "model.remat", f"{m.remat!r} not in {REMAT_POLICIES}")
     require(m.attention in ATTENTION_BACKENDS, "model.attention",
@@ -83,12 +82,10 @@ def check_model(m: ml_collections.ConfigDict) -> None:
     require_int(m.splash_block, "model.splash_block", 0, MAX_SEQ_LEN)  # 0: by sequence length
 
 
-
 def grouped_dims(m: ml_collections.ConfigDict) -> dict[str, int]:
     """The sizes a quantized model's groups of inputs run along (jaxlm/model/quantized.py),
     by model key: a group size must divide each."""
     return {"d_model": m.d_model, "d_ff": m.d_ff, "head_dim": m.head_dim or m.d_model // m.n_heads}
-
 
 
 def _check_weights(m: ml_collections.ConfigDict) -> None:
@@ -108,7 +105,6 @@ def _check_weights(m: ml_collections.ConfigDict) -> None:
         for key, size in last.items():
             require(size % 2 == 0, "model.weights",
                     f"{m.weights} packs two codes a byte along model.{key}, which is odd ({size})")
-
 
 
 def _check_rope_scaling(s: ml_collections.ConfigDict) -> None:

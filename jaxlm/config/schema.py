@@ -42,6 +42,7 @@ KV_CACHE_DTYPES = ("model", "int8")  # generate.kv_cache_dtype
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "wsd")
 MESH_AXES = ("data", "fsdp", "context", "tensor", "expert")
+BATCH_AXES = ("data", "fsdp", "expert")  # the mesh axes that split a batch's rows
 # Mesh axis -> the key of its factor across slices (over the data-center network, DCN).
 DCN_KEYS = {"data": "dcn_data", "fsdp": "dcn_fsdp"}
 BUILTIN_DATASETS = ("stdlib",)

@@ -10,6 +10,7 @@ run config is checked by `jaxlm.train.validate`.
 
 from __future__ import annotations
 
+import math
 import re
 
 import ml_collections
@@ -18,6 +19,7 @@ from jaxlm.config import finetune as finetune_section
 from jaxlm.config.model import check_model
 from jaxlm.config.overrides import unknown_key
 from jaxlm.config.schema import (
+    BATCH_AXES,
     BUILTIN_DATASETS,
     DCN_KEYS,
     KV_CACHE_DTYPES,
@@ -162,7 +164,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
             f"got {expert}")
     require(expert == 1 or m.n_experts % expert == 0, "mesh.expert",
             f"{expert} does not divide model.n_experts={m.n_experts}")
-    batch_shards = shape["data"] * shape["fsdp"] * expert
+    batch_shards = math.prod(shape[axis] for axis in BATCH_AXES)
     microbatches = d.global_batch_size // max(o.grad_accum_steps, 1)
     require(d.global_batch_size % o.grad_accum_steps == 0, "data.global_batch_size",
              f"{d.global_batch_size} is not divisible by optim.grad_accum_steps={o.grad_accum_steps}")

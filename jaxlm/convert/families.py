@@ -1,6 +1,6 @@
 """Which Hugging Face model types each jaxlm model family reads and writes, and the calls
-that go to the family's mapping (llama.py, moe.py, gpt2.py, bert.py, t5.py): config.json in both
-directions and the tensor rules.
+that go to the family's mapping (llama.py, moe.py, gpt2.py, bert.py, t5.py): config.json in
+both directions and the tensor rules.
 
 Adding a family's Hugging Face mapping: a module jaxlm/convert/<family>.py with
 MODEL_TYPES, config_from_hf, config_to_hf, rules and ignorable, and its model types in

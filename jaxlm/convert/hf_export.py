@@ -1,8 +1,9 @@
 """`jaxlm convert to-hf WORKDIR --out HF_DIR`: a jaxlm checkpoint -> a Hugging Face directory.
 
 Writes config.json (the family mapping's model type: llama, qwen2 when the model has q/k/v
-biases, mixtral or qwen2_moe for family moe, gpt2, t5, bert/roberta), the weights as safetensors (model.safetensors, or shards
-with model.safetensors.index.json above --max-shard-size), streamed one tensor at a time,
+biases, mixtral or qwen2_moe for family moe, gpt2, t5, bert/roberta), the weights as
+safetensors (model.safetensors, or shards with model.safetensors.index.json above
+--max-shard-size), streamed one tensor at a time,
 and the tokenizer (`tokenizer_files`): a Hugging Face tokenizer.json (BERT's WordPiece,
 RoBERTa's BPE, ...) is copied with a tokenizer_config.json naming its special tokens (the
 mask token too); jaxlm's byte tokenizer becomes an equivalent tokenizer.json (byte-level,
@@ -21,8 +22,8 @@ the family's transformers Auto class, `auto_class(family)` (no remote code):
 
 Parameters are restored one at a time (Orbax partial restore, checked against the saved
 fingerprints) and the safetensors are written projection by projection, so an export holds
-about one parameter in memory. Caveat: for model_type qwen2 (and qwen2_moe), transformers 5's AutoTokenizer
-always builds its own Qwen2Tokenizer from the files; a tokenizer that is not Qwen's (e.g.
+about one parameter in memory. Caveat: for model_type qwen2 (and qwen2_moe), transformers 5's
+AutoTokenizer always builds its own Qwen2Tokenizer from the files; a tokenizer that is not Qwen's (e.g.
 jaxlm's byte tokenizer) must be loaded with PreTrainedTokenizerFast.from_pretrained(HF_DIR).
 """
 

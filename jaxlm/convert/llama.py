@@ -36,6 +36,7 @@ from jaxlm.model import counts
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 QWEN = ("qwen2", "qwen2_moe")  # q/k/v biases (qkv_bias) and use_sliding_window
+PROJ_NAMES = {part: f"{part}_proj" for part in ("gate", "up", "down")}  # HF's SwiGLU names
 
 
 def config_from_hf(config: dict, cfg: ml_collections.ConfigDict, where: str,
@@ -162,12 +163,18 @@ def _rope_scaling(s: ml_collections.ConfigDict) -> dict[str, Any] | None:
 
 def rules(cfg: ml_collections.ConfigDict, tensor_names: Any = None) -> list[Rule]:
     """Every tensor of the checkpoint, in the order Hugging Face writes them."""
-    d, _, _, _, f, _ = dims(cfg)
-    p = "model.layers.{i}."
-    return decoder_rules(cfg, [
-        Rule(p + "mlp.gate_proj.weight", (f, d), ("blocks/mlp/w_gate",), transpose=True),
-        Rule(p + "mlp.up_proj.weight", (f, d), ("blocks/mlp/w_up",), transpose=True),
-        Rule(p + "mlp.down_proj.weight", (d, f), ("blocks/mlp/w_down",), transpose=True)])
+    return decoder_rules(cfg, swiglu_rules("model.layers.{i}.mlp.", PROJ_NAMES, cfg.d_model,
+                                           cfg.d_ff, "blocks/mlp/w_"))
+
+
+def swiglu_rules(prefix: str, names: dict[str, str], d: int, f: int, param: str,
+                 experts: int = 0) -> list[Rule]:
+    """A SwiGLU's gate, up and down projections: HF tensors `prefix + names[part] +
+    ".weight"` (torch Linear layout) to jaxlm's `param + part` (one per expert when
+    `experts`: jaxlm.convert.moe)."""
+    return [Rule(f"{prefix}{names[part]}.weight", (d, f) if part == "down" else (f, d),
+                 (param + part,), transpose=True, experts=experts)
+            for part in ("gate", "up", "down")]
 
 
 def decoder_rules(cfg: ml_collections.ConfigDict, mlp: list[Rule]) -> list[Rule]:

@@ -98,22 +98,15 @@ def rules(cfg: ml_collections.ConfigDict, tensor_names: Any = None) -> list[Rule
         names = {"gate": "w1", "up": "w3", "down": "w2"}
     else:
         p = "model.layers.{i}.mlp."
-        names = {part: f"{part}_proj" for part in ("gate", "up", "down")}
+        names = llama.PROJ_NAMES
     mlp = [Rule(p + "gate.weight", (e, d), ("blocks/mlp/router",), transpose=True),
-           *_swiglu(p + "experts.{j}.", names, d, f, "blocks/mlp/w_", e)]
+           *llama.swiglu_rules(p + "experts.{j}.", names, d, f, "blocks/mlp/w_", e)]
     if cfg.d_shared:
-        mlp += _swiglu(p + "shared_expert.", names, d, cfg.d_shared, "blocks/mlp/shared/w_")
+        mlp += llama.swiglu_rules(p + "shared_expert.", names, d, cfg.d_shared,
+                                  "blocks/mlp/shared/w_")
         mlp.append(Rule(p + "shared_expert_gate.weight", (1, d), ("blocks/mlp/shared_gate",),
                         transpose=True))
     return llama.decoder_rules(cfg, mlp)
-
-
-def _swiglu(prefix: str, names: dict[str, str], d: int, f: int, param: str, experts: int = 0
-            ) -> list[Rule]:
-    """A SwiGLU's three projections (one per expert when `experts`)."""
-    return [Rule(f"{prefix}{names[part]}.weight", (d, f) if part == "down" else (f, d),
-                 (param + part,), transpose=True, experts=experts)
-            for part in ("gate", "up", "down")]
 
 
 def ignorable(cfg: ml_collections.ConfigDict, tensor_names: Any = None) -> list[str]:

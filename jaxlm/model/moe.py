@@ -137,15 +137,24 @@ def _swiglu(h_gate, h_up):
 def dropless(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
              grouped: str = "auto"):
     """Every assignment, sorted by expert, through grouped matmuls (`grouped_swiglu`)."""
-    tokens, k = experts_TxK.shape
-    n_experts = w_gate_ExDxF.shape[0]
-    expert_A = experts_TxK.reshape(-1)
-    order_A = jnp.argsort(expert_A, stable=True)
-    token_A = order_A // k
-    weight_A = weights_TxK.reshape(-1)[order_A]
-    sizes_E = jnp.zeros(n_experts, jnp.int32).at[expert_A].add(1)
+    token_A, expert_A, weight_A = _by_expert(weights_TxK, experts_TxK)
+    sizes_E = jnp.zeros(w_gate_ExDxF.shape[0], jnp.int32).at[expert_A].add(1)
     y_AxD = grouped_swiglu(x_TxD[token_A], sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
                            grouped)
+    return _combine(x_TxD, y_AxD, token_A, weight_A)
+
+
+def _by_expert(weights_TxK, experts_TxK):
+    """The T x k assignments sorted by expert (stably: token order within an expert): each
+    one's token, expert and weight."""
+    k = experts_TxK.shape[-1]
+    expert_A = experts_TxK.reshape(-1)
+    order_A = jnp.argsort(expert_A, stable=True)
+    return order_A // k, expert_A[order_A], weights_TxK.reshape(-1)[order_A]
+
+
+def _combine(x_TxD, y_AxD, token_A, weight_A):
+    """Each token's output: the sum of its assignments' expert outputs, weighted."""
     return jnp.zeros_like(x_TxD).at[token_A].add(y_AxD * weight_A[:, None])
 
 
@@ -190,15 +199,11 @@ def expert_shard(x_BxLxD, weights_BxLxK, experts_BxLxK, w_gate_ExDxF, w_up_ExDxF
     The buffers hold every assignment whatever the routing (nothing is dropped): P times
     the rows a balanced routing sends."""
     b, length, d = x_BxLxD.shape
-    k = experts_BxLxK.shape[-1]
     x_TxD = x_BxLxD.reshape(-1, d)
     local = w_gate_ExDxF.shape[0]  # the experts this device holds
     shards = jax.lax.axis_size(expert_axes)
-    n = x_TxD.shape[0] * k
-    expert_A = experts_BxLxK.reshape(-1)
-    order_A = jnp.argsort(expert_A, stable=True)
-    token_A, sorted_A = order_A // k, expert_A[order_A]
-    weight_A = weights_BxLxK.reshape(-1)[order_A]
+    token_A, sorted_A, weight_A = _by_expert(weights_BxLxK, experts_BxLxK)
+    n = sorted_A.shape[0]
     device_A = sorted_A // local
     sent_P = jnp.zeros(shards, jnp.int32).at[device_A].add(1)
     row_A = jnp.arange(n) - (jnp.cumsum(sent_P) - sent_P)[device_A]
@@ -214,8 +219,7 @@ def expert_shard(x_BxLxD, weights_BxLxK, experts_BxLxK, w_gate_ExDxF, w_up_ExDxF
         y_RxD = jax.lax.psum(y_RxD, width_axes)
     back_PxAxD = jnp.zeros_like(y_RxD).at[order_R].set(y_RxD).reshape(shards, n, d)
     y_AxD = jax.lax.all_to_all(back_PxAxD, expert_axes, 0, 0)[device_A, row_A]
-    y_TxD = jnp.zeros_like(x_TxD).at[token_A].add(y_AxD * weight_A[:, None])
-    return y_TxD.reshape(b, length, d)
+    return _combine(x_TxD, y_AxD, token_A, weight_A).reshape(b, length, d)
 
 
 def _block_rows(rows: int, groups: int) -> int:
@@ -344,8 +348,8 @@ def by_capacity(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_dow
     y_ExCxD = jnp.einsum("ecf,efd->ecd", h_ExCxF, w_down_ExFxD)
     y_AxD = jnp.concatenate([y_ExCxD.reshape(-1, d), jnp.zeros((1, d), y_ExCxD.dtype)])[row_A]
     weight_A = jnp.where(kept_A, weights_TxK.reshape(-1), 0).astype(y_AxD.dtype)
-    out_TxD = jnp.zeros_like(x_TxD).at[token_A].add(y_AxD * weight_A[:, None])
-    return out_TxD, 1.0 - jnp.mean(kept_A.astype(jnp.float32))
+    return (_combine(x_TxD, y_AxD, token_A, weight_A),
+            1.0 - jnp.mean(kept_A.astype(jnp.float32)))
 
 
 def dense(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD):

@@ -24,6 +24,8 @@ from flax.core import spmd as flax_spmd
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxlm import config as config_lib
+
 MeshAxes = str | tuple[str, ...] | None
 
 # Logical axis -> mesh axes. Order matters only for readability; names are unique.
@@ -41,7 +43,7 @@ RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("norm", None),
     ("layers", None),
     # activations
-    ("batch", ("data", "fsdp", "expert")),  # the expert axis is data parallel outside experts
+    ("batch", config_lib.BATCH_AXES),  # data, fsdp and expert (data parallel outside experts)
     ("sequence", None),  # inputs, caches: whole rows (each device of a context group reads them)
     ("act_sequence", "context"),  # activations: split over the context axis
     ("act_embed", None),

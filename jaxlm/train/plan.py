@@ -248,7 +248,8 @@ def own_plan(cfg: ml_collections.ConfigDict, num_devices: int) -> Plan:
 def accumulations(cfg: ml_collections.ConfigDict, plan: Plan) -> list[int]:
     """The gradient accumulation steps the batch allows on `plan`'s mesh, ascending."""
     rows = cfg.data.global_batch_size
-    shards = plan.mesh[0] * plan.mesh[1] * plan.mesh[4] * math.prod(plan.dcn)  # batch axes
+    shape = dict(zip(config_lib.MESH_AXES, plan.mesh))
+    shards = math.prod(shape[axis] for axis in config_lib.BATCH_AXES) * math.prod(plan.dcn)
     return [k for k in range(1, rows + 1) if rows % k == 0 and (rows // k) % shards == 0]
 
 
