@@ -129,3 +129,6 @@ def test_candidate_plans_follow_the_chip_grid_and_the_config():
     experts = {m[4] for m, _ in plan.candidate_meshes(
         moe, t, plan.topology_lib.compile_only_devices(t), 1)}
     assert experts == {1, 4}
+    # Its 256 rows split over fsdp 16 x expert 4 = 64 shards: at most 4 microbatches.
+    assert plan.accumulations(
+        moe, plan.Plan((1, 16, 1, 1, 4), (1, 1), "full", 1, "auto", "none")) == [1, 2, 4]
