@@ -39,7 +39,7 @@ def test_in_loop_evaluation_is_jaxlm_eval_and_leaves_training_alone(run_config, 
 
     # The account covers the call: its wall time is the call's within 2%, its parts add up to
     # it, and the unnamed rest ("other": logging, metrics rows, closing) is under 5% of it
-    # (a 2-second run here: the compilation cache makes compiling nearly free).
+    # (a run of a few seconds here).
     account = json.loads((tmp_path / "eval" / "goodput.jsonl").read_text())  # one attempt
     parts = [account[f"time_{p}_s"] for p in ("startup", "compile", "data", "step",
                                                "recompute", "checkpoint", "eval")]
