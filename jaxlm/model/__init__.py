@@ -8,7 +8,8 @@ Owns:
                 layer scan every family uses (run_blocks)
     llama, gpt2 the decoder-only families' networks
     moe         family moe: llama's network with a mixture of experts as each MLP (router,
-                dropless / capacity / dense dispatch, routing figures)
+                dropless / capacity / dense dispatch, routing figures); moe_cpu its
+                dropless mixture on CPU (batched matmuls and blocks, its own backward)
     bert        the encoder-only family (BERT, RoBERTa): masked-LM network
     t5, t5_layers   the encoder-decoder family (T5 v1.0, v1.1, mT5) and its layers
     layers, attention, kv_cache   shared layers: norms, MLPs, rotary embeddings, attention

@@ -9,7 +9,8 @@ Qwen-MoE and DeepSeek have; model.shared_gate: scaled by sigmoid(x w), as Qwen2-
 every token. How tokens reach their experts (model.moe_dispatch):
 
     dropless  every assignment computed: the T x k assignments sorted by expert and run as
-              grouped matmuls (jax.lax.ragged_dot on TPU and GPU; `grouped_matmul` on CPU), then
+              grouped matmuls (jax.lax.ragged_dot on TPU and GPU; on CPU `moe_cpu`'s
+              batched matmuls for a balanced share and blocks for the rest), then
               scattered back, weighted. The default; no token is ever dropped.
     capacity  each expert takes at most C = ceil(capacity_factor * T * k / E) assignments,
               in token order, a token's first choice before its second (position t * k + j
@@ -38,6 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from jaxlm.model import moe_cpu
 from jaxlm.model.layers import SwiGLU, param, project
 from jaxlm.model.llama import Llama
 from jaxlm.parallel import rules
@@ -136,12 +138,11 @@ def _swiglu(h_gate, h_up):
 
 def dropless(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
              grouped: str = "auto"):
-    """Every assignment, sorted by expert, through grouped matmuls (`grouped_swiglu`)."""
+    """Every assignment, sorted by expert, through grouped matmuls (`mixture`)."""
     token_A, expert_A, weight_A = _by_expert(weights_TxK, experts_TxK)
     sizes_E = jnp.zeros(w_gate_ExDxF.shape[0], jnp.int32).at[expert_A].add(1)
-    y_AxD = grouped_swiglu(x_TxD[token_A], sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
-                           grouped)
-    return _combine(x_TxD, y_AxD, token_A, weight_A)
+    return mixture(x_TxD, token_A, weight_A, sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
+                   -(-token_A.shape[0] // w_gate_ExDxF.shape[0]), grouped)
 
 
 def _by_expert(weights_TxK, experts_TxK):
@@ -153,23 +154,31 @@ def _by_expert(weights_TxK, experts_TxK):
     return order_A // k, expert_A[order_A], weights_TxK.reshape(-1)[order_A]
 
 
+def mixture(x_TxD, token_A, weight_A, sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
+            balanced: int, grouped: str = "auto"):
+    """out[t]: the sum over the assignments a of token t of weight_A[a] times expert e(a)'s
+    SwiGLU on x[t]. The A assignments are sorted by expert, sizes_E[e] of expert e; those
+    past sum(sizes_E) count for nothing. `balanced`: the assignments per expert a balanced
+    routing gives. `grouped`: "ragged" (jax.lax.ragged_dot: TPU's and GPU's grouped-matmul
+    kernels), "blocks" (`moe_cpu.mixture_blocks`, half the balanced share of each expert in
+    batched matmuls, the rest in blocks: on CPU the fastest split measured for routings from
+    balanced to a third past it) or "auto" (blocks on CPU, where XLA computes ragged_dot as
+    a masked product over every expert, E times the work; ragged elsewhere)."""
+    if grouped == "auto":
+        grouped = "blocks" if rules.platform() == "cpu" else "ragged"
+    if grouped != "ragged":
+        return moe_cpu.mixture_blocks(x_TxD, token_A, weight_A, sizes_E, w_gate_ExDxF,
+                                      w_up_ExDxF, w_down_ExFxD, max(1, balanced // 2))
+    x_AxD = x_TxD[token_A]
+    h_AxF = _swiglu(jax.lax.ragged_dot(x_AxD, w_gate_ExDxF, sizes_E),
+                    jax.lax.ragged_dot(x_AxD, w_up_ExDxF, sizes_E))
+    y_AxD = jax.lax.ragged_dot(h_AxF, w_down_ExFxD, sizes_E)
+    return _combine(x_TxD, y_AxD, token_A, weight_A)
+
+
 def _combine(x_TxD, y_AxD, token_A, weight_A):
     """Each token's output: the sum of its assignments' expert outputs, weighted."""
     return jnp.zeros_like(x_TxD).at[token_A].add(y_AxD * weight_A[:, None])
-
-
-def grouped_swiglu(x_RxD, sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
-                   grouped: str = "auto"):
-    """Each expert's SwiGLU on its rows: x's rows sorted by expert, sizes_E[e] of expert e;
-    rows past sum(sizes_E) are padding and give 0. `grouped`: "ragged" (jax.lax.ragged_dot:
-    TPU's and GPU's grouped-matmul kernels), "loops" (`grouped_matmul`) or "auto" (loops
-    on CPU, where XLA computes ragged_dot as a masked product over every group, E times the
-    work; ragged elsewhere)."""
-    if grouped == "auto":
-        grouped = "loops" if rules.platform() == "cpu" else "ragged"
-    matmul = jax.lax.ragged_dot if grouped == "ragged" else grouped_matmul
-    h_RxF = _swiglu(matmul(x_RxD, w_gate_ExDxF, sizes_E), matmul(x_RxD, w_up_ExDxF, sizes_E))
-    return matmul(h_RxF, w_down_ExFxD, sizes_E)
 
 
 def over_expert_axis(x_BxLxD, weights_BxLxK, experts_BxLxK, w_gate_ExDxF, w_up_ExDxF,
@@ -194,7 +203,7 @@ def expert_shard(x_BxLxD, weights_BxLxK, experts_BxLxK, w_gate_ExDxF, w_up_ExDxF
     are sorted by expert, so by the device p that holds the expert, and laid out in a
     P x A x D buffer (row p: those for device p, in order; the rest zero); an all-to-all
     over the expert axis hands each device the rows for its experts from every device,
-    which it runs through `grouped_swiglu` (sorted by its expert, padding last), sums over
+    which it runs through `mixture` (sorted by its expert, padding last), sums over
     the tensor axis (each device has a slice of the width), and sends back the same way.
     The buffers hold every assignment whatever the routing (nothing is dropped): P times
     the rows a balanced routing sends."""
@@ -214,117 +223,13 @@ def expert_shard(x_BxLxD, weights_BxLxK, experts_BxLxK, w_gate_ExDxF, w_up_ExDxF
     got_R = jax.lax.all_to_all(send_PxA, expert_axes, 0, 0).reshape(-1)
     order_R = jnp.argsort(got_R, stable=True)
     sizes_E = jnp.zeros(local, jnp.int32).at[got_R].add(1, mode="drop")
-    y_RxD = grouped_swiglu(got_RxD[order_R], sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
+    y_RxD = mixture(got_RxD, order_R, jnp.ones(order_R.shape, got_RxD.dtype), sizes_E,
+                    w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, -(-n // local))
     if width_axes:
         y_RxD = jax.lax.psum(y_RxD, width_axes)
-    back_PxAxD = jnp.zeros_like(y_RxD).at[order_R].set(y_RxD).reshape(shards, n, d)
+    back_PxAxD = y_RxD.reshape(shards, n, d)
     y_AxD = jax.lax.all_to_all(back_PxAxD, expert_axes, 0, 0)[device_A, row_A]
     return _combine(x_TxD, y_AxD, token_A, weight_A).reshape(b, length, d)
-
-
-def _block_rows(rows: int, groups: int) -> int:
-    """Rows per block of `grouped_matmul`: the largest power of two within a group's even
-    share of the rows, 8 to 128."""
-    return int(min(128, max(8, 2 ** int(math.log2(max(rows // groups, 1))))))
-
-
-def _varying(*arrays: jax.Array) -> set[str]:
-    """The shard_map axes over which any of `arrays` differs between devices."""
-    return set().union(*(jax.typeof(a).manual_axis_type.varying for a in arrays))
-
-
-def _zeros(shape: tuple[int, ...], dtype, *like: jax.Array) -> jax.Array:
-    """Zeros that vary over the devices of a shard_map as `like` do (a loop's carry must
-    start as its body leaves it)."""
-    axes = _varying(*like)
-    zeros = jnp.zeros(shape, dtype)
-    return jax.lax.pcast(zeros, tuple(sorted(axes)), to="varying") if axes else zeros
-
-
-def _cotangent_of(ct: jax.Array, primal: jax.Array) -> jax.Array:
-    """A cotangent summed over the shard_map axes along which its primal is the same on
-    every device (what JAX's own transposition of that broadcast does)."""
-    axes = _varying(ct) - _varying(primal)
-    ct = jax.lax.psum(ct, tuple(sorted(axes))) if axes else ct
-    return ct.astype(primal.dtype)
-
-
-def _loop_matmul(x_RxI, w_GxIxO, sizes_G, transpose: bool):
-    """x's rows of each group times its group's weight (transposed: w_g^T), a block of rows
-    at a time in loops with a data-dependent number of trips: group g's ceil(n_g / block)
-    blocks, in group order. A group's last block runs past its rows into the next group's,
-    whose own blocks, later, overwrite them; rows past sum(sizes) are set to 0."""
-    rows, groups = x_RxI.shape[0], w_GxIxO.shape[0]
-    size = _block_rows(rows, groups)
-    out = w_GxIxO.shape[1] if transpose else w_GxIxO.shape[2]
-    x_pad = jnp.concatenate([x_RxI, jnp.zeros((size, x_RxI.shape[1]), x_RxI.dtype)])
-    start_G = jnp.cumsum(sizes_G) - sizes_G
-    dims = (((1,), (1 if transpose else 0,)), ((), ()))
-
-    def group(g, y_PxO):
-        w_IxO = w_GxIxO[g]
-
-        def block(i, y_PxO):
-            row = start_G[g] + i * size
-            y_SxO = jax.lax.dot_general(jax.lax.dynamic_slice_in_dim(x_pad, row, size), w_IxO,
-                                        dims)
-            return jax.lax.dynamic_update_slice_in_dim(y_PxO, y_SxO.astype(y_PxO.dtype), row, 0)
-        return jax.lax.fori_loop(0, -(-sizes_G[g] // size), block, y_PxO)
-
-    y_PxO = jax.lax.fori_loop(0, groups, group,
-                              _zeros((rows + size, out), x_RxI.dtype, x_RxI, w_GxIxO, sizes_G))
-    return jnp.where((jnp.arange(rows) < jnp.sum(sizes_G))[:, None], y_PxO[:rows], 0)
-
-
-def _loop_weight_grad(x_RxI, dy_RxO, sizes_G, groups: int):
-    """Each group's x_g^T dy_g (the weight gradient of `_loop_matmul`), block by block, the
-    rows past a group's end masked out."""
-    rows = x_RxI.shape[0]
-    size = _block_rows(rows, groups)
-    x_pad = jnp.concatenate([x_RxI, jnp.zeros((size, x_RxI.shape[1]), x_RxI.dtype)])
-    dy_pad = jnp.concatenate([dy_RxO, jnp.zeros((size, dy_RxO.shape[1]), dy_RxO.dtype)])
-    start_G = jnp.cumsum(sizes_G) - sizes_G
-
-    def group(g, dw_GxIxO):
-        def block(i, dw_IxO):
-            row = start_G[g] + i * size
-            mine_S = i * size + jnp.arange(size) < sizes_G[g]
-            dy_SxO = jnp.where(mine_S[:, None], jax.lax.dynamic_slice_in_dim(dy_pad, row, size),
-                               0)
-            return dw_IxO + jax.lax.dot_general(jax.lax.dynamic_slice_in_dim(x_pad, row, size),
-                                                dy_SxO, (((0,), (0,)), ((), ())))
-        dw_IxO = jax.lax.fori_loop(0, -(-sizes_G[g] // size), block,
-                                   _zeros(dw_GxIxO.shape[1:], dw_GxIxO.dtype, dw_GxIxO))
-        return dw_GxIxO.at[g].set(dw_IxO)
-
-    return jax.lax.fori_loop(0, groups, group, _zeros(
-        (groups, x_RxI.shape[1], dy_RxO.shape[1]), jnp.promote_types(x_RxI.dtype, dy_RxO.dtype),
-        x_RxI, dy_RxO, sizes_G))
-
-
-@jax.custom_vjp
-def grouped_matmul(x_RxI, w_GxIxO, sizes_G):
-    """Rows sorted by group (sizes_G[g] of group g, then padding rows, which give 0) times
-    their group's weight, without multiplying any group's rows by another's weight: what
-    jax.lax.ragged_dot computes, for CPU, where XLA makes ragged_dot a masked product over
-    every group (G times the work). Blocks of rows in loops (`_loop_matmul`: about the rows'
-    work plus half a block per group, whatever the group sizes); its gradient the same loops
-    (x: the transposed weights; w: `_loop_weight_grad`), as MegaBlocks' gmm and tgmm."""
-    return _loop_matmul(x_RxI, w_GxIxO, sizes_G, transpose=False)
-
-
-def _grouped_matmul_fwd(x_RxI, w_GxIxO, sizes_G):
-    return grouped_matmul(x_RxI, w_GxIxO, sizes_G), (x_RxI, w_GxIxO, sizes_G)
-
-
-def _grouped_matmul_bwd(saved, dy_RxO):
-    x_RxI, w_GxIxO, sizes_G = saved
-    dx_RxI = _loop_matmul(dy_RxO, w_GxIxO, sizes_G, transpose=True)
-    dw_GxIxO = _loop_weight_grad(x_RxI, dy_RxO, sizes_G, w_GxIxO.shape[0])
-    return _cotangent_of(dx_RxI, x_RxI), _cotangent_of(dw_GxIxO, w_GxIxO), None
-
-
-grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
 
 
 def by_capacity(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,

@@ -4,10 +4,11 @@ jitted once with explicit shardings and the state donated.
 A task supplies its objective as an `Objective`: summed (not averaged) quantities over the
 batch's weighted targets, "ce_sum" and "weight_sum" among them. The step takes gradients
 with respect to the trainable groups only (frozen inputs enter as constants, so neither
-their gradients nor their weight-gradient matmuls are computed), divides by the total
-weight once and applies the optimizer. With gradient accumulation the batch is split into
-microbatches whose sums and gradients are added up before that division, so accumulating
-gives the same update as one large batch.
+their gradients nor their weight-gradient matmuls are computed), divided by the total
+weight, and applies the optimizer. Without accumulation the division seeds the backward
+pass (its cotangent is 1 / weight), so no pass over the parameters divides them; with
+gradient accumulation the batch is split into microbatches whose sums and gradients are
+added up before one division, so accumulating gives the same update as one large batch.
 
 Randomness inside the objective (dropout) draws from fold_in(seed, step) (and the
 microbatch index): a resumed run draws what an uninterrupted one would.
@@ -16,6 +17,7 @@ microbatch index): a resumed run draws what an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -48,22 +50,30 @@ def split_microbatches(batch: Batch, accum: int) -> Batch:
         lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
+def denominator(sums: dict) -> jax.Array:
+    """What the summed gradients and metrics are divided by: the weight of the batch's
+    real targets (at least 1)."""
+    return jnp.maximum(sums["weight_sum"], 1.0)
+
+
 def apply_update(tx: optax.GradientTransformation, params: Any, opt_state: Any, grads: Any,
-                 sums: dict, nonfinite: str) -> tuple[Any, Any, jax.Array, jax.Array, jax.Array]:
-    """Gradient sums -> mean over real targets -> optimizer update, keeping the last good
+                 sums: dict, nonfinite: str) -> tuple[Any, Any, jax.Array, jax.Array]:
+    """Mean gradients over real targets -> optimizer update, keeping the last good
     parameters and moments when the loss or gradient is not finite (unless `nonfinite` is
-    "continue"). Returns (params, opt_state, grad_norm, finite, denominator)."""
-    denom = jnp.maximum(sums["weight_sum"], 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
+    "continue"). Returns (params, opt_state, grad_norm, finite)."""
     grad_norm = optax.tree.norm(grads)
-    updates, new_opt_state = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
     finite = jnp.isfinite(sums["ce_sum"]) & jnp.isfinite(grad_norm)
-    if nonfinite != "continue":
-        new_params, new_opt_state = jax.tree.map(
-            lambda new, old: jnp.where(finite, new, old),
-            (new_params, new_opt_state), (params, opt_state))
-    return new_params, new_opt_state, grad_norm, finite, denom
+
+    def update(params, opt_state):
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_opt_state
+
+    if nonfinite == "continue":
+        new_params, new_opt_state = update(params, opt_state)
+    else:  # a branch, not a select: the update runs in place, old values are not copied
+        new_params, new_opt_state = jax.lax.cond(finite, update, lambda *old: old, params,
+                                                 opt_state)
+    return new_params, new_opt_state, grad_norm, finite
 
 
 def make_train_step(objective: Objective, groups: tuple[str, ...],
@@ -76,30 +86,38 @@ def make_train_step(objective: Objective, groups: tuple[str, ...],
     applies the update. Every such step is counted in state["nonfinite_steps"], so the loop
     never needs a host sync per step to notice one."""
     accum = optim_cfg.grad_accum_steps
-    grad_fn = jax.grad(lambda t, f, b, k: objective.sums(t, f, b, k, True), has_aux=True)
+
+    def grad_fn(trainable, frozen, batch, key, mean: bool):
+        """(gradients, sums) of the objective: summed over the batch, or its mean when
+        `mean` (the backward pass seeded with 1 / the batch's denominator)."""
+        objective_value, backward, sums = jax.vjp(
+            lambda t: objective.sums(t, frozen, batch, key, True), trainable, has_aux=True)
+        seed = 1.0 / denominator(sums) if mean else 1.0
+        return backward(jnp.asarray(seed, objective_value.dtype))[0], sums
 
     def train_step(state: TrainState, frozen: dict, batch: Batch) -> tuple[TrainState, dict]:
         trainable = {g: state[g] for g in groups}
         step_key = jax.random.fold_in(jax.random.PRNGKey(seed), state["step"])
         if accum == 1:
-            grads, sums = grad_fn(trainable, frozen, batch, step_key)
+            grads, sums = grad_fn(trainable, frozen, batch, step_key, mean=True)
         else:
             micro = split_microbatches(batch, accum)
 
             def add_microbatch(carry, inputs):
                 j, mb = inputs
-                out = grad_fn(trainable, frozen, mb, jax.random.fold_in(step_key, j))
+                out = grad_fn(trainable, frozen, mb, jax.random.fold_in(step_key, j), False)
                 return jax.tree.map(jnp.add, carry, out), None
 
-            shapes = jax.eval_shape(grad_fn, trainable, frozen,
+            shapes = jax.eval_shape(functools.partial(grad_fn, mean=False), trainable, frozen,
                                     jax.tree.map(lambda x: x[0], micro), step_key)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
             (grads, sums), _ = jax.lax.scan(add_microbatch, zeros, (jnp.arange(accum), micro))
-        new, opt_state, grad_norm, finite, denom = apply_update(
+            grads = jax.tree.map(lambda g: g / denominator(sums), grads)
+        new, opt_state, grad_norm, finite = apply_update(
             tx, trainable, state["opt_state"], grads, sums, nonfinite)
         new_state = {"step": state["step"] + 1, **new, "opt_state": opt_state,
                      "nonfinite_steps": state["nonfinite_steps"] + (~finite).astype(jnp.int32)}
-        metrics = {**objective.metrics(sums, denom), "grad_norm": grad_norm,
+        metrics = {**objective.metrics(sums, denominator(sums)), "grad_norm": grad_norm,
                    "learning_rate": schedule(state["step"])}
         return new_state, metrics
 

@@ -131,30 +131,50 @@ def test_the_moe_family_counts_its_parameters_and_trains_through_the_router():
     assert x.shape == (2, 16, D)
 
 
-def test_grouped_matmul_with_empty_and_uneven_groups_equals_a_loop():
-    """The CPU grouped matmul and its gradients (its own backward loops) against a row-by-row
-    float64 NumPy loop; padding rows past the groups give 0 and take no gradient; ragged_dot
-    agrees."""
+@pytest.mark.parametrize("capacity", [1, 4, 40])
+def test_cpu_mixture_with_empty_and_overfull_experts_equals_a_loop(capacity):
+    """The CPU mixture (batched matmuls for each expert's first C assignments, blocks for
+    the rest) and its gradients (its own backward) against a float64 NumPy loop over the
+    assignments, with experts empty, under and over capacity, a token twice in one expert's
+    rows and assignments past sum(sizes) that count for nothing; ragged_dot agrees."""
     rng = np.random.default_rng(3)
-    sizes = np.array([0, 13, 1, 0, 30, 8])  # 52 rows (blocks of 8), two groups empty
-    rows = sizes.sum() + 5  # and 5 padding rows
-    x = rng.normal(size=(rows, 5)).astype(np.float32)
-    w = rng.normal(size=(len(sizes), 5, 7)).astype(np.float32)
-    c = rng.normal(size=(rows, 7)).astype(np.float32)  # the cotangent: loss = sum(c * y)
-    group = np.repeat(np.arange(len(sizes)), sizes)
-    x64, w64, c64 = (a.astype(np.float64) for a in (x, w, c))
-    want = np.zeros((rows, 7))
-    want_dx, want_dw = np.zeros_like(x64), np.zeros_like(w64)
-    for i, g in enumerate(group):
-        want[i] = x64[i] @ w64[g]
-        want_dx[i] = w64[g] @ c64[i]
-        want_dw[g] += np.outer(x64[i], c64[i])
-    sizes_j = jnp.asarray(sizes, jnp.int32)
-    got = moe.grouped_matmul(jnp.asarray(x), jnp.asarray(w), sizes_j)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    dx, dw = jax.grad(lambda x, w: jnp.sum(moe.grouped_matmul(x, w, sizes_j) * c),
-                      argnums=(0, 1))(jnp.asarray(x), jnp.asarray(w))
-    np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(jax.lax.ragged_dot(jnp.asarray(x), jnp.asarray(w), sizes_j), want,
-                               rtol=1e-5, atol=1e-5)
+    sizes = np.array([0, 13, 1, 0, 30, 8])  # 52 assignments; C=4: blocks of 8 past the 4th
+    n_tokens, d, f = 20, 5, 7
+    rows = sizes.sum() + 5  # and 5 that count for nothing
+    token = rng.integers(0, n_tokens, size=rows)
+    token[1:3] = 7  # expert 1 takes token 7 twice
+    x, weight = rng.normal(size=(n_tokens, d)), rng.normal(size=rows)
+    wg, wu = rng.normal(size=(2, len(sizes), d, f)) / 2
+    wd = rng.normal(size=(len(sizes), f, d)) / 2
+    c = rng.normal(size=(n_tokens, d))  # the cotangent: loss = sum(c * out)
+    expert = np.repeat(np.arange(len(sizes)), sizes)
+
+    def numpy_loss(x, weight, wg, wu, wd):
+        out = np.zeros_like(x)
+        for a, e in enumerate(expert):
+            g, u = x[token[a]] @ wg[e], x[token[a]] @ wu[e]
+            out[token[a]] += weight[a] * ((g / (1 + np.exp(-g)) * u) @ wd[e])
+        return out, np.sum(out * c)
+
+    args64 = [x, weight, wg, wu, wd]
+    want, _ = numpy_loss(*args64)
+    want_grads = []  # central differences of the float64 loss, element by element
+    for i, a in enumerate(args64):
+        g = np.zeros_like(a)
+        for j in np.ndindex(a.shape):
+            hi, lo = [b.copy() for b in args64], [b.copy() for b in args64]
+            hi[i][j] += 1e-6
+            lo[i][j] -= 1e-6
+            g[j] = (numpy_loss(*hi)[1] - numpy_loss(*lo)[1]) / 2e-6
+        want_grads.append(g)
+    args = [jnp.asarray(a, jnp.float32) for a in args64]
+    token_j, sizes_j = jnp.asarray(token, jnp.int32), jnp.asarray(sizes, jnp.int32)
+    cot = jnp.asarray(c, jnp.float32)
+    for grouped in ("blocks", "ragged"):
+        def run(x, weight, wg, wu, wd):
+            return moe.mixture(x, token_j, weight, sizes_j, wg, wu, wd, capacity, grouped)
+        np.testing.assert_allclose(run(*args), want, rtol=1e-5, atol=1e-5, err_msg=grouped)
+        grads = jax.grad(lambda *a: jnp.sum(run(*a) * cot), argnums=(0, 1, 2, 3, 4))(*args)
+        for name, got, expected in zip(("x", "weight", "wg", "wu", "wd"), grads, want_grads):
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4,
+                                       err_msg=f"{grouped} d{name}")
