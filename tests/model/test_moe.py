@@ -2,6 +2,8 @@
 reference and a float64 NumPy one; capacity drops exactly the documented assignments; the
 routing figures against NumPy."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 from flax import nnx
 
 from jaxlm import config as config_lib
-from jaxlm.model import moe, zoo
+from jaxlm.model import moe, moe_cpu, zoo
 
 E, K, D, F, T = 8, 2, 16, 24, 40
 
@@ -131,23 +133,24 @@ def test_the_moe_family_counts_its_parameters_and_trains_through_the_router():
     assert x.shape == (2, 16, D)
 
 
-@pytest.mark.parametrize("capacity", [1, 4, 40])
-def test_cpu_mixture_with_empty_and_overfull_experts_equals_a_loop(capacity):
-    """The CPU mixture (batched matmuls for each expert's first C assignments, blocks for
-    the rest) and its gradients (its own backward) against a float64 NumPy loop over the
-    assignments, with experts empty, under and over capacity, a token twice in one expert's
-    rows and assignments past sum(sizes) that count for nothing; ragged_dot agrees."""
+MIX_SIZES = np.array([0, 13, 1, 0, 30, 8])  # 52 assignments sorted by expert, 2 empty
+MIX_TOKENS, MIX_D, MIX_F = 20, 5, 7
+
+
+@functools.cache
+def mixture_case():
+    """A mixture's inputs (float64), the assignments' tokens (a token twice in expert 1's
+    rows, 5 rows past sum(sizes) that count for nothing), a cotangent c, and a float64 NumPy
+    loop's output and gradients of sum(c * out) (central differences, element by element)."""
     rng = np.random.default_rng(3)
-    sizes = np.array([0, 13, 1, 0, 30, 8])  # 52 assignments; C=4: blocks of 8 past the 4th
-    n_tokens, d, f = 20, 5, 7
-    rows = sizes.sum() + 5  # and 5 that count for nothing
-    token = rng.integers(0, n_tokens, size=rows)
-    token[1:3] = 7  # expert 1 takes token 7 twice
-    x, weight = rng.normal(size=(n_tokens, d)), rng.normal(size=rows)
-    wg, wu = rng.normal(size=(2, len(sizes), d, f)) / 2
-    wd = rng.normal(size=(len(sizes), f, d)) / 2
-    c = rng.normal(size=(n_tokens, d))  # the cotangent: loss = sum(c * out)
-    expert = np.repeat(np.arange(len(sizes)), sizes)
+    rows = MIX_SIZES.sum() + 5
+    token = rng.integers(0, MIX_TOKENS, size=rows)
+    token[1:3] = 7
+    x, weight = rng.normal(size=(MIX_TOKENS, MIX_D)), rng.normal(size=rows)
+    wg, wu = rng.normal(size=(2, len(MIX_SIZES), MIX_D, MIX_F)) / 2
+    wd = rng.normal(size=(len(MIX_SIZES), MIX_F, MIX_D)) / 2
+    c = rng.normal(size=(MIX_TOKENS, MIX_D))
+    expert = np.repeat(np.arange(len(MIX_SIZES)), MIX_SIZES)
 
     def numpy_loss(x, weight, wg, wu, wd):
         out = np.zeros_like(x)
@@ -156,25 +159,36 @@ def test_cpu_mixture_with_empty_and_overfull_experts_equals_a_loop(capacity):
             out[token[a]] += weight[a] * ((g / (1 + np.exp(-g)) * u) @ wd[e])
         return out, np.sum(out * c)
 
-    args64 = [x, weight, wg, wu, wd]
-    want, _ = numpy_loss(*args64)
-    want_grads = []  # central differences of the float64 loss, element by element
-    for i, a in enumerate(args64):
+    args = [x, weight, wg, wu, wd]
+    grads = []
+    for i, a in enumerate(args):
         g = np.zeros_like(a)
         for j in np.ndindex(a.shape):
-            hi, lo = [b.copy() for b in args64], [b.copy() for b in args64]
+            hi, lo = [b.copy() for b in args], [b.copy() for b in args]
             hi[i][j] += 1e-6
             lo[i][j] -= 1e-6
             g[j] = (numpy_loss(*hi)[1] - numpy_loss(*lo)[1]) / 2e-6
-        want_grads.append(g)
+        grads.append(g)
+    return args, token, c, numpy_loss(*args)[0], grads
+
+
+@pytest.mark.parametrize("grouped,capacity", [("blocks", 1), ("blocks", 4), ("blocks", 12),
+                                              ("blocks", 40), ("ragged", 0)])
+def test_cpu_mixture_with_empty_and_overfull_experts_equals_a_loop(grouped, capacity):
+    """The CPU mixture (each expert's first C assignments in batched matmuls, the rest in
+    blocks: C=1 and 4, blocks of 8; C=12, blocks of 12 with a partial last one; C=40,
+    none past it) and its gradients (its own backward) against a float64 NumPy loop over
+    the assignments, with experts empty, under and over capacity; ragged_dot agrees."""
+    args64, token, c, want, want_grads = mixture_case()
     args = [jnp.asarray(a, jnp.float32) for a in args64]
-    token_j, sizes_j = jnp.asarray(token, jnp.int32), jnp.asarray(sizes, jnp.int32)
+    token_j, sizes_j = jnp.asarray(token, jnp.int32), jnp.asarray(MIX_SIZES, jnp.int32)
+
+    def run(x, weight, wg, wu, wd):
+        if grouped == "blocks":
+            return moe_cpu.mixture_blocks(x, token_j, weight, sizes_j, wg, wu, wd, capacity)
+        return moe.mixture(x, token_j, weight, sizes_j, wg, wu, wd, 8, grouped)
+    np.testing.assert_allclose(run(*args), want, rtol=1e-5, atol=1e-5)
     cot = jnp.asarray(c, jnp.float32)
-    for grouped in ("blocks", "ragged"):
-        def run(x, weight, wg, wu, wd):
-            return moe.mixture(x, token_j, weight, sizes_j, wg, wu, wd, capacity, grouped)
-        np.testing.assert_allclose(run(*args), want, rtol=1e-5, atol=1e-5, err_msg=grouped)
-        grads = jax.grad(lambda *a: jnp.sum(run(*a) * cot), argnums=(0, 1, 2, 3, 4))(*args)
-        for name, got, expected in zip(("x", "weight", "wg", "wu", "wd"), grads, want_grads):
-            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4,
-                                       err_msg=f"{grouped} d{name}")
+    grads = jax.grad(lambda *a: jnp.sum(run(*a) * cot), argnums=(0, 1, 2, 3, 4))(*args)
+    for name, got, expected in zip(("x", "weight", "wg", "wu", "wd"), grads, want_grads):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4, err_msg=f"d{name}")
