@@ -108,11 +108,8 @@ def launch(command: Sequence[str], processes: int, devices_per_process: int, *,
         f"gloo collectives: {' '.join(command)}")
     for i, child in enumerate(children):
         say(f"process {i}: pid {child.pid}")
-    pumps = [threading.Thread(target=_pump, args=(i, c.stdout, out, lock), daemon=True)
-             for i, c in enumerate(children)]
-    for pump in pumps:
-        pump.start()
-
+    # Forwarding is in place before any child's output is passed on: whoever reads a
+    # child's "ready" may signal the launcher at once.
     signals_seen = []
 
     def forward(signum, frame) -> None:
@@ -130,6 +127,11 @@ def launch(command: Sequence[str], processes: int, devices_per_process: int, *,
                 c.kill()
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    pumps = [threading.Thread(target=_pump, args=(i, c.stdout, out, lock), daemon=True)
+             for i, c in enumerate(children)]
+    for pump in pumps:
+        pump.start()
+
     codes: list[int | None] = [None] * processes
     order: list[int] = []  # process indices in the order they exited
     failed_at: tuple[int, float] | None = None  # the first process to exit non-zero, when
