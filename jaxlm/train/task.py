@@ -205,9 +205,11 @@ class Task(abc.ABC):
         return mesh_lib.to_global(host, self.batch_shardings())
 
     def sum_batches(self, state: TrainState, host_batches: Iterator[dict[str, np.ndarray]],
-                    max_batches: int | None = None) -> tuple[dict[str, float], int]:
-        """(every sum of `eval_sums` added over the batches in float64 on the host, the
-        number of batches). Results are read once at the end; while batch k runs, the host
+                    max_batches: int | None = None
+                    ) -> tuple[dict[str, float | np.ndarray], int]:
+        """(every sum of `eval_sums` added over the batches in float64 on the host: a float,
+        or an array for a sum with axes such as a mixture's per-expert load; the number of
+        batches). Results are read once at the end; while batch k runs, the host
         prepares batch k + 1 and waits for k - 1 no sooner (XLA:CPU's in-process collectives
         can deadlock with hundreds of sharded steps queued at once: seen with 4-bit weights
         gathered over 8 simulated devices)."""
@@ -220,10 +222,11 @@ class Task(abc.ABC):
                 pending.append(self.eval_sums(trainable, self.frozen, self.to_global(host)))
                 if len(pending) > 1:
                     jax.block_until_ready(pending[-2])
-        totals: dict[str, float] = {}
+        totals: dict[str, float | np.ndarray] = {}
         for sums in jax.device_get(pending):
             for k, v in sums.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
+                v = np.asarray(v, np.float64)
+                totals[k] = totals.get(k, 0.0) + (float(v) if v.ndim == 0 else v)
         return totals, len(pending)
 
 

@@ -53,6 +53,19 @@ def test_in_loop_evaluation_is_jaxlm_eval_and_leaves_training_alone(run_config, 
     assert all(0 < m["goodput"] < 1 and m["wall_s"] < account["wall_s"] for m in train)
 
 
+def test_a_mixture_of_experts_is_evaluated_in_the_loop_and_by_jaxlm_eval(run_config, tmp_path):
+    """A `moe` model's evaluation sums carry a per-expert load (a vector): evaluating adds
+    them up like the scalars (it failed on them before), in the loop and in `jaxlm eval`."""
+    cfg = run_config(steps=4, every=4)
+    cfg.model.update(family="moe", n_experts=4, experts_per_token=2, d_expert=48)
+    cfg.train.update(eval_every=4, eval_batches=2)
+    logged = loop.train(CausalLM(cfg), tmp_path / "moe")
+    evals = [m for m in logged if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [0, 4] and evals[0]["eval_loss"] > evals[1]["eval_loss"]
+    after = evaluate_lib.evaluate(CausalLM(cfg), tmp_path / "moe", max_batches=2)
+    assert after["loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-6)
+
+
 def test_profile_window_is_traced_and_profiling_off_never_calls_the_profiler(
         run_config, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
