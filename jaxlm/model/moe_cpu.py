@@ -45,8 +45,9 @@ def block_rows(capacity: int) -> int:
 
 
 def _slots(token_A, weight_A, sizes_E, capacity: int):
-    """The E x C buffer's slots: each one's token (`tokens`, out of range, when empty), weight
-    (0 when empty) and row of the sorted assignments (A, out of range, when empty)."""
+    """The E x C buffer's slots: each one's token (int32's largest, out of range, when
+    empty), weight (0 when empty) and row of the sorted assignments (A, out of range, when
+    empty)."""
     assignments = token_A.shape[0]
     first_E = jnp.cumsum(sizes_E) - sizes_E
     slot_C = jnp.arange(capacity)
