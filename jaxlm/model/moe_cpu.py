@@ -45,17 +45,10 @@ def block_rows(capacity: int) -> int:
 
 
 def _slots(token_A, weight_A, sizes_E, capacity: int):
-    """The E x C buffer's slots: each one's token (int32's largest, out of range, when
-    empty), weight (0 when empty) and row of the sorted assignments (A, out of range, when
-    empty)."""
-    assignments = token_A.shape[0]
-    first_E = jnp.cumsum(sizes_E) - sizes_E
-    slot_C = jnp.arange(capacity)
-    kept_ExC = slot_C < sizes_E[:, None]
-    row_ExC = jnp.minimum(first_E[:, None] + slot_C, assignments - 1)
-    return (jnp.where(kept_ExC, token_A[row_ExC], jnp.iinfo(jnp.int32).max),
-            jnp.where(kept_ExC, weight_A[row_ExC], 0),
-            jnp.where(kept_ExC, row_ExC, assignments))
+    """The E x C buffer's slots, as `_block` gives a block's rows: each expert's first C
+    rows of the sorted assignments, those past its own masked."""
+    first_Ex1 = (jnp.cumsum(sizes_E) - sizes_E)[:, None]
+    return _block(token_A, weight_A, first_Ex1, first_Ex1 + sizes_E[:, None], capacity)
 
 
 def _past_capacity(sizes_E, capacity: int, size: int):
@@ -66,8 +59,9 @@ def _past_capacity(sizes_E, capacity: int, size: int):
 
 
 def _block(token_A, weight_A, row, end, size: int):
-    """One block's tokens (out of range past its expert's rows), weights (0 there) and
-    rows of the sorted assignments (A there)."""
+    """The `size` rows of the sorted assignments from `row` (with a leading axis when row
+    and end have one): their tokens (int32's largest, out of range, from `end` on),
+    weights (0 there) and rows (A there)."""
     assignments = token_A.shape[0]
     row_S = row + jnp.arange(size)
     mine_S = row_S < end

@@ -112,12 +112,14 @@ def make_train_step(objective: Objective, groups: tuple[str, ...],
                                     jax.tree.map(lambda x: x[0], micro), step_key)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
             (grads, sums), _ = jax.lax.scan(add_microbatch, zeros, (jnp.arange(accum), micro))
-            grads = jax.tree.map(lambda g: g / denominator(sums), grads)
+        denom = denominator(sums)
+        if accum > 1:
+            grads = jax.tree.map(lambda g: g / denom, grads)
         new, opt_state, grad_norm, finite = apply_update(
             tx, trainable, state["opt_state"], grads, sums, nonfinite)
         new_state = {"step": state["step"] + 1, **new, "opt_state": opt_state,
                      "nonfinite_steps": state["nonfinite_steps"] + (~finite).astype(jnp.int32)}
-        metrics = {**objective.metrics(sums, denominator(sums)), "grad_norm": grad_norm,
+        metrics = {**objective.metrics(sums, denom), "grad_norm": grad_norm,
                    "learning_rate": schedule(state["step"])}
         return new_state, metrics
 
